@@ -1,0 +1,3 @@
+from emsfl.cli import main
+
+raise SystemExit(main())
