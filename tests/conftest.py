@@ -1,0 +1,26 @@
+"""Shared fixtures: a real MQTT broker process per test that asks for one."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+
+import pytest
+
+from testbed.broker import BrokerProcess
+
+
+def _broker_kind() -> str:
+    if shutil.which("mosquitto"):
+        return "mosquitto"
+    if os.environ.get("CI") == "true":
+        pytest.fail("CI=true but mosquitto is not on PATH: .ci/run must install it (apt-get install mosquitto)")
+    return "amqtt"
+
+
+@pytest.fixture
+def broker() -> Iterator[BrokerProcess]:
+    """A real broker on a free loopback port: Mosquitto, or embedded amqtt where Mosquitto is absent."""
+    with BrokerProcess(_broker_kind()) as proc:
+        yield proc
