@@ -13,6 +13,8 @@ from typing import Any
 
 from jsonschema import Draft202012Validator, FormatChecker
 
+from protos.timefmt import parse_iso
+
 SCHEMA_DIR = Path(__file__).resolve().parent / "mqtt"
 KINDS = ("clock", "link", "contacts", "status")
 
@@ -21,16 +23,30 @@ class PayloadError(ValueError):
     """A message that does not match its schema."""
 
 
+# Our own date-time check: jsonschema's needs an optional package, and this is the parser every reader uses.
+_FORMATS = FormatChecker(formats=())
+
+
+@_FORMATS.checks("date-time", raises=ValueError)
+def _is_date_time(value: object) -> bool:
+    if isinstance(value, str):
+        parse_iso(value)
+    return True
+
+
 @cache
 def _validator(kind: str) -> Draft202012Validator:
     if kind not in KINDS:
         raise PayloadError(f"unknown payload kind {kind!r}; expected one of {', '.join(KINDS)}")
     schema = json.loads((SCHEMA_DIR / f"{kind}.schema.json").read_text(encoding="utf-8"))
-    return Draft202012Validator(schema, format_checker=FormatChecker())
+    return Draft202012Validator(schema, format_checker=_FORMATS)
 
 
 def validate(kind: str, payload: Mapping[str, Any]) -> dict[str, Any]:
     """Return the payload as a dict if it matches the `kind` schema, else raise PayloadError."""
+    expected = f"emsfl.v1.{kind}"
+    if kind in KINDS and payload.get("schema") != expected:
+        raise PayloadError(f"invalid {kind} payload at schema: expected {expected!r}, got {payload.get('schema')!r}")
     errors = sorted(_validator(kind).iter_errors(payload), key=lambda e: list(e.absolute_path))
     if errors:
         first = errors[0]

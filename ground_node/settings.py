@@ -1,0 +1,200 @@
+"""The topology sections the ground role honours (`model`, `data`, `warmup`, `training`), validated.
+
+Every error names the field (`emsfl.config.ConfigError`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from emsfl.config import ConfigError, cluster_ids, field, positive, section
+
+KNOWN_DOMAINS = ("copy", "reverse", "sort", "add")
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    family: str
+    checkpoint: str | None
+    num_layers: int
+    num_experts: int
+    top_k: int
+    hidden_size: int
+    intermediate_size: int
+    num_attention_heads: int
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    task: str
+    domains: tuple[str, ...]
+    train_per_cluster: int
+    test_per_domain: int
+    dominant_share: float
+    min_len: int
+    max_len: int
+
+
+@dataclass(frozen=True)
+class WarmupSettings:
+    steps: int
+    lr: float
+    batch_size: int
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    tune: str
+    split: str
+    lora_rank: int
+    lora_alpha: float
+    lr: float
+    batch_size: int
+    stage_every_steps: int
+    checkpoint_every_steps: int
+    profile_examples: int
+
+
+@dataclass(frozen=True)
+class Settings:
+    seed: int
+    clusters: tuple[str, ...]
+    capacities: dict[str, int]
+    model: ModelSettings
+    data: DataSettings
+    warmup: WarmupSettings
+    training: TrainingSettings
+
+    def cluster_index(self, cluster: str) -> int:
+        if cluster not in self.clusters:
+            raise ConfigError(f"clusters: no cluster with id {cluster!r} (known: {list(self.clusters)})")
+        return self.clusters.index(cluster)
+
+
+def _pos_int(mapping: Mapping[str, Any], key: str, where: str, default: Any = ...) -> int:
+    value = field(mapping, key, int, where, default)
+    positive(value, f"{where}.{key}")
+    return value
+
+
+def _model(topology: Mapping[str, Any]) -> ModelSettings:
+    m = section(topology, "model")
+    w = "model"
+    family = field(m, "family", str, w, "olmoe")
+    settings = ModelSettings(
+        family=family,
+        checkpoint=field(m, "checkpoint", str, w, None),
+        num_layers=_pos_int(m, "num_layers", w, 2),
+        num_experts=_pos_int(m, "num_experts", w, 8),
+        top_k=_pos_int(m, "top_k", w, 2),
+        hidden_size=_pos_int(m, "hidden_size", w, 64),
+        intermediate_size=_pos_int(m, "intermediate_size", w, 96),
+        num_attention_heads=_pos_int(m, "num_attention_heads", w, 4),
+    )
+    if settings.top_k > settings.num_experts:
+        raise ConfigError(f"model.top_k: {settings.top_k} exceeds model.num_experts={settings.num_experts}")
+    if settings.hidden_size % settings.num_attention_heads:
+        raise ConfigError("model.num_attention_heads: must divide model.hidden_size")
+    return settings
+
+
+def _data(topology: Mapping[str, Any]) -> DataSettings:
+    d = section(topology, "data")
+    w = "data"
+    task = field(d, "task", str, w, "synthetic")
+    if task != "synthetic":
+        raise ConfigError(f"data.task: only 'synthetic' is built in, got {task!r}")
+    domains = field(d, "domains", list, w, list(KNOWN_DOMAINS))
+    if not domains:
+        raise ConfigError("data.domains: at least one domain is required")
+    for dom in domains:
+        if dom not in KNOWN_DOMAINS:
+            raise ConfigError(f"data.domains: unknown domain {dom!r} (known: {list(KNOWN_DOMAINS)})")
+    if len(set(domains)) != len(domains):
+        raise ConfigError(f"data.domains: duplicates in {domains}")
+    share = field(d, "dominant_share", float, w, 0.7)
+    if not 0.0 <= share <= 1.0:
+        raise ConfigError(f"data.dominant_share: must be in [0, 1], got {share}")
+    min_len = _pos_int(d, "min_len", w, 3)
+    max_len = _pos_int(d, "max_len", w, 6)
+    if max_len < min_len or max_len > 12:
+        raise ConfigError(f"data.max_len: must be in [data.min_len, 12], got {max_len}")
+    return DataSettings(
+        task=task,
+        domains=tuple(domains),
+        train_per_cluster=_pos_int(d, "train_per_cluster", w, 4000),
+        test_per_domain=_pos_int(d, "test_per_domain", w, 100),
+        dominant_share=share,
+        min_len=min_len,
+        max_len=max_len,
+    )
+
+
+def _warmup(topology: Mapping[str, Any]) -> WarmupSettings:
+    s = topology.get("warmup") or {}
+    w = "warmup"
+    steps = field(s, "steps", int, w, 400)
+    if steps < 0:
+        raise ConfigError(f"warmup.steps: must be >= 0, got {steps}")
+    return WarmupSettings(
+        steps=steps,
+        lr=positive(field(s, "lr", float, w, 0.003), "warmup.lr"),
+        batch_size=_pos_int(s, "batch_size", w, 32),
+    )
+
+
+def _training(topology: Mapping[str, Any]) -> TrainingSettings:
+    s = topology.get("training") or {}
+    w = "training"
+    tune = field(s, "tune", str, w, "lora")
+    if tune not in ("lora", "full"):
+        raise ConfigError(f"training.tune: expected 'lora' or 'full', got {tune!r}")
+    split = field(s, "split", str, w, "mask")
+    if split not in ("mask", "frozen"):
+        raise ConfigError(f"training.split: expected 'mask' or 'frozen', got {split!r}")
+    return TrainingSettings(
+        tune=tune,
+        split=split,
+        lora_rank=_pos_int(s, "lora_rank", w, 8),
+        lora_alpha=positive(field(s, "lora_alpha", float, w, 16.0), "training.lora_alpha"),
+        lr=positive(field(s, "lr", float, w, 0.002), "training.lr"),
+        batch_size=_pos_int(s, "batch_size", w, 32),
+        stage_every_steps=_pos_int(s, "stage_every_steps", w, 25),
+        checkpoint_every_steps=_pos_int(s, "checkpoint_every_steps", w, 50),
+        profile_examples=_pos_int(s, "profile_examples", w, 256),
+    )
+
+
+def load_settings(topology: Mapping[str, Any]) -> Settings:
+    """Validate the sections the ground role reads; raises ConfigError naming the field."""
+    ids = cluster_ids(topology)
+    capacities: dict[str, int] = {}
+    for i, cluster in enumerate(topology["clusters"]):
+        capacities[ids[i]] = _pos_int(cluster, "capacity_experts", f"clusters[{i}]", 1)
+    seed = field(topology, "seed", int, "topology", 0)
+    return Settings(
+        seed=seed,
+        clusters=tuple(ids),
+        capacities=capacities,
+        model=_model(topology),
+        data=_data(topology),
+        warmup=_warmup(topology),
+        training=_training(topology),
+    )
+
+
+def cache_key(settings: Settings) -> str:
+    """Hash of what determines the base model: model, data, warmup, training and the seed."""
+    body = {
+        "seed": settings.seed,
+        "model": asdict(settings.model),
+        "data": asdict(settings.data),
+        "warmup": asdict(settings.warmup),
+        "training": asdict(settings.training),
+    }
+    text = json.dumps(body, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -1,0 +1,42 @@
+"""A tiny character-level tokenizer for the built-in synthetic task (no downloads)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+PAD, BOS, EOS = 0, 1, 2
+ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789:=+"
+
+
+class CharTokenizer:
+    """Ids 0..2 are PAD, BOS, EOS; every character of `ALPHABET` follows."""
+
+    pad_id = PAD
+    bos_id = BOS
+    eos_id = EOS
+
+    def __init__(self, alphabet: str = ALPHABET) -> None:
+        if len(set(alphabet)) != len(alphabet):
+            raise ValueError("tokenizer alphabet has duplicate characters")
+        self.alphabet = alphabet
+        self._ids = {ch: i + 3 for i, ch in enumerate(alphabet)}
+
+    @property
+    def vocab_size(self) -> int:
+        return 3 + len(self.alphabet)
+
+    def encode(self, text: str) -> list[int]:
+        try:
+            return [self._ids[ch] for ch in text]
+        except KeyError as exc:
+            raise ValueError(f"character {exc.args[0]!r} is not in the tokenizer alphabet") from exc
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Characters up to the first EOS; PAD and BOS are skipped."""
+        out = []
+        for i in ids:
+            if i == EOS:
+                break
+            if i >= 3:
+                out.append(self.alphabet[i - 3])
+        return "".join(out)

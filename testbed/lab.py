@@ -1,0 +1,251 @@
+"""`emsfl lab up`: the whole testbed on one machine, every role as its own OS process.
+
+The lab starts exactly the commands a deployment runs (`emsfl orbit|satellite|ground run`), waits for
+them to come up, lets the emulated clock run for a bounded wall time, stops everything in order, and
+writes `runs/<run-id>/` (DESIGN §8). Loopback only, without TLS: this is the local profile.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from emsfl.config import cluster_ids, field, load_topology, parse_host_port, positive, section
+from protos import topics
+from protos.bus import Bus
+from protos.linkview import LinkView
+from testbed.broker import BrokerProcess, free_port
+from testbed.procs import RoleProcess
+
+log = logging.getLogger("emsfl.lab")
+
+DEFAULT_TOPOLOGY = Path(__file__).resolve().parent / "topologies" / "local.yaml"
+READY_TIMEOUT_S = 180.0
+
+
+@dataclass
+class LabOptions:
+    topology_path: Path = DEFAULT_TOPOLOGY
+    broker: str | None = None  # HOST:PORT of an existing broker; None starts the embedded one
+    duration_wall_s: float | None = None
+    runs_dir: Path = Path("runs")
+    run_id: str | None = None
+    cache_dir: Path = Path(".cache/emsfl")
+
+
+@dataclass
+class LabRun:
+    run_dir: Path
+    topology: dict[str, Any]
+    base_dir: Path
+    state_dir: Path
+    plan_path: Path
+    orbit_events_path: Path
+    ground_dirs: dict[str, Path]
+    started_wall: float = 0.0
+    stopped_wall: float = 0.0
+    interrupted: bool = False
+
+
+def resolve_topology(opts: LabOptions) -> dict[str, Any]:
+    """The topology with the command-line overrides applied, validated enough to start."""
+    topology = copy.deepcopy(load_topology(opts.topology_path))
+    cluster_ids(topology)
+    lab = topology.setdefault("lab", {})
+    if opts.duration_wall_s is not None:
+        lab["duration_wall_s"] = opts.duration_wall_s
+    positive(field(lab, "duration_wall_s", float, "lab", 150.0), "lab.duration_wall_s")
+    clock = section(topology, "clock")
+    positive(field(clock, "scale", float, "clock"), "clock.scale")
+    broker = topology.setdefault("broker", {})
+    if opts.broker is not None:
+        host, port = parse_host_port(opts.broker, "--broker")
+        broker.update(host=host, port=port)
+    return topology
+
+
+def _progress(line: str, final: bool = False) -> None:
+    if sys.stdout.isatty():
+        sys.stdout.write("\r\033[K" + line + ("\n" if final else ""))
+    else:
+        sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+class _Presence:
+    """Which roles have said they are online (their retained status topics)."""
+
+    def __init__(self, bus: Bus) -> None:
+        self.online: set[str] = set()
+        self._lock = threading.Lock()
+        bus.subscribe(f"{topics.ROOT}/node/+/+/status", "status", self._on_status)
+
+    def _on_status(self, topic: str, payload: dict[str, Any]) -> None:
+        name = f"{payload['role']}/{payload['id']}"
+        with self._lock:
+            if payload["state"] == "online":
+                self.online.add(name)
+            else:
+                self.online.discard(name)
+
+    def has(self, names: set[str]) -> bool:
+        with self._lock:
+            return names <= self.online
+
+
+def _wait_ready(presence: _Presence, names: set[str], procs: list[RoleProcess]) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while not presence.has(names):
+        for proc in procs:
+            if not proc.running:
+                raise RuntimeError(f"{proc.name} exited with {proc.returncode} while starting:\n{proc.log_tail()}")
+        if time.monotonic() > deadline:
+            missing = sorted(names - presence.online)
+            raise RuntimeError(f"not online after {READY_TIMEOUT_S:.0f} s: {', '.join(missing)}")
+        time.sleep(0.2)
+
+
+def run_lab(opts: LabOptions) -> LabRun:
+    """Run the testbed and write its run directory; returns where everything is."""
+    topology = resolve_topology(opts)
+    clusters = cluster_ids(topology)
+    run_id = opts.run_id or datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    run_dir = opts.runs_dir / run_id
+    run_dir.mkdir(parents=True, exist_ok=False)
+    _progress(f"[lab] run {run_id}: {len(clusters)} clusters, strategy {topology.get('strategy', 'emsfl')}")
+
+    from ground_node.base import ensure_base  # torch is only needed here, for the warm-up
+
+    _progress("[lab] preparing the base model (cached after the first run)")
+    base_dir = ensure_base(topology, opts.cache_dir)
+
+    lab = LabRun(
+        run_dir=run_dir,
+        topology=topology,
+        base_dir=base_dir,
+        state_dir=run_dir / "satellite" / "state",
+        plan_path=run_dir / "orbit" / "plan.json",
+        orbit_events_path=run_dir / "orbit" / "events.jsonl",
+        ground_dirs={c: run_dir / "ground" / c for c in clusters},
+    )
+    topology_path = run_dir / "topology.yaml"
+    import yaml
+
+    topology_path.write_text(yaml.safe_dump(topology, sort_keys=False), encoding="utf-8")
+
+    broker_cfg = topology["broker"]
+    embedded: BrokerProcess | None = None
+    if broker_cfg.get("host"):
+        broker_addr = f"{broker_cfg['host']}:{broker_cfg['port']}"
+    else:
+        embedded = BrokerProcess("amqtt", log_path=run_dir / "logs" / "broker.log")
+        (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        embedded.start()
+        broker_addr = embedded.address
+        _progress(f"[lab] embedded amqtt broker on {broker_addr} (loopback, no TLS)")
+    sat_addr = f"127.0.0.1:{free_port()}"
+    logs = run_dir / "logs"
+    common = ["--topology", str(topology_path), "--broker", broker_addr]
+
+    satellite = RoleProcess(
+        "satellite",
+        ["satellite", "run", *common, "--listen", sat_addr, "--state", str(lab.state_dir), "--base", str(base_dir)],
+        logs / "satellite.log",
+    )
+    grounds = [
+        RoleProcess(
+            f"ground {c}",
+            [
+                "ground",
+                "run",
+                *common,
+                "--satellite",
+                sat_addr,
+                "--cluster",
+                c,
+                "--workdir",
+                str(lab.ground_dirs[c]),
+                "--base",
+                str(base_dir),
+            ],
+            logs / f"ground-{c}.log",
+        )
+        for c in clusters
+    ]
+    duration_s = float(topology["lab"]["duration_wall_s"])
+    scale = float(topology["clock"]["scale"])
+    hours = duration_s * scale / 3600.0 * 1.1 + 0.1
+    orbit = RoleProcess(
+        "orbit",
+        [
+            "orbit",
+            "run",
+            *common,
+            "--plan-out",
+            str(lab.plan_path),
+            "--events",
+            str(lab.orbit_events_path),
+            "--hours",
+            f"{hours:.4f}",
+        ],
+        logs / "orbit.log",
+    )
+
+    host, port = parse_host_port(broker_addr, "broker")
+    watcher = Bus(host, port, "lab", run_id.replace(":", "-"))
+    presence = _Presence(watcher)
+    links = LinkView(watcher, clusters)
+    started: list[RoleProcess] = []
+    try:
+        watcher.start()
+        for proc in [satellite, *grounds]:
+            started.append(proc.start())
+        _progress("[lab] waiting for the satellite node and the ground nodes to come up")
+        _wait_ready(presence, {"satellite/satellite", *(f"ground/{c}" for c in clusters)}, started)
+        started.append(orbit.start())
+        lab.started_wall = time.time()
+        _progress(f"[lab] orbit service started: clock x{scale:g}, running for {duration_s:.0f} s of wall time")
+        _supervise(lab, links, clusters, started, duration_s)
+    except KeyboardInterrupt:
+        lab.interrupted = True
+        _progress("[lab] interrupted: stopping every process", final=True)
+    finally:
+        lab.stopped_wall = time.time()
+        for proc in [*grounds, satellite, orbit]:
+            code = proc.stop()
+            if code not in (None, 0):
+                log.warning("%s exited with %s; see %s", proc.name, code, proc.log_path)
+        watcher.stop()
+        if embedded is not None:
+            embedded.stop()
+    return lab
+
+
+def _supervise(lab: LabRun, links: LinkView, clusters: list[str], procs: list[RoleProcess], duration_s: float) -> None:
+    from testbed.report import count_events, read_jsonl
+
+    end = lab.started_wall + duration_s
+    next_line = 0.0
+    while (now := time.time()) < end:
+        for proc in procs:
+            if not proc.running:
+                raise RuntimeError(f"{proc.name} exited with {proc.returncode}:\n{proc.log_tail()}")
+        if now >= next_line:
+            emulated = links.emulated_now()
+            up = [c for c in clusters if links.is_up(c)]
+            commits = count_events(read_jsonl(lab.state_dir / "events.jsonl"), "upload_committed")
+            when = emulated.strftime("%Y-%m-%d %H:%M") if emulated else "--"
+            _progress(
+                f"[lab] {now - lab.started_wall:5.0f}/{duration_s:.0f} s  emulated {when}  "
+                f"links up: {','.join(up) or '-':<12} uploads committed: {commits}"
+            )
+            next_line = now + (2.0 if sys.stdout.isatty() else 15.0)
+        time.sleep(0.25)
+    _progress("[lab] time is up: stopping every process", final=True)

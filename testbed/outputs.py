@@ -1,0 +1,124 @@
+"""Writes `runs/<run-id>/` of a finished lab run: summary.json, events.jsonl and the plots."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta
+from typing import Any
+
+from protos.timefmt import parse_iso, to_iso
+from testbed import plots
+from testbed.lab import LabRun
+from testbed.report import (
+    count_events,
+    merge_events,
+    read_jsonl,
+    uploads_outside_contact,
+    windows_by_cluster,
+    write_json,
+    write_jsonl,
+)
+
+
+def _eval_times(start: datetime, end: datetime, commit_times: list[datetime], points: int) -> list[datetime]:
+    """Evenly spaced emulated times plus the end; evaluation is skipped where nothing changed."""
+    step = (end - start) / max(points - 1, 1)
+    return sorted({start + step * i for i in range(points)} | {end})
+
+
+def _owners(assignment: dict[str, Any] | None, clusters: list[str], layers: int, experts: int) -> list[list[int]]:
+    owners = [[-1] * experts for _ in range(layers)]
+    if assignment:
+        for cluster, per_layer in assignment.get("experts", {}).items():
+            for layer, held in per_layer:
+                for expert in held:
+                    owners[layer][expert] = clusters.index(cluster)
+    return owners
+
+
+def write_outputs(lab: LabRun) -> dict[str, Any]:
+    from ground_node.evaluate import accuracy
+    from satellite_node.export import commits as read_commits
+    from satellite_node.export import global_tensors
+
+    topology = lab.topology
+    clusters = [c["id"] for c in topology["clusters"]]
+    plan = json.loads(lab.plan_path.read_text(encoding="utf-8")) if lab.plan_path.exists() else {}
+    windows = windows_by_cluster(plan)
+    orbit_events = read_jsonl(lab.orbit_events_path)
+    satellite_events = read_jsonl(lab.state_dir / "events.jsonl")
+    ground_events = [read_jsonl(d / "events.jsonl") for d in lab.ground_dirs.values()]
+    commits = read_commits(lab.state_dir) if lab.state_dir.exists() else []
+
+    scale = float(topology["clock"]["scale"])
+    start = parse_iso(plan["start_utc"]) if "start_utc" in plan else parse_iso(topology["clock"]["start_utc"])
+    emulated_seconds = max(0.0, (lab.stopped_wall - lab.started_wall) * scale) if lab.started_wall else 0.0
+    end = start + timedelta(seconds=emulated_seconds)
+
+    # Accuracy of the global model (base + newest committed experts) against emulated time.
+    commit_times = sorted(parse_iso(c["t"]) for c in commits if c.get("t"))
+    accuracy_initial = accuracy(lab.base_dir, None, topology, None)
+    curve: list[tuple[datetime, float]] = []
+    last_seen = -1
+    for moment in _eval_times(start, end, commit_times, int(topology.get("lab", {}).get("eval_points", 8))):
+        seen = sum(1 for t in commit_times if t <= moment)
+        if seen == last_seen:
+            curve.append((moment, curve[-1][1]))
+            continue
+        tensors = global_tensors(lab.state_dir, lab.base_dir, at=moment) if seen else None
+        curve.append((moment, accuracy(lab.base_dir, tensors, topology, None) if seen else accuracy_initial))
+        last_seen = seen
+    accuracy_final = curve[-1][1] if curve else accuracy_initial
+    final_tensors = global_tensors(lab.state_dir, lab.base_dir) if commits else None
+
+    reports = {}
+    for cluster, workdir in lab.ground_dirs.items():
+        path = workdir / "report.json"
+        reports[cluster] = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    per_cluster = {}
+    for cluster in clusters:
+        mine = [c for c in commits if c["cluster"] == cluster]
+        per_cluster[cluster] = {
+            "accuracy": accuracy(lab.base_dir, final_tensors, topology, cluster),
+            "accuracy_initial": accuracy(lab.base_dir, None, topology, cluster),
+            "coverage": reports[cluster].get("coverage"),
+            "bytes": sum(int(c["bytes"]) for c in mine),
+            "uploads_committed": len(mine),
+            "training_steps": reports[cluster].get("steps"),
+            "peak_rss_mb": reports[cluster].get("peak_rss_mb"),
+            "link_up_events": sum(
+                1 for e in orbit_events if e.get("event") == "link_up" and e.get("cluster") == cluster
+            ),
+        }
+
+    assignments = [e for e in satellite_events if e.get("event") == "assignment"]
+    manifest = json.loads((lab.base_dir / "manifest.json").read_text(encoding="utf-8"))
+    summary: dict[str, Any] = {
+        "run_id": lab.run_dir.name,
+        "strategy": topology.get("strategy", "emsfl"),
+        "clusters": clusters,
+        "emulated_start": to_iso(start),
+        "emulated_seconds": emulated_seconds,
+        "wall_seconds": lab.stopped_wall - lab.started_wall if lab.started_wall else 0.0,
+        "interrupted": lab.interrupted,
+        "link_up_events": count_events(orbit_events, "link_up"),
+        "uploads_committed": len(commits),
+        "uploads_outside_contact": uploads_outside_contact(commits, windows),
+        "bytes_uplinked": sum(int(c["bytes"]) for c in commits),
+        "accuracy_initial": accuracy_initial,
+        "accuracy_final": accuracy_final,
+        "accuracy_curve": [{"t": to_iso(t), "accuracy": a} for t, a in curve],
+        "per_cluster": per_cluster,
+        "assignment": assignments[-1] if assignments else None,
+        "config": topology,
+    }
+    out = lab.run_dir
+    write_json(out / "summary.json", summary)
+    write_jsonl(out / "events.jsonl", merge_events(orbit_events, satellite_events, *ground_events))
+    commits_by_cluster = {c: [parse_iso(x["t"]) for x in commits if x["cluster"] == c and x.get("t")] for c in clusters}
+    plots.contact_timeline(out / "contact_timeline.png", start, windows, commits_by_cluster)
+    plots.accuracy_curve(out / "accuracy.png", start, curve, f"Global accuracy, {summary['strategy']}")
+    plots.bytes_per_cluster(out / "bytes_per_cluster.png", {c: per_cluster[c]["bytes"] for c in clusters})
+    owners = _owners(summary["assignment"], clusters, int(manifest["num_layers"]), int(manifest["num_experts"]))
+    plots.assignment_heatmap(out / "assignment_heatmap.png", owners, clusters)
+    return summary
