@@ -65,9 +65,7 @@ def solve_assignment(
     return result
 
 
-def objective(
-    assignment: Assignment, affinities: Mapping[str, np.ndarray], num_examples: Mapping[str, int]
-) -> float:
+def objective(assignment: Assignment, affinities: Mapping[str, np.ndarray], num_examples: Mapping[str, int]) -> float:
     """sum over layers and clusters of w_c * sum_{e in S_c,l} A_c[l, e]."""
     weights = cluster_weights(num_examples)
     total = 0.0

@@ -118,7 +118,9 @@ def parse_manifest(data: Any, where: str = MANIFEST_FILE) -> Manifest:
         if dtype not in DTYPES:
             raise ManifestError(f"{at}.dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
         shape = raw.get("shape")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        if not isinstance(shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+        ):
             raise ManifestError(f"{at}.shape: expected a list of non-negative integers, got {shape!r}")
         parts.append(PartSpec(_str(raw, "name", at), dtype, tuple(shape)))
     names = [p.name for p in parts]

@@ -80,4 +80,6 @@ def make_strategy(name: str) -> Strategy:
     try:
         return STRATEGIES[name]()
     except KeyError:
-        raise ValueError(f"strategy {name!r} is not available on the satellite node (have: {', '.join(STRATEGIES)})") from None
+        raise ValueError(
+            f"strategy {name!r} is not available on the satellite node (have: {', '.join(STRATEGIES)})"
+        ) from None

@@ -1,0 +1,34 @@
+"""Read the global model out of a state directory, also after the satellite process has stopped."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from satellite_node.manifest import load_base_tensors
+from satellite_node.node import global_state
+from satellite_node.store import Store
+
+
+def global_tensors(state_dir: str | Path, base_dir: str | Path, at: datetime | None = None) -> dict[str, np.ndarray]:
+    """Base tensors plus, for every expert, the parts of its newest version committed at or before emulated `at`.
+
+    Uploaded LoRA parts appear under their own names (e.g. `expert/0/3/gate_up_proj.lora_A`); naive `at` is UTC.
+    """
+    at_unix = None
+    if at is not None:
+        at_unix = (at if at.tzinfo is not None else at.replace(tzinfo=timezone.utc)).timestamp()
+    with Store(state_dir, create=False) as store:
+        return global_state(store, load_base_tensors(base_dir), at_unix)
+
+
+def commits(state_dir: str | Path) -> list[dict[str, Any]]:
+    """Every committed upload in commit order: {cluster, content_hash, t (emulated ISO), bytes, experts}.
+
+    `experts` is [[layer, expert, version], ...].
+    """
+    with Store(state_dir, create=False) as store:
+        return store.commits()

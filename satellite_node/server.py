@@ -1,0 +1,188 @@
+"""gRPC adapter: the `Federation` service (protos/emsfl/v1/federation.proto) around `SatelliteNode`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, NoReturn
+
+import grpc
+
+from protos.emsfl.v1 import federation_pb2 as pb
+from protos.emsfl.v1 import federation_pb2_grpc as pb_grpc
+from protos.wire import CLUSTER_METADATA_KEY, sha256_hex
+from satellite_node.node import ChunkIn, Offer, SatelliteNode
+from satellite_node.store import ExpertVersionRow
+from satellite_node.validate import Refusal, Spec
+
+MAX_MESSAGE_BYTES = 32 << 20  # a chunk of up to 16 MiB plus framing
+
+
+def caller_cluster(context: grpc.ServicerContext) -> str | None:
+    """The caller's cluster. Plaintext labs: the `emsfl-cluster` metadata key; mTLS will read the certificate here."""
+    for key, value in context.invocation_metadata() or ():
+        if key == CLUSTER_METADATA_KEY:
+            return value if isinstance(value, str) else value.decode("utf-8", "replace")
+    return None
+
+
+def _version_proto(v: ExpertVersionRow) -> pb.ExpertVersion:
+    return pb.ExpertVersion(layer=v.layer, expert=v.expert, version=v.version, owner=v.owner, committed_at=v.t)
+
+
+class FederationServicer(pb_grpc.FederationServicer):
+    def __init__(self, node: SatelliteNode) -> None:
+        self.node = node
+
+    def _refuse(self, context: grpc.ServicerContext, cluster: str | None, refusal: Refusal) -> NoReturn:
+        self.node.refused(cluster, refusal)
+        context.abort(refusal.code, refusal.message)
+        raise AssertionError("context.abort returned")  # abort always raises
+
+    def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
+        cluster = caller_cluster(context)
+        try:
+            cluster = self.node.admit(cluster)
+            self.node.join(cluster, request.device_id, request.capacity_experts, request.num_examples)
+        except Refusal as refusal:
+            self._refuse(context, cluster, refusal)
+        return pb.JoinReply(
+            cluster_id=cluster, manifest=self.node.manifest.to_proto(), strategy=self.node.strategy.name
+        )
+
+    def ReportAffinity(self, request: pb.AffinityReport, context: grpc.ServicerContext) -> pb.AffinityAck:
+        cluster = caller_cluster(context)
+        try:
+            cluster = self.node.admit(cluster)
+            reported, expected = self.node.report_affinity(
+                cluster, request.num_tokens, request.num_layers, request.num_experts, request.gate, request.freq
+            )
+        except Refusal as refusal:
+            self._refuse(context, cluster, refusal)
+        return pb.AffinityAck(accepted=True, clusters_reported=reported, clusters_expected=expected)
+
+    def GetAssignment(self, request: pb.AssignmentRequest, context: grpc.ServicerContext) -> pb.Assignment:
+        cluster = caller_cluster(context)
+        try:
+            cluster = self.node.admit(cluster)
+            ready, version, layers = self.node.assignment_for(cluster)
+        except Refusal as refusal:
+            self._refuse(context, cluster, refusal)
+        return pb.Assignment(
+            ready=ready,
+            version=version,
+            layers=[pb.LayerExperts(layer=i, experts=es) for i, es in enumerate(layers)] if ready else [],
+        )
+
+    def PullTensors(self, request: pb.PullRequest, context: grpc.ServicerContext) -> Iterator[pb.Chunk]:
+        cluster = caller_cluster(context)
+        try:
+            cluster = self.node.admit(cluster)
+            blob = self.node.pull(list(request.names))
+        except Refusal as refusal:
+            self._refuse(context, cluster, refusal)
+        # Resume only when the blob is still the one the caller started on; otherwise start over.
+        start = request.from_index if request.resume_hash == blob.content_hash else 0
+        total = len(blob.chunks)
+        for index in range(start, total):
+            if not self.node.links.is_up(cluster):
+                self._refuse(
+                    context, cluster, Refusal(grpc.StatusCode.UNAVAILABLE, self.node.links.down_reason(cluster))
+                )
+            data = bytes(blob.chunks[index])
+            yield pb.Chunk(
+                content_hash=blob.content_hash,
+                index=index,
+                total_chunks=total,
+                total_size=blob.size,
+                data=data,
+                sha256=sha256_hex(data),
+            )
+
+    def OfferUpdate(self, request: pb.UpdateOffer, context: grpc.ServicerContext) -> pb.OfferReply:
+        cluster = caller_cluster(context)
+        try:
+            cluster = self.node.admit(cluster)
+            offer = Offer(
+                content_hash=request.content_hash,
+                size_bytes=request.size_bytes,
+                chunk_size=request.chunk_size,
+                chunk_hashes=tuple(request.chunk_hashes),
+                tensors=tuple(Spec(t.name, t.dtype, tuple(int(d) for d in t.shape)) for t in request.tensors),
+                assignment_version=request.assignment_version,
+                local_step=request.local_step,
+            )
+            committed, missing = self.node.offer(cluster, offer)
+        except Refusal as refusal:
+            self._refuse(context, cluster, refusal)
+        return pb.OfferReply(committed=committed, missing=missing)
+
+    def PushChunks(self, request_iterator: Iterator[pb.Chunk], context: grpc.ServicerContext) -> pb.PushReply:
+        cluster = caller_cluster(context)
+        try:
+            cluster = self.node.admit(cluster)
+            chunks = (
+                ChunkIn(c.content_hash, c.index, c.data, c.sha256, c.total_chunks, c.total_size)
+                for c in request_iterator
+            )
+            result = self.node.push(cluster, chunks)
+        except Refusal as refusal:
+            self._refuse(context, cluster, refusal)
+        return pb.PushReply(
+            committed=result.committed, missing=result.missing, versions=[_version_proto(v) for v in result.versions]
+        )
+
+    def GetStatus(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> pb.StatusReply:
+        cluster = caller_cluster(context)
+        try:
+            cluster = self.node.admit(cluster)
+            status = self.node.status()
+        except Refusal as refusal:
+            self._refuse(context, cluster, refusal)
+        return status_proto(status)
+
+
+def status_proto(status: dict[str, Any]) -> pb.StatusReply:
+    return pb.StatusReply(
+        strategy=status["strategy"],
+        assignment_version=status["assignment_version"],
+        clusters=[
+            pb.ClusterStatus(
+                cluster_id=c["cluster_id"],
+                link_up=bool(c["link_up"]),
+                joined=c["joined"],
+                affinity_reported=c["affinity_reported"],
+                experts_owned=c["experts_owned"],
+                uploads_committed=c["uploads_committed"],
+                bytes_received=c["bytes_received"],
+            )
+            for c in status["clusters"]
+        ],
+        experts=[
+            pb.ExpertVersion(
+                layer=e["layer"],
+                expert=e["expert"],
+                version=e["version"],
+                owner=e["owner"],
+                committed_at=e["committed_at"],
+            )
+            for e in status["experts"]
+        ],
+        emulated_now=status["emulated_now"] or "",
+    )
+
+
+def make_server(node: SatelliteNode, listen: str, max_workers: int = 8) -> tuple[grpc.Server, int]:
+    """A started-later sync gRPC server on `listen` (plaintext); returns it and the bound port."""
+    server = grpc.server(
+        ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="federation"),
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ],
+    )
+    pb_grpc.add_FederationServicer_to_server(FederationServicer(node), server)
+    port = server.add_insecure_port(listen)
+    if port == 0:
+        raise OSError(f"cannot listen on {listen}")
+    return server, port

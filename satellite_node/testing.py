@@ -1,0 +1,190 @@
+"""Helpers for tests and the lab: a tiny base directory, a link publisher standing in for the orbit
+service, and a minimal Federation client. numpy only; no pytest, no torch.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator, Mapping
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+from safetensors.numpy import save as st_save
+from safetensors.numpy import save_file
+
+from protos import topics
+from protos.bus import Bus
+from protos.clock import EmulatedClock
+from protos.emsfl.v1 import federation_pb2 as pb
+from protos.emsfl.v1 import federation_pb2_grpc as pb_grpc
+from protos.timefmt import to_iso
+from protos.wire import CHUNK_SIZE, CLUSTER_METADATA_KEY, chunk_hashes, expert_name, sha256_hex, split_chunks
+from satellite_node.manifest import file_sha256
+
+LORA_PARTS = ("gate_up_proj.lora_A", "gate_up_proj.lora_B", "down_proj.lora_A", "down_proj.lora_B")
+
+
+def write_tiny_base(
+    out: str | Path, num_layers: int = 2, num_experts: int = 4, hidden: int = 8, inter: int = 6, rank: int = 2
+) -> Path:
+    """A base directory with `manifest.json` and `base.safetensors` (tune=lora), no model files."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    tensors: dict[str, np.ndarray] = {
+        "shared/embed_tokens.weight": rng.standard_normal((16, hidden)).astype(np.float32)
+    }
+    for layer in range(num_layers):
+        tensors[f"shared/layers.{layer}.router.weight"] = rng.standard_normal((num_experts, hidden)).astype(np.float32)
+        for e in range(num_experts):
+            tensors[expert_name(layer, e, "gate_up_proj")] = rng.standard_normal((2 * inter, hidden)).astype(np.float32)
+            tensors[expert_name(layer, e, "down_proj")] = rng.standard_normal((hidden, inter)).astype(np.float32)
+    save_file(tensors, str(out / "base.safetensors"))
+    parts = [
+        {"name": "gate_up_proj.lora_A", "dtype": "F32", "shape": [rank, hidden]},
+        {"name": "gate_up_proj.lora_B", "dtype": "F32", "shape": [2 * inter, rank]},
+        {"name": "down_proj.lora_A", "dtype": "F32", "shape": [rank, inter]},
+        {"name": "down_proj.lora_B", "dtype": "F32", "shape": [hidden, rank]},
+    ]
+    manifest = {
+        "family": "olmoe",
+        "num_layers": num_layers,
+        "num_experts": num_experts,
+        "top_k": 2,
+        "tune": "lora",
+        "lora_rank": rank,
+        "lora_alpha": 2 * rank,
+        "base_hash": file_sha256(out / "base.safetensors"),
+        "expert_parts": parts,
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+    return out
+
+
+def expert_update(base_dir: str | Path, experts: list[tuple[int, int]], seed: int = 1) -> dict[str, np.ndarray]:
+    """Random, valid update tensors for the given (layer, expert) pairs, shaped after the manifest."""
+    manifest = json.loads((Path(base_dir) / "manifest.json").read_text(encoding="utf-8"))
+    rng = np.random.default_rng(seed)
+    out: dict[str, np.ndarray] = {}
+    for layer, e in experts:
+        for part in manifest["expert_parts"]:
+            out[expert_name(layer, e, part["name"])] = rng.standard_normal(part["shape"]).astype(np.float32)
+    return out
+
+
+def encode(tensors: Mapping[str, np.ndarray]) -> bytes:
+    return st_save({n: np.ascontiguousarray(tensors[n]) for n in sorted(tensors)})
+
+
+class OrbitStub:
+    """Publishes what the orbit service would (retained): its presence, the clock, link states."""
+
+    def __init__(self, host: str, port: int, scale: float = 1.0, epoch: datetime | None = None) -> None:
+        self.bus = Bus(host, port, role="orbit", node_id="orbit", status_topic=topics.ORBIT_STATUS)
+        self.clock = EmulatedClock(epoch or datetime(2026, 3, 20, 6, 0, tzinfo=timezone.utc), time.time(), scale)
+        self._seq: dict[str, int] = {}
+
+    def start(self) -> OrbitStub:
+        self.bus.start()
+        self.bus.publish(topics.CLOCK, "clock", self.clock.to_payload(), retain=True)
+        return self
+
+    def set_link(self, cluster: str, up: bool) -> None:
+        seq = self._seq.get(cluster, 0) + 1
+        self._seq[cluster] = seq
+        payload: dict[str, Any] = {
+            "schema": "emsfl.v1.link",
+            "version": 1,
+            "cluster": cluster,
+            "state": "up" if up else "down",
+            "seq": seq,
+            "since": to_iso(self.clock.now()),
+            "until": None,
+        }
+        self.bus.publish(topics.link(cluster), "link", payload, retain=True)
+
+    def stop(self) -> None:
+        self.bus.stop()
+
+
+class Client:
+    """A minimal Federation client of one cluster (plaintext, identity in metadata)."""
+
+    def __init__(self, target: str, cluster: str) -> None:
+        self.channel = grpc.insecure_channel(target)
+        self.stub = pb_grpc.FederationStub(self.channel)
+        self.md = ((CLUSTER_METADATA_KEY, cluster),)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def join(self, capacity: int, num_examples: int) -> pb.JoinReply:
+        reply: Any = self.stub.Join(
+            pb.JoinRequest(device_id="dev0", capacity_experts=capacity, num_examples=num_examples), metadata=self.md
+        )
+        return reply  # type: ignore[no-any-return]
+
+    def report(self, gate: np.ndarray, num_tokens: int = 100) -> pb.AffinityAck:
+        layers, experts = gate.shape
+        reply: Any = self.stub.ReportAffinity(
+            pb.AffinityReport(
+                num_tokens=num_tokens, num_layers=layers, num_experts=experts, gate=gate.ravel().tolist()
+            ),
+            metadata=self.md,
+        )
+        return reply  # type: ignore[no-any-return]
+
+    def assignment(self) -> pb.Assignment:
+        reply: Any = self.stub.GetAssignment(pb.AssignmentRequest(), metadata=self.md)
+        return reply  # type: ignore[no-any-return]
+
+    def status(self) -> pb.StatusReply:
+        reply: Any = self.stub.GetStatus(pb.StatusRequest(), metadata=self.md)
+        return reply  # type: ignore[no-any-return]
+
+    def offer(
+        self, blob: bytes, tensors: Mapping[str, np.ndarray], version: int, chunk_size: int = CHUNK_SIZE
+    ) -> pb.OfferReply:
+        specs = [
+            pb.TensorSpec(name=n, dtype="F32" if a.dtype == np.float32 else str(a.dtype).upper(), shape=list(a.shape))
+            for n, a in sorted(tensors.items())
+        ]
+        reply: Any = self.stub.OfferUpdate(
+            pb.UpdateOffer(
+                content_hash=sha256_hex(blob),
+                size_bytes=len(blob),
+                chunk_size=chunk_size,
+                chunk_hashes=chunk_hashes(blob, chunk_size),
+                tensors=specs,
+                assignment_version=version,
+            ),
+            metadata=self.md,
+        )
+        return reply  # type: ignore[no-any-return]
+
+    def push(self, blob: bytes, indices: list[int], chunk_size: int = CHUNK_SIZE) -> pb.PushReply:
+        chunks = split_chunks(blob, chunk_size)
+        content_hash = sha256_hex(blob)
+
+        def gen() -> Iterator[pb.Chunk]:
+            for i in indices:
+                data = bytes(chunks[i])
+                yield pb.Chunk(
+                    content_hash=content_hash,
+                    index=i,
+                    total_chunks=len(chunks),
+                    total_size=len(blob),
+                    data=data,
+                    sha256=sha256_hex(data),
+                )
+
+        reply: Any = self.stub.PushChunks(gen(), metadata=self.md)
+        return reply  # type: ignore[no-any-return]
+
+    def pull(self, names: list[str]) -> bytes:
+        parts = [c.data for c in self.stub.PullTensors(pb.PullRequest(names=names), metadata=self.md)]
+        return b"".join(parts)

@@ -1,0 +1,133 @@
+"""Checks an update must pass before anything is acknowledged (DESIGN §5.2).
+
+Transport-free: a refusal is a `Refusal` carrying the gRPC status code the server answers with,
+and a message naming the tensor and the problem.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+
+from protos.wire import ExpertKey, parse_expert_name
+from satellite_node.manifest import Manifest, dtype_name
+
+
+class Refusal(Exception):
+    """A refused call; changes no state. `code` is what the gRPC layer answers."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.code.name}: {self.message}"
+
+
+def invalid(message: str) -> Refusal:
+    return Refusal(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+@dataclass(frozen=True)
+class Spec:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+
+def check_specs(manifest: Manifest, specs: Iterable[Spec]) -> tuple[ExpertKey, ...]:
+    """Names, ranges, parts, shapes, dtypes and completeness; returns the experts the update carries."""
+    parts_of: dict[ExpertKey, set[str]] = {}
+    seen: set[str] = set()
+    for spec in specs:
+        if spec.name in seen:
+            raise invalid(f"tensor {spec.name!r}: listed twice")
+        seen.add(spec.name)
+        parsed = parse_expert_name(spec.name)
+        if parsed is None:
+            raise invalid(
+                f"tensor {spec.name!r}: not an expert/<layer>/<expert>/<part> name (only experts are trained)"
+            )
+        key, part = parsed
+        if not 0 <= key.layer < manifest.num_layers:
+            raise invalid(f"tensor {spec.name!r}: layer {key.layer} out of range 0..{manifest.num_layers - 1}")
+        if not 0 <= key.expert < manifest.num_experts:
+            raise invalid(f"tensor {spec.name!r}: expert {key.expert} out of range 0..{manifest.num_experts - 1}")
+        want = manifest.part(part)
+        if want is None:
+            known = ", ".join(p.name for p in manifest.expert_parts)
+            raise invalid(f"tensor {spec.name!r}: unknown part {part!r} (manifest parts: {known})")
+        if spec.dtype != want.dtype:
+            raise invalid(f"tensor {spec.name!r}: dtype {spec.dtype} but the manifest says {want.dtype}")
+        if tuple(spec.shape) != want.shape:
+            raise invalid(f"tensor {spec.name!r}: shape {list(spec.shape)} but the manifest says {list(want.shape)}")
+        parts_of.setdefault(key, set()).add(part)
+    if not parts_of:
+        raise invalid("the update carries no tensors")
+    required = {p.name for p in manifest.expert_parts}
+    for key, parts in sorted(parts_of.items(), key=lambda kv: (kv[0].layer, kv[0].expert)):
+        missing = sorted(required - parts)
+        if missing:
+            raise invalid(f"expert/{key.layer}/{key.expert}: parts missing: {', '.join(missing)}")
+    return tuple(sorted(parts_of, key=lambda k: (k.layer, k.expert)))
+
+
+def check_ownership(
+    experts: Iterable[ExpertKey],
+    cluster: str,
+    owners: Mapping[tuple[int, int], str] | None,
+    offered_version: int,
+    current_version: int,
+    requires_ownership: bool = True,
+) -> None:
+    """The offer must name the current assignment version and every expert must belong to `cluster`."""
+    if not requires_ownership:
+        return
+    if owners is None or current_version <= 0:
+        raise Refusal(grpc.StatusCode.FAILED_PRECONDITION, "no assignment has been solved yet")
+    if offered_version != current_version:
+        raise Refusal(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"update made under assignment version {offered_version}, current version is {current_version}",
+        )
+    for key in experts:
+        owner = owners.get((key.layer, key.expert))
+        if owner != cluster:
+            held = f"owned by {owner!r}" if owner else "owned by no cluster"
+            raise Refusal(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"expert/{key.layer}/{key.expert}: {held} under assignment version {current_version},"
+                f" not by {cluster!r}",
+            )
+
+
+def check_finite(tensors: Mapping[str, np.ndarray]) -> None:
+    for name in sorted(tensors):
+        array = tensors[name]
+        if array.dtype.kind in "fc" and not np.isfinite(array).all():
+            bad = "NaN" if np.isnan(array).any() else "Inf"
+            raise invalid(f"tensor {name!r}: contains {bad}")
+
+
+def specs_of(tensors: Mapping[str, np.ndarray]) -> list[Spec]:
+    return [Spec(name, dtype_name(a.dtype), tuple(int(d) for d in a.shape)) for name, a in tensors.items()]
+
+
+def validate_update(
+    manifest: Manifest,
+    tensors: Mapping[str, np.ndarray],
+    cluster: str,
+    owners: Mapping[tuple[int, int], str] | None,
+    offered_version: int,
+    current_version: int,
+    requires_ownership: bool = True,
+) -> tuple[ExpertKey, ...]:
+    """Every check of a decoded update; returns its experts or raises `Refusal`."""
+    experts = check_specs(manifest, specs_of(tensors))
+    check_finite(tensors)
+    check_ownership(experts, cluster, owners, offered_version, current_version, requires_ownership)
+    return experts
