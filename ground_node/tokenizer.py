@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 PAD, BOS, EOS = 0, 1, 2
-ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789:=+"
+ALPHABET = "abcdefghijklmnopqrstuvwxyzACRS0123456789:=+"
 
 
 class CharTokenizer:

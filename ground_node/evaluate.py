@@ -1,0 +1,141 @@
+"""Exact-match accuracy of base + uploaded expert parts (docs/INTERFACES.md `accuracy`)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.numpy import load_file
+from torch import nn
+
+from ground_node.base import BASE_TENSORS, Base, load_base
+from ground_node.errors import GroundError
+from ground_node.family import FamilyAdapter
+from ground_node.settings import load_settings
+from ground_node.synthetic import Example, cluster_test, encode_prompts, global_test, max_answer_len
+from ground_node.tokenizer import EOS, CharTokenizer
+from protos.wire import parse_expert_name
+
+
+def apply_tensors(
+    model: nn.Module,
+    adapter: FamilyAdapter,
+    manifest: Mapping[str, Any],
+    tensors: Mapping[str, np.ndarray],
+    base_tensors: Mapping[str, np.ndarray] | None = None,
+) -> int:
+    """Apply uploaded tensors to the base model in place; returns how many expert parts changed it.
+
+    Full expert parts replace their slice; LoRA parts add (alpha / r) * B_e @ A_e to the expert's slice;
+    shared tensors that differ from the base are loaded; tensors equal to the base are ignored.
+    """
+    scaling_alpha = float(manifest.get("lora_alpha", 16.0))
+    lora: dict[tuple[int, int, str], dict[str, np.ndarray]] = defaultdict(dict)
+    applied = 0
+    shared: dict[str, torch.Tensor] = {}
+    for name, value in tensors.items():
+        if base_tensors is not None and name in base_tensors and np.array_equal(base_tensors[name], value):
+            continue
+        parsed = parse_expert_name(name)
+        if parsed is None:
+            if not name.startswith("shared/"):
+                raise GroundError(f"{name}: not a manifest name")
+            shared[name[len("shared/") :]] = torch.from_numpy(np.asarray(value, dtype=np.float32))
+            continue
+        key, part = parsed
+        if part in adapter.expert_parts:
+            adapter.insert_expert(model, key.layer, key.expert, {part: torch.from_numpy(np.asarray(value, np.float32))})
+            applied += 1
+            continue
+        base_part, _, factor = part.partition(".")
+        if base_part not in adapter.expert_parts or factor not in ("lora_A", "lora_B"):
+            raise GroundError(f"{name}: unknown expert part {part!r}")
+        lora[(key.layer, key.expert, base_part)][factor] = np.asarray(value, dtype=np.float32)
+    if shared:
+        missing = set(shared) - set(dict(model.named_parameters()))
+        if missing:
+            raise GroundError(f"unknown shared tensors: {sorted(missing)[:3]}")
+        model.load_state_dict(shared, strict=False)
+    for (layer, expert, part), factors in sorted(lora.items()):
+        if set(factors) != {"lora_A", "lora_B"}:
+            raise GroundError(f"expert/{layer}/{expert}/{part}: LoRA needs both lora_A and lora_B")
+        a = torch.from_numpy(factors["lora_A"])
+        b = torch.from_numpy(factors["lora_B"])
+        rank = a.shape[0]
+        if b.shape[1] != rank:
+            raise GroundError(f"expert/{layer}/{expert}/{part}: lora_A rank {rank} != lora_B rank {b.shape[1]}")
+        adapter.check_expert(model, layer, expert)
+        param = adapter.fused_param(model, layer, part)
+        if (b.shape[0], a.shape[1]) != tuple(param.shape[1:]):
+            raise GroundError(f"expert/{layer}/{expert}/{part}: LoRA shape does not match the expert slice")
+        with torch.no_grad():
+            param[expert] += (scaling_alpha / rank) * (b @ a)
+        applied += 1
+    return applied
+
+
+@torch.no_grad()
+def greedy_answers(model: nn.Module, tok: CharTokenizer, examples: Sequence[Example], max_new: int) -> list[str]:
+    """Greedy decoding, batched over prompts of equal length (no padding, so no position or mask issues)."""
+    groups: dict[int, list[int]] = defaultdict(list)
+    for i, ex in enumerate(examples):
+        groups[len(ex.prompt)].append(i)
+    answers = [""] * len(examples)
+    model.eval()
+    for idxs in groups.values():
+        for start in range(0, len(idxs), 256):
+            chunk = idxs[start : start + 256]
+            ids = encode_prompts(tok, [examples[i] for i in chunk])
+            done = torch.zeros(len(chunk), dtype=torch.bool)
+            out: list[torch.Tensor] = []
+            for _ in range(max_new):
+                logits = model(input_ids=ids, use_cache=False).logits[:, -1]
+                nxt = logits.argmax(dim=-1)
+                out.append(nxt)
+                done |= nxt == EOS
+                if bool(done.all()):
+                    break
+                ids = torch.cat([ids, nxt[:, None]], dim=1)
+            gen = torch.stack(out, dim=1).tolist()
+            for row, i in enumerate(chunk):
+                answers[i] = tok.decode(gen[row]) if EOS in gen[row] else "\x00"  # no EOS: never an exact match
+    return answers
+
+
+def exact_match(model: nn.Module, examples: Sequence[Example], max_new: int) -> float:
+    if not examples:
+        raise GroundError("cannot evaluate an empty test set")
+    tok = CharTokenizer()
+    answers = greedy_answers(model, tok, examples, max_new)
+    return float(np.mean([a == ex.answer for a, ex in zip(answers, examples, strict=True)]))
+
+
+def per_domain(model: nn.Module, examples: Sequence[Example], max_new: int) -> dict[str, float]:
+    tok = CharTokenizer()
+    answers = greedy_answers(model, tok, examples, max_new)
+    hits: dict[str, list[bool]] = defaultdict(list)
+    for a, ex in zip(answers, examples, strict=True):
+        hits[ex.domain].append(a == ex.answer)
+    return {d: float(np.mean(v)) for d, v in sorted(hits.items())}
+
+
+def model_with_tensors(base_dir: Path, tensors: Mapping[str, np.ndarray] | None) -> Base:
+    base = load_base(base_dir)
+    if tensors:
+        base_tensors = load_file(str(Path(base_dir) / BASE_TENSORS))
+        apply_tensors(base.model, base.adapter, base.manifest, tensors, base_tensors)
+    return base
+
+
+def accuracy(
+    base_dir: Path, tensors: dict[str, np.ndarray] | None, topology: dict[str, Any], cluster: str | None
+) -> float:
+    """Exact-match accuracy of base + `tensors` on the global test set (`cluster=None`) or a cluster's test mix."""
+    settings = load_settings(topology)
+    base = model_with_tensors(Path(base_dir), tensors)
+    examples = global_test(settings) if cluster is None else cluster_test(settings, cluster)
+    return exact_match(base.model, examples, max_answer_len(settings.data) + 1)

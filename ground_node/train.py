@@ -1,0 +1,195 @@
+"""Local learning (DESIGN §4.4): the held experts only, as PEFT LoRA adapters or full slices; resumable.
+
+Router and shared weights are frozen. Gradients of unheld experts' slices are zeroed by hooks (with AdamW and
+no weight decay they never move), so the update carries exactly the held experts' state.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ground_node.errors import GroundError
+from ground_node.family import FamilyAdapter
+from ground_node.fsutil import fsync_dir
+from ground_node.settings import TrainingSettings
+from ground_node.split import Assignment, apply_split
+from ground_node.synthetic import Example, encode_train
+from ground_node.tokenizer import CharTokenizer
+from protos.wire import expert_name
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.pt"
+
+
+def wrap_lora(model: nn.Module, adapter: FamilyAdapter, rank: int, alpha: float, seed: int) -> nn.Module:
+    """PEFT LoRA on the fused expert tensors (`target_parameters`); everything else frozen."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,  # type: ignore[arg-type]  # PEFT accepts floats
+        lora_dropout=0.0,
+        target_modules=[],
+        target_parameters=[f"mlp.experts.{p}" for p in adapter.expert_parts],
+    )
+    wrapped: nn.Module = get_peft_model(model, config)
+    return wrapped
+
+
+class Trainer:
+    """Trains a cluster's held experts step by step on its local examples."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        adapter: FamilyAdapter,
+        training: TrainingSettings,
+        assignment: Assignment,
+        examples: Sequence[Example],
+        seed: int,
+    ) -> None:
+        if not examples:
+            raise GroundError("no local training examples: the dataset is empty")
+        self.adapter = adapter
+        self.training = training
+        self.assignment = assignment
+        self.examples = list(examples)
+        self.seed = seed
+        self.tok = CharTokenizer()
+        self.step = 0
+        self.last_loss = float("nan")
+        num_layers, num_experts, _ = adapter.dims(model)
+        assignment.validate(num_layers, num_experts)
+        self.num_experts = num_experts
+        for p in model.parameters():
+            p.requires_grad_(False)
+        apply_split(model, adapter, assignment, training.split)
+        if training.tune == "lora":
+            self.model = wrap_lora(model, adapter, training.lora_rank, training.lora_alpha, seed)
+        else:
+            self.model = model
+        self._hooks: list[Any] = []
+        self._setup_trainable(num_layers)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=training.lr, weight_decay=0.0)
+
+    def _setup_trainable(self, num_layers: int) -> None:
+        r, num_e = self.training.lora_rank, self.num_experts
+        for layer in range(num_layers):
+            held = torch.zeros(num_e, dtype=torch.bool)
+            held[list(self.assignment.held(layer))] = True
+            if self.training.tune == "lora":
+                for wrapper in self.adapter.lora_layers(self.model, layer).values():
+                    a = self.adapter.lora_factor(wrapper, "lora_A")
+                    b = self.adapter.lora_factor(wrapper, "lora_B")
+                    a.requires_grad_(True)
+                    b.requires_grad_(True)
+                    mask_a = held.repeat_interleave(r).float()[:, None]  # rows e*r:(e+1)*r
+                    mask_b = held.repeat(r).float()[None, :]  # columns e::E
+                    self._hooks.append(
+                        a.register_hook(  # type: ignore[no-untyped-call]
+                            lambda g, m=mask_a: g * m
+                        )
+                    )
+                    self._hooks.append(
+                        b.register_hook(  # type: ignore[no-untyped-call]
+                            lambda g, m=mask_b: g * m
+                        )
+                    )
+            else:
+                for part in self.adapter.expert_parts:
+                    param = self.adapter.fused_param(self.model, layer, part)
+                    param.requires_grad_(True)
+                    mask = held.float().reshape(-1, *([1] * (param.dim() - 1)))
+                    self._hooks.append(
+                        param.register_hook(  # type: ignore[no-untyped-call]
+                            lambda g, m=mask: g * m
+                        )
+                    )
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def _batch(self, step: int) -> list[Example]:
+        rng = np.random.default_rng([self.seed, step])
+        idx = rng.integers(0, len(self.examples), size=self.training.batch_size)
+        return [self.examples[i] for i in idx]
+
+    def train_step(self) -> float:
+        """One optimiser step on a seeded batch (the batch depends only on the seed and the step)."""
+        self.model.train()
+        ids, labels = encode_train(self.tok, self._batch(self.step))
+        loss = self.model(input_ids=ids, labels=labels).loss
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.step += 1
+        self.last_loss = float(loss.detach())
+        return self.last_loss
+
+    def expert_state(self) -> dict[str, np.ndarray]:
+        """Every held expert's parts under manifest names, float32 (LoRA factors or full slices)."""
+        out: dict[str, np.ndarray] = {}
+        for layer, expert in self.assignment.pairs():
+            if self.training.tune == "lora":
+                parts = self.adapter.extract_lora(self.model, layer, expert, self.training.lora_rank)
+            else:
+                parts = self.adapter.extract_expert(self.model, layer, expert)
+            for part, tensor in parts.items():
+                out[expert_name(layer, expert, part)] = np.ascontiguousarray(tensor.numpy(), dtype=np.float32)
+        return out
+
+    # ---- checkpoints --------------------------------------------------------------------------
+
+    def save_checkpoint(self, workdir: Path) -> Path:
+        """Trainable state, optimizer state and step, written atomically."""
+        path = Path(workdir) / CHECKPOINT
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        state = {
+            "step": self.step,
+            "assignment": self.assignment.to_json(),
+            "tune": self.training.tune,
+            "trainable": self.trainable_state(),
+            "optimizer": self.optimizer.state_dict(),
+        }
+        with open(tmp, "wb") as fh:
+            torch.save(state, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+        return path
+
+    def load_checkpoint(self, workdir: Path) -> bool:
+        """Resume from `<workdir>/checkpoint.pt` if it matches this assignment and tuning; True if resumed."""
+        path = Path(workdir) / CHECKPOINT
+        if not path.exists():
+            return False
+        try:
+            state = torch.load(path, weights_only=True)
+        except Exception as exc:
+            log.warning("ignoring unreadable checkpoint %s: %s", path, exc)
+            return False
+        if state.get("assignment") != self.assignment.to_json() or state.get("tune") != self.training.tune:
+            log.info("checkpoint %s is for another assignment; starting fresh", path)
+            return False
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, value in state["trainable"].items():
+                if name not in params or params[name].shape != value.shape:
+                    raise GroundError(f"checkpoint {path}: parameter {name} does not fit the model")
+                params[name].copy_(value)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+        return True

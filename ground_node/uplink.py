@@ -1,0 +1,224 @@
+"""The uplink (DESIGN §3 steps 2-6): a thread that talks to the satellite node whenever the link is up.
+
+Per pass: Join (once), ReportAffinity (once), GetAssignment (polled until ready, then checked each pass),
+then OfferUpdate with the newest unacknowledged staged update and PushChunks of only the missing chunks.
+UNAVAILABLE (the link went down) is expected: the pass ends and the next one resumes the cut upload
+(re-offering the same content hash makes the server answer with only what it still lacks).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
+
+import grpc
+
+from ground_node.outbox import Outbox, StagedUpdate
+from ground_node.profile import Affinity
+from ground_node.split import Assignment
+from protos.emsfl.v1 import federation_pb2 as pb
+from protos.emsfl.v1 import federation_pb2_grpc as pb_grpc
+from protos.wire import CHUNK_SIZE, CLUSTER_METADATA_KEY, parse_expert_name, sha256_hex, split_chunks
+
+log = logging.getLogger(__name__)
+
+
+class Link(Protocol):
+    def is_up(self, cluster: str) -> bool: ...
+
+    def wait_up(self, cluster: str, timeout_s: float) -> bool: ...
+
+
+class Uplink(threading.Thread):
+    def __init__(
+        self,
+        target: str,
+        cluster: str,
+        link: Link,
+        outbox: Outbox,
+        capacity: int,
+        num_examples: int,
+        affinity: Affinity,
+        on_assignment: Callable[[Assignment], None] | None = None,
+        on_ack: Callable[[StagedUpdate], None] | None = None,
+        on_join: Callable[[Any], None] | None = None,
+        poll_s: float = 0.5,
+        call_timeout_s: float = 20.0,
+    ) -> None:
+        super().__init__(name=f"uplink-{cluster}", daemon=True)
+        self.cluster = cluster
+        self.link = link
+        self.outbox = outbox
+        self.capacity = capacity
+        self.num_examples = num_examples
+        self.affinity = affinity
+        self.on_assignment = on_assignment
+        self.on_ack = on_ack
+        self.on_join = on_join
+        self.poll_s = poll_s
+        self.call_timeout_s = call_timeout_s
+        self.metadata = ((CLUSTER_METADATA_KEY, cluster),)
+        self.channel = grpc.insecure_channel(target)
+        self.stub = pb_grpc.FederationStub(self.channel)
+        self.joined = False
+        self.affinity_sent = False
+        self.assignment: Assignment | None = None
+        self.uploads_acked = 0
+        self.bytes_pushed = 0
+        self.refusals = 0
+        self._rejected: set[str] = set()
+        self._halt = threading.Event()
+        self.assigned = threading.Event()
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        self._halt.set()
+        if self.is_alive():
+            self.join(timeout_s)
+        self.channel.close()
+
+    def run(self) -> None:
+        while not self._halt.is_set():
+            if not self.link.is_up(self.cluster):
+                self.link.wait_up(self.cluster, 1.0)
+                continue
+            try:
+                busy = self.run_pass()
+            except grpc.RpcError as exc:
+                self._on_error(exc)
+                busy = False
+            except Exception:  # a bug in one pass must not kill the uplink
+                log.exception("uplink pass failed")
+                busy = False
+            if not busy:
+                self._halt.wait(self.poll_s)
+
+    def _on_error(self, exc: grpc.RpcError) -> None:
+        code = exc.code() if hasattr(exc, "code") else None
+        self.refusals += 1
+        if code == grpc.StatusCode.UNAVAILABLE:
+            log.info(
+                "uplink: unavailable (%s); waiting for the next pass", exc.details() if hasattr(exc, "details") else ""
+            )
+        elif code == grpc.StatusCode.FAILED_PRECONDITION:
+            log.info("uplink: stale assignment; fetching it again")
+            self.assignment = None
+        else:
+            log.warning("uplink: call refused: %s %s", code, exc.details() if hasattr(exc, "details") else exc)
+
+    def run_pass(self) -> bool:
+        """One pass over what is due; returns True when an upload progressed (so the loop goes on at once)."""
+        timeout = self.call_timeout_s
+        if not self.joined:
+            reply = self.stub.Join(
+                pb.JoinRequest(device_id=self.cluster, capacity_experts=self.capacity, num_examples=self.num_examples),
+                metadata=self.metadata,
+                timeout=timeout,
+            )
+            self.joined = True
+            if self.on_join is not None:
+                self.on_join(reply)
+        if not self.affinity_sent:
+            a = self.affinity
+            self.stub.ReportAffinity(
+                pb.AffinityReport(
+                    num_tokens=a.num_tokens,
+                    num_layers=a.gate.shape[0],
+                    num_experts=a.gate.shape[1],
+                    gate=[float(x) for x in a.gate.reshape(-1)],
+                    freq=[float(x) for x in a.freq.reshape(-1)],
+                ),
+                metadata=self.metadata,
+                timeout=timeout,
+            )
+            self.affinity_sent = True
+        reply = self.stub.GetAssignment(pb.AssignmentRequest(), metadata=self.metadata, timeout=timeout)
+        if reply.ready:
+            new = Assignment.from_pairs(reply.version, [(la.layer, list(la.experts)) for la in reply.layers])
+            if self.assignment is None or new != self.assignment:
+                self.assignment = new
+                self.assigned.set()
+                if self.on_assignment is not None:
+                    self.on_assignment(new)
+        update = self.outbox.pending()
+        if update is None or update.content_hash in self._rejected:
+            return False
+        return self.upload(update)
+
+    def upload(self, update: StagedUpdate) -> bool:
+        blob = update.read()
+        if sha256_hex(blob) != update.content_hash:
+            log.error("outbox blob %s is corrupt; skipping it", update.path)
+            self._rejected.add(update.content_hash)
+            return False
+        chunks = split_chunks(blob, CHUNK_SIZE)
+        hashes = [sha256_hex(c) for c in chunks]
+        offer = pb.UpdateOffer(
+            content_hash=update.content_hash,
+            size_bytes=len(blob),
+            chunk_size=CHUNK_SIZE,
+            chunk_hashes=hashes,
+            tensors=_tensor_specs(blob),
+            assignment_version=update.assignment_version,
+            local_step=update.step,
+        )
+        try:
+            reply = self.stub.OfferUpdate(offer, metadata=self.metadata, timeout=self.call_timeout_s)
+        except grpc.RpcError as exc:
+            self._maybe_reject(exc, update)
+            raise
+        if reply.committed:
+            self._acked(update)
+            return False
+        missing = sorted(set(reply.missing))
+
+        def stream() -> Iterator[pb.Chunk]:
+            for i in missing:
+                data = bytes(chunks[i])
+                self.bytes_pushed += len(data)
+                self.outbox.add_bytes(len(data))
+                yield pb.Chunk(
+                    content_hash=update.content_hash,
+                    index=i,
+                    total_chunks=len(chunks),
+                    total_size=len(blob),
+                    data=data,
+                    sha256=hashes[i],
+                )
+
+        try:
+            pushed = self.stub.PushChunks(stream(), metadata=self.metadata, timeout=max(60.0, self.call_timeout_s))
+        except grpc.RpcError as exc:
+            self._maybe_reject(exc, update)
+            raise
+        if pushed.committed:
+            self._acked(update)
+            return False
+        return bool(pushed.missing)
+
+    def _maybe_reject(self, exc: grpc.RpcError, update: StagedUpdate) -> None:
+        code = exc.code() if hasattr(exc, "code") else None
+        if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED):
+            self._rejected.add(update.content_hash)  # do not resend it; the next staged update may pass
+
+    def _acked(self, update: StagedUpdate) -> None:
+        self.outbox.mark_acked(update.content_hash, update.size)
+        self.uploads_acked += 1
+        if self.on_ack is not None:
+            self.on_ack(update)
+
+
+def _tensor_specs(blob: bytes) -> list[pb.TensorSpec]:
+    """Names, dtypes and shapes from the safetensors header."""
+    import json
+    import struct
+
+    (length,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8 : 8 + length])
+    specs = []
+    for name, info in sorted(header.items()):
+        if name == "__metadata__" or parse_expert_name(name) is None:
+            continue
+        specs.append(pb.TensorSpec(name=name, dtype=info["dtype"], shape=info["shape"]))
+    return specs

@@ -1,0 +1,175 @@
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from concurrent import futures
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+
+from ground_node.agent import AgentOptions, GroundAgent
+from ground_node.outbox import Outbox
+from ground_node.profile import Affinity
+from protos.emsfl.v1 import federation_pb2 as pb
+from protos.emsfl.v1 import federation_pb2_grpc as pb_grpc
+from protos.wire import CLUSTER_METADATA_KEY, sha256_hex
+from testbed.broker import free_port
+
+
+class FakeSatellite(pb_grpc.FederationServicer):  # type: ignore[misc]
+    """Just enough of the satellite node: assigns fixed experts, stores chunks, cuts links on demand."""
+
+    def __init__(self) -> None:
+        self.link_up = True
+        self.cut_after_chunks: int | None = None
+        self.chunks: dict[str, dict[int, bytes]] = {}
+        self.totals: dict[str, int] = {}
+        self.committed: set[str] = set()
+        self.calls: list[tuple[str, str]] = []
+        self.pushed: list[int] = []
+
+    def _gate(self, context: Any, name: str) -> str:
+        cluster = dict(context.invocation_metadata()).get(CLUSTER_METADATA_KEY, "")
+        self.calls.append((name, cluster))
+        if not self.link_up:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "link down")
+        return str(cluster)
+
+    def Join(self, request: Any, context: Any) -> Any:
+        cluster = self._gate(context, "Join")
+        return pb.JoinReply(cluster_id=cluster, strategy="emsfl")
+
+    def ReportAffinity(self, request: Any, context: Any) -> Any:
+        self._gate(context, "ReportAffinity")
+        assert len(request.gate) == request.num_layers * request.num_experts
+        return pb.AffinityAck(accepted=True)
+
+    def GetAssignment(self, request: Any, context: Any) -> Any:
+        self._gate(context, "GetAssignment")
+        return pb.Assignment(
+            ready=True,
+            version=1,
+            layers=[pb.LayerExperts(layer=0, experts=[0, 1]), pb.LayerExperts(layer=1, experts=[2])],
+        )
+
+    def OfferUpdate(self, request: Any, context: Any) -> Any:
+        self._gate(context, "OfferUpdate")
+        if request.content_hash in self.committed:
+            return pb.OfferReply(committed=True)
+        have = self.chunks.setdefault(request.content_hash, {})
+        self.totals[request.content_hash] = len(request.chunk_hashes)
+        return pb.OfferReply(missing=[i for i in range(len(request.chunk_hashes)) if i not in have])
+
+    def PushChunks(self, request_iterator: Iterator[Any], context: Any) -> Any:
+        self._gate(context, "PushChunks")
+        content = ""
+        for chunk in request_iterator:
+            if self.cut_after_chunks is not None and len(self.pushed) >= self.cut_after_chunks:
+                self.cut_after_chunks = None
+                context.abort(grpc.StatusCode.UNAVAILABLE, "link cut mid-upload")
+            assert sha256_hex(chunk.data) == chunk.sha256
+            content = chunk.content_hash
+            self.chunks[content][chunk.index] = chunk.data
+            self.pushed.append(chunk.index)
+        have = self.chunks[content]
+        missing = [i for i in range(self.totals[content]) if i not in have]
+        if not missing:
+            blob = b"".join(have[i] for i in range(self.totals[content]))
+            assert sha256_hex(blob) == content
+            self.committed.add(content)
+            return pb.PushReply(committed=True)
+        return pb.PushReply(missing=missing)
+
+
+class FakeLink:
+    def __init__(self) -> None:
+        self.up = True
+
+    def is_up(self, cluster: str) -> bool:
+        return self.up
+
+    def wait_up(self, cluster: str, timeout_s: float) -> bool:
+        time.sleep(min(timeout_s, 0.05))
+        return self.up
+
+
+@pytest.fixture
+def satellite() -> Iterator[tuple[FakeSatellite, str]]:
+    fake = FakeSatellite()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    pb_grpc.add_FederationServicer_to_server(fake, server)
+    port = free_port()
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    yield fake, f"127.0.0.1:{port}"
+    server.stop(0)
+
+
+def test_cut_upload_resumes_with_only_missing_chunks(satellite: tuple[FakeSatellite, str], tmp_path: Path) -> None:
+    from ground_node.uplink import Uplink
+
+    fake, target = satellite
+    box = Outbox(tmp_path)
+    big = np.random.default_rng(0).random((3 * 1024 * 1024 // 4 + 100,), dtype=np.float32)  # ~3 MiB: 4 chunks
+    update = box.stage({"expert/0/0/gate_up_proj": big}, 1, 10)
+    aff = Affinity(np.full((2, 4), 0.25, np.float32), np.full((2, 4), 0.25, np.float32), 100)
+    link = FakeLink()
+    up = Uplink(target, "c0", link, box, 2, 200, aff, poll_s=0.05)
+    fake.cut_after_chunks = 2
+    up.start()
+    try:
+        deadline = time.monotonic() + 20
+        while box.pending() is not None and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        up.stop()
+    assert box.pending() is None and box.acked() == [update.content_hash]
+    assert fake.pushed == [0, 1, 2, 3]  # the cut pass sent 0 and 1; the next pass only 2 and 3
+    assert up.refusals >= 1 and up.uploads_acked == 1
+    assert {c for _, c in fake.calls} == {"c0"}
+    assert [n for n, _ in fake.calls].count("ReportAffinity") == 1
+    assert up.assignment is not None and up.assignment.held(0) == (0, 1)
+
+
+def test_down_link_refusals_never_crash(satellite: tuple[FakeSatellite, str], tmp_path: Path) -> None:
+    from ground_node.uplink import Uplink
+
+    fake, target = satellite
+    fake.link_up = False
+    aff = Affinity(np.zeros((2, 4), np.float32), np.zeros((2, 4), np.float32), 1)
+    up = Uplink(target, "c1", FakeLink(), Outbox(tmp_path), 2, 10, aff, poll_s=0.02)
+    up.start()
+    time.sleep(0.5)
+    assert up.is_alive() and up.refusals >= 2 and not up.joined
+    fake.link_up = True
+    assert up.assigned.wait(10)
+    up.stop()
+
+
+def test_agent_trains_stages_uploads_and_reports(
+    satellite: tuple[FakeSatellite, str], topology: dict[str, Any], base_dir: Path, tmp_path: Path
+) -> None:
+    fake, target = satellite
+    opts = AgentOptions(topology, "c0", tmp_path / "w", base_dir, target)
+    agent = GroundAgent(opts, FakeLink())
+    stop = threading.Event()
+    result: dict[str, Any] = {}
+    thread = threading.Thread(target=lambda: result.update(agent.run(stop)))
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not fake.committed and time.monotonic() < deadline:
+        time.sleep(0.1)
+    stop.set()
+    thread.join(30)
+    agent.close()
+    assert fake.committed and result["uploads_acked"] >= 1 and result["steps"] >= 5
+    report = (tmp_path / "w" / "report.json").read_text()
+    assert '"cluster": "c0"' in report and 0.0 <= result["coverage"] <= 1.0
+    events = (tmp_path / "w" / "events.jsonl").read_text().splitlines()
+    kinds = {line.split('"event": "')[1].split('"')[0] for line in events}
+    assert {"profiled", "assigned", "staged", "upload_acked"} <= kinds
+    assert (tmp_path / "w" / "checkpoint.pt").exists()
