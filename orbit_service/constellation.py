@@ -47,13 +47,17 @@ class WalkerSpec:
         if not 0.0 <= self.inclination_deg <= 180.0:
             raise ConfigError(f"{where}.inclination_deg: must be in [0, 180], got {self.inclination_deg!r}")
         if not MIN_ALTITUDE_KM <= self.altitude_km <= 100000.0:
-            raise ConfigError(f"{where}.altitude_km: must be in [{MIN_ALTITUDE_KM:g}, 100000], got {self.altitude_km!r}")
+            raise ConfigError(
+                f"{where}.altitude_km: must be in [{MIN_ALTITUDE_KM:g}, 100000], got {self.altitude_km!r}"
+            )
         if self.planes < 1:
             raise ConfigError(f"{where}.planes: must be >= 1, got {self.planes!r}")
         if self.sats_per_plane < 1:
             raise ConfigError(f"{where}.sats_per_plane: must be >= 1, got {self.sats_per_plane!r}")
         if not 0 <= self.phasing < self.planes:
-            raise ConfigError(f"{where}.phasing: must be in [0, planes - 1] = [0, {self.planes - 1}], got {self.phasing!r}")
+            raise ConfigError(
+                f"{where}.phasing: must be in [0, planes - 1] = [0, {self.planes - 1}], got {self.phasing!r}"
+            )
         return self
 
 
@@ -61,7 +65,9 @@ def parse_walker_spec(text: str) -> WalkerSpec:
     """`INC_DEG:ALT_KM:PLANES/SATS_PER_PLANE/PHASING`, e.g. `53:550:3/4/1`."""
     match = SPEC_RE.match(text)
     if match is None:
-        raise ConfigError(f"walker spec {text!r}: expected INC_DEG:ALT_KM:PLANES/SATS_PER_PLANE/PHASING, e.g. 53:550:3/4/1")
+        raise ConfigError(
+            f"walker spec {text!r}: expected INC_DEG:ALT_KM:PLANES/SATS_PER_PLANE/PHASING, e.g. 53:550:3/4/1"
+        )
     try:
         inc, alt = float(match.group(1)), float(match.group(2))
     except ValueError:
@@ -149,6 +155,31 @@ def _check_tle_line(line: str, number: str, source: str, lineno: int) -> None:
         raise ConfigError(f"{where}: bad checksum: column 69 says {line[68]}, the line sums to {tle_checksum(line)}")
 
 
+# (line, first column, last column (1-based, inclusive), field) of the numbers SGP4 needs; its C parser
+# silently reads garbage as 0, so they are checked here to name the bad field.
+TLE_NUMERIC_FIELDS = (
+    (1, 19, 32, "epoch"),
+    (2, 9, 16, "inclination"),
+    (2, 18, 25, "right ascension of the ascending node"),
+    (2, 27, 33, "eccentricity"),
+    (2, 35, 42, "argument of perigee"),
+    (2, 44, 51, "mean anomaly"),
+    (2, 53, 63, "mean motion"),
+)
+
+
+def _check_tle_numbers(line1: str, line2: str, source: str, n1: int, n2: int) -> None:
+    for number, first, last, name in TLE_NUMERIC_FIELDS:
+        line, lineno = (line1, n1) if number == 1 else (line2, n2)
+        text = line[first - 1 : last].strip()
+        try:
+            float(text)
+        except ValueError:
+            raise ConfigError(
+                f"{source} line {lineno}: malformed TLE: {name} (columns {first}-{last}) is not a number: {text!r}"
+            ) from None
+
+
 def parse_tle_text(text: str, source: str = "<tle>") -> list[EarthSatellite]:
     """Satellites from 2-line or 3-line (named) TLE text; errors name `source` and the line number."""
     lines = [(i + 1, raw.rstrip()) for i, raw in enumerate(text.splitlines())]
@@ -177,10 +208,13 @@ def parse_tle_text(text: str, source: str = "<tle>") -> list[EarthSatellite]:
                 f"{source} line {n2}: catalogue number {line2[2:7].strip()!r} differs from line {n1}'s "
                 f"{line1[2:7].strip()!r}"
             )
+        _check_tle_numbers(line1, line2, source, n1, n2)
         try:
             satrec = Satrec.twoline2rv(line1, line2)
         except (ValueError, IndexError) as exc:
             raise ConfigError(f"{source} line {n1}: malformed TLE: {exc}") from None
+        if satrec.error != 0 or not satrec.no_kozai > 0:
+            raise ConfigError(f"{source} line {n1}: SGP4 rejects these elements (error code {satrec.error})")
         sat = EarthSatellite.from_satrec(satrec, ts)
         sat.name = name or f"TLE-{line1[2:7].strip()}"
         if sat.name in seen:

@@ -25,9 +25,10 @@ class GroundSite:
     alt_m: float = 0.0
     min_elevation_deg: float = 10.0
 
-    def validate(self, where: str) -> GroundSite:
+    def validate(self, where: str, sep: str = ".") -> GroundSite:
+        """Check ranges; errors read `<where><sep><field>: ...`."""
         if not self.name.strip():
-            raise ConfigError(f"{where}.name: must not be empty")
+            raise ConfigError(f"{where}{sep}name: must not be empty")
         checks = (
             ("lat_deg", self.lat_deg, -90.0, 90.0),
             ("lon_deg", self.lon_deg, -180.0, 180.0),
@@ -36,7 +37,7 @@ class GroundSite:
         )
         for name, value, low, high in checks:
             if not (math.isfinite(value) and low <= value <= high):
-                raise ConfigError(f"{where}.{name}: must be in [{low:g}, {high:g}], got {value!r}")
+                raise ConfigError(f"{where}{sep}{name}: must be in [{low:g}, {high:g}], got {value!r}")
         return self
 
     def topos(self) -> Any:
@@ -87,7 +88,7 @@ def parse_sites_csv(text: str, source: str = "<sites>") -> list[GroundSite]:
                 values.append(float(cell))
             except ValueError:
                 raise ConfigError(f"{where}: {column}: not a number: {cell!r}") from None
-        sites.append(GroundSite(row[0].strip(), *values).validate(where))
+        sites.append(GroundSite(row[0].strip(), *values).validate(where, sep=": "))
     if not sites:
         raise ConfigError(f"{source}: no sites after the header")
     names = [site.name for site in sites]
