@@ -14,6 +14,7 @@ ROLES: dict[str, tuple[str, str]] = {
     "orbit": ("orbit_service.cli", "satellite passes, emulated clock and link states over MQTT"),
     "satellite": ("satellite_node.cli", "the satellite node: gRPC Federation server and global model"),
     "ground": ("ground_node.cli", "a ground node: profiling, training and uplink of its cluster's experts"),
+    "pki": ("emsfl.pki", "certificates for MQTT and gRPC TLS: init-ca, issue, rotate, show"),
     "lab": ("testbed.cli", "run a whole testbed locally (embedded broker, every role as a process)"),
 }
 

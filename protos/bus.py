@@ -6,8 +6,9 @@ Wraps paho-mqtt 2.x; callers get decoded, schema-checked payloads and never see 
 from __future__ import annotations
 
 import logging
+import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -36,6 +37,21 @@ class Bus:
         self.client.on_message = self._on_message
         self.client.reconnect_delay_set(min_delay=1, max_delay=5)
         self.host, self.port = host, port
+        self._apply_credentials(os.environ)
+
+    def _apply_credentials(self, env: Mapping[str, str]) -> None:
+        """Broker credentials and TLS from the role's environment file (written by deploy/, read by systemd).
+
+        The local lab sets none of these and talks plaintext on loopback.
+        """
+        if env.get("EMSFL_MQTT_USERNAME"):
+            self.client.username_pw_set(env["EMSFL_MQTT_USERNAME"], env.get("EMSFL_MQTT_PASSWORD") or None)
+        if env.get("EMSFL_TLS", "0") not in {"", "0", "false"}:
+            self.client.tls_set(
+                ca_certs=env.get("EMSFL_TLS_CA") or None,
+                certfile=env.get("EMSFL_TLS_CERT") or None,
+                keyfile=env.get("EMSFL_TLS_KEY") or None,
+            )
 
     def _status(self, state: str, detail: dict[str, Any] | None = None) -> bytes:
         body: dict[str, Any] = {

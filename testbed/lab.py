@@ -38,6 +38,7 @@ class LabOptions:
     runs_dir: Path = Path("runs")
     run_id: str | None = None
     cache_dir: Path = Path(".cache/emsfl")
+    satellite_port: int | None = None  # loopback port of the satellite node; None picks a free one
 
 
 @dataclass
@@ -150,7 +151,7 @@ def run_lab(opts: LabOptions) -> LabRun:
         embedded.start()
         broker_addr = embedded.address
         _progress(f"[lab] embedded amqtt broker on {broker_addr} (loopback, no TLS)")
-    sat_addr = f"127.0.0.1:{free_port()}"
+    sat_addr = f"127.0.0.1:{opts.satellite_port or free_port()}"
     logs = run_dir / "logs"
     common = ["--topology", str(topology_path), "--broker", broker_addr]
 
