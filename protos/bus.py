@@ -75,8 +75,12 @@ class Bus:
 
     def stop(self) -> None:
         """Say offline (as the last will would) and disconnect cleanly."""
-        if self._connected.is_set():
-            self.client.publish(self.status_topic, self._status("offline"), qos=1, retain=True).wait_for_publish(2)
+        if self.client.is_connected():
+            info = self.client.publish(self.status_topic, self._status("offline"), qos=1, retain=True)
+            try:
+                info.wait_for_publish(2)
+            except (RuntimeError, ValueError):
+                log.warning("could not say offline: the broker went away first (its last will says it)")
         self.client.disconnect()
         self.client.loop_stop()
 

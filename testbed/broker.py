@@ -67,7 +67,8 @@ class BrokerProcess:
 
     def start(self) -> BrokerProcess:
         log = open(self._log_path, "ab")  # noqa: SIM115 - owned by the child process
-        self.proc = subprocess.Popen(self._command(), stdout=log, stderr=subprocess.STDOUT)
+        # Own session: a Ctrl-C in the terminal must not kill the broker before the roles have said goodbye.
+        self.proc = subprocess.Popen(self._command(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             wait_for_port(self.host, self.port)
         except TimeoutError:

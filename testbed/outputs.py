@@ -20,8 +20,8 @@ from testbed.report import (
 )
 
 
-def _eval_times(start: datetime, end: datetime, commit_times: list[datetime], points: int) -> list[datetime]:
-    """Evenly spaced emulated times plus the end; evaluation is skipped where nothing changed."""
+def _eval_times(start: datetime, end: datetime, points: int) -> list[datetime]:
+    """Evenly spaced emulated times, both ends included; evaluation is skipped where nothing changed."""
     step = (end - start) / max(points - 1, 1)
     return sorted({start + step * i for i in range(points)} | {end})
 
@@ -60,7 +60,7 @@ def write_outputs(lab: LabRun) -> dict[str, Any]:
     accuracy_initial = accuracy(lab.base_dir, None, topology, None)
     curve: list[tuple[datetime, float]] = []
     last_seen = -1
-    for moment in _eval_times(start, end, commit_times, int(topology.get("lab", {}).get("eval_points", 8))):
+    for moment in _eval_times(start, end, int(topology.get("lab", {}).get("eval_points", 8))):
         seen = sum(1 for t in commit_times if t <= moment)
         if seen == last_seen:
             curve.append((moment, curve[-1][1]))

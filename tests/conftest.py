@@ -11,7 +11,8 @@ import pytest
 from testbed.broker import BrokerProcess
 
 
-def _broker_kind() -> str:
+def broker_kind() -> str:
+    """Mosquitto when installed; the embedded amqtt otherwise, except under CI where Mosquitto is required."""
     if shutil.which("mosquitto"):
         return "mosquitto"
     if os.environ.get("CI") == "true":
@@ -22,5 +23,5 @@ def _broker_kind() -> str:
 @pytest.fixture
 def broker() -> Iterator[BrokerProcess]:
     """A real broker on a free loopback port: Mosquitto, or embedded amqtt where Mosquitto is absent."""
-    with BrokerProcess(_broker_kind()) as proc:
+    with BrokerProcess(broker_kind()) as proc:
         yield proc

@@ -15,6 +15,7 @@ import grpc
 import numpy as np
 import pytest
 import yaml
+from conftest import broker_kind
 from safetensors.numpy import load as load_safetensors
 
 from protos import wire
@@ -67,7 +68,7 @@ def lab_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[LabRun, StatusPro
     path.write_text(yaml.safe_dump(topology), encoding="utf-8")
     sat_port = free_port()
     probe = StatusProbe(f"127.0.0.1:{sat_port}", "c0")
-    with BrokerProcess("mosquitto") as broker:
+    with BrokerProcess(broker_kind()) as broker:
         probe.start()
         lab = run_lab(
             LabOptions(
