@@ -75,7 +75,7 @@ def write_outputs(lab: LabRun) -> dict[str, Any]:
     for cluster, workdir in lab.ground_dirs.items():
         path = workdir / "report.json"
         reports[cluster] = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
-    per_cluster = {}
+    per_cluster: dict[str, dict[str, Any]] = {}
     for cluster in clusters:
         mine = [c for c in commits if c["cluster"] == cluster]
         per_cluster[cluster] = {
