@@ -25,3 +25,10 @@ def broker() -> Iterator[BrokerProcess]:
     """A real broker on a free loopback port: Mosquitto, or embedded amqtt where Mosquitto is absent."""
     with BrokerProcess(broker_kind()) as proc:
         yield proc
+
+
+@pytest.fixture(scope="module")
+def module_broker() -> Iterator[BrokerProcess]:
+    """The same broker, shared by the tests of one module (for a module-scoped lab run)."""
+    with BrokerProcess(broker_kind()) as proc:
+        yield proc

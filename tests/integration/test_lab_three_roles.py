@@ -15,7 +15,6 @@ import grpc
 import numpy as np
 import pytest
 import yaml
-from conftest import broker_kind
 from safetensors.numpy import load as load_safetensors
 
 from protos import wire
@@ -57,7 +56,7 @@ class StatusProbe(threading.Thread):
 
 
 @pytest.fixture(scope="module")
-def lab_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[LabRun, StatusProbe]:
+def lab_run(tmp_path_factory: pytest.TempPathFactory, module_broker: BrokerProcess) -> tuple[LabRun, StatusProbe]:
     tmp = tmp_path_factory.mktemp("lab")
     topology: dict[str, Any] = yaml.safe_load(DEFAULT_TOPOLOGY.read_text(encoding="utf-8"))
     topology["data"]["train_per_cluster"] = 1500
@@ -68,20 +67,19 @@ def lab_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[LabRun, StatusPro
     path.write_text(yaml.safe_dump(topology), encoding="utf-8")
     sat_port = free_port()
     probe = StatusProbe(f"127.0.0.1:{sat_port}", "c0")
-    with BrokerProcess(broker_kind()) as broker:
-        probe.start()
-        lab = run_lab(
-            LabOptions(
-                topology_path=path,
-                broker=broker.address,
-                duration_wall_s=45,
-                runs_dir=tmp / "runs",
-                run_id="it",
-                cache_dir=tmp / "cache",
-                satellite_port=sat_port,
-            )
+    probe.start()
+    lab = run_lab(
+        LabOptions(
+            topology_path=path,
+            broker=module_broker.address,
+            duration_wall_s=45,
+            runs_dir=tmp / "runs",
+            run_id="it",
+            cache_dir=tmp / "cache",
+            satellite_port=sat_port,
         )
-        probe.stop()
+    )
+    probe.stop()
     return lab, probe
 
 
