@@ -16,14 +16,13 @@ from typing import Any
 import torch
 
 from ground_node.base import load_base
+from ground_node.data import tokenizer_for, train_examples
 from ground_node.events import EventLog
 from ground_node.fsutil import atomic_write_json
 from ground_node.outbox import Outbox, StagedUpdate
 from ground_node.profile import coverage_from_probs, profile_affinity
 from ground_node.settings import load_settings
 from ground_node.split import Assignment
-from ground_node.synthetic import cluster_train
-from ground_node.tokenizer import CharTokenizer
 from ground_node.train import Trainer
 from ground_node.uplink import Link, Uplink
 
@@ -80,9 +79,9 @@ class GroundAgent:
     def run(self, stop: threading.Event) -> dict[str, Any]:
         s = self.settings
         torch.set_num_threads(1)
-        tok = CharTokenizer()
+        tok = tokenizer_for(s.data)
         base = load_base(self.opt.base_dir)
-        data = cluster_train(s, self.cluster)
+        data = train_examples(s, self.cluster)
         self.num_examples = len(data)
         affinity, probs = profile_affinity(base.model, base.adapter, data, tok, s.training.profile_examples)
         _, _, top_k = base.adapter.dims(base.model)
@@ -117,7 +116,7 @@ class GroundAgent:
         atomic_write_json(self.workdir / ASSIGNMENT, assignment.to_json())
         self.coverage = coverage_from_probs(probs, top_k, assignment)
         self.events.emit("assigned", version=assignment.version, coverage=round(self.coverage, 4))
-        trainer = Trainer(base.model, base.adapter, s.training, assignment, data, s.seed)
+        trainer = Trainer(base.model, base.adapter, s.training, assignment, data, s.seed, tok=tokenizer_for(s.data))
         if trainer.load_checkpoint(self.workdir):
             log.info("resumed from step %d", trainer.step)
         bar = None

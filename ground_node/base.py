@@ -22,12 +22,12 @@ import torch
 from safetensors.torch import save as save_bytes
 from torch import nn
 
+from ground_node.data import max_positions, tokenizer_for, warmup_pool
 from ground_node.errors import GroundError
 from ground_node.family import FamilyAdapter, get_adapter
 from ground_node.fsutil import fsync_dir
 from ground_node.settings import Settings, cache_key, load_settings
-from ground_node.synthetic import encode_train, max_seq_len, warmup_examples
-from ground_node.tokenizer import CharTokenizer
+from ground_node.synthetic import encode_train
 from protos.wire import sha256_hex
 
 log = logging.getLogger(__name__)
@@ -47,11 +47,10 @@ class Base:
 def new_model(settings: Settings) -> tuple[nn.Module, FamilyAdapter]:
     """The configured model before warm-up: a checkpoint if `model.checkpoint` is set, else random (seeded)."""
     adapter = get_adapter(settings.model.family)
-    tok = CharTokenizer()
+    tok = tokenizer_for(settings.data)
     if settings.model.checkpoint:
         return adapter.load(Path(settings.model.checkpoint), settings.model, tok.vocab_size), adapter
-    positions = max(32, max_seq_len(settings.data))
-    return adapter.build(settings.model, tok.vocab_size, positions, settings.seed), adapter
+    return adapter.build(settings.model, tok.vocab_size, max_positions(settings), settings.seed), adapter
 
 
 def warm_up(model: nn.Module, settings: Settings, progress: bool = False) -> list[float]:
@@ -59,8 +58,8 @@ def warm_up(model: nn.Module, settings: Settings, progress: bool = False) -> lis
     w = settings.warmup
     if w.steps == 0:
         return []
-    tok = CharTokenizer()
-    pool = warmup_examples(settings, min(w.steps * w.batch_size, 50_000))
+    tok = tokenizer_for(settings.data)
+    pool = warmup_pool(settings, min(w.steps * w.batch_size, 50_000))
     torch.manual_seed(settings.seed)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=w.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20))
@@ -153,7 +152,8 @@ def build_base(topology: Mapping[str, Any], out: Path, progress: bool = False) -
             "cache_key": key,
             "warmup_seconds": round(time.monotonic() - start, 3),
             "warmup_final_loss": losses[-1] if losses else None,
-            "vocab_size": CharTokenizer().vocab_size,
+            "vocab_size": tokenizer_for(settings.data).vocab_size,
+            "task": settings.data.task,
         }
         write_base(model, adapter, settings, tmp, extra)
         for f in tmp.iterdir():

@@ -1,4 +1,4 @@
-"""`emsfl ground ...`: run | warmup | eval. Errors print one line and exit 2."""
+"""`emsfl ground ...`: run | warmup | eval | profile | train | export. Errors print one line and exit 2."""
 
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--base", required=True)
     ev.add_argument("--tensors", default=None, help="a safetensors file of manifest-named tensors")
     ev.add_argument("--cluster", default=None, help="evaluate on this cluster's test mix (default: global test set)")
+    _extra_commands(sub)
     return parser
 
 
@@ -75,7 +76,16 @@ def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format='{"level":"%(levelname)s","logger":"%(name)s","msg":"%(message)s"}')
     try:
+        if args.command == "export":
+            print(json.dumps(_export(args)))
+            return 0
         topology = load_topology(args.topology)
+        if args.command == "profile":
+            print(json.dumps(_profile(args, topology)))
+            return 0
+        if args.command == "train":
+            print(json.dumps(_train(args, topology)))
+            return 0
         if args.command == "run":
             return _run(args, topology)
         if args.command == "warmup":
@@ -97,3 +107,128 @@ def main(argv: list[str]) -> int:
     except (ConfigError, GroundError, ConnectionError, OSError) as exc:
         print(f"emsfl ground: {exc}", file=sys.stderr)
         return 2
+
+
+def _experts_arg(text: str) -> list[tuple[int, list[int]]]:
+    """`0:1,2;1:0` -> [(0, [1, 2]), (1, [0])]."""
+    out = []
+    try:
+        for item in text.split(";"):
+            if not item.strip():
+                continue
+            layer, _, experts = item.partition(":")
+            out.append((int(layer), [int(e) for e in experts.split(",") if e.strip()]))
+    except ValueError:
+        raise GroundError(f"--experts: expected LAYER:E,E;LAYER:E..., got {text!r}") from None
+    return out
+
+
+def _profile(args: argparse.Namespace, topology: dict[str, Any]) -> dict[str, Any]:
+    from ground_node.base import load_base
+    from ground_node.data import tokenizer_for, train_examples
+    from ground_node.profile import profile_affinity
+    from ground_node.settings import load_settings
+
+    s = load_settings(topology)
+    base = load_base(Path(args.base))
+    data = train_examples(s, args.cluster)
+    affinity, _ = profile_affinity(base.model, base.adapter, data, tokenizer_for(s.data), s.training.profile_examples)
+    cap = s.capacities[args.cluster]
+    top = [[int(e) for e in row.argsort()[::-1][:cap]] for row in affinity.gate]
+    return {
+        "cluster": args.cluster,
+        "num_tokens": affinity.num_tokens,
+        "gate": affinity.gate.round(5).tolist(),
+        "freq": affinity.freq.round(5).tolist(),
+        "top_experts": top,
+    }
+
+
+def _train(args: argparse.Namespace, topology: dict[str, Any]) -> dict[str, Any]:
+    """Offline training (no satellite): the given experts, or the cluster's top-affinity experts."""
+    import time
+
+    from ground_node.agent import peak_rss_mb
+    from ground_node.base import load_base
+    from ground_node.data import tokenizer_for, train_examples
+    from ground_node.fsutil import atomic_write_json
+    from ground_node.outbox import Outbox
+    from ground_node.profile import coverage_from_probs, profile_affinity
+    from ground_node.settings import load_settings
+    from ground_node.split import Assignment
+    from ground_node.train import Trainer
+
+    s = load_settings(topology)
+    base = load_base(Path(args.base))
+    tok = tokenizer_for(s.data)
+    data = train_examples(s, args.cluster)
+    affinity, probs = profile_affinity(base.model, base.adapter, data, tok, s.training.profile_examples)
+    if args.experts:
+        assignment = Assignment.from_pairs(0, _experts_arg(args.experts))
+    else:
+        cap = s.capacities[args.cluster]
+        assignment = Assignment(
+            0, {la: tuple(sorted(int(e) for e in row.argsort()[::-1][:cap])) for la, row in enumerate(affinity.gate)}
+        )
+    num_layers, num_experts, top_k = base.adapter.dims(base.model)
+    assignment.validate(num_layers, num_experts)
+    workdir = Path(args.workdir)
+    trainer = Trainer(base.model, base.adapter, s.training, assignment, data, s.seed, tok=tok)
+    resumed = trainer.load_checkpoint(workdir)
+    outbox = Outbox(workdir / "outbox")
+    start = time.monotonic()
+    while trainer.step < args.steps:
+        trainer.train_step()
+        if trainer.step % s.training.checkpoint_every_steps == 0:
+            trainer.save_checkpoint(workdir)
+    trainer.save_checkpoint(workdir)
+    update = outbox.stage(trainer.expert_state(), assignment.version, trainer.step)
+    report = {
+        "cluster": args.cluster,
+        "steps": trainer.step,
+        "resumed": resumed,
+        "loss": trainer.last_loss,
+        "experts": assignment.to_json()["layers"],
+        "coverage": coverage_from_probs(probs, top_k, assignment),
+        "staged": str(update.path),
+        "seconds": round(time.monotonic() - start, 2),
+        "peak_rss_mb": peak_rss_mb(),
+    }
+    atomic_write_json(workdir / "report.json", report)
+    return report
+
+
+def _export(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from ground_node.export import check_onnx, export_model, providers
+
+    tensors = None
+    if args.tensors:
+        from safetensors.numpy import load_file
+
+        tensors = load_file(args.tensors)
+    module, summary = export_model(Path(args.base), tensors, Path(args.out), submodel=args.submodel)
+    ids = torch.randint(3, 40, (2, 11), generator=torch.Generator().manual_seed(0))
+    summary["max_abs_diff"] = check_onnx(Path(args.out), module, ids)
+    summary["providers"] = providers()
+    return summary
+
+
+def _extra_commands(sub: Any) -> None:
+    prof = sub.add_parser("profile", help="affinity of the cluster's local data (gate, freq, top experts)")
+    prof.add_argument("--topology", required=True)
+    prof.add_argument("--base", required=True)
+    prof.add_argument("--cluster", required=True)
+    tr = sub.add_parser("train", help="offline training of the cluster's experts (no satellite)")
+    tr.add_argument("--topology", required=True)
+    tr.add_argument("--base", required=True)
+    tr.add_argument("--cluster", required=True)
+    tr.add_argument("--workdir", required=True)
+    tr.add_argument("--steps", type=int, default=100)
+    tr.add_argument("--experts", default=None, help="LAYER:E,E;LAYER:E (default: top-affinity up to capacity)")
+    ex = sub.add_parser("export", help="ONNX export of the global model or (--submodel) the cluster's sub-model")
+    ex.add_argument("--base", required=True)
+    ex.add_argument("--tensors", default=None, help="manifest-named safetensors (uploads, LoRA or full)")
+    ex.add_argument("--submodel", action="store_true", help="only the experts named in --tensors")
+    ex.add_argument("--out", required=True)

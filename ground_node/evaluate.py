@@ -13,11 +13,12 @@ from safetensors.numpy import load_file
 from torch import nn
 
 from ground_node.base import BASE_TENSORS, Base, load_base
+from ground_node.data import max_new_tokens, test_examples, tokenizer_for
 from ground_node.errors import GroundError
 from ground_node.family import FamilyAdapter
 from ground_node.settings import load_settings
-from ground_node.synthetic import Example, cluster_test, encode_prompts, global_test, max_answer_len
-from ground_node.tokenizer import EOS, CharTokenizer
+from ground_node.synthetic import Example, encode_prompts
+from ground_node.tokenizer import EOS, CharTokenizer, Tokenizer
 from protos.wire import parse_expert_name
 
 
@@ -70,16 +71,17 @@ def apply_tensors(
             raise GroundError(f"expert/{layer}/{expert}/{part}: lora_A rank {rank} != lora_B rank {b.shape[1]}")
         adapter.check_expert(model, layer, expert)
         param = adapter.fused_param(model, layer, part)
-        if (b.shape[0], a.shape[1]) != tuple(param.shape[1:]):
+        delta = adapter.lora_delta(a, b, scaling_alpha / rank)
+        if tuple(delta.shape) != tuple(param.shape[1:]):
             raise GroundError(f"expert/{layer}/{expert}/{part}: LoRA shape does not match the expert slice")
         with torch.no_grad():
-            param[expert] += (scaling_alpha / rank) * (b @ a)
+            param[adapter.local_index(model, layer, expert)] += delta.to(param.dtype)
         applied += 1
     return applied
 
 
 @torch.no_grad()
-def greedy_answers(model: nn.Module, tok: CharTokenizer, examples: Sequence[Example], max_new: int) -> list[str]:
+def greedy_answers(model: nn.Module, tok: Tokenizer, examples: Sequence[Example], max_new: int) -> list[str]:
     """Greedy decoding, batched over prompts of equal length (no padding, so no position or mask issues)."""
     groups: dict[int, list[int]] = defaultdict(list)
     for i, ex in enumerate(examples):
@@ -106,10 +108,10 @@ def greedy_answers(model: nn.Module, tok: CharTokenizer, examples: Sequence[Exam
     return answers
 
 
-def exact_match(model: nn.Module, examples: Sequence[Example], max_new: int) -> float:
+def exact_match(model: nn.Module, examples: Sequence[Example], max_new: int, tok: Tokenizer | None = None) -> float:
     if not examples:
         raise GroundError("cannot evaluate an empty test set")
-    tok = CharTokenizer()
+    tok = tok if tok is not None else CharTokenizer()
     answers = greedy_answers(model, tok, examples, max_new)
     return float(np.mean([a == ex.answer for a, ex in zip(answers, examples, strict=True)]))
 
@@ -137,5 +139,5 @@ def accuracy(
     """Exact-match accuracy of base + `tensors` on the global test set (`cluster=None`) or a cluster's test mix."""
     settings = load_settings(topology)
     base = model_with_tensors(Path(base_dir), tensors)
-    examples = global_test(settings) if cluster is None else cluster_test(settings, cluster)
-    return exact_match(base.model, examples, max_answer_len(settings.data) + 1)
+    examples = test_examples(settings, cluster)
+    return exact_match(base.model, examples, max_new_tokens(settings), tokenizer_for(settings.data))

@@ -1,8 +1,13 @@
 """MoE family adapters: build or load a model, map HF names to manifest names (DESIGN §5.1) and back,
 and cut per-expert slices out of fused expert tensors and PEFT LoRA factors.
 
-The `FamilyAdapter` interface is family-agnostic; `OlmoeAdapter` is the first implementation. Mixtral or
-Qwen-MoE adapters plug in through `register_family`.
+The `FamilyAdapter` interface is family-agnostic; `HFMoEAdapter` implements it for transformers 5 MoE classes
+with fused 3-D expert tensors: OLMoE, Mixtral, Qwen2-MoE (its shared expert is a shared weight), Qwen3-MoE and
+GPT-OSS (transposed, gate/up interleaved, with biases). More families plug in through `register_family`.
+
+Expert ids are always global (as in the manifest). A physically split sub-model (`ground_node.submodel`) holds
+only some experts per layer; its routers carry `held_index` (local -> global), and every slice accessor here maps
+global ids to local positions through `local_index`.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import json
 import re
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +49,8 @@ class FamilyAdapter(ABC):
 
     name: str
     expert_parts: tuple[str, ...]
+    lora_targets: tuple[str, ...] = ()  # expert parts that get LoRA factors (default: every expert part)
+    transposed = False  # fused expert weights stored [E, in, out] (GPT-OSS) instead of [E, out, in]
 
     @abstractmethod
     def build(self, model: ModelSettings, vocab_size: int, max_positions: int, seed: int) -> nn.Module:
@@ -78,8 +86,33 @@ class FamilyAdapter(ABC):
 
     # ---- generic helpers built on the above --------------------------------------------------
 
+    def lora_parts(self) -> tuple[str, ...]:
+        return self.lora_targets or self.expert_parts
+
     def lora_part_names(self) -> list[str]:
-        return [f"{p}.{f}" for p in self.expert_parts for f in LORA_FACTORS]
+        return [f"{p}.{f}" for p in self.lora_parts() for f in LORA_FACTORS]
+
+    def held_index(self, model: nn.Module, layer: int) -> list[int] | None:
+        """Global expert ids of a physically split layer (local order), None when the layer holds every expert."""
+        router: Any = self.router(model, layer)
+        index = getattr(router, "held_index", None)
+        if index is None or not getattr(router, "physical", False):
+            return None
+        return [int(i) for i in index.tolist()]
+
+    def local_index(self, model: nn.Module, layer: int, expert: int) -> int:
+        """Position of global expert `expert` in the layer's fused tensors (GroundError if not held there)."""
+        self.check_expert(model, layer, expert)
+        held = self.held_index(model, layer)
+        if held is None:
+            return expert
+        if expert not in held:
+            raise GroundError(f"expert {expert} of layer {layer} is not in this sub-model (it holds {held})")
+        return held.index(expert)
+
+    def local_count(self, model: nn.Module, layer: int) -> int:
+        held = self.held_index(model, layer)
+        return self.dims(model)[1] if held is None else len(held)
 
     def fused_param(self, model: nn.Module, layer: int, part: str) -> nn.Parameter:
         """The fused [E, ...] expert parameter, found below any PEFT wrappers."""
@@ -140,11 +173,11 @@ class FamilyAdapter(ABC):
 
     def extract_expert(self, model: nn.Module, layer: int, expert: int) -> dict[str, torch.Tensor]:
         """{part: weight slice} of one expert (copies, float32)."""
-        self.check_expert(model, layer, expert)
-        return {p: self.fused_param(model, layer, p)[expert].detach().float().clone() for p in self.expert_parts}
+        i = self.local_index(model, layer, expert)
+        return {p: self.fused_param(model, layer, p)[i].detach().float().clone() for p in self.expert_parts}
 
     def insert_expert(self, model: nn.Module, layer: int, expert: int, parts: dict[str, torch.Tensor]) -> None:
-        self.check_expert(model, layer, expert)
+        i = self.local_index(model, layer, expert)
         with torch.no_grad():
             for part, value in parts.items():
                 if part not in self.expert_parts:
@@ -154,7 +187,7 @@ class FamilyAdapter(ABC):
                     raise GroundError(
                         f"expert/{layer}/{expert}/{part}: shape {list(value.shape)} != {list(param.shape[1:])}"
                     )
-                param[expert].copy_(value.to(param.dtype))
+                param[i].copy_(value.to(param.dtype))
 
     def lora_layers(self, model: nn.Module, layer: int) -> dict[str, nn.Module]:
         """{part: PEFT ParamWrapper} of a layer's experts (matched by the wrapped parameter's name)."""
@@ -162,7 +195,7 @@ class FamilyAdapter(ABC):
         module: Any = self.experts_module(model, layer)
         while module is not None:
             pname = getattr(module, "parameter_name", None)
-            if pname in self.expert_parts and hasattr(module, "lora_A"):
+            if pname in self.lora_parts() and hasattr(module, "lora_A"):
                 found[pname] = module
             module = getattr(module, "base_layer", None)
         return found
@@ -175,22 +208,22 @@ class FamilyAdapter(ABC):
 
     def extract_lora(self, model: nn.Module, layer: int, expert: int, rank: int) -> dict[str, torch.Tensor]:
         """{"<part>.lora_A": [r, in], "<part>.lora_B": [out, r]} of one expert (copies, float32)."""
-        self.check_expert(model, layer, expert)
-        _, num_experts, _ = self.dims(model)
+        i = self.local_index(model, layer, expert)
+        num_local = self.local_count(model, layer)
         out: dict[str, torch.Tensor] = {}
         wrappers = self.lora_layers(model, layer)
-        if set(wrappers) != set(self.expert_parts):
-            raise GroundError(f"layer {layer}: LoRA adapters found for {sorted(wrappers)}, need {self.expert_parts}")
+        if set(wrappers) != set(self.lora_parts()):
+            raise GroundError(f"layer {layer}: LoRA adapters found for {sorted(wrappers)}, need {self.lora_parts()}")
         for part, wrapper in wrappers.items():
             a = self.lora_factor(wrapper, "lora_A")
             b = self.lora_factor(wrapper, "lora_B")
-            out[f"{part}.lora_A"] = lora_a_slice(a, expert, rank).detach().float().clone()
-            out[f"{part}.lora_B"] = lora_b_slice(b, expert, num_experts).detach().float().clone()
+            out[f"{part}.lora_A"] = lora_a_slice(a, i, rank).detach().float().clone()
+            out[f"{part}.lora_B"] = lora_b_slice(b, i, num_local).detach().float().clone()
         return out
 
     def insert_lora(self, model: nn.Module, layer: int, expert: int, rank: int, parts: dict[str, torch.Tensor]) -> None:
-        self.check_expert(model, layer, expert)
-        _, num_experts, _ = self.dims(model)
+        i = self.local_index(model, layer, expert)
+        num_local = self.local_count(model, layer)
         wrappers = self.lora_layers(model, layer)
         with torch.no_grad():
             for name, value in parts.items():
@@ -198,106 +231,177 @@ class FamilyAdapter(ABC):
                 if part not in wrappers or factor not in LORA_FACTORS:
                     raise GroundError(f"unknown LoRA part {name!r}")
                 weight = self.lora_factor(wrappers[part], factor)
-                if factor == "lora_A":
-                    target = lora_a_slice(weight, expert, rank)
-                else:
-                    target = lora_b_slice(weight, expert, num_experts)
+                target = lora_a_slice(weight, i, rank) if factor == "lora_A" else lora_b_slice(weight, i, num_local)
                 if target.shape != value.shape:
                     raise GroundError(
                         f"expert/{layer}/{expert}/{name}: shape {list(value.shape)} != {list(target.shape)}"
                     )
                 target.copy_(value.to(weight.dtype))
 
+    def lora_delta(self, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+        """One expert's LoRA delta in the layout of its fused slice (transposed for [E, in, out] storage)."""
+        delta = lora_delta(a, b, scaling)
+        return delta.T if self.transposed else delta
+
     def lora_part_shapes(self, model: nn.Module, rank: int) -> dict[str, list[int]]:
         """Shape of each per-expert LoRA part: A is [r, in], B is [out, r] with [out, in] the expert slice."""
         shapes: dict[str, list[int]] = {}
-        for part in self.expert_parts:
+        for part in self.lora_parts():
             out_dim, in_dim = self.fused_param(model, 0, part).shape[1:]
+            if self.transposed:
+                out_dim, in_dim = in_dim, out_dim
             shapes[f"{part}.lora_A"] = [rank, int(in_dim)]
             shapes[f"{part}.lora_B"] = [int(out_dim), rank]
         return shapes
 
 
-# ---- OLMoE (transformers 5: fused 3-D experts, OlmoeTopKRouter) -----------------------------------
-
-_OLMOE_EXPERT_RE = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
+# ---- routing restricted to held experts ---------------------------------------------------------
 
 
-def _masked_router_class() -> type[nn.Module]:
-    from transformers.models.olmoe.modeling_olmoe import OlmoeTopKRouter
+def route_held(
+    logits: torch.Tensor, held: torch.Tensor, top_k: int, scoring: str, norm_topk: bool, n_held: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(masked logits, top-k weights, global top-k indices) with unheld experts never selected.
 
-    class MaskedOlmoeTopKRouter(OlmoeTopKRouter):  # type: ignore[misc]
-        """OLMoE router whose unheld experts get logit -inf before top-k (split=mask): never selected."""
-
-        held_mask: torch.Tensor
-
-        def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-            hidden_states = hidden_states.reshape(-1, self.hidden_dim)
-            logits = nn.functional.linear(hidden_states, self.weight)
-            held = self.held_mask
-            n_held = int(held.sum())
-            if n_held == 0:  # nothing held here: route every token to the "no expert" index E (skipped)
-                idx = torch.full((logits.shape[0], 1), self.num_experts, dtype=torch.long, device=logits.device)
-                return logits, torch.zeros_like(idx, dtype=logits.dtype), idx
-            masked = logits.masked_fill(~held, float("-inf"))
-            _, top_index = torch.topk(masked, min(self.top_k, n_held), dim=-1)
-            # Weights are the full model's router probabilities of the chosen (held) experts, so that a token
-            # whose top-k experts are all held is computed exactly as in the full model, and a held expert is
-            # trained under the same scale it gets in the merged global model.
-            probs = nn.functional.softmax(logits, dtype=torch.float, dim=-1)
-            top_value = probs.gather(-1, top_index)
-            if self.norm_topk_prob:
-                top_value = top_value / top_value.sum(dim=-1, keepdim=True)
-            return masked, top_value.to(logits.dtype), top_index
-
-    return MaskedOlmoeTopKRouter
+    `scoring="softmax"` (OLMoE, Mixtral, Qwen-MoE): weights are the full model's softmax probabilities of the
+    chosen experts (optionally renormalised over the top-k), so a token whose top-k experts are all held is
+    computed exactly as in the full model. `scoring="topk_softmax"` (GPT-OSS): softmax over the top-k logits.
+    With fewer than k held experts, fewer are chosen; with none, no expert is chosen (zero-width top-k).
+    """
+    if n_held is None:
+        n_held = int(held.sum())
+    k = min(top_k, n_held)
+    masked = logits.masked_fill(~held, float("-inf"))
+    if k == 0:
+        idx = torch.zeros((logits.shape[0], 0), dtype=torch.long, device=logits.device)
+        return masked, torch.zeros((logits.shape[0], 0), dtype=logits.dtype, device=logits.device), idx
+    top_logit, top_index = torch.topk(masked, k, dim=-1)
+    if scoring == "topk_softmax":
+        weights = nn.functional.softmax(top_logit, dim=1, dtype=top_logit.dtype)
+        return masked, weights, top_index
+    probs = nn.functional.softmax(logits, dtype=torch.float, dim=-1)
+    top_value = probs.gather(-1, top_index)
+    if norm_topk:
+        top_value = top_value / top_value.sum(dim=-1, keepdim=True)
+    return masked, top_value.to(logits.dtype), top_index
 
 
-class OlmoeAdapter(FamilyAdapter):
-    name = "olmoe"
-    expert_parts = ("gate_up_proj", "down_proj")
+class HeldRouterMixin:
+    """Forward of a router restricted to held experts; mixed into the family's router class.
 
-    def _config(self, model: ModelSettings, vocab_size: int, max_positions: int) -> Any:
-        from transformers import OlmoeConfig
+    Buffers: `held_mask` [E] (global), `held_index` [n] (local -> global), `to_local` [E] (global -> local).
+    In a physical split (`physical=True`) the router's own `weight` (and `bias`) hold only the held experts'
+    rows; the other rows stay as the frozen, non-persistent buffers `rest_weight`/`rest_bias` where the scoring
+    needs the full softmax denominator (so routing stays exact), else they are dropped.
+    """
 
-        return OlmoeConfig(
-            vocab_size=vocab_size,
-            hidden_size=model.hidden_size,
-            intermediate_size=model.intermediate_size,
-            num_hidden_layers=model.num_layers,
-            num_attention_heads=model.num_attention_heads,
-            num_key_value_heads=model.num_attention_heads,
-            num_experts=model.num_experts,
-            num_experts_per_tok=model.top_k,
-            max_position_embeddings=max_positions,
-            pad_token_id=0,
-            bos_token_id=1,
-            eos_token_id=2,
-            tie_word_embeddings=False,
-            output_router_logits=False,
+    held_mask: torch.Tensor
+    held_index: torch.Tensor
+    to_local: torch.Tensor
+    physical: bool
+    scoring: str
+    norm_topk: bool
+    k_route: int
+    n_held: int
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        module: Any = self
+        weight: torch.Tensor = module.weight
+        hidden_states = hidden_states.reshape(-1, weight.shape[1])
+        bias = module._parameters.get("bias")
+        held_logits = nn.functional.linear(hidden_states, weight, bias)
+        if not self.physical:
+            logits = held_logits
+        else:
+            num_experts = self.held_mask.shape[0]
+            logits = held_logits.new_full((held_logits.shape[0], num_experts), float("-inf"))
+            logits[:, self.held_index] = held_logits
+            rest = module._buffers.get("rest_weight")
+            if rest is not None:
+                rest_logits = nn.functional.linear(hidden_states, rest, module._buffers.get("rest_bias"))
+                logits[:, module._buffers["rest_index"]] = rest_logits
+        masked, weights, index = route_held(
+            logits, self.held_mask, self.k_route, self.scoring, self.norm_topk, self.n_held
         )
+        if self.physical:
+            index = self.to_local[index]
+        return masked, weights, index
+
+
+_HELD_CLASSES: dict[type, type] = {}
+
+
+def held_router_class(base: type) -> type:
+    if base not in _HELD_CLASSES:
+        _HELD_CLASSES[base] = type(f"Held{base.__name__}", (HeldRouterMixin, base), {})
+    return _HELD_CLASSES[base]
+
+
+# ---- transformers 5 MoE families ----------------------------------------------------------------
+
+
+class HFMoEAdapter(FamilyAdapter):
+    """A transformers 5 MoE causal LM: `model.layers[i].<mlp>.<router>` and `.<mlp>.experts` (fused 3-D)."""
+
+    name = ""
+    model_type = ""
+    config_class = ""
+    model_class = ""
+    expert_parts: tuple[str, ...] = ("gate_up_proj", "down_proj")
+    router_attr = "gate"
+    scoring = "softmax"
+    experts_key = "num_experts"  # the config key of experts per layer
+
+    def __init__(self) -> None:
+        parts = "|".join(re.escape(p) for p in self.expert_parts)
+        self._expert_re = re.compile(rf"^model\.layers\.(\d+)\.mlp\.experts\.({parts})$")
+
+    # -- construction ---------------------------------------------------------------------------
+
+    def config_kwargs(self, model: ModelSettings) -> dict[str, Any]:
+        """Family-specific config keys (beyond the common ones)."""
+        return {}
+
+    def make_config(self, model: ModelSettings, vocab_size: int, max_positions: int) -> Any:
+        import transformers
+
+        cls = getattr(transformers, self.config_class)
+        kwargs: dict[str, Any] = {
+            "vocab_size": vocab_size,
+            "hidden_size": model.hidden_size,
+            "intermediate_size": model.intermediate_size,
+            "num_hidden_layers": model.num_layers,
+            "num_attention_heads": model.num_attention_heads,
+            "num_key_value_heads": model.num_attention_heads,
+            self.experts_key: model.num_experts,
+            "num_experts_per_tok": model.top_k,
+            "max_position_embeddings": max_positions,
+            "pad_token_id": 0,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+            "tie_word_embeddings": False,
+            "output_router_logits": False,
+        }
+        kwargs.update(self.config_kwargs(model))
+        return cls(**kwargs)
+
+    def model_cls(self) -> Any:
+        import transformers
+
+        return getattr(transformers, self.model_class)
 
     def build(self, model: ModelSettings, vocab_size: int, max_positions: int, seed: int) -> nn.Module:
-        from transformers import OlmoeForCausalLM
-
         torch.manual_seed(seed)
-        net: nn.Module = OlmoeForCausalLM(self._config(model, vocab_size, max_positions))
+        net: nn.Module = self.model_cls()(self.make_config(model, vocab_size, max_positions))
         return net.eval()
 
-    def load(self, path: Path, model: ModelSettings, vocab_size: int) -> nn.Module:
-        from transformers import OlmoeForCausalLM
-
-        config_file = Path(path) / "config.json"
-        try:
-            config = json.loads(config_file.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise GroundError(f"model.checkpoint: cannot read {config_file}: {exc}") from exc
+    def check_config(self, config: Mapping[str, Any], path: Path, model: ModelSettings, vocab_size: int) -> None:
         kind = config.get("model_type")
-        if kind != self.name:
+        if kind != self.model_type:
             raise GroundError(f"model.checkpoint: {path} holds a {kind!r} model, but model.family is {self.name!r}")
         expected = {
             "num_hidden_layers": ("num_layers", model.num_layers),
-            "num_experts": ("num_experts", model.num_experts),
+            self.experts_key: ("num_experts", model.num_experts),
             "num_experts_per_tok": ("top_k", model.top_k),
             "hidden_size": ("hidden_size", model.hidden_size),
             "intermediate_size": ("intermediate_size", model.intermediate_size),
@@ -310,8 +414,18 @@ class OlmoeAdapter(FamilyAdapter):
                 )
         if int(config.get("vocab_size", 0)) < vocab_size:
             raise GroundError(f"model.checkpoint: vocab_size {config.get('vocab_size')} < tokenizer's {vocab_size}")
-        net: nn.Module = OlmoeForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+
+    def load(self, path: Path, model: ModelSettings, vocab_size: int) -> nn.Module:
+        config_file = Path(path) / "config.json"
+        try:
+            config = json.loads(config_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise GroundError(f"model.checkpoint: cannot read {config_file}: {exc}") from exc
+        self.check_config(config, Path(path), model, vocab_size)
+        net: nn.Module = self.model_cls().from_pretrained(str(path), dtype=torch.float32)
         return net.eval()
+
+    # -- structure ------------------------------------------------------------------------------
 
     def _base(self, model: nn.Module) -> Any:
         inner: Any = model
@@ -321,7 +435,7 @@ class OlmoeAdapter(FamilyAdapter):
 
     def dims(self, model: nn.Module) -> tuple[int, int, int]:
         config = self._base(model).config
-        return int(config.num_hidden_layers), int(config.num_experts), int(config.num_experts_per_tok)
+        return int(config.num_hidden_layers), int(getattr(config, self.experts_key)), int(config.num_experts_per_tok)
 
     def _layer(self, model: nn.Module, layer: int) -> Any:
         layers = self._base(model).model.layers
@@ -330,33 +444,49 @@ class OlmoeAdapter(FamilyAdapter):
         return layers[layer]
 
     def router(self, model: nn.Module, layer: int) -> nn.Module:
-        gate: nn.Module = self._layer(model, layer).mlp.gate
+        gate: nn.Module = getattr(self._layer(model, layer).mlp, self.router_attr)
         return gate
 
     def experts_module(self, model: nn.Module, layer: int) -> nn.Module:
         experts: nn.Module = self._layer(model, layer).mlp.experts
         return experts
 
-    def mask_router(self, model: nn.Module, layer: int, held: list[int] | None) -> None:
-        from transformers.models.olmoe.modeling_olmoe import OlmoeTopKRouter
+    def norm_topk(self, model: nn.Module) -> bool:
+        return bool(getattr(self._base(model).config, "norm_topk_prob", False))
 
-        router = self.router(model, layer)
-        _, num_experts, _ = self.dims(model)
+    def original_router_class(self, router: nn.Module) -> type:
+        cls = type(router)
+        if issubclass(cls, HeldRouterMixin):
+            return next(b for b in cls.__mro__[1:] if not issubclass(b, HeldRouterMixin) and b is not HeldRouterMixin)
+        return cls
+
+    def mask_router(self, model: nn.Module, layer: int, held: list[int] | None) -> None:
+        router: Any = self.router(model, layer)
+        if getattr(router, "physical", False):
+            raise GroundError(f"layer {layer}: a physically split sub-model cannot change its held experts")
+        _num_layers, num_experts, top_k = self.dims(model)
         if held is None:
-            router.__class__ = OlmoeTopKRouter
-            if "held_mask" in router._buffers:
-                del router._buffers["held_mask"]
+            router.__class__ = self.original_router_class(router)
+            for buf in ("held_mask", "held_index", "to_local"):
+                router._buffers.pop(buf, None)
             return
         for e in held:
             self.check_expert(model, layer, e)
-        weight: Any = router.weight
-        mask = torch.zeros(num_experts, dtype=torch.bool, device=weight.device)
+        device = router.weight.device
+        mask = torch.zeros(num_experts, dtype=torch.bool, device=device)
         mask[list(held)] = True
         router.register_buffer("held_mask", mask, persistent=False)
-        router.__class__ = _MASKED_ROUTER()
+        router.register_buffer("held_index", torch.arange(num_experts, device=device), persistent=False)
+        router.register_buffer("to_local", torch.arange(num_experts, device=device), persistent=False)
+        router.physical = False
+        router.scoring = self.scoring
+        router.norm_topk = self.norm_topk(model)
+        router.k_route = top_k
+        router.n_held = len(set(held))
+        router.__class__ = held_router_class(self.original_router_class(router))
 
     def split_hf_name(self, hf_name: str) -> tuple[int, str] | None:
-        match = _OLMOE_EXPERT_RE.match(hf_name)
+        match = self._expert_re.match(hf_name)
         if match is None:
             return None
         return int(match.group(1)), match.group(2)
@@ -367,16 +497,98 @@ class OlmoeAdapter(FamilyAdapter):
         return f"model.layers.{layer}.mlp.experts.{part}"
 
 
+class OlmoeAdapter(HFMoEAdapter):
+    name = model_type = "olmoe"
+    config_class, model_class = "OlmoeConfig", "OlmoeForCausalLM"
+
+
+class MixtralAdapter(HFMoEAdapter):
+    name = model_type = "mixtral"
+    config_class, model_class = "MixtralConfig", "MixtralForCausalLM"
+    experts_key = "num_local_experts"
+
+    def norm_topk(self, model: nn.Module) -> bool:
+        return True  # Mixtral always renormalises the top-k probabilities
+
+    def config_kwargs(self, model: ModelSettings) -> dict[str, Any]:
+        return {"router_jitter_noise": 0.0, "sliding_window": None}
+
+
+class Qwen2MoeAdapter(HFMoEAdapter):
+    """Qwen2-MoE: `mlp.shared_expert.*` and `mlp.shared_expert_gate` are shared (non-expert) weights."""
+
+    name = model_type = "qwen2_moe"
+    config_class, model_class = "Qwen2MoeConfig", "Qwen2MoeForCausalLM"
+
+    def config_kwargs(self, model: ModelSettings) -> dict[str, Any]:
+        return {
+            "moe_intermediate_size": model.intermediate_size,
+            "shared_expert_intermediate_size": model.intermediate_size,
+            "decoder_sparse_step": 1,
+            "mlp_only_layers": [],
+            "use_sliding_window": False,
+        }
+
+    def check_config(self, config: Mapping[str, Any], path: Path, model: ModelSettings, vocab_size: int) -> None:
+        config = {**config, "intermediate_size": config.get("moe_intermediate_size")}
+        super().check_config(config, path, model, vocab_size)
+        if config.get("mlp_only_layers") or int(config.get("decoder_sparse_step", 1)) != 1:
+            raise GroundError(f"model.checkpoint: {path} has dense layers; every layer must be MoE")
+
+
+class Qwen3MoeAdapter(Qwen2MoeAdapter):
+    name = model_type = "qwen3_moe"
+    config_class, model_class = "Qwen3MoeConfig", "Qwen3MoeForCausalLM"
+
+    def config_kwargs(self, model: ModelSettings) -> dict[str, Any]:
+        return {
+            "moe_intermediate_size": model.intermediate_size,
+            "decoder_sparse_step": 1,
+            "mlp_only_layers": [],
+            "norm_topk_prob": True,
+            "head_dim": model.hidden_size // model.num_attention_heads,
+        }
+
+
+class GptOssAdapter(HFMoEAdapter):
+    """GPT-OSS: experts stored transposed ([E, in, out]), gate/up interleaved in the last dim, with biases.
+
+    Slices are per expert over the leading dim, so the interleaving is kept inside each slice. LoRA goes on the
+    two weight tensors; the biases are expert parts (trained with `tune=full`, frozen with LoRA).
+    """
+
+    name = model_type = "gpt_oss"
+    config_class, model_class = "GptOssConfig", "GptOssForCausalLM"
+    expert_parts = ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias")
+    lora_targets = ("gate_up_proj", "down_proj")
+    router_attr = "router"
+    scoring = "topk_softmax"
+    experts_key = "num_local_experts"
+    transposed = True
+
+    def config_kwargs(self, model: ModelSettings) -> dict[str, Any]:
+        return {
+            "head_dim": model.hidden_size // model.num_attention_heads,
+            "sliding_window": 128,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 150000.0},
+        }
+
+
 _MASKED_CACHE: list[type[nn.Module]] = []
 
 
 def _MASKED_ROUTER() -> type[nn.Module]:
+    """The OLMoE router restricted to held experts (kept for callers of the old helper)."""
     if not _MASKED_CACHE:
-        _MASKED_CACHE.append(_masked_router_class())
+        from transformers.models.olmoe.modeling_olmoe import OlmoeTopKRouter
+
+        _MASKED_CACHE.append(held_router_class(OlmoeTopKRouter))
     return _MASKED_CACHE[0]
 
 
-_FAMILIES: dict[str, FamilyAdapter] = {"olmoe": OlmoeAdapter()}
+_FAMILIES: dict[str, FamilyAdapter] = {
+    a.name: a for a in (OlmoeAdapter(), MixtralAdapter(), Qwen2MoeAdapter(), Qwen3MoeAdapter(), GptOssAdapter())
+}
 
 
 def register_family(adapter: FamilyAdapter) -> None:
@@ -388,3 +600,7 @@ def get_adapter(family: str) -> FamilyAdapter:
         return _FAMILIES[family]
     except KeyError:
         raise GroundError(f"model.family: unknown family {family!r} (known: {sorted(_FAMILIES)})") from None
+
+
+def family_names() -> list[str]:
+    return sorted(_FAMILIES)

@@ -13,7 +13,7 @@ from torch import nn
 from ground_node.family import FamilyAdapter
 from ground_node.split import Assignment
 from ground_node.synthetic import Example, encode_train
-from ground_node.tokenizer import PAD, CharTokenizer
+from ground_node.tokenizer import PAD, Tokenizer
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,7 @@ def router_probs(
     model: nn.Module,
     adapter: FamilyAdapter,
     examples: Sequence[Example],
-    tok: CharTokenizer,
+    tok: Tokenizer,
     batch_size: int = 128,
 ) -> list[torch.Tensor]:
     """Per layer, the full softmax router probabilities [T, E] over the non-pad tokens of `examples`."""
@@ -85,7 +85,7 @@ def coverage_from_probs(probs: list[torch.Tensor], top_k: int, assignment: Assig
 
 
 def profile_affinity(
-    model: nn.Module, adapter: FamilyAdapter, examples: Sequence[Example], tok: CharTokenizer, sample: int
+    model: nn.Module, adapter: FamilyAdapter, examples: Sequence[Example], tok: Tokenizer, sample: int
 ) -> tuple[Affinity, list[torch.Tensor]]:
     """Affinity over a fixed-size sample (the first `sample` examples of the seeded, shuffled local data)."""
     _, _, top_k = adapter.dims(model)

@@ -14,6 +14,7 @@ from typing import Any
 from emsfl.config import ConfigError, cluster_ids, field, positive, section
 
 KNOWN_DOMAINS = ("copy", "reverse", "sort", "add")
+TEXT_TASKS = ("csv", "jsonl", "banking77", "hf_disk")
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,15 @@ class DataSettings:
     dominant_share: float
     min_len: int
     max_len: int
+    # text tasks (`csv`, `jsonl`, `banking77`, `hf_disk`): generative label prediction, prompt -> label string
+    path: str | None = None
+    test_path: str | None = None
+    text_field: str = "text"
+    label_field: str = "label"
+    alpha: float | None = None  # Dirichlet label skew across clusters (None: explicit label sets or IID)
+    cluster_labels: dict[str, tuple[str, ...]] | None = None  # explicit label sets per cluster id
+    max_chars: int = 96  # prompt text is truncated to this many bytes
+    test_examples: int = 400  # size of the (seeded) global test sample
 
 
 @dataclass(frozen=True)
@@ -57,6 +67,7 @@ class TrainingSettings:
     stage_every_steps: int
     checkpoint_every_steps: int
     profile_examples: int
+    grad_accum: int = 1  # micro-batches of `batch_size` per optimiser step
 
 
 @dataclass(frozen=True)
@@ -106,8 +117,10 @@ def _data(topology: Mapping[str, Any]) -> DataSettings:
     d = section(topology, "data")
     w = "data"
     task = field(d, "task", str, w, "synthetic")
+    if task in TEXT_TASKS:
+        return _text_data(d, task)
     if task != "synthetic":
-        raise ConfigError(f"data.task: only 'synthetic' is built in, got {task!r}")
+        raise ConfigError(f"data.task: expected 'synthetic' or one of {list(TEXT_TASKS)}, got {task!r}")
     domains = field(d, "domains", list, w, list(KNOWN_DOMAINS))
     if not domains:
         raise ConfigError("data.domains: at least one domain is required")
@@ -131,6 +144,40 @@ def _data(topology: Mapping[str, Any]) -> DataSettings:
         dominant_share=share,
         min_len=min_len,
         max_len=max_len,
+    )
+
+
+def _text_data(d: Mapping[str, Any], task: str) -> DataSettings:
+    w = "data"
+    default_path = "/work/shared/data/banking77" if task == "banking77" else None
+    path = field(d, "path", str, w, default_path)
+    if not path:
+        raise ConfigError(f"data.path: required for data.task={task!r}")
+    alpha = field(d, "alpha", float, w, None)
+    if alpha is not None and alpha <= 0:
+        raise ConfigError(f"data.alpha: must be > 0, got {alpha}")
+    labels = field(d, "cluster_labels", dict, w, None)
+    cluster_labels = None
+    if labels is not None:
+        if not all(isinstance(v, list) and v for v in labels.values()):
+            raise ConfigError("data.cluster_labels: expected {cluster id: [label, ...]} with non-empty lists")
+        cluster_labels = {str(k): tuple(str(x) for x in v) for k, v in labels.items()}
+    return DataSettings(
+        task=task,
+        domains=(),
+        train_per_cluster=_pos_int(d, "train_per_cluster", w, 4000),
+        test_per_domain=_pos_int(d, "test_per_domain", w, 100),
+        dominant_share=0.0,
+        min_len=1,
+        max_len=1,
+        path=path,
+        test_path=field(d, "test_path", str, w, None),
+        text_field=field(d, "text_field", str, w, "text"),
+        label_field=field(d, "label_field", str, w, "category" if task == "banking77" else "label"),
+        alpha=alpha,
+        cluster_labels=cluster_labels,
+        max_chars=_pos_int(d, "max_chars", w, 96),
+        test_examples=_pos_int(d, "test_examples", w, 400),
     )
 
 
@@ -166,6 +213,7 @@ def _training(topology: Mapping[str, Any]) -> TrainingSettings:
         stage_every_steps=_pos_int(s, "stage_every_steps", w, 25),
         checkpoint_every_steps=_pos_int(s, "checkpoint_every_steps", w, 50),
         profile_examples=_pos_int(s, "profile_examples", w, 256),
+        grad_accum=_pos_int(s, "grad_accum", w, 1),
     )
 
 
@@ -176,15 +224,31 @@ def load_settings(topology: Mapping[str, Any]) -> Settings:
     for i, cluster in enumerate(topology["clusters"]):
         capacities[ids[i]] = _pos_int(cluster, "capacity_experts", f"clusters[{i}]", 1)
     seed = field(topology, "seed", int, "topology", 0)
+    data = _data(topology)
+    if data.cluster_labels is not None:
+        unknown = set(data.cluster_labels) - set(ids)
+        if unknown:
+            raise ConfigError(f"data.cluster_labels: unknown cluster ids {sorted(unknown)}")
     return Settings(
         seed=seed,
         clusters=tuple(ids),
         capacities=capacities,
         model=_model(topology),
-        data=_data(topology),
+        data=data,
         warmup=_warmup(topology),
         training=_training(topology),
     )
+
+
+_TEXT_ONLY = ("path", "test_path", "text_field", "label_field", "alpha", "cluster_labels", "max_chars", "test_examples")
+
+
+def _data_key(data: DataSettings) -> dict[str, Any]:
+    body = asdict(data)
+    if data.task == "synthetic":  # keys of text tasks do not change a synthetic base's key
+        for key in _TEXT_ONLY:
+            body.pop(key, None)
+    return body
 
 
 def cache_key(settings: Settings) -> str:
@@ -192,7 +256,7 @@ def cache_key(settings: Settings) -> str:
     body = {
         "seed": settings.seed,
         "model": asdict(settings.model),
-        "data": asdict(settings.data),
+        "data": _data_key(settings.data),
         "warmup": asdict(settings.warmup),
         "training": asdict(settings.training),
     }

@@ -11,12 +11,13 @@ import hashlib
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from emsfl.config import ConfigError
 from ground_node.settings import DataSettings, Settings
-from ground_node.tokenizer import BOS, EOS, PAD, CharTokenizer
+from ground_node.tokenizer import BOS, EOS, PAD
 
 PREFIX = {"copy": "C", "reverse": "R", "sort": "S", "add": "A"}
 LETTERS = "abcdefghijklmnop"
@@ -106,7 +107,7 @@ def warmup_examples(settings: Settings, count: int) -> list[Example]:
     return _sample(settings, dict.fromkeys(settings.data.domains, per), "warmup")
 
 
-def encode_train(tok: CharTokenizer, examples: Sequence[Example]) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_train(tok: Any, examples: Sequence[Example]) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids, labels), right-padded; the loss covers only answer tokens and the closing EOS."""
     if not examples:
         raise ValueError("cannot encode an empty batch")
@@ -125,7 +126,7 @@ def encode_train(tok: CharTokenizer, examples: Sequence[Example]) -> tuple[torch
     return ids, lab
 
 
-def encode_prompts(tok: CharTokenizer, examples: Sequence[Example]) -> torch.Tensor:
+def encode_prompts(tok: Any, examples: Sequence[Example]) -> torch.Tensor:
     """Prompts of equal length (callers group by length), BOS first."""
     rows = [[BOS, *tok.encode(ex.prompt)] for ex in examples]
     if len({len(r) for r in rows}) != 1:

@@ -40,3 +40,31 @@ class CharTokenizer:
             if i >= 3:
                 out.append(self.alphabet[i - 3])
         return "".join(out)
+
+
+class ByteTokenizer:
+    """Byte-level tokenizer for free text (UTF-8, no downloads): ids 0..2 are PAD, BOS, EOS; byte b is b + 3."""
+
+    pad_id = PAD
+    bos_id = BOS
+    eos_id = EOS
+
+    @property
+    def vocab_size(self) -> int:
+        return 3 + 256
+
+    def encode(self, text: str) -> list[int]:
+        return [b + 3 for b in text.encode("utf-8")]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Bytes up to the first EOS (PAD and BOS skipped), decoded leniently."""
+        out = bytearray()
+        for i in ids:
+            if i == EOS:
+                break
+            if 3 <= i < 259:
+                out.append(i - 3)
+        return out.decode("utf-8", errors="replace")
+
+
+Tokenizer = CharTokenizer | ByteTokenizer

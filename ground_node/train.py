@@ -22,7 +22,7 @@ from ground_node.fsutil import fsync_dir
 from ground_node.settings import TrainingSettings
 from ground_node.split import Assignment, apply_split
 from ground_node.synthetic import Example, encode_train
-from ground_node.tokenizer import CharTokenizer
+from ground_node.tokenizer import CharTokenizer, Tokenizer
 from protos.wire import expert_name
 
 log = logging.getLogger(__name__)
@@ -35,12 +35,22 @@ def wrap_lora(model: nn.Module, adapter: FamilyAdapter, rank: int, alpha: float,
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
+    num_layers, _, _ = adapter.dims(model)
+    # layers of a sub-model that hold no expert have empty fused tensors: nothing to adapt there
+    targets = [
+        f"layers.{la}.mlp.experts.{p}"
+        for la in range(num_layers)
+        if adapter.local_count(model, la) > 0
+        for p in adapter.lora_parts()
+    ]
+    if not targets:
+        raise GroundError("the assignment holds no expert: nothing to train")
     config = LoraConfig(
         r=rank,
         lora_alpha=alpha,  # type: ignore[arg-type]  # PEFT accepts floats
         lora_dropout=0.0,
         target_modules=[],
-        target_parameters=[f"mlp.experts.{p}" for p in adapter.expert_parts],
+        target_parameters=targets,
     )
     wrapped: nn.Module = get_peft_model(model, config)
     return wrapped
@@ -57,6 +67,7 @@ class Trainer:
         assignment: Assignment,
         examples: Sequence[Example],
         seed: int,
+        tok: Tokenizer | None = None,
     ) -> None:
         if not examples:
             raise GroundError("no local training examples: the dataset is empty")
@@ -65,7 +76,7 @@ class Trainer:
         self.assignment = assignment
         self.examples = list(examples)
         self.seed = seed
-        self.tok = CharTokenizer()
+        self.tok: Tokenizer = tok if tok is not None else CharTokenizer()
         self.step = 0
         self.last_loss = float("nan")
         num_layers, num_experts, _ = adapter.dims(model)
@@ -73,7 +84,21 @@ class Trainer:
         self.num_experts = num_experts
         for p in model.parameters():
             p.requires_grad_(False)
-        apply_split(model, adapter, assignment, training.split)
+        if training.split == "mask":
+            from ground_node.submodel import is_physical, split_model
+
+            if is_physical(model, adapter):
+                for layer in range(num_layers):
+                    held = adapter.held_index(model, layer)
+                    if held != sorted(assignment.held(layer)):
+                        raise GroundError(
+                            f"layer {layer}: the sub-model holds {held}, the assignment names "
+                            f"{sorted(assignment.held(layer))}"
+                        )
+            else:
+                split_model(model, adapter, assignment)  # drop the unheld experts
+        else:
+            apply_split(model, adapter, assignment, training.split)
         if training.tune == "lora":
             self.model = wrap_lora(model, adapter, training.lora_rank, training.lora_alpha, seed)
         else:
@@ -84,10 +109,11 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(params, lr=training.lr, weight_decay=0.0)
 
     def _setup_trainable(self, num_layers: int) -> None:
-        r, num_e = self.training.lora_rank, self.num_experts
+        r = self.training.lora_rank
         for layer in range(num_layers):
+            num_e = self.adapter.local_count(self.model, layer)
             held = torch.zeros(num_e, dtype=torch.bool)
-            held[list(self.assignment.held(layer))] = True
+            held[[self.adapter.local_index(self.model, layer, e) for e in self.assignment.held(layer)]] = True
             if self.training.tune == "lora":
                 for wrapper in self.adapter.lora_layers(self.model, layer).values():
                     a = self.adapter.lora_factor(wrapper, "lora_A")
@@ -120,21 +146,26 @@ class Trainer:
     def trainable_state(self) -> dict[str, torch.Tensor]:
         return {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
 
-    def _batch(self, step: int) -> list[Example]:
-        rng = np.random.default_rng([self.seed, step])
+    def _batch(self, step: int, micro: int = 0) -> list[Example]:
+        rng = np.random.default_rng([self.seed, step] if micro == 0 else [self.seed, step, micro])
         idx = rng.integers(0, len(self.examples), size=self.training.batch_size)
         return [self.examples[i] for i in idx]
 
     def train_step(self) -> float:
         """One optimiser step on a seeded batch (the batch depends only on the seed and the step)."""
         self.model.train()
-        ids, labels = encode_train(self.tok, self._batch(self.step))
-        loss = self.model(input_ids=ids, labels=labels).loss
+        accum = self.training.grad_accum
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        total = 0.0
+        for micro in range(accum):
+            batch = self._batch(self.step, micro)
+            ids, labels = encode_train(self.tok, batch)
+            loss = self.model(input_ids=ids, labels=labels).loss
+            (loss / accum).backward()
+            total += float(loss.detach())
         self.optimizer.step()
         self.step += 1
-        self.last_loss = float(loss.detach())
+        self.last_loss = total / accum
         return self.last_loss
 
     def expert_state(self) -> dict[str, np.ndarray]:
@@ -160,6 +191,7 @@ class Trainer:
             "step": self.step,
             "assignment": self.assignment.to_json(),
             "tune": self.training.tune,
+            "split": self.training.split,
             "trainable": self.trainable_state(),
             "optimizer": self.optimizer.state_dict(),
         }
@@ -181,13 +213,20 @@ class Trainer:
         except Exception as exc:
             log.warning("ignoring unreadable checkpoint %s: %s", path, exc)
             return False
-        if state.get("assignment") != self.assignment.to_json() or state.get("tune") != self.training.tune:
+        if (
+            state.get("assignment") != self.assignment.to_json()
+            or state.get("tune") != self.training.tune
+            or state.get("split", self.training.split) != self.training.split
+        ):
             log.info("checkpoint %s is for another assignment; starting fresh", path)
             return False
         params = dict(self.model.named_parameters())
         with torch.no_grad():
             for name, value in state["trainable"].items():
                 if name not in params or params[name].shape != value.shape:
+                    if "split" not in state:  # a checkpoint from before physical splitting: start fresh
+                        log.info("checkpoint %s has another layout; starting fresh", path)
+                        return False
                     raise GroundError(f"checkpoint {path}: parameter {name} does not fit the model")
                 params[name].copy_(value)
         self.optimizer.load_state_dict(state["optimizer"])

@@ -1,0 +1,152 @@
+"""Peak memory of training a cluster's sub-model vs the whole model (DESIGN §4.3, `split=mask`).
+
+A random OLMoE whose parameters are mostly experts (16 per layer, >= 1 GB of expert weights, float32) is written
+once as a manifest-named safetensors file. Then, each in its own subprocess (so peak RSS is its own):
+- `split`: the sub-model of 4 held experts per layer, built directly from the file (only the shared tensors and
+  the held slices are read), LoRA on the held experts;
+- `full`: the whole model from the same file, LoRA on every expert (`split=frozen`, every expert held).
+Both train the same number of steps on the same batches. Writes `benchmarks/results/split_memory.json`.
+
+Run: `.venv/bin/python benchmarks/bench_ground_split.py [--steps N] [--layers L]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULT = ROOT / "benchmarks" / "results" / "split_memory.json"
+NUM_EXPERTS, HELD = 16, 4
+
+
+def _settings(layers: int) -> Any:
+    from ground_node.settings import ModelSettings
+
+    return ModelSettings("olmoe", None, layers, NUM_EXPERTS, 2, 512, 1024, 8)
+
+
+def _assignment(layers: int, held: int) -> Any:
+    from ground_node.split import Assignment
+
+    return Assignment(1, {la: tuple((la + 3 * i) % NUM_EXPERTS for i in range(held)) for la in range(layers)})
+
+
+def prepare(out: Path, layers: int) -> dict[str, Any]:
+    import torch
+    from safetensors.torch import save_file
+
+    from ground_node.family import get_adapter
+    from ground_node.tokenizer import CharTokenizer
+
+    adapter = get_adapter("olmoe")
+    model = adapter.build(_settings(layers), CharTokenizer().vocab_size, 64, seed=0)
+    expert_bytes = sum(
+        p.numel() * p.element_size() for n, p in model.named_parameters() if adapter.split_hf_name(n) is not None
+    )
+    total_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    state = dict(model.state_dict())
+    del model
+    tensors: dict[str, torch.Tensor] = {}
+    for name in list(state):
+        tensors.update(adapter.to_manifest({name: state.pop(name)}))
+    save_file(tensors, str(out / "base.safetensors"))
+    return {"expert_MB": round(expert_bytes / 2**20, 1), "model_MB": round(total_bytes / 2**20, 1)}
+
+
+def measure(mode: str, path: Path, layers: int, steps: int) -> dict[str, Any]:
+    import torch
+
+    from ground_node.family import get_adapter
+    from ground_node.settings import TrainingSettings
+    from ground_node.submodel import load_split
+    from ground_node.synthetic import Example
+    from ground_node.tokenizer import CharTokenizer
+    from ground_node.train import Trainer
+
+    torch.set_num_threads(2)
+    adapter = get_adapter("olmoe")
+    config = adapter.make_config(_settings(layers), CharTokenizer().vocab_size, 64)  # type: ignore[attr-defined]
+    if mode == "split":
+        assignment = _assignment(layers, HELD)
+        model = load_split(adapter, config, path, assignment)
+        split = "mask"
+    else:
+        assignment = _assignment(layers, NUM_EXPERTS)
+        model = load_split(adapter, config, path, None)
+        split = "frozen"
+    rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    training = TrainingSettings("lora", split, 8, 16.0, 1e-3, 8, 10**9, 10**9, 8)
+    letters = "abcdefghijklmnop"
+    examples = [Example("copy", f"C:{letters[i % 16 :] + letters[: i % 16]}=", letters) for i in range(64)]
+    trainer = Trainer(model, adapter, training, assignment, examples, seed=0)
+    trainer.train_step()  # warm (allocator, autograd graph)
+    start = time.perf_counter()
+    losses = [trainer.train_step() for _ in range(steps)]
+    step_s = (time.perf_counter() - start) / steps
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in trainer.model.parameters())
+    return {
+        "mode": mode,
+        "peak_rss_MB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "rss_after_load_MB": round(rss_loaded, 1),
+        "step_s": round(step_s, 4),
+        "params": total,
+        "trainable_params": trainable,
+        "final_loss": round(losses[-1], 4),
+    }
+
+
+def _child(args: list[str]) -> dict[str, Any]:
+    proc = subprocess.run(
+        [sys.executable, __file__, *args], check=True, capture_output=True, text=True, cwd=ROOT, timeout=1800
+    )
+    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--layers", type=int, default=16)
+    parser.add_argument("--child", choices=["prepare", "split", "full"], default=None)
+    parser.add_argument("--dir", default=None)
+    args = parser.parse_args(argv)
+    if args.child == "prepare":
+        print(json.dumps(prepare(Path(args.dir), args.layers)))
+        return 0
+    if args.child is not None:
+        print(json.dumps(measure(args.child, Path(args.dir) / "base.safetensors", args.layers, args.steps)))
+        return 0
+    with tempfile.TemporaryDirectory(prefix="bench-split-") as tmp:
+        common = ["--dir", tmp, "--layers", str(args.layers), "--steps", str(args.steps)]
+        info = _child(["--child", "prepare", *common])
+        split = _child(["--child", "split", *common])
+        full = _child(["--child", "full", *common])
+    result = {
+        "model": {"family": "olmoe", "layers": args.layers, "experts": NUM_EXPERTS, "held": HELD, **info},
+        "steps": args.steps,
+        "peak_rss_split_MB": split["peak_rss_MB"],
+        "peak_rss_full_MB": full["peak_rss_MB"],
+        "ratio": round(split["peak_rss_MB"] / full["peak_rss_MB"], 4),
+        "step_time_split_s": split["step_s"],
+        "step_time_full_s": full["step_s"],
+        "step_time_ratio": round(split["step_s"] / full["step_s"], 4),
+        "split": split,
+        "full": full,
+    }
+    RESULT.parent.mkdir(parents=True, exist_ok=True)
+    RESULT.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    print(json.dumps(result, indent=1))
+    return 0 if result["ratio"] <= 0.40 else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
