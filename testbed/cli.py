@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 from emsfl.config import ConfigError
 from testbed.lab import DEFAULT_TOPOLOGY, LabOptions
@@ -21,12 +22,61 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--runs-dir", type=Path, default=Path("runs"))
     up.add_argument("--run-id", help="name of the run directory (default: a UTC timestamp)")
     up.add_argument("--cache-dir", type=Path, default=Path(".cache/emsfl"), help="where base models are cached")
+    exp = sub.add_parser("experiment", help="run the lab once per strategy, seed and link rate; compare them")
+    exp.add_argument("--topology", type=Path, default=DEFAULT_TOPOLOGY)
+    exp.add_argument("--strategies", default="emsfl,fedavg,fedasync", help="comma-separated (default: all three)")
+    exp.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default: 0,1,2)")
+    exp.add_argument("--rates", help="comma-separated link rates in bit/s (default: the topology's and a tenth)")
+    exp.add_argument("--duration-s", type=float, help="wall seconds per run (default: lab.duration_wall_s)")
+    exp.add_argument("--quick", action="store_true", help="one seed, one rate, 45 s per run (what CI runs)")
+    exp.add_argument("--broker", help="HOST:PORT of a running MQTT broker (default: the embedded one per run)")
+    exp.add_argument("--runs-dir", type=Path, default=Path("runs"))
+    exp.add_argument("--experiment-id")
+    exp.add_argument("--cache-dir", type=Path, default=Path(".cache/emsfl"))
     return parser
+
+
+def _csv(text: str, kind: type, what: str) -> list[Any]:
+    try:
+        return [kind(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ConfigError(f"{what}: expected comma-separated values, got {text!r}") from None
+
+
+def _experiment(args: argparse.Namespace) -> int:
+    from testbed.experiment import ExperimentOptions, run_experiment
+
+    opts = ExperimentOptions(
+        topology_path=args.topology,
+        strategies=_csv(args.strategies, str, "--strategies"),
+        seeds=_csv(args.seeds, int, "--seeds"),
+        rates_bps=_csv(args.rates, float, "--rates") if args.rates else None,
+        duration_wall_s=args.duration_s,
+        quick=args.quick,
+        runs_dir=args.runs_dir,
+        experiment_id=args.experiment_id,
+        cache_dir=args.cache_dir,
+        broker=args.broker,
+    )
+    result = run_experiment(opts)
+    for name, metrics in result["strategies"].items():
+        acc = metrics["final_accuracy"]
+        print(
+            f"  {name:<9} final accuracy {acc['mean']:.3f} ± {acc['std']:.3f}  "
+            f"uplink {metrics['uplink_bytes']['mean'] / 1e6:.2f} MB"
+        )
+    return 0
 
 
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.command == "experiment":
+        try:
+            return _experiment(args)
+        except (ConfigError, RuntimeError, FileExistsError) as exc:
+            print(f"emsfl lab experiment: {exc}", file=sys.stderr)
+            return 2
     from testbed.lab import run_lab
     from testbed.outputs import write_outputs
 

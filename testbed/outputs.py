@@ -86,6 +86,9 @@ def write_outputs(lab: LabRun) -> dict[str, Any]:
             "uploads_committed": len(mine),
             "training_steps": reports[cluster].get("steps"),
             "peak_rss_mb": reports[cluster].get("peak_rss_mb"),
+            "bytes_downlinked": reports[cluster].get("bytes_downlinked", 0),
+            "train_seconds": reports[cluster].get("train_seconds"),
+            "idle_seconds": reports[cluster].get("idle_seconds"),
             "link_up_events": sum(
                 1 for e in orbit_events if e.get("event") == "link_up" and e.get("cluster") == cluster
             ),

@@ -82,3 +82,46 @@ def assignment_heatmap(path: Path, owners: list[list[int]], clusters: list[str])
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def accuracy_by_strategy(path: Path, curves: dict[str, list[list[tuple[float, float]]]], title: str) -> None:
+    """Global accuracy against emulated hours: one colour per strategy, one line per seed."""
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for i, (strategy, runs) in enumerate(curves.items()):
+        for j, points in enumerate(runs):
+            ax.plot(
+                [h for h, _ in points],
+                [a for _, a in points],
+                "o-",
+                color=f"C{i}",
+                alpha=0.8,
+                markersize=3,
+                label=strategy if j == 0 else None,
+            )
+    ax.set_xlabel("emulated time since start (h)")
+    ax.set_ylabel("exact-match accuracy (global test set)")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def grouped_bars(path: Path, values: dict[str, dict[str, float]], ylabel: str, title: str) -> None:
+    """values[series][group]: one bar group per `group` (e.g. cluster), one colour per series (strategy)."""
+    series = list(values)
+    groups = sorted({g for per in values.values() for g in per})
+    width = 0.8 / max(len(series), 1)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(groups) * max(len(series), 1) * 0.6), 4))
+    for i, name in enumerate(series):
+        xs = [k + (i - (len(series) - 1) / 2) * width for k in range(len(groups))]
+        ax.bar(xs, [values[name].get(g, 0.0) for g in groups], width, label=name, color=f"C{i}")
+    ax.set_xticks(range(len(groups)), groups)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

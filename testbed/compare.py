@@ -1,0 +1,95 @@
+"""Comparison of strategies across seeds (issue: experiments): pure functions over run summaries."""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+from typing import Any
+
+from protos.timefmt import parse_iso
+
+
+def spread_of(values: Sequence[float | None]) -> dict[str, Any]:
+    """Mean and sample standard deviation over seeds; `missing` counts runs without a value."""
+    present = [float(v) for v in values if v is not None]
+    return {
+        "mean": statistics.fmean(present) if present else None,
+        "std": (statistics.stdev(present) if len(present) > 1 else 0.0) if present else None,
+        "values": present,
+        "missing": len(values) - len(present),
+    }
+
+
+def time_to_target_s(summary: dict[str, Any], target: float) -> float | None:
+    """Emulated seconds from the start until the global accuracy first reaches `target`, else None."""
+    start = parse_iso(summary["emulated_start"])
+    for point in summary["accuracy_curve"]:
+        if point["accuracy"] >= target:
+            return (parse_iso(point["t"]) - start).total_seconds()
+    return None
+
+
+def mean_cluster_accuracy(summary: dict[str, Any]) -> float:
+    return statistics.fmean(c["accuracy"] for c in summary["per_cluster"].values())
+
+
+def _per_cluster_sum(summary: dict[str, Any], key: str) -> float:
+    return float(sum(c.get(key) or 0 for c in summary["per_cluster"].values()))
+
+
+def _per_cluster_max(summary: dict[str, Any], key: str) -> float | None:
+    values = [c.get(key) for c in summary["per_cluster"].values() if c.get(key) is not None]
+    return max(values) if values else None
+
+
+def strategy_metrics(summaries: list[dict[str, Any]], target: float) -> dict[str, Any]:
+    """Every metric of one strategy at one link rate, with its spread over seeds."""
+    return {
+        "runs": [s["run_id"] for s in summaries],
+        "time_to_target_s": spread_of([time_to_target_s(s, target) for s in summaries]),
+        "final_accuracy": spread_of([s["accuracy_final"] for s in summaries]),
+        "final_accuracy_cluster_mean": spread_of([mean_cluster_accuracy(s) for s in summaries]),
+        "uplink_bytes": spread_of([float(s["bytes_uplinked"]) for s in summaries]),
+        "downlink_bytes": spread_of([_per_cluster_sum(s, "bytes_downlinked") for s in summaries]),
+        "device_hours": spread_of([_per_cluster_sum(s, "train_seconds") / 3600.0 for s in summaries]),
+        "peak_device_memory_mb": spread_of([_per_cluster_max(s, "peak_rss_mb") for s in summaries]),
+        "idle_waiting_s": spread_of([_per_cluster_sum(s, "idle_seconds") for s in summaries]),
+        "training_steps": spread_of([_per_cluster_sum(s, "training_steps") for s in summaries]),
+        "uploads_outside_contact": sum(int(s["uploads_outside_contact"]) for s in summaries),
+    }
+
+
+def compare(runs: dict[str, list[dict[str, Any]]], target_fraction: float = 0.95) -> dict[str, Any]:
+    """`runs[strategy]` = the summaries of its seeds at one link rate. The target is `target_fraction` of
+    the best mean final accuracy among the strategies, so every strategy is measured against the same bar."""
+    best = max(statistics.fmean(s["accuracy_final"] for s in summaries) for summaries in runs.values())
+    target = target_fraction * best
+    return {
+        "target_accuracy": target,
+        "target_rule": f"{target_fraction:.0%} of the best mean final accuracy among the strategies",
+        "strategies": {name: strategy_metrics(summaries, target) for name, summaries in runs.items()},
+    }
+
+
+def markdown_table(comparison: dict[str, Any], rate_bps: float) -> str:
+    def fmt(metric: dict[str, Any], scale: float = 1.0, digits: int = 3) -> str:
+        if metric["mean"] is None:
+            return "not reached"
+        text = f"{metric['mean'] / scale:.{digits}f} ± {metric['std'] / scale:.{digits}f}"
+        return text + (f" ({metric['missing']} not reached)" if metric["missing"] else "")
+
+    lines = [
+        f"### Link rate {rate_bps / 1e6:g} Mbit/s (target accuracy {comparison['target_accuracy']:.3f})",
+        "",
+        "| strategy | time to target (emulated h) | final accuracy | mean cluster accuracy | uplink (MB) "
+        "| downlink (MB) | device-hours | peak memory (MB) | idle waiting (h) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, m in comparison["strategies"].items():
+        lines.append(
+            f"| {name} | {fmt(m['time_to_target_s'], 3600.0, 2)} | {fmt(m['final_accuracy'])} "
+            f"| {fmt(m['final_accuracy_cluster_mean'])} | {fmt(m['uplink_bytes'], 1e6, 2)} "
+            f"| {fmt(m['downlink_bytes'], 1e6, 2)} | {fmt(m['device_hours'], 1.0, 4)} "
+            f"| {fmt(m['peak_device_memory_mb'], 1.0, 0)} | {fmt(m['idle_waiting_s'], 3600.0, 2)} |"
+        )
+    return "\n".join(lines) + "\n"
