@@ -8,7 +8,9 @@ import logging
 import signal
 import sys
 import threading
+import time
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -47,6 +49,44 @@ class SatelliteConfig:
     clusters: dict[str, int | None]
     strategy: str
     affinity: str
+    strategy_options: dict[str, Any] = dataclass_field(default_factory=dict)
+    keep_versions: int | None = None
+    pace: bool = True
+    upload_ttl_s: float = 86400.0
+
+
+def _number(section: dict[str, Any], key: str, where: str, default: Any, minimum: float, integer: bool = False) -> Any:
+    value = section.get(key, default)
+    if value is None:
+        return None
+    ok = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if not ok or isinstance(value, bool) or value < minimum:
+        kind = "an integer" if integer else "a number"
+        raise ConfigError(f"{where}.{key}: expected {kind} >= {minimum}, got {value!r}")
+    return value
+
+
+def _strategy_options(satellite: dict[str, Any], strategy: str) -> dict[str, Any]:
+    raw = satellite.get(strategy) or {}
+    where = f"satellite.{strategy}"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: not a mapping")
+    known = {"emsfl": set(), "fedavg": {"quorum", "round_deadline_s"}, "fedasync": {"alpha", "b"}}[strategy]
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(f"{where}.{unknown[0]}: unknown key (known: {', '.join(sorted(known)) or 'none'})")
+    if strategy == "fedavg":
+        quorum = _number(raw, "quorum", where, None, 1, integer=True)
+        deadline = _number(raw, "round_deadline_s", where, None, 0)
+        if (quorum is None) != (deadline is None):
+            raise ConfigError(f"{where}.quorum: quorum and round_deadline_s go together")
+        return {"quorum": quorum, "round_deadline_s": deadline}
+    if strategy == "fedasync":
+        alpha = _number(raw, "alpha", where, 0.5, 0)
+        if not 0 < alpha <= 1:
+            raise ConfigError(f"{where}.alpha: expected a number in (0, 1], got {alpha!r}")
+        return {"alpha": float(alpha), "b": float(_number(raw, "b", where, 0.5, 0))}
+    return {}
 
 
 def read_config(topology: dict[str, Any]) -> SatelliteConfig:
@@ -72,7 +112,13 @@ def read_config(topology: dict[str, Any]) -> SatelliteConfig:
     affinity = field(satellite, "affinity", str, "satellite", default="gate")
     if affinity not in AFFINITY_KINDS:
         raise ConfigError(f"satellite.affinity: expected one of {', '.join(AFFINITY_KINDS)}, got {affinity!r}")
-    return SatelliteConfig(clusters, strategy, affinity)
+    keep = _number(satellite, "keep_versions", "satellite", None, 1, integer=True)
+    pace = satellite.get("pace", True)
+    if not isinstance(pace, bool):
+        raise ConfigError(f"satellite.pace: expected true or false, got {pace!r}")
+    ttl = float(_number(satellite, "upload_ttl_s", "satellite", 86400.0, 1))
+    options = _strategy_options(satellite, strategy)
+    return SatelliteConfig(clusters, strategy, affinity, options, keep, pace, ttl)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -87,9 +133,21 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="serve the Federation API")
     run.add_argument("--topology", required=True, help="topology YAML")
     run.add_argument("--broker", required=True, help="MQTT broker HOST:PORT")
-    run.add_argument("--listen", required=True, help="gRPC HOST:PORT (plaintext; loopback labs)")
+    run.add_argument("--listen", required=True, help="gRPC HOST:PORT")
     run.add_argument("--state", required=True, help="state directory")
     run.add_argument("--base", required=True, help="base directory (manifest.json, base.safetensors)")
+    run.add_argument("--tls-cert", help="server certificate (PEM); with --tls-key and --tls-ca: mutual TLS")
+    run.add_argument("--tls-key", help="server private key (PEM)")
+    run.add_argument(
+        "--tls-ca", help="CA certificate that signs client (cluster) certificates; clients must present one"
+    )
+    run.add_argument(
+        "--insecure",
+        action="store_true",
+        help="plaintext gRPC, cluster identity from metadata (loopback labs only). Today also the default when no"
+        " --tls-* flag is given; a later release requires it explicitly",
+    )
+    run.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (0.0.0.0)")
     status = sub.add_parser("status", help="print clusters, assignment and expert versions of a state directory")
     status.add_argument("--state", required=True)
     status.add_argument("--json", action="store_true", help="JSON instead of a table")
@@ -111,6 +169,7 @@ def _run(args: argparse.Namespace) -> int:
     from protos.linkview import LinkView
     from satellite_node.events import EVENTS_FILE, EventLog
     from satellite_node.manifest import ManifestError, load_manifest
+    from satellite_node.metrics import Metrics
     from satellite_node.node import NodeConfig, SatelliteNode
     from satellite_node.server import make_server
     from satellite_node.store import Store
@@ -120,22 +179,33 @@ def _run(args: argparse.Namespace) -> int:
         broker_host, broker_port = parse_host_port(args.broker, "--broker")
         parse_host_port(args.listen, "--listen")
         manifest = load_manifest(args.base)
+        tls = _tls_files(args)
+        if args.metrics_port is not None and not 0 < args.metrics_port < 65536:
+            raise ConfigError(f"--metrics-port: {args.metrics_port} is not a port")
     except (ConfigError, ManifestError) as exc:
         print(f"emsfl satellite: {exc}", file=sys.stderr)
         return 2
     _setup_logging()
     state = Path(args.state)
-    store = Store(state)
+    store = Store(state, keep_versions=config.keep_versions)
     store.set_meta("strategy", config.strategy)
     store.set_meta("clusters", list(config.clusters))
     bus = Bus(broker_host, broker_port, role="satellite", node_id="satellite")
     links = LinkView(bus, clusters=list(config.clusters))
     events = EventLog(state / EVENTS_FILE, links.emulated_now)
-    node = SatelliteNode(
-        store, manifest, str(args.base), NodeConfig(config.clusters, config.strategy, config.affinity), links, events
+    metrics = Metrics()
+    node_config = NodeConfig(
+        config.clusters,
+        config.strategy,
+        config.affinity,
+        strategy_options=config.strategy_options,
+        pace=config.pace,
     )
+    node = SatelliteNode(store, manifest, str(args.base), node_config, links, events, metrics)
     try:
-        server, port = make_server(node, args.listen)
+        server, port = make_server(node, args.listen, tls=tls)
+        if args.metrics_port is not None:
+            metrics.serve(args.metrics_port)
     except (OSError, RuntimeError) as exc:
         print(f"emsfl satellite: --listen: cannot listen on {args.listen}: {exc}", file=sys.stderr)
         store.close()
@@ -148,11 +218,15 @@ def _run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
     server.start()
-    log.warning(
-        "TLS is off: plaintext gRPC on %s, cluster identity from the %r metadata key (loopback labs only)",
-        args.listen,
-        "emsfl-cluster",
-    )
+    if tls is None:
+        log.warning(
+            "TLS is off%s: plaintext gRPC on %s, cluster identity from the %r metadata key (loopback labs only)",
+            "" if args.insecure else " (no --tls-cert/--tls-key/--tls-ca given; pass --insecure to say so)",
+            args.listen,
+            "emsfl-cluster",
+        )
+    else:
+        log.info("mutual TLS on %s: cluster identity from client certificates signed by %s", args.listen, tls.ca)
     try:
         bus.start()
     except ConnectionError as exc:
@@ -160,18 +234,48 @@ def _run(args: argparse.Namespace) -> int:
         server.stop(0)
         store.close()
         return 1
-    bus.announce({"listen": args.listen, "port": port, "strategy": config.strategy, "tls": False})
+    bus.announce({"listen": args.listen, "port": port, "strategy": config.strategy, "tls": tls is not None})
     log.info(
         "serving Federation on port %d for clusters %s (strategy %s)", port, ", ".join(config.clusters), config.strategy
     )
+    next_gc = 0.0
     while not stop.is_set():
         stop.wait(0.5)
+        try:
+            node.tick()  # FedAvg round deadlines
+            if time.monotonic() >= next_gc:
+                next_gc = time.monotonic() + 60.0
+                store.drop_stale_uploads(time.time() - config.upload_ttl_s)
+                metrics.refresh_store(store)
+        except Exception:  # keep serving; the next tick retries
+            log.exception("periodic work failed")
     log.info("stopping")
     server.stop(grace=2.0).wait(5.0)
     bus.stop()
     events.close()
     store.close()
     return 0
+
+
+def _tls_files(args: argparse.Namespace) -> Any:
+    from satellite_node.server import TlsFiles
+
+    given = {
+        flag: value
+        for flag, value in (("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key), ("--tls-ca", args.tls_ca))
+        if value
+    }
+    if not given:
+        return None
+    if args.insecure:
+        raise ConfigError("--insecure: contradicts the --tls-* flags")
+    missing = [flag for flag in ("--tls-cert", "--tls-key", "--tls-ca") if flag not in given]
+    if missing:
+        raise ConfigError(f"{missing[0]}: required with {', '.join(given)} (mutual TLS needs all three)")
+    for flag, value in given.items():
+        if not Path(value).is_file():
+            raise ConfigError(f"{flag}: {value}: no such file")
+    return TlsFiles(args.tls_cert, args.tls_key, args.tls_ca)
 
 
 def _status(state: Path, as_json: bool) -> int:
@@ -188,7 +292,10 @@ def _status(state: Path, as_json: bool) -> int:
     if as_json:
         print(json.dumps(status, indent=2))
         return 0
-    print(f"strategy {status['strategy']}, assignment version {status['assignment_version']}")
+    print(
+        f"strategy {status['strategy']}, assignment version {status['assignment_version']},"
+        f" global version {status['global_version']}"
+    )
     print(f"{'cluster':<12}{'joined':<8}{'affinity':<10}{'owned':<7}{'uploads':<9}{'bytes':>12}")
     for c in status["clusters"]:
         print(

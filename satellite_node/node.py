@@ -6,27 +6,39 @@ state comes in through the `Links` protocol (a `protos.linkview.LinkView` in pro
 
 from __future__ import annotations
 
+import hashlib
 import re
 import threading
 import time
+from collections import deque
 from collections.abc import Iterable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
 import grpc
 import numpy as np
-from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
 from protos.timefmt import to_iso
-from protos.wire import CHUNK_SIZE, sha256_hex, split_chunks
+from protos.wire import CHUNK_SIZE, ExpertKey, sha256_hex, split_chunks
 from satellite_node.assignment import AFFINITY_KINDS, owners, solve_assignment
 from satellite_node.events import EventLog
 from satellite_node.manifest import Manifest, load_base_tensors
-from satellite_node.store import AffinityRow, ClusterRow, ExpertVersionRow, Store, UploadRow
-from satellite_node.strategy import AcceptedUpdate, Strategy, make_strategy
-from satellite_node.validate import Refusal, Spec, check_ownership, check_specs, invalid, specs_of, validate_update
+from satellite_node.metrics import Metrics
+from satellite_node.store import AffinityRow, ClusterRow, ExpertVersionRow, RoundUpload, Store, UploadRow
+from satellite_node.strategy import AcceptedUpdate, Effect, Strategy, make_strategy
+from satellite_node.validate import (
+    Refusal,
+    Spec,
+    check_ownership,
+    check_specs,
+    invalid,
+    parse_safetensors,
+    specs_of,
+    validate_update,
+)
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 MAX_CHUNK_SIZE = 16 << 20
@@ -38,12 +50,63 @@ class Links(Protocol):
     def emulated_now(self) -> datetime | None: ...
 
 
+def wall_rate_bytes(links: Any, cluster: str) -> float | None:
+    """Bytes per wall second the cluster's link may carry (DESIGN §5.4: rate_bps x clock scale / 8); None: unpaced.
+
+    Read from the link payload's `rate_bps` and the clock's `scale` (a `LinkView`), or from a `wall_rate_bytes`
+    method of the links object (tests)."""
+    own = getattr(links, "wall_rate_bytes", None)
+    if callable(own):
+        value = own(cluster)
+        return None if value is None else float(value)
+    link_of = getattr(links, "link", None)
+    clock = getattr(links, "clock", None)
+    if not callable(link_of) or clock is None:
+        return None
+    link = link_of(cluster)
+    rate = None if link is None else link.get("rate_bps")
+    if not rate or rate <= 0:
+        return None
+    return float(rate) * float(clock.scale) / 8.0
+
+
+class Pacer:
+    """Paces transfers of each cluster to its link budget: a transfer of n bytes occupies the link n / rate
+    wall seconds; back-to-back transfers queue behind each other (a virtual-finish-time token bucket)."""
+
+    def __init__(self, links: Any, enabled: bool = True) -> None:
+        self.links = links
+        self.enabled = enabled
+        self._lock = threading.Lock()
+        self._free_at: dict[str, float] = {}
+
+    def pace(self, cluster: str, nbytes: int) -> float:
+        """Block until `nbytes` fit the budget; returns the seconds slept."""
+        if not self.enabled or nbytes <= 0:
+            return 0.0
+        rate = wall_rate_bytes(self.links, cluster)
+        if rate is None:
+            return 0.0
+        with self._lock:
+            now = time.monotonic()
+            start = max(now, self._free_at.get(cluster, 0.0))
+            done = start + nbytes / rate
+            self._free_at[cluster] = done
+        delay = done - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+            return delay
+        return 0.0
+
+
 @dataclass(frozen=True)
 class NodeConfig:
     clusters: Mapping[str, int | None]  # topology cluster id -> its configured capacity_experts (None: not given)
     strategy: str = "emsfl"
     affinity: str = "gate"
     max_update_bytes: int = 4 << 30
+    strategy_options: Mapping[str, Any] = field(default_factory=dict)  # satellite.<strategy> of the topology
+    pace: bool = True  # satellite.pace: transfers paced to the link budget (DESIGN §5.4)
 
 
 @dataclass(frozen=True)
@@ -55,6 +118,7 @@ class Offer:
     tensors: tuple[Spec, ...]
     assignment_version: int
     local_step: int = 0
+    base_version: int = 0  # fedavg: the round; fedasync: the global version trained from
 
 
 @dataclass(frozen=True)
@@ -81,6 +145,136 @@ class PullBlob:
     chunks: list[memoryview]
 
 
+class _ChunkSink:
+    """Writes the chunks of one PushChunks stream on a helper thread, so that receiving the next chunk overlaps
+    writing this one (pwrite and hashlib release the GIL).
+
+    `deferred`: the stream started the upload at chunk 0; while its chunks come in order their data is hashed only
+    into the running content hash. `close(complete=True)` records them all if that hash is the content hash (else
+    nothing: the content is refused, `bad_content`); `close(complete=False)` first verifies each written chunk
+    against its offered hash and records only those that match (`bad_chunks` lists the others)."""
+
+    MAX_QUEUED = 16
+
+    def __init__(self, store: Store, upload: UploadRow, deferred: bool) -> None:
+        self.store = store
+        self.upload = upload
+        self.writer = store.chunk_writer(upload)
+        self.deferred = deferred
+        self.was_deferred = deferred
+        self.running: Any = hashlib.sha256() if deferred else None  # chunks 0..next_index-1
+        self.next_index = 0
+        self.digest: str | None = None
+        self.bad_content = False
+        self.bad_chunks: list[int] = []
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chunk-sink")
+        self._pending: deque[Future[None]] = deque()
+
+    def _write(self, index: int, data: bytes) -> None:
+        self.writer.write(index, data)
+        if self.running is not None:
+            self.running.update(data)
+
+    def add(self, index: int, data: bytes) -> None:
+        if self.deferred:
+            self.next_index = index + 1
+        self._pending.append(self._pool.submit(self._write, index, data))
+        while len(self._pending) > self.MAX_QUEUED:
+            self._pending.popleft().result()
+
+    def _wait(self) -> None:
+        while self._pending:
+            self._pending.popleft().result()
+
+    def flush(self) -> None:
+        """Wait for the queued writes, fsync, record them (a chunk is on record only once it is on disk)."""
+        self._wait()
+        self.writer.flush()
+
+    def verify_now(self) -> None:
+        """Leave deferred mode: check the chunks written so far one by one (dropping bad ones from the record)."""
+        self._wait()
+        self._verify_written()
+        self.deferred = False
+        self.running = None
+
+    def _verify_written(self) -> None:
+        good: list[int] = []
+        for index in self.writer.pending:
+            data = self.store.read_chunk(self.upload, index)
+            if data is not None and sha256_hex(data) == self.upload.chunk_hashes[index]:
+                good.append(index)
+            else:
+                self.bad_chunks.append(index)
+        self.writer.pending = good
+
+    def close(self, complete: bool) -> None:
+        try:
+            self._wait()
+            if self.deferred and complete:
+                digest = self.running.hexdigest()
+                if digest == self.upload.content_hash:
+                    self.digest = digest
+                else:
+                    self.bad_content = True
+                    self.writer.pending = []
+            elif self.deferred:
+                self._verify_written()
+            self.writer.flush()
+        finally:
+            self._pool.shutdown(wait=True)
+            self.writer.close()
+        if (self.bad_content or self.bad_chunks) and not self.store.received_chunks(self.upload.content_hash):
+            self.store.reset_upload(self.upload.content_hash)  # nothing of it on record: no trace either
+
+
+class _Context:
+    """`StrategyContext` / `AggregationContext` over the store, the base tensors and the topology."""
+
+    def __init__(self, node: SatelliteNode) -> None:
+        self.node = node
+        self.store = node.store
+
+    def current_version(self, key: ExpertKey) -> int:
+        return self.store.current_version(key)
+
+    def read_expert(self, key: ExpertKey) -> dict[str, np.ndarray] | None:
+        return self.store.read_expert(key)
+
+    def put_tensors(self, tensors: Mapping[str, np.ndarray]) -> str:
+        return self.store.put_tensors(tensors)
+
+    def global_version(self) -> int:
+        return self.store.global_version()
+
+    def round_uploads(self, round_: int) -> list[tuple[str, str, float]]:
+        return [(r.cluster, r.content_hash, r.weight) for r in self.store.round_uploads(round_)]
+
+    def read_tensors(self, content_hash: str) -> Mapping[str, np.ndarray]:
+        return parse_safetensors(self.store.map_blob(content_hash))
+
+    def base_expert(self, key: ExpertKey) -> dict[str, np.ndarray]:
+        prefix = f"expert/{key.layer}/{key.expert}/"
+        return {n: a for n, a in self.node.base_tensors().items() if n.startswith(prefix)}
+
+    def cluster_weight(self, cluster: str) -> float:
+        row = self.store.clusters().get(cluster)
+        return float(row.num_examples) if row is not None else 0.0
+
+    def round_opened(self, round_: int) -> float | None:
+        if round_ == 0:
+            value = self.store.get_meta("round0_opened")
+            return None if value is None else float(value)
+        return self.store.global_version_time(round_)
+
+    def all_experts(self) -> list[ExpertKey]:
+        m = self.node.manifest
+        return [ExpertKey(layer, e) for layer in range(m.num_layers) for e in range(m.num_experts)]
+
+    def clusters(self) -> list[str]:
+        return list(self.node.config.clusters)
+
+
 class SatelliteNode:
     def __init__(
         self,
@@ -90,6 +284,7 @@ class SatelliteNode:
         config: NodeConfig,
         links: Links,
         events: EventLog | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         if config.affinity not in AFFINITY_KINDS:
             raise ValueError(f"affinity kind must be one of {AFFINITY_KINDS}, got {config.affinity!r}")
@@ -99,7 +294,10 @@ class SatelliteNode:
         self.config = config
         self.links = links
         self.events = events
-        self.strategy: Strategy = make_strategy(config.strategy)
+        self.metrics = metrics or Metrics(enabled=False)
+        self.strategy: Strategy = make_strategy(config.strategy, config.strategy_options)
+        self.pacer = Pacer(links, config.pace)
+        self._ctx = _Context(self)
         # Serialises every state change (joins, assignment, offers, commits); chunk writes run outside it.
         self._lock = threading.RLock()
         self._base: dict[str, np.ndarray] | None = None
@@ -113,6 +311,30 @@ class SatelliteNode:
         reported = self.store.affinities()
         if set(self.config.clusters) <= set(reported) and set(self.config.clusters) <= set(self.store.clusters()):
             self._solve(reported)
+
+    def tick(self) -> None:
+        """Time-driven work: open FedAvg round 0 once a clock is known; close a round whose deadline passed."""
+        now = self.links.emulated_now()
+        if now is None or self.strategy.name == "emsfl":
+            return
+        with self._lock:
+            if self.store.get_meta("round0_opened") is None:
+                self.store.set_meta("round0_opened", now.timestamp())
+            effect = self.strategy.tick(self._ctx, now.timestamp())
+            if effect is None or effect.global_version is None:
+                return
+            self.store.record_derived(
+                effect.versions, effect.global_version, effect.cause, to_iso(now), now.timestamp(), time.time()
+            )
+            self._pull_cache = None
+        self._after_versions(effect)
+        self._emit("round_closed", version=effect.global_version, cause=effect.cause, at="deadline")
+
+    def _after_versions(self, effect: Effect) -> None:
+        for v in effect.versions:
+            self.metrics.expert_version(v.key.layer, v.key.expert, v.version)
+        if effect.global_version is not None:
+            self.metrics.global_version.set(effect.global_version)
 
     def _emit(self, event: str, **fields: Any) -> None:
         if self.events is not None:
@@ -133,13 +355,15 @@ class SatelliteNode:
         if cluster not in self.config.clusters:
             raise Refusal(grpc.StatusCode.PERMISSION_DENIED, f"cluster {cluster!r} is not in the topology")
         self.gate(cluster)
+        self.tick()
         return cluster
 
     def gate(self, cluster: str) -> None:
         if not self.links.is_up(cluster):
-            raise Refusal(grpc.StatusCode.UNAVAILABLE, self.links.down_reason(cluster))
+            raise Refusal(grpc.StatusCode.UNAVAILABLE, self.links.down_reason(cluster), "link_down")
 
     def refused(self, cluster: str | None, refusal: Refusal) -> None:
+        self.metrics.refused(refusal)
         self._emit("refused", cluster=cluster, code=refusal.code.name, reason=refusal.message)
 
     # join, affinity, assignment
@@ -210,7 +434,7 @@ class SatelliteNode:
             reported = set(self.store.affinities()) & set(self.config.clusters)
             return len(reported), len(self.config.clusters)
 
-    def _solve(self, reported: Mapping[str, AffinityRow]) -> None:
+    def _solve(self, reported: Mapping[str, AffinityRow], reason: str = "initial", requested_by: str = "") -> int:
         joined = self.store.clusters()
         matrices: dict[str, np.ndarray] = {}
         for c in self.config.clusters:
@@ -221,13 +445,54 @@ class SatelliteNode:
         result = solve_assignment(
             matrices, {c: joined[c].capacity for c in matrices}, {c: joined[c].num_examples for c in matrices}
         )
-        version = 1
+        version = self.store.assignment_version() + 1
         now = self.links.emulated_now()
         self.store.record_assignment(
-            version, self.config.affinity, owners(result), None if now is None else to_iso(now), time.time()
+            version,
+            self.config.affinity,
+            owners(result),
+            None if now is None else to_iso(now),
+            time.time(),
+            reason,
+            requested_by,
         )
         experts = {c: [[layer, es] for layer, es in enumerate(layers)] for c, layers in result.items()}
-        self._emit("assignment", version=version, experts=experts)
+        self.metrics.assignment_version.set(version)
+        self._emit("assignment", version=version, experts=experts, reason=reason, requested_by=requested_by)
+        return version
+
+    def reassign(self, cluster: str, reason: str) -> tuple[int, list[ExpertVersionRow]]:
+        """Solve a new assignment version from the newest affinities (on a cluster's request).
+
+        Returns the new version and the experts `cluster` gained from another owner, each with its newest version
+        (the hand-over: the new owner pulls those parameters and continues from them, never from the base)."""
+        if not self.strategy.requires_ownership:
+            raise Refusal(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"strategy {self.strategy.name} trains the whole model: there is no assignment to change",
+            )
+        if len(reason) > 500:
+            raise invalid("reason: at most 500 characters")
+        with self._lock:
+            reported = self.store.affinities()
+            if self.store.assignment_version() == 0 or not set(self.config.clusters) <= set(reported):
+                raise Refusal(grpc.StatusCode.FAILED_PRECONDITION, "no assignment yet: every cluster must report first")
+            version = self._solve(reported, reason or "requested", cluster)
+            return version, self.handed_over(cluster, version)
+
+    def handed_over(self, cluster: str, version: int) -> list[ExpertVersionRow]:
+        """Experts `cluster` owns under `version` but another cluster owned under `version - 1`, with their newest
+        committed version (experts still at the base version are not listed: there is nothing to hand over)."""
+        now_owners = self.store.owners(version) or {}
+        before = self.store.owners(version - 1) or {}
+        newest = self.store.newest_versions()
+        out: list[ExpertVersionRow] = []
+        for (layer, expert), owner in sorted(now_owners.items()):
+            if owner == cluster and before.get((layer, expert)) not in (None, cluster):
+                row = newest.get(ExpertKey(layer, expert))
+                if row is not None:
+                    out.append(row)
+        return out
 
     def assignment_for(self, cluster: str) -> tuple[bool, int, list[list[int]]]:
         """(ready, version, experts per layer) of the caller."""
@@ -259,13 +524,22 @@ class SatelliteNode:
             if not _HEX64.match(h):
                 raise invalid(f"chunk_hashes[{i}]: not a lowercase hex SHA-256")
 
+    def _check_whole_model(self, experts: tuple[ExpertKey, ...]) -> None:
+        if self.strategy.whole_model and len(experts) != self.manifest.num_layers * self.manifest.num_experts:
+            raise invalid(
+                f"strategy {self.strategy.name} trains the whole model: an update carries all"
+                f" {self.manifest.num_layers * self.manifest.num_experts} experts, this one {len(experts)}"
+            )
+
     def offer(self, cluster: str, offer: Offer) -> tuple[bool, list[int]]:
         """(committed, missing chunk indices). Validates specs and ownership before recording anything."""
         self._check_offer_shape(offer)
         if self.store.commit_cluster(offer.content_hash) == cluster:
             return True, []
         experts = check_specs(self.manifest, offer.tensors)
+        self._check_whole_model(experts)
         with self._lock:
+            self.strategy.check_base(self._ctx, cluster, offer.base_version)
             check_ownership(
                 experts,
                 cluster,
@@ -283,6 +557,7 @@ class SatelliteNode:
                 tuple((s.name, s.dtype, tuple(s.shape)) for s in offer.tensors),
                 offer.assignment_version,
                 offer.local_step,
+                offer.base_version,
             )
             self.store.put_upload(row, time.time())
             missing = sorted(set(range(len(row.chunk_hashes))) - self.store.received_chunks(row.content_hash))
@@ -291,40 +566,85 @@ class SatelliteNode:
             # Everything already arrived (e.g. the process died between the last chunk and the commit).
             return self._commit(cluster, row).committed, []
 
+    # A PushChunks stream fsyncs and records what it wrote at least every this many bytes (and at its end).
+    FLUSH_BYTES = 64 << 20
+
     def push(self, cluster: str, chunks: Iterable[ChunkIn]) -> PushResult:
-        """Store the verified chunks of one offered update; commit when all are present."""
+        """Store the verified chunks of one offered update; commit when all are present.
+
+        Chunks are written at their offsets and recorded only after an fsync, so the reply never names a chunk as
+        received that a crash could lose. A stream that starts an upload from chunk 0 in order is verified by its
+        running content hash alone (one SHA-256 pass instead of two): when it carries every chunk the content hash
+        proves every chunk, and a stream cut short has what it wrote verified chunk by chunk before it is recorded.
+        Other streams verify each chunk as it comes and record every FLUSH_BYTES.
+        """
         upload: UploadRow | None = None
         received: set[int] = set()
-        for chunk in chunks:
-            self.gate(cluster)  # nothing moves over a link that went down; what arrived stays
-            if upload is None:
-                if self.store.commit_cluster(chunk.content_hash) == cluster:
-                    return PushResult(True, [], self.store.versions_of_commit(chunk.content_hash))
-                upload = self.store.get_upload(chunk.content_hash)
+        sink: _ChunkSink | None = None
+        unflushed = 0
+        ended = False
+        try:
+            for chunk in chunks:
+                self.gate(cluster)  # nothing moves over a link that went down; what arrived stays
                 if upload is None:
-                    raise Refusal(
-                        grpc.StatusCode.FAILED_PRECONDITION, f"update {chunk.content_hash[:16]}: offer it first"
-                    )
-                if upload.cluster != cluster:
-                    raise Refusal(
-                        grpc.StatusCode.PERMISSION_DENIED,
-                        f"update {chunk.content_hash[:16]} was offered by another cluster",
-                    )
-                received = self.store.received_chunks(upload.content_hash)
-            elif chunk.content_hash != upload.content_hash:
-                raise invalid("one PushChunks stream carries chunks of one update only")
-            self._check_chunk(upload, chunk)
-            if chunk.index not in received:
-                self.store.put_chunk(upload.content_hash, chunk.index, chunk.data)
+                    if self.store.commit_cluster(chunk.content_hash) == cluster:
+                        return PushResult(True, [], self.store.versions_of_commit(chunk.content_hash))
+                    upload = self.store.get_upload(chunk.content_hash)
+                    if upload is None:
+                        raise Refusal(
+                            grpc.StatusCode.FAILED_PRECONDITION, f"update {chunk.content_hash[:16]}: offer it first"
+                        )
+                    if upload.cluster != cluster:
+                        raise Refusal(
+                            grpc.StatusCode.PERMISSION_DENIED,
+                            f"update {chunk.content_hash[:16]} was offered by another cluster",
+                        )
+                    received = self.store.received_chunks(upload.content_hash)
+                elif chunk.content_hash != upload.content_hash:
+                    raise invalid("one PushChunks stream carries chunks of one update only")
+                if sink is not None and sink.deferred and chunk.index != sink.next_index:
+                    sink.verify_now()  # out of order: verify what was deferred, then chunk by chunk
+                    if sink.bad_chunks:
+                        raise invalid(f"chunks {sink.bad_chunks[:5]} of {upload.content_hash[:16]}: SHA-256 mismatch")
+                # a fresh upload streamed from chunk 0 defers data verification to its running content hash
+                defer = sink.deferred if sink is not None else (not received and chunk.index == 0)
+                self._check_chunk(upload, chunk, verify_data=not defer)
+                self.pacer.pace(cluster, len(chunk.data))
+                if chunk.index in received:
+                    self.metrics.chunks_resent.labels(cluster).inc()
+                    continue
+                if sink is None:  # created only now: a refused first chunk leaves no file behind
+                    sink = _ChunkSink(self.store, upload, deferred=defer)
+                sink.add(chunk.index, chunk.data)
                 received.add(chunk.index)
+                self.metrics.chunk_received(cluster, len(chunk.data))
+                unflushed += len(chunk.data)
+                if unflushed >= self.FLUSH_BYTES and not sink.deferred:
+                    sink.flush()
+                    unflushed = 0
+            ended = True
+        finally:
+            if sink is not None:
+                # fsync and record what arrived, also before a refusal or a cut; a deferred stream that ends
+                # complete is proved by its content hash, one cut short is verified chunk by chunk
+                complete = ended and upload is not None and sink.next_index == len(upload.chunk_hashes)
+                sink.close(complete)
         if upload is None:
             raise invalid("PushChunks carried no chunk")
+        digest = None
+        if sink is not None and sink.was_deferred:
+            if sink.bad_content:
+                raise invalid(f"update {upload.content_hash[:16]}: the chunks do not hash to the offered content_hash")
+            if sink.bad_chunks:
+                raise invalid(f"chunks {sink.bad_chunks[:5]} of {upload.content_hash[:16]}: SHA-256 mismatch")
+            digest = sink.digest
+            received = self.store.received_chunks(upload.content_hash)
         missing = sorted(set(range(len(upload.chunk_hashes))) - received)
         if missing:
             return PushResult(False, missing)
-        return self._commit(cluster, upload)
+        return self._commit(cluster, upload, digest)
 
-    def _check_chunk(self, upload: UploadRow, chunk: ChunkIn) -> None:
+    def _check_chunk(self, upload: UploadRow, chunk: ChunkIn, verify_data: bool = True) -> None:
         n = len(upload.chunk_hashes)
         where = f"chunk {chunk.index} of {upload.content_hash[:16]}"
         if not 0 <= chunk.index < n:
@@ -334,11 +654,12 @@ class SatelliteNode:
         want_len = upload.chunk_size if chunk.index < n - 1 else upload.size - upload.chunk_size * (n - 1)
         if len(chunk.data) != want_len:
             raise invalid(f"{where}: {len(chunk.data)} bytes, expected {want_len}")
-        actual = sha256_hex(chunk.data)
-        if chunk.sha256 != actual or actual != upload.chunk_hashes[chunk.index]:
+        if chunk.sha256 != upload.chunk_hashes[chunk.index]:
+            raise invalid(f"{where}: SHA-256 mismatch")
+        if verify_data and sha256_hex(chunk.data) != chunk.sha256:
             raise invalid(f"{where}: SHA-256 mismatch")
 
-    def _commit(self, cluster: str, upload: UploadRow) -> PushResult:
+    def _commit(self, cluster: str, upload: UploadRow, digest: str | None = None) -> PushResult:
         with self._lock:
             h = upload.content_hash
             if self.store.is_committed(h):
@@ -346,38 +667,67 @@ class SatelliteNode:
             # The link may have gone down during the push: keep the chunks, commit at the next pass.
             self.gate(cluster)
             now = self._now()
-            blob = self.store.assemble(upload)
-            if sha256_hex(blob) != h:
-                raise invalid(f"update {h[:16]}: the assembled chunks do not hash to the offered content_hash")
             try:
-                tensors: dict[str, np.ndarray] = st_load(blob)
-            except Exception as exc:  # safetensors raises its own error types for malformed headers
-                raise invalid(f"update {h[:16]}: not a safetensors blob: {exc}") from exc
-            declared = sorted((n, d, tuple(s)) for n, d, s in upload.tensors)
-            actual = sorted((s.name, s.dtype, s.shape) for s in specs_of(tensors))
-            if declared != actual:
-                raise invalid(f"update {h[:16]}: its tensors differ from the offered tensor list")
-            experts = validate_update(
-                self.manifest,
-                tensors,
-                cluster,
-                self.store.owners(),
-                upload.assignment_version,
-                self.store.assignment_version(),
-                self.strategy.requires_ownership,
-            )
-            self.store.put_blob(blob)
-            versions = self.strategy.apply(self.store, AcceptedUpdate(cluster, h, tensors, experts))
-            self.store.record_commit(h, cluster, len(blob), versions, to_iso(now), now.timestamp(), time.time())
-            rows = self.store.versions_of_commit(h)
-            self._pull_cache = None
+                return self._validate_and_commit(cluster, upload, digest, now)
+            except Refusal as refusal:
+                if refusal.code != grpc.StatusCode.UNAVAILABLE:
+                    # The content itself is refused: it can never commit, so its chunks go and the upload is back
+                    # to "offered, nothing received" (as before the push). A cut link keeps them for the next pass.
+                    self.store.reset_upload(h)
+                raise
+
+    def _validate_and_commit(self, cluster: str, upload: UploadRow, digest: str | None, now: datetime) -> PushResult:
+        h = upload.content_hash
+        # called by _commit, under self._lock
+        blob = self.store.map_partial(upload)
+        if (digest or sha256_hex(blob)) != h:
+            raise invalid(f"update {h[:16]}: the assembled chunks do not hash to the offered content_hash")
+        tensors = parse_safetensors(blob, f"update {h[:16]}")
+        declared = sorted((n, d, tuple(s)) for n, d, s in upload.tensors)
+        actual = sorted((s.name, s.dtype, s.shape) for s in specs_of(tensors))
+        if declared != actual:
+            raise invalid(f"update {h[:16]}: its tensors differ from the offered tensor list")
+        experts = validate_update(
+            self.manifest,
+            tensors,
+            cluster,
+            self.store.owners(),
+            upload.assignment_version,
+            self.store.assignment_version(),
+            self.strategy.requires_ownership,
+        )
+        self._check_whole_model(experts)
+        update = AcceptedUpdate(cluster, h, tensors, experts, upload.base_version, now.timestamp())
+        effect = self.strategy.apply(self._ctx, update)  # may refuse (a FedAvg round closed meanwhile)
+        self.store.adopt_partial(upload)
+        entry = effect.round_entry
+        self.store.record_commit(
+            h,
+            cluster,
+            upload.size,
+            effect.versions,
+            to_iso(now),
+            now.timestamp(),
+            time.time(),
+            RoundUpload(entry.round, cluster, h, entry.weight) if entry is not None else None,
+            effect.global_version,
+            effect.cause or f"commit:{h[:16]}",
+        )
+        rows = self.store.versions_of_commit(h)
+        self._pull_cache = None
+        self.metrics.committed(cluster, upload.size, effect.staleness)
+        self._after_versions(effect)
         self._emit(
             "upload_committed",
             cluster=cluster,
             content_hash=h,
-            bytes=len(blob),
+            bytes=upload.size,
             experts=[[v.layer, v.expert, v.version] for v in rows],
+            **({"global_version": effect.global_version} if effect.global_version is not None else {}),
+            **({"round": entry.round} if entry is not None else {}),
         )
+        if effect.global_version is not None and entry is not None:
+            self._emit("round_closed", version=effect.global_version, cause=effect.cause, at="upload")
         return PushResult(True, [], rows)
 
     # pulls and status
@@ -390,8 +740,7 @@ class SatelliteNode:
     def pull(self, names: Iterable[str], chunk_size: int = CHUNK_SIZE) -> PullBlob:
         """The requested global tensors as one deterministic safetensors blob, split into chunks."""
         wanted = tuple(sorted(set(names)))
-        commits = self.store.commit_count()
-        key = (wanted, commits, chunk_size)
+        key = (wanted, self.store.generation(), chunk_size)
         cached = self._pull_cache
         if cached is not None and cached[0] == key:
             return cached[1]
@@ -415,6 +764,13 @@ class SatelliteNode:
     def status(self) -> dict[str, Any]:
         return status_dict(self.store, self.strategy.name, self.config.clusters, self.links)
 
+    def global_version(self) -> int:
+        """What a client must pull: fedavg the open round (= newest averaged model), fedasync the newest mix,
+        emsfl the number of commits (each expert carries its own version)."""
+        if self.strategy.name == "emsfl":
+            return self.store.commit_count()
+        return self.store.global_version()
+
 
 def global_state(store: Store, base: Mapping[str, np.ndarray], at_unix: float | None = None) -> dict[str, np.ndarray]:
     """Base tensors plus, for every expert, the parts of its newest version (committed at or before `at_unix`)."""
@@ -422,7 +778,7 @@ def global_state(store: Store, base: Mapping[str, np.ndarray], at_unix: float | 
     blobs: dict[str, dict[str, np.ndarray]] = {}
     for key, row in sorted(store.newest_versions(at_unix).items(), key=lambda kv: (kv[0].layer, kv[0].expert)):
         if row.source_hash not in blobs:
-            blobs[row.source_hash] = st_load(store.read_blob(row.source_hash))
+            blobs[row.source_hash] = parse_safetensors(store.map_blob(row.source_hash))
         prefix = f"expert/{key.layer}/{key.expert}/"
         tensors.update({n: a for n, a in blobs[row.source_hash].items() if n.startswith(prefix)})
     return tensors
@@ -464,8 +820,17 @@ def status_dict(store: Store, strategy: str, clusters: Iterable[str], links: Lin
         {"layer": k.layer, "expert": k.expert, "version": r.version, "owner": r.owner, "committed_at": r.t}
         for k, r in sorted(store.newest_versions().items(), key=lambda kv: (kv[0].layer, kv[0].expert))
     ]
+    global_version = store.commit_count() if strategy == "emsfl" else store.global_version()
+    round_uploaded = [r.cluster for r in store.round_uploads(global_version)] if strategy == "fedavg" else []
+    history = [
+        {"version": a.version, "committed_at": a.t, "reason": a.reason, "requested_by": a.requested_by}
+        for a in store.assignment_history()
+    ]
     return {
         "strategy": strategy,
+        "global_version": global_version,
+        "round_uploaded": round_uploaded,
+        "assignment_history": history,
         "assignment_version": version,
         "assignment": assignment,
         "clusters": out_clusters,

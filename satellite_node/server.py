@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, NoReturn
 
 import grpc
@@ -16,10 +18,39 @@ from satellite_node.store import ExpertVersionRow
 from satellite_node.validate import Refusal, Spec
 
 MAX_MESSAGE_BYTES = 32 << 20  # a chunk of up to 16 MiB plus framing
+CLUSTER_OU = "cluster"  # `emsfl pki issue --role client --cluster c0`: O=emsfl, OU=cluster, CN=c0
 
 
-def caller_cluster(context: grpc.ServicerContext) -> str | None:
-    """The caller's cluster. Plaintext labs: the `emsfl-cluster` metadata key; mTLS will read the certificate here."""
+@dataclass(frozen=True)
+class TlsFiles:
+    cert: str  # server certificate (PEM)
+    key: str  # its private key
+    ca: str  # CA that signs client certificates; clients must present one
+
+
+def cluster_of_certificate(pem: bytes) -> str | None:
+    """The cluster id of a client certificate: its CN, when the OU (if any) says `cluster`."""
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    try:
+        cert = x509.load_pem_x509_certificate(pem)
+    except ValueError:
+        return None
+    ous = [a.value for a in cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)]
+    cns = [a.value for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+    if len(cns) != 1 or not isinstance(cns[0], str) or ous not in ([], [CLUSTER_OU]):
+        return None
+    return cns[0]
+
+
+def caller_cluster(context: grpc.ServicerContext, tls: bool) -> str | None:
+    """The caller's cluster: under mTLS the verified client certificate's CN, and nothing else (metadata claiming a
+    cluster is ignored); on plaintext labs only, the `emsfl-cluster` metadata key."""
+    if tls:
+        auth = context.auth_context() or {}
+        pems = auth.get("x509_pem_cert") or []
+        return cluster_of_certificate(pems[0]) if pems else None
     for key, value in context.invocation_metadata() or ():
         if key == CLUSTER_METADATA_KEY:
             return value if isinstance(value, str) else value.decode("utf-8", "replace")
@@ -31,8 +62,12 @@ def _version_proto(v: ExpertVersionRow) -> pb.ExpertVersion:
 
 
 class FederationServicer(pb_grpc.FederationServicer):
-    def __init__(self, node: SatelliteNode) -> None:
+    def __init__(self, node: SatelliteNode, tls: bool = False) -> None:
         self.node = node
+        self.tls = tls
+
+    def _caller(self, context: grpc.ServicerContext) -> str | None:
+        return caller_cluster(context, self.tls)
 
     def _refuse(self, context: grpc.ServicerContext, cluster: str | None, refusal: Refusal) -> NoReturn:
         self.node.refused(cluster, refusal)
@@ -40,18 +75,21 @@ class FederationServicer(pb_grpc.FederationServicer):
         raise AssertionError("context.abort returned")  # abort always raises
 
     def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
-        cluster = caller_cluster(context)
+        cluster = self._caller(context)
         try:
             cluster = self.node.admit(cluster)
             self.node.join(cluster, request.device_id, request.capacity_experts, request.num_examples)
         except Refusal as refusal:
             self._refuse(context, cluster, refusal)
         return pb.JoinReply(
-            cluster_id=cluster, manifest=self.node.manifest.to_proto(), strategy=self.node.strategy.name
+            cluster_id=cluster,
+            manifest=self.node.manifest.to_proto(),
+            strategy=self.node.strategy.name,
+            global_version=self.node.global_version(),
         )
 
     def ReportAffinity(self, request: pb.AffinityReport, context: grpc.ServicerContext) -> pb.AffinityAck:
-        cluster = caller_cluster(context)
+        cluster = self._caller(context)
         try:
             cluster = self.node.admit(cluster)
             reported, expected = self.node.report_affinity(
@@ -62,20 +100,37 @@ class FederationServicer(pb_grpc.FederationServicer):
         return pb.AffinityAck(accepted=True, clusters_reported=reported, clusters_expected=expected)
 
     def GetAssignment(self, request: pb.AssignmentRequest, context: grpc.ServicerContext) -> pb.Assignment:
-        cluster = caller_cluster(context)
+        cluster = self._caller(context)
         try:
             cluster = self.node.admit(cluster)
+            ready, version, layers = self.node.assignment_for(cluster)
+        except Refusal as refusal:
+            self._refuse(context, cluster, refusal)
+        handed = self.node.handed_over(cluster, version) if ready else []
+        return pb.Assignment(
+            ready=ready,
+            version=version,
+            layers=[pb.LayerExperts(layer=i, experts=es) for i, es in enumerate(layers)] if ready else [],
+            handed_over=[_version_proto(v) for v in handed],
+        )
+
+    def RequestReassignment(self, request: pb.ReassignRequest, context: grpc.ServicerContext) -> pb.Assignment:
+        cluster = self._caller(context)
+        try:
+            cluster = self.node.admit(cluster)
+            version, handed = self.node.reassign(cluster, request.reason)
             ready, version, layers = self.node.assignment_for(cluster)
         except Refusal as refusal:
             self._refuse(context, cluster, refusal)
         return pb.Assignment(
             ready=ready,
             version=version,
-            layers=[pb.LayerExperts(layer=i, experts=es) for i, es in enumerate(layers)] if ready else [],
+            layers=[pb.LayerExperts(layer=i, experts=es) for i, es in enumerate(layers)],
+            handed_over=[_version_proto(v) for v in handed],
         )
 
     def PullTensors(self, request: pb.PullRequest, context: grpc.ServicerContext) -> Iterator[pb.Chunk]:
-        cluster = caller_cluster(context)
+        cluster = self._caller(context)
         try:
             cluster = self.node.admit(cluster)
             blob = self.node.pull(list(request.names))
@@ -90,6 +145,7 @@ class FederationServicer(pb_grpc.FederationServicer):
                     context, cluster, Refusal(grpc.StatusCode.UNAVAILABLE, self.node.links.down_reason(cluster))
                 )
             data = bytes(blob.chunks[index])
+            self.node.pacer.pace(cluster, len(data))
             yield pb.Chunk(
                 content_hash=blob.content_hash,
                 index=index,
@@ -100,7 +156,7 @@ class FederationServicer(pb_grpc.FederationServicer):
             )
 
     def OfferUpdate(self, request: pb.UpdateOffer, context: grpc.ServicerContext) -> pb.OfferReply:
-        cluster = caller_cluster(context)
+        cluster = self._caller(context)
         try:
             cluster = self.node.admit(cluster)
             offer = Offer(
@@ -111,6 +167,7 @@ class FederationServicer(pb_grpc.FederationServicer):
                 tensors=tuple(Spec(t.name, t.dtype, tuple(int(d) for d in t.shape)) for t in request.tensors),
                 assignment_version=request.assignment_version,
                 local_step=request.local_step,
+                base_version=request.base_version,
             )
             committed, missing = self.node.offer(cluster, offer)
         except Refusal as refusal:
@@ -118,7 +175,7 @@ class FederationServicer(pb_grpc.FederationServicer):
         return pb.OfferReply(committed=committed, missing=missing)
 
     def PushChunks(self, request_iterator: Iterator[pb.Chunk], context: grpc.ServicerContext) -> pb.PushReply:
-        cluster = caller_cluster(context)
+        cluster = self._caller(context)
         try:
             cluster = self.node.admit(cluster)
             chunks = (
@@ -133,7 +190,7 @@ class FederationServicer(pb_grpc.FederationServicer):
         )
 
     def GetStatus(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> pb.StatusReply:
-        cluster = caller_cluster(context)
+        cluster = self._caller(context)
         try:
             cluster = self.node.admit(cluster)
             status = self.node.status()
@@ -169,11 +226,27 @@ def status_proto(status: dict[str, Any]) -> pb.StatusReply:
             for e in status["experts"]
         ],
         emulated_now=status["emulated_now"] or "",
+        global_version=status["global_version"],
+        round_uploaded=status["round_uploaded"],
+        assignment_history=[
+            pb.AssignmentRecord(
+                version=a["version"],
+                committed_at=a["committed_at"] or "",
+                reason=a["reason"],
+                requested_by=a["requested_by"],
+            )
+            for a in status["assignment_history"]
+        ],
     )
 
 
-def make_server(node: SatelliteNode, listen: str, max_workers: int = 8) -> tuple[grpc.Server, int]:
-    """A started-later sync gRPC server on `listen` (plaintext); returns it and the bound port."""
+def make_server(
+    node: SatelliteNode, listen: str, max_workers: int = 8, tls: TlsFiles | None = None
+) -> tuple[grpc.Server, int]:
+    """A started-later sync gRPC server on `listen`; returns it and the bound port.
+
+    With `tls`, mutual TLS: clients must present a certificate signed by `tls.ca`, and the cluster identity is the
+    certificate's CN. Without, plaintext with the identity from metadata (loopback labs only)."""
     server = grpc.server(
         ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="federation"),
         options=[
@@ -181,8 +254,16 @@ def make_server(node: SatelliteNode, listen: str, max_workers: int = 8) -> tuple
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ],
     )
-    pb_grpc.add_FederationServicer_to_server(FederationServicer(node), server)
-    port = server.add_insecure_port(listen)
+    pb_grpc.add_FederationServicer_to_server(FederationServicer(node, tls=tls is not None), server)
+    if tls is not None:
+        credentials = grpc.ssl_server_credentials(
+            [(Path(tls.key).read_bytes(), Path(tls.cert).read_bytes())],
+            root_certificates=Path(tls.ca).read_bytes(),
+            require_client_auth=True,
+        )
+        port = server.add_secure_port(listen, credentials)
+    else:
+        port = server.add_insecure_port(listen)
     if port == 0:
         raise OSError(f"cannot listen on {listen}")
     return server, port

@@ -1,16 +1,22 @@
 """Durable, versioned state of the satellite node (DESIGN §5.5).
 
 `<state>/state.sqlite` holds the small facts (clusters, affinities, assignment versions, expert versions,
-commits, uploads and which chunks arrived); `<state>/blobs/<sha256>.safetensors` holds committed updates
-and `<state>/partial/<sha256>/<index>` the chunks of uploads still in flight. Every file is written to a
-temporary name, fsynced, renamed and its directory fsynced, and only then recorded in SQLite
-(WAL, synchronous=FULL): after a crash the database never points at a missing or torn file.
-Every version is kept, so the global model can be rebuilt at any past emulated time.
+commits, uploads and which chunks arrived, FedAvg round buffers, global versions); `<state>/blobs/<sha256>.safetensors`
+holds committed updates and derived (averaged, mixed) tensors, and `<state>/partial/<sha256>/data` the chunks of an
+upload still in flight, each written at its offset, so the completed file *is* the blob and a commit only renames it.
+
+Durability: a chunk is recorded in SQLite (WAL, synchronous=FULL) only after its bytes were fsynced, and a whole
+batch of chunks (one PushChunks stream) shares one fsync and one transaction. Blobs are written to a temporary
+name, fsynced, renamed and their directory fsynced before anything refers to them: after a crash the database
+never points at a missing or torn file, and `check_integrity` proves it. By default every version is kept, so the
+global model can be rebuilt at any past emulated time; `keep_versions=N` keeps the newest N per expert.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import mmap
 import os
 import shutil
 import sqlite3
@@ -39,24 +45,48 @@ CREATE TABLE IF NOT EXISTS clusters(
 CREATE TABLE IF NOT EXISTS affinities(
     cluster TEXT PRIMARY KEY, num_tokens INTEGER NOT NULL, num_layers INTEGER NOT NULL, num_experts INTEGER NOT NULL,
     gate BLOB, freq BLOB, t TEXT, wall REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS assignments(version INTEGER PRIMARY KEY, kind TEXT NOT NULL, t TEXT, wall REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS assignments(version INTEGER PRIMARY KEY, kind TEXT NOT NULL, t TEXT, wall REAL NOT NULL,
+    reason TEXT NOT NULL DEFAULT 'initial', requested_by TEXT NOT NULL DEFAULT '');
 CREATE TABLE IF NOT EXISTS assignment_experts(
     version INTEGER NOT NULL, layer INTEGER NOT NULL, expert INTEGER NOT NULL, cluster TEXT NOT NULL,
     PRIMARY KEY(version, layer, expert));
 CREATE TABLE IF NOT EXISTS uploads(
     content_hash TEXT PRIMARY KEY, cluster TEXT NOT NULL, size INTEGER NOT NULL, chunk_size INTEGER NOT NULL,
     chunk_hashes TEXT NOT NULL, tensors TEXT NOT NULL, assignment_version INTEGER NOT NULL,
-    local_step INTEGER NOT NULL, offered_wall REAL NOT NULL);
+    local_step INTEGER NOT NULL, offered_wall REAL NOT NULL, base_version INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS upload_chunks(
     content_hash TEXT NOT NULL, idx INTEGER NOT NULL, PRIMARY KEY(content_hash, idx));
 CREATE TABLE IF NOT EXISTS commits(
     seq INTEGER PRIMARY KEY AUTOINCREMENT, content_hash TEXT NOT NULL UNIQUE, cluster TEXT NOT NULL,
-    bytes INTEGER NOT NULL, t TEXT NOT NULL, t_unix REAL NOT NULL, wall REAL NOT NULL);
+    bytes INTEGER NOT NULL, t TEXT NOT NULL, t_unix REAL NOT NULL, wall REAL NOT NULL,
+    blob_kept INTEGER NOT NULL DEFAULT 1);
 CREATE TABLE IF NOT EXISTS expert_versions(
     layer INTEGER NOT NULL, expert INTEGER NOT NULL, version INTEGER NOT NULL, owner TEXT NOT NULL,
     source_hash TEXT NOT NULL, commit_hash TEXT NOT NULL, t TEXT NOT NULL, t_unix REAL NOT NULL, wall REAL NOT NULL,
     PRIMARY KEY(layer, expert, version));
+CREATE TABLE IF NOT EXISTS global_versions(version INTEGER PRIMARY KEY, t TEXT NOT NULL, t_unix REAL NOT NULL,
+    cause TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS round_uploads(
+    round INTEGER NOT NULL, cluster TEXT NOT NULL, content_hash TEXT NOT NULL, weight REAL NOT NULL,
+    PRIMARY KEY(round, cluster));
 """
+
+# Columns added after the first schema: older state directories get them on open.
+_MIGRATIONS = (
+    ("assignments", "reason", "TEXT NOT NULL DEFAULT 'initial'"),
+    ("assignments", "requested_by", "TEXT NOT NULL DEFAULT ''"),
+    ("uploads", "base_version", "INTEGER NOT NULL DEFAULT 0"),
+    ("commits", "blob_kept", "INTEGER NOT NULL DEFAULT 1"),
+)
+PARTIAL_FILE = "data"
+# FedAvg uploads of the round still open (closed rounds are recorded as global versions).
+_OPEN_ROUND_UPLOADS = (
+    "SELECT content_hash FROM round_uploads WHERE round >= (SELECT COALESCE(MAX(version), 0) FROM global_versions)"
+)
+
+
+class IntegrityError(AssertionError):
+    """`Store.check_integrity` found state that a crash-safe store can never have."""
 
 
 def fsync_dir(path: Path) -> None:
@@ -106,6 +136,25 @@ class UploadRow:
     tensors: tuple[tuple[str, str, tuple[int, ...]], ...]  # (name, dtype, shape) as offered
     assignment_version: int
     local_step: int
+    base_version: int = 0
+
+
+@dataclass(frozen=True)
+class RoundUpload:
+    """A committed FedAvg upload waiting in its round's buffer."""
+
+    round: int
+    cluster: str
+    content_hash: str
+    weight: float
+
+
+@dataclass(frozen=True)
+class AssignmentRecord:
+    version: int
+    t: str | None
+    reason: str
+    requested_by: str
 
 
 @dataclass(frozen=True)
@@ -123,7 +172,7 @@ class ExpertVersionRow:
 class Store:
     """One state directory. Thread-safe: one connection behind a lock (commits are rare and small)."""
 
-    def __init__(self, state_dir: str | Path, create: bool = True) -> None:
+    def __init__(self, state_dir: str | Path, create: bool = True, keep_versions: int | None = None) -> None:
         self.dir = Path(state_dir)
         db = self.dir / DB_FILE
         if not create and not db.is_file():
@@ -137,6 +186,13 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")  # a COMMIT is on disk before an update is acknowledged
         self._db.executescript(_SCHEMA)
+        for table, column, decl in _MIGRATIONS:
+            have = {r[1] for r in self._db.execute(f"PRAGMA table_info({table})").fetchall()}
+            if column not in have:
+                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
+        if keep_versions is not None and keep_versions < 1:
+            raise ValueError(f"keep_versions must be >= 1 (or None: keep all), got {keep_versions}")
+        self.keep_versions = keep_versions
         if create:
             self._sweep()
 
@@ -166,14 +222,94 @@ class Store:
             return list(self._db.execute(sql, args).fetchall())
 
     def _sweep(self) -> None:
-        """Drop what a crash may leave behind: temporary files and chunk folders of no known upload."""
+        """Drop what a crash may leave behind: temporary files, chunk folders of no known upload, unreferenced blobs.
+
+        A blob is written before the transaction that refers to it; a crash in between leaves an orphan blob,
+        collected here (nothing was acknowledged for it).
+        """
         for folder in (self.blobs, self.partial):
             for tmp in folder.rglob(".*.tmp"):
                 tmp.unlink(missing_ok=True)
         known = {r[0] for r in self._rows("SELECT content_hash FROM uploads")}
         for folder in self.partial.iterdir():
-            if folder.is_dir() and folder.name not in known:
-                shutil.rmtree(folder, ignore_errors=True)
+            if folder.name not in known:
+                if folder.is_dir():
+                    shutil.rmtree(folder, ignore_errors=True)
+                else:
+                    folder.unlink(missing_ok=True)
+        live = self._referenced_blobs()
+        for path in self.blobs.glob("*.safetensors"):
+            if path.name.removesuffix(".safetensors") not in live:
+                path.unlink(missing_ok=True)
+
+    def _referenced_blobs(self) -> set[str]:
+        refs = {r[0] for r in self._rows("SELECT source_hash FROM expert_versions")}
+        refs |= {r[0] for r in self._rows(_OPEN_ROUND_UPLOADS)}
+        refs |= {r[0] for r in self._rows("SELECT content_hash FROM commits WHERE blob_kept=1")}
+        return refs
+
+    def drop_stale_uploads(self, older_than_wall: float) -> list[str]:
+        """Forget uploads offered before `older_than_wall` and never completed, with their chunks."""
+        stale = [
+            r[0] for r in self._rows("SELECT content_hash FROM uploads WHERE offered_wall < ?", (older_than_wall,))
+        ]
+        with self._tx() as db:
+            for h in stale:
+                db.execute("DELETE FROM upload_chunks WHERE content_hash=?", (h,))
+                db.execute("DELETE FROM uploads WHERE content_hash=?", (h,))
+        for h in stale:
+            shutil.rmtree(self._chunk_dir(h), ignore_errors=True)
+        return stale
+
+    def check_integrity(self) -> None:
+        """Raise `IntegrityError` unless the state is what a crash-safe store can have.
+
+        Every recorded blob (expert versions, FedAvg round buffers, kept commits) exists and hashes to its name;
+        every expert version's blob carries that expert; no blob, chunk folder or chunk record is orphaned;
+        every recorded chunk of an upload in flight is on disk with its hash; versions count up from 1.
+        """
+        problems: list[str] = []
+        live = self._referenced_blobs()
+        on_disk = {p.name.removesuffix(".safetensors") for p in self.blobs.glob("*.safetensors")}
+        for h in sorted(live - on_disk):
+            problems.append(f"blob {h[:16]} is recorded but missing")
+        for h in sorted(on_disk - live):
+            problems.append(f"blob {h[:16]} is on disk but referenced by nothing")
+        for h in sorted(live & on_disk):
+            if file_sha256(self.blob_path(h)) != h:
+                problems.append(f"blob {h[:16]} does not hash to its name")
+        for layer, expert, version, source in self._rows(
+            "SELECT layer, expert, version, source_hash FROM expert_versions"
+        ):
+            if source in on_disk:
+                names = safetensors_names(self.blob_path(source))
+                if not any(n.startswith(f"expert/{layer}/{expert}/") for n in names):
+                    problems.append(f"expert/{layer}/{expert} v{version}: blob {source[:16]} lacks its tensors")
+        for layer, expert, count, top in self._rows(
+            "SELECT layer, expert, COUNT(*), MAX(version) FROM expert_versions GROUP BY layer, expert"
+        ):
+            if self.keep_versions is None and int(count) != int(top):
+                problems.append(f"expert/{layer}/{expert}: versions are not 1..{top}")
+        uploads = {r[0] for r in self._rows("SELECT content_hash FROM uploads")}
+        committed = {r[0] for r in self._rows("SELECT content_hash FROM commits")}
+        for h in sorted(uploads & committed):
+            problems.append(f"upload {h[:16]} is both in flight and committed")
+        for h, idx in self._rows("SELECT content_hash, idx FROM upload_chunks"):
+            row = self.get_upload(h)
+            if row is None:
+                problems.append(f"chunk {idx} of {h[:16]} belongs to no upload")
+                continue
+            data = self.read_chunk(row, int(idx))
+            if data is None or sha256_hex(data) != row.chunk_hashes[int(idx)]:
+                problems.append(f"chunk {idx} of {h[:16]} is recorded but not on disk intact")
+        for folder in self.partial.iterdir():
+            if folder.name not in uploads:
+                problems.append(f"partial/{folder.name} belongs to no upload")
+        for folder in (self.blobs, self.partial):
+            for tmp in folder.rglob(".*.tmp"):
+                problems.append(f"temporary file {tmp.relative_to(self.dir)} left behind")
+        if problems:
+            raise IntegrityError("; ".join(problems))
 
     def set_meta(self, key: str, value: Any) -> None:
         with self._tx() as db:
@@ -221,10 +357,17 @@ class Store:
     # assignments
 
     def record_assignment(
-        self, version: int, kind: str, owners: Mapping[tuple[int, int], str], t: str | None, wall: float
+        self,
+        version: int,
+        kind: str,
+        owners: Mapping[tuple[int, int], str],
+        t: str | None,
+        wall: float,
+        reason: str = "initial",
+        requested_by: str = "",
     ) -> None:
         with self._tx() as db:
-            db.execute("INSERT INTO assignments VALUES(?,?,?,?)", (version, kind, t, wall))
+            db.execute("INSERT INTO assignments VALUES(?,?,?,?,?,?)", (version, kind, t, wall, reason, requested_by))
             db.executemany(
                 "INSERT INTO assignment_experts VALUES(?,?,?,?)",
                 [(version, layer, expert, c) for (layer, expert), c in sorted(owners.items())],
@@ -251,10 +394,18 @@ class Store:
         rows = self._rows("SELECT * FROM uploads WHERE content_hash=?", (content_hash,))
         if not rows:
             return None
-        h, cluster, size, chunk_size, hashes, tensors, version, step, _ = rows[0]
+        h, cluster, size, chunk_size, hashes, tensors, version, step, _, base_version = rows[0]
         specs = tuple((n, d, tuple(s)) for n, d, s in json.loads(tensors))
         return UploadRow(
-            h, cluster, int(size), int(chunk_size), tuple(json.loads(hashes)), specs, int(version), int(step)
+            h,
+            cluster,
+            int(size),
+            int(chunk_size),
+            tuple(json.loads(hashes)),
+            specs,
+            int(version),
+            int(step),
+            int(base_version),
         )
 
     def put_upload(self, row: UploadRow, wall: float) -> None:
@@ -269,7 +420,7 @@ class Store:
             if relayout:
                 db.execute("DELETE FROM upload_chunks WHERE content_hash=?", (row.content_hash,))
             db.execute(
-                "INSERT OR REPLACE INTO uploads VALUES(?,?,?,?,?,?,?,?,?)",
+                "INSERT OR REPLACE INTO uploads VALUES(?,?,?,?,?,?,?,?,?,?)",
                 (
                     row.content_hash,
                     row.cluster,
@@ -280,6 +431,7 @@ class Store:
                     row.assignment_version,
                     row.local_step,
                     wall,
+                    row.base_version,
                 ),
             )
         if relayout:
@@ -288,17 +440,74 @@ class Store:
     def received_chunks(self, content_hash: str) -> set[int]:
         return {int(r[0]) for r in self._rows("SELECT idx FROM upload_chunks WHERE content_hash=?", (content_hash,))}
 
-    def put_chunk(self, content_hash: str, index: int, data: bytes) -> None:
+    def partial_path(self, content_hash: str) -> Path:
+        return self._chunk_dir(content_hash) / PARTIAL_FILE
+
+    def chunk_writer(self, upload: UploadRow) -> ChunkWriter:
+        """Writes verified chunks at their offsets; `flush()` fsyncs them and only then records them."""
+        return ChunkWriter(self, upload)
+
+    def put_chunk(self, content_hash: str, index: int, data: bytes | memoryview) -> None:
         """Durably store one verified chunk, then record it (a chunk on record is always on disk)."""
-        folder = self._chunk_dir(content_hash)
-        folder.mkdir(exist_ok=True)
-        atomic_write(folder / f"{index:08d}", data)
+        upload = self.get_upload(content_hash)
+        if upload is None:
+            raise KeyError(f"no upload {content_hash[:16]} on record")
+        with self.chunk_writer(upload) as writer:
+            writer.write(index, data)
+
+    def _record_chunks(self, content_hash: str, indices: list[int]) -> None:
         with self._tx() as db:
-            db.execute("INSERT OR IGNORE INTO upload_chunks VALUES(?,?)", (content_hash, index))
+            db.executemany("INSERT OR IGNORE INTO upload_chunks VALUES(?,?)", [(content_hash, i) for i in indices])
+
+    def read_chunk(self, upload: UploadRow, index: int) -> bytes | None:
+        try:
+            with open(self.partial_path(upload.content_hash), "rb") as handle:
+                handle.seek(index * upload.chunk_size)
+                want = min(upload.chunk_size, upload.size - index * upload.chunk_size)
+                data = handle.read(want)
+        except OSError:
+            return None
+        return data if len(data) == want else None
+
+    def map_partial(self, upload: UploadRow) -> memoryview:
+        """A read-only map of a completed partial upload (no copy)."""
+        with open(self.partial_path(upload.content_hash), "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            if size != upload.size:
+                raise OSError(f"partial upload {upload.content_hash[:16]} has {size} bytes, expected {upload.size}")
+            return memoryview(mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ))
+
+    def reset_upload(self, content_hash: str) -> None:
+        """Back to "offered, nothing received": drop the chunks of an upload whose content was refused."""
+        with self._tx() as db:
+            db.execute("DELETE FROM upload_chunks WHERE content_hash=?", (content_hash,))
+        shutil.rmtree(self._chunk_dir(content_hash), ignore_errors=True)
+
+    def forget_upload(self, content_hash: str) -> None:
+        """Drop an upload in flight and its chunks (it can never commit)."""
+        with self._tx() as db:
+            db.execute("DELETE FROM upload_chunks WHERE content_hash=?", (content_hash,))
+            db.execute("DELETE FROM uploads WHERE content_hash=?", (content_hash,))
+        shutil.rmtree(self._chunk_dir(content_hash), ignore_errors=True)
 
     def assemble(self, upload: UploadRow) -> bytes:
-        folder = self._chunk_dir(upload.content_hash)
-        return b"".join((folder / f"{i:08d}").read_bytes() for i in range(len(upload.chunk_hashes)))
+        return self.partial_path(upload.content_hash).read_bytes()
+
+    def adopt_partial(self, upload: UploadRow) -> None:
+        """Make the completed partial file of `upload` its blob: a hard link (no copy), so a crash before the commit
+        is recorded leaves the partial upload intact (and an orphan blob that the next open collects)."""
+        path = self.blob_path(upload.content_hash)
+        if path.exists():
+            return
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+        try:
+            os.link(self.partial_path(upload.content_hash), tmp)
+        except OSError:  # a filesystem without hard links: copy
+            shutil.copyfile(self.partial_path(upload.content_hash), tmp)
+            with open(tmp, "rb+") as handle:
+                os.fsync(handle.fileno())
+        os.replace(tmp, path)
+        fsync_dir(self.blobs)
 
     # blobs, commits and expert versions
 
@@ -314,6 +523,13 @@ class Store:
 
     def read_blob(self, content_hash: str) -> bytes:
         return self.blob_path(content_hash).read_bytes()
+
+    def map_blob(self, content_hash: str) -> memoryview:
+        """A read-only memory map of a blob (no copy; stays valid after the file is unlinked)."""
+        with open(self.blob_path(content_hash), "rb") as handle:
+            if os.fstat(handle.fileno()).st_size == 0:
+                return memoryview(b"")
+            return memoryview(mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ))
 
     def is_committed(self, content_hash: str) -> bool:
         return bool(self._rows("SELECT 1 FROM commits WHERE content_hash=?", (content_hash,)))
@@ -331,8 +547,12 @@ class Store:
         t: str,
         t_unix: float,
         wall: float,
+        round_upload: RoundUpload | None = None,
+        global_version: int | None = None,
+        cause: str = "",
     ) -> bool:
-        """Record a commit and its versions in one transaction (the blob is already durable).
+        """Record a commit, its versions, its round-buffer entry and new global version in one transaction
+        (every blob is already durable).
 
         False, and no change, when this content was committed before: committing twice is a no-op.
         """
@@ -343,17 +563,83 @@ class Store:
                 "INSERT INTO commits(content_hash, cluster, bytes, t, t_unix, wall) VALUES(?,?,?,?,?,?)",
                 (content_hash, cluster, size, t, t_unix, wall),
             )
-            db.executemany(
-                "INSERT INTO expert_versions VALUES(?,?,?,?,?,?,?,?,?)",
-                [
-                    (v.key.layer, v.key.expert, v.version, v.owner, v.source_hash, content_hash, t, t_unix, wall)
-                    for v in versions
-                ],
-            )
+            self._insert_versions(db, versions, content_hash, t, t_unix, wall)
+            if round_upload is not None:
+                db.execute(
+                    "INSERT INTO round_uploads VALUES(?,?,?,?)",
+                    (round_upload.round, round_upload.cluster, round_upload.content_hash, round_upload.weight),
+                )
+            if global_version is not None:
+                db.execute("INSERT INTO global_versions VALUES(?,?,?,?)", (global_version, t, t_unix, cause))
             db.execute("DELETE FROM upload_chunks WHERE content_hash=?", (content_hash,))
             db.execute("DELETE FROM uploads WHERE content_hash=?", (content_hash,))
         shutil.rmtree(self._chunk_dir(content_hash), ignore_errors=True)
+        self._prune()
         return True
+
+    def record_derived(
+        self, versions: list[NewVersion], global_version: int, cause: str, t: str, t_unix: float, wall: float
+    ) -> None:
+        """Versions made without an upload (a FedAvg round closed at its deadline) and the new global version."""
+        with self._tx() as db:
+            self._insert_versions(db, versions, cause, t, t_unix, wall)
+            db.execute("INSERT INTO global_versions VALUES(?,?,?,?)", (global_version, t, t_unix, cause))
+        self._prune()
+
+    @staticmethod
+    def _insert_versions(
+        db: sqlite3.Connection, versions: list[NewVersion], commit_hash: str, t: str, t_unix: float, wall: float
+    ) -> None:
+        db.executemany(
+            "INSERT INTO expert_versions VALUES(?,?,?,?,?,?,?,?,?)",
+            [
+                (v.key.layer, v.key.expert, v.version, v.owner, v.source_hash, commit_hash, t, t_unix, wall)
+                for v in versions
+            ],
+        )
+
+    def _prune(self) -> None:
+        """Keep the newest `keep_versions` versions per expert; delete blobs nothing refers to any more."""
+        if self.keep_versions is None:
+            return
+        with self._tx() as db:
+            db.execute(
+                "DELETE FROM expert_versions WHERE version <= "
+                "(SELECT MAX(v.version) FROM expert_versions v WHERE v.layer=expert_versions.layer"
+                " AND v.expert=expert_versions.expert) - ?",
+                (self.keep_versions,),
+            )
+            sources = {r[0] for r in db.execute("SELECT source_hash FROM expert_versions").fetchall()}
+            buffered = {r[0] for r in db.execute(_OPEN_ROUND_UPLOADS).fetchall()}
+            db.execute(
+                "UPDATE commits SET blob_kept=0 WHERE blob_kept=1 AND content_hash NOT IN "
+                f"(SELECT source_hash FROM expert_versions) AND content_hash NOT IN ({_OPEN_ROUND_UPLOADS})"
+            )
+            keep = sources | buffered
+        for path in self.blobs.glob("*.safetensors"):
+            if path.name.removesuffix(".safetensors") not in keep:
+                path.unlink(missing_ok=True)
+
+    # global versions, rounds and assignment history
+
+    def global_version(self) -> int:
+        return int(self._rows("SELECT COALESCE(MAX(version), 0) FROM global_versions")[0][0])
+
+    def global_version_time(self, version: int) -> float | None:
+        rows = self._rows("SELECT t_unix FROM global_versions WHERE version=?", (version,))
+        return float(rows[0][0]) if rows else None
+
+    def round_uploads(self, round_: int) -> list[RoundUpload]:
+        rows = self._rows("SELECT * FROM round_uploads WHERE round=? ORDER BY cluster", (round_,))
+        return [RoundUpload(int(r[0]), r[1], r[2], float(r[3])) for r in rows]
+
+    def assignment_history(self) -> list[AssignmentRecord]:
+        rows = self._rows("SELECT version, t, reason, requested_by FROM assignments ORDER BY version")
+        return [AssignmentRecord(int(r[0]), r[1], r[2], r[3]) for r in rows]
+
+    def generation(self) -> int:
+        """Changes whenever the global model does (for caches)."""
+        return int(self._rows("SELECT COUNT(*) FROM expert_versions")[0][0]) + 7919 * self.global_version()
 
     def current_version(self, key: ExpertKey) -> int:
         rows = self._rows(
@@ -382,6 +668,13 @@ class Store:
         prefix = f"expert/{row.layer}/{row.expert}/"
         tensors: dict[str, np.ndarray] = st_load(self.read_blob(row.source_hash))
         return {n: a for n, a in tensors.items() if n.startswith(prefix)}
+
+    def uploads_in_flight(self) -> int:
+        return int(self._rows("SELECT COUNT(*) FROM uploads")[0][0])
+
+    def size_bytes(self) -> int:
+        """Bytes of blobs and partial uploads on disk."""
+        return sum(p.stat().st_size for folder in (self.blobs, self.partial) for p in folder.rglob("*") if p.is_file())
 
     def commits(self) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
@@ -414,3 +707,77 @@ class Store:
 
 def _version_row(r: tuple[Any, ...]) -> ExpertVersionRow:
     return ExpertVersionRow(int(r[0]), int(r[1]), int(r[2]), r[3], r[4], r[5], r[6], float(r[7]))
+
+
+class ChunkWriter:
+    """Verified chunks of one upload go to their offsets in `partial/<hash>/data`; `flush` fsyncs the file once
+    and records every written index in one transaction, so a chunk is never on record before it is on disk."""
+
+    def __init__(self, store: Store, upload: UploadRow) -> None:
+        self.store = store
+        self.upload = upload
+        folder = store._chunk_dir(upload.content_hash)
+        created = not folder.exists()
+        folder.mkdir(exist_ok=True)
+        path = folder / PARTIAL_FILE
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        if created:
+            fsync_dir(store.partial)
+        self._new_file = created
+        self.pending: list[int] = []
+
+    def write(self, index: int, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        offset = index * self.upload.chunk_size
+        while view:
+            written = os.pwrite(self._fd, view, offset)
+            view = view[written:]
+            offset += written
+        self.pending.append(index)
+
+    def flush(self) -> list[int]:
+        """fsync, then record what was written since the last flush; returns the indices recorded."""
+        if not self.pending:
+            return []
+        os.fsync(self._fd)
+        if self._new_file:
+            fsync_dir(self.store._chunk_dir(self.upload.content_hash))
+            self._new_file = False
+        done, self.pending = self.pending, []
+        self.store._record_chunks(self.upload.content_hash, done)
+        return done
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> ChunkWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self.flush()
+        finally:
+            self.close()
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(4 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def safetensors_names(path: Path) -> list[str]:
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        if len(head) != 8:
+            return []
+        n = int.from_bytes(head, "little")
+        try:
+            header = json.loads(handle.read(min(n, 100 << 20)))
+        except ValueError:
+            return []
+    return [k for k in header if k != "__metadata__"] if isinstance(header, dict) else []

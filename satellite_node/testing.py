@@ -5,6 +5,10 @@ service, and a minimal Federation client. numpy only; no pytest, no torch.
 from __future__ import annotations
 
 import json
+import signal
+import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator, Mapping
 from datetime import datetime, timezone
@@ -111,11 +115,52 @@ class OrbitStub:
         self.bus.stop()
 
 
-class Client:
-    """A minimal Federation client of one cluster (plaintext, identity in metadata)."""
+class FakeLinks:
+    """Link state without MQTT: every cluster's link is up unless listed in `down`; a fixed emulated time;
+    `rate_bps` and `scale` give the link budget (None: unpaced)."""
 
-    def __init__(self, target: str, cluster: str) -> None:
-        self.channel = grpc.insecure_channel(target)
+    def __init__(self, rate_bps: float | None = None, scale: float = 1.0) -> None:
+        self.down: set[str] = set()
+        self.now = datetime(2026, 3, 20, 6, 0, tzinfo=timezone.utc)
+        self.rate_bps = rate_bps
+        self.scale = scale
+
+    def is_up(self, cluster: str) -> bool:
+        return cluster not in self.down
+
+    def down_reason(self, cluster: str) -> str:
+        return f"link of cluster {cluster!r} is down"
+
+    def emulated_now(self) -> datetime | None:
+        return self.now
+
+    def wall_rate_bytes(self, cluster: str) -> float | None:
+        return None if self.rate_bps is None else self.rate_bps * self.scale / 8.0
+
+
+class Client:
+    """A minimal Federation client of one cluster: plaintext with identity in metadata, or mutual TLS
+    (`tls=(ca_pem, cert_pem, key_pem)`, identity from the certificate; `cluster` then only goes into metadata,
+    which a TLS server must ignore)."""
+
+    def __init__(
+        self,
+        target: str,
+        cluster: str,
+        tls: tuple[bytes, bytes, bytes] | None = None,
+        server_name: str = "localhost",
+    ) -> None:
+        options: list[tuple[str, Any]] = [
+            ("grpc.max_send_message_length", 64 << 20),
+            ("grpc.max_receive_message_length", 64 << 20),
+        ]
+        if tls is None:
+            self.channel = grpc.insecure_channel(target, options=options)
+        else:
+            ca, cert, key = tls
+            credentials = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
+            options.append(("grpc.ssl_target_name_override", server_name))
+            self.channel = grpc.secure_channel(target, credentials, options=options)
         self.stub = pb_grpc.FederationStub(self.channel)
         self.md = ((CLUSTER_METADATA_KEY, cluster),)
 
@@ -146,8 +191,17 @@ class Client:
         reply: Any = self.stub.GetStatus(pb.StatusRequest(), metadata=self.md)
         return reply  # type: ignore[no-any-return]
 
+    def reassign(self, reason: str = "") -> pb.Assignment:
+        reply: Any = self.stub.RequestReassignment(pb.ReassignRequest(reason=reason), metadata=self.md)
+        return reply  # type: ignore[no-any-return]
+
     def offer(
-        self, blob: bytes, tensors: Mapping[str, np.ndarray], version: int, chunk_size: int = CHUNK_SIZE
+        self,
+        blob: bytes,
+        tensors: Mapping[str, np.ndarray],
+        version: int,
+        chunk_size: int = CHUNK_SIZE,
+        base_version: int = 0,
     ) -> pb.OfferReply:
         specs = [
             pb.TensorSpec(name=n, dtype="F32" if a.dtype == np.float32 else str(a.dtype).upper(), shape=list(a.shape))
@@ -161,6 +215,7 @@ class Client:
                 chunk_hashes=chunk_hashes(blob, chunk_size),
                 tensors=specs,
                 assignment_version=version,
+                base_version=base_version,
             ),
             metadata=self.md,
         )
@@ -188,3 +243,59 @@ class Client:
     def pull(self, names: list[str]) -> bytes:
         parts = [c.data for c in self.stub.PullTensors(pb.PullRequest(names=names), metadata=self.md)]
         return b"".join(parts)
+
+
+class SatelliteProcess:
+    """`emsfl satellite run` as a real OS process (tests, benchmarks): start, kill, restart on the same state."""
+
+    def __init__(
+        self,
+        workdir: str | Path,
+        broker: tuple[str, int],
+        topology: str,
+        port: int,
+        extra_args: list[str] | None = None,
+        base: Path | None = None,
+    ) -> None:
+        workdir = Path(workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.port = port
+        self.target = f"127.0.0.1:{port}"
+        self.state = workdir / "state"
+        self.base = base or write_tiny_base(workdir / "base")
+        self.topology = workdir / "topology.yaml"
+        self.topology.write_text(topology, encoding="utf-8")
+        self.log = workdir / "satellite.log"
+        self.broker = broker
+        self.extra_args = list(extra_args or [])
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def argv(self) -> list[str]:
+        argv = [sys.executable, "-m", "emsfl", "satellite", "run", "--topology", str(self.topology)]
+        argv += ["--broker", f"{self.broker[0]}:{self.broker[1]}", "--listen", self.target]
+        return [*argv, "--state", str(self.state), "--base", str(self.base), *self.extra_args]
+
+    def start(self, timeout_s: float = 30.0) -> None:
+        repo = Path(__file__).resolve().parents[1]
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(self.argv(), cwd=repo, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"satellite exited with {self.proc.returncode}: {self.log.read_text()[-2000:]}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise TimeoutError(f"satellite did not listen on {self.target}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 20.0) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        return self.proc.wait(timeout=timeout_s)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()

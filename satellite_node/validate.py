@@ -6,23 +6,28 @@ and a message naming the tensor and the problem.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import numpy as np
 
 from protos.wire import ExpertKey, parse_expert_name
-from satellite_node.manifest import Manifest, dtype_name
+from satellite_node.manifest import DTYPES, Manifest, dtype_name
+
+MAX_HEADER_BYTES = 100 << 20
 
 
 class Refusal(Exception):
     """A refused call; changes no state. `code` is what the gRPC layer answers."""
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    def __init__(self, code: grpc.StatusCode, message: str, kind: str = "") -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.kind = kind  # a short, bounded reason for metrics labels ("" : the code names it)
 
     def __str__(self) -> str:
         return f"{self.code.name}: {self.message}"
@@ -131,3 +136,59 @@ def validate_update(
     check_finite(tensors)
     check_ownership(experts, cluster, owners, offered_version, current_version, requires_ownership)
     return experts
+
+
+def parse_safetensors(buf: bytes | memoryview, where: str = "blob") -> dict[str, np.ndarray]:
+    """Read-only numpy views of the tensors of a safetensors blob, without copying; strict about the layout.
+
+    Refuses (INVALID_ARGUMENT) a header that is not JSON, unknown dtypes, negative dims, offsets that do not
+    match the shape, overlap, leave gaps or run past the end.
+    """
+    view = memoryview(buf).cast("B")
+    if len(view) < 8:
+        raise invalid(f"{where}: not a safetensors blob (shorter than its header length)")
+    n = int.from_bytes(view[:8], "little")
+    if n > MAX_HEADER_BYTES or 8 + n > len(view):
+        raise invalid(f"{where}: not a safetensors blob (header length {n})")
+    try:
+        header: Any = json.loads(bytes(view[8 : 8 + n]))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise invalid(f"{where}: not a safetensors blob (header is not JSON: {exc})") from exc
+    if not isinstance(header, dict):
+        raise invalid(f"{where}: not a safetensors blob (header is not an object)")
+    data = view[8 + n :]
+    spans: list[tuple[int, int, str]] = []
+    out: dict[str, np.ndarray] = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(entry, dict):
+            raise invalid(f"{where}: tensor {name!r}: header entry is not an object")
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if dtype not in DTYPES:
+            raise invalid(f"{where}: tensor {name!r}: dtype {dtype!r} not supported")
+        if not isinstance(shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+        ):
+            raise invalid(f"{where}: tensor {name!r}: bad shape {shape!r}")
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+        ):
+            raise invalid(f"{where}: tensor {name!r}: bad data_offsets {offsets!r}")
+        begin, end = offsets
+        np_dtype = DTYPES[dtype].newbyteorder("<")
+        count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        if not 0 <= begin <= end <= len(data) or end - begin != count * np_dtype.itemsize:
+            raise invalid(f"{where}: tensor {name!r}: data_offsets {offsets} do not fit its shape or the blob")
+        spans.append((begin, end, name))
+        out[name] = np.frombuffer(data[begin:end], dtype=np_dtype, count=count).reshape(shape)
+    position = 0
+    for begin, end, name in sorted(spans):
+        if begin != position:
+            raise invalid(f"{where}: tensor {name!r}: data overlaps another tensor or leaves a gap")
+        position = end
+    if position != len(data):
+        raise invalid(f"{where}: {len(data) - position} trailing bytes after the last tensor")
+    return out

@@ -41,4 +41,5 @@ def test_stub_exposes_every_rpc() -> None:
         "OfferUpdate",
         "PushChunks",
         "GetStatus",
+        "RequestReassignment",
     }

@@ -38,6 +38,29 @@ def _run(tmp_path: Path, topology: str, base: Path | None = None, flags: dict[st
         ("clusters:\n  - {id: c0, capacity_experts: -1}\n", {}, "clusters[0].capacity_experts"),
         (GOOD, {"--broker": "nohost"}, "--broker"),
         (GOOD, {"--listen": "127.0.0.1:99999"}, "--listen"),
+        (
+            "strategy: fedavg\n" + GOOD.split("\n", 1)[1] + "satellite: {fedavg: {quorum: 1}}\n",
+            {},
+            "satellite.fedavg.quorum",
+        ),
+        (
+            "strategy: fedavg\n" + GOOD.split("\n", 1)[1] + "satellite: {fedavg: {quorum: 0, round_deadline_s: 5}}\n",
+            {},
+            "satellite.fedavg.quorum",
+        ),
+        (
+            "strategy: fedasync\n" + GOOD.split("\n", 1)[1] + "satellite: {fedasync: {alpha: 2}}\n",
+            {},
+            "satellite.fedasync.alpha",
+        ),
+        (
+            "strategy: fedasync\n" + GOOD.split("\n", 1)[1] + "satellite: {fedasync: {beta: 2}}\n",
+            {},
+            "satellite.fedasync.beta",
+        ),
+        (GOOD + "satellite: {keep_versions: 0}\n", {}, "satellite.keep_versions"),
+        (GOOD + "satellite: {pace: sometimes}\n", {}, "satellite.pace"),
+        (GOOD, {"--metrics-port": "70000"}, "--metrics-port"),
     ],
 )
 def test_bad_config(
@@ -46,6 +69,19 @@ def test_bad_config(
     assert _run(tmp_path, topology, flags=flags) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and field in err
+
+
+def test_strategy_options_read() -> None:
+    from satellite_node.cli import read_config
+
+    topo = {
+        "strategy": "fedavg",
+        "clusters": [{"id": "c0"}],
+        "satellite": {"fedavg": {"quorum": 1, "round_deadline_s": 60}},
+    }
+    config = read_config(topo)
+    assert config.strategy_options == {"quorum": 1, "round_deadline_s": 60} and config.keep_versions is None
+    assert read_config({**topo, "strategy": "fedasync", "satellite": {}}).strategy_options == {"alpha": 0.5, "b": 0.5}
 
 
 def test_bad_base(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n protos/emsfl/v1/federation.proto\x12\x08\x65msfl.v1\"8\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"\xa4\x01\n\rModelManifest\x12\x0e\n\x06\x66\x61mily\x18\x01 \x01(\t\x12\x12\n\nnum_layers\x18\x02 \x01(\x05\x12\x13\n\x0bnum_experts\x18\x03 \x01(\x05\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x0c\n\x04tune\x18\x05 \x01(\t\x12*\n\x0c\x65xpert_parts\x18\x06 \x03(\x0b\x32\x14.emsfl.v1.TensorSpec\x12\x11\n\tbase_hash\x18\x07 \x01(\t\"\xc4\x01\n\x0bJoinRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x18\n\x10\x63\x61pacity_experts\x18\x02 \x01(\x05\x12\x14\n\x0cnum_examples\x18\x03 \x01(\x03\x12=\n\x0c\x63\x61pabilities\x18\x04 \x03(\x0b\x32\'.emsfl.v1.JoinRequest.CapabilitiesEntry\x1a\x33\n\x11\x43\x61pabilitiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\\\n\tJoinReply\x12\x12\n\ncluster_id\x18\x01 \x01(\t\x12)\n\x08manifest\x18\x02 \x01(\x0b\x32\x17.emsfl.v1.ModelManifest\x12\x10\n\x08strategy\x18\x03 \x01(\t\"i\n\x0e\x41\x66\x66inityReport\x12\x12\n\nnum_tokens\x18\x01 \x01(\x03\x12\x12\n\nnum_layers\x18\x02 \x01(\x05\x12\x13\n\x0bnum_experts\x18\x03 \x01(\x05\x12\x0c\n\x04gate\x18\x04 \x03(\x02\x12\x0c\n\x04\x66req\x18\x05 \x03(\x02\"U\n\x0b\x41\x66\x66inityAck\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x19\n\x11\x63lusters_reported\x18\x02 \x01(\x05\x12\x19\n\x11\x63lusters_expected\x18\x03 \x01(\x05\"\x13\n\x11\x41ssignmentRequest\".\n\x0cLayerExperts\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\x0f\n\x07\x65xperts\x18\x02 \x03(\x05\"T\n\nAssignment\x12\r\n\x05ready\x18\x01 \x01(\x08\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12&\n\x06layers\x18\x03 \x03(\x0b\x32\x16.emsfl.v1.LayerExperts\"E\n\x0bPullRequest\x12\r\n\x05names\x18\x01 \x03(\t\x12\x13\n\x0bresume_hash\x18\x02 \x01(\t\x12\x12\n\nfrom_index\x18\x03 \x01(\r\"t\n\x05\x43hunk\x12\x14\n\x0c\x63ontent_hash\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x14\n\x0ctotal_chunks\x18\x03 \x01(\r\x12\x12\n\ntotal_size\x18\x04 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x12\x0e\n\x06sha256\x18\x06 \x01(\t\"\xb8\x01\n\x0bUpdateOffer\x12\x14\n\x0c\x63ontent_hash\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x04\x12\x12\n\nchunk_size\x18\x03 \x01(\r\x12\x14\n\x0c\x63hunk_hashes\x18\x04 \x03(\t\x12%\n\x07tensors\x18\x05 \x03(\x0b\x32\x14.emsfl.v1.TensorSpec\x12\x1a\n\x12\x61ssignment_version\x18\x06 \x01(\x03\x12\x12\n\nlocal_step\x18\x07 \x01(\x03\"0\n\nOfferReply\x12\x11\n\tcommitted\x18\x01 \x01(\x08\x12\x0f\n\x07missing\x18\x02 \x03(\r\"Z\n\tPushReply\x12\x11\n\tcommitted\x18\x01 \x01(\x08\x12\x0f\n\x07missing\x18\x02 \x03(\r\x12)\n\x08versions\x18\x03 \x03(\x0b\x32\x17.emsfl.v1.ExpertVersion\"\x0f\n\rStatusRequest\"d\n\rExpertVersion\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\x05\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\r\n\x05owner\x18\x04 \x01(\t\x12\x14\n\x0c\x63ommitted_at\x18\x05 \x01(\t\"\xa9\x01\n\rClusterStatus\x12\x12\n\ncluster_id\x18\x01 \x01(\t\x12\x0f\n\x07link_up\x18\x02 \x01(\x08\x12\x0e\n\x06joined\x18\x03 \x01(\x08\x12\x19\n\x11\x61\x66\x66inity_reported\x18\x04 \x01(\x08\x12\x15\n\rexperts_owned\x18\x05 \x01(\x05\x12\x19\n\x11uploads_committed\x18\x06 \x01(\x03\x12\x16\n\x0e\x62ytes_received\x18\x07 \x01(\x04\"\xa6\x01\n\x0bStatusReply\x12\x10\n\x08strategy\x18\x01 \x01(\t\x12\x1a\n\x12\x61ssignment_version\x18\x02 \x01(\x03\x12)\n\x08\x63lusters\x18\x03 \x03(\x0b\x32\x17.emsfl.v1.ClusterStatus\x12(\n\x07\x65xperts\x18\x04 \x03(\x0b\x32\x17.emsfl.v1.ExpertVersion\x12\x14\n\x0c\x65mulated_now\x18\x05 \x01(\t2\xaf\x03\n\nFederation\x12\x32\n\x04Join\x12\x15.emsfl.v1.JoinRequest\x1a\x13.emsfl.v1.JoinReply\x12\x41\n\x0eReportAffinity\x12\x18.emsfl.v1.AffinityReport\x1a\x15.emsfl.v1.AffinityAck\x12\x42\n\rGetAssignment\x12\x1b.emsfl.v1.AssignmentRequest\x1a\x14.emsfl.v1.Assignment\x12\x37\n\x0bPullTensors\x12\x15.emsfl.v1.PullRequest\x1a\x0f.emsfl.v1.Chunk0\x01\x12:\n\x0bOfferUpdate\x12\x15.emsfl.v1.UpdateOffer\x1a\x14.emsfl.v1.OfferReply\x12\x34\n\nPushChunks\x12\x0f.emsfl.v1.Chunk\x1a\x13.emsfl.v1.PushReply(\x01\x12;\n\tGetStatus\x12\x17.emsfl.v1.StatusRequest\x1a\x15.emsfl.v1.StatusReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n protos/emsfl/v1/federation.proto\x12\x08\x65msfl.v1\"8\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"\xa4\x01\n\rModelManifest\x12\x0e\n\x06\x66\x61mily\x18\x01 \x01(\t\x12\x12\n\nnum_layers\x18\x02 \x01(\x05\x12\x13\n\x0bnum_experts\x18\x03 \x01(\x05\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x0c\n\x04tune\x18\x05 \x01(\t\x12*\n\x0c\x65xpert_parts\x18\x06 \x03(\x0b\x32\x14.emsfl.v1.TensorSpec\x12\x11\n\tbase_hash\x18\x07 \x01(\t\"\xc4\x01\n\x0bJoinRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x18\n\x10\x63\x61pacity_experts\x18\x02 \x01(\x05\x12\x14\n\x0cnum_examples\x18\x03 \x01(\x03\x12=\n\x0c\x63\x61pabilities\x18\x04 \x03(\x0b\x32\'.emsfl.v1.JoinRequest.CapabilitiesEntry\x1a\x33\n\x11\x43\x61pabilitiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"t\n\tJoinReply\x12\x12\n\ncluster_id\x18\x01 \x01(\t\x12)\n\x08manifest\x18\x02 \x01(\x0b\x32\x17.emsfl.v1.ModelManifest\x12\x10\n\x08strategy\x18\x03 \x01(\t\x12\x16\n\x0eglobal_version\x18\x04 \x01(\x03\"i\n\x0e\x41\x66\x66inityReport\x12\x12\n\nnum_tokens\x18\x01 \x01(\x03\x12\x12\n\nnum_layers\x18\x02 \x01(\x05\x12\x13\n\x0bnum_experts\x18\x03 \x01(\x05\x12\x0c\n\x04gate\x18\x04 \x03(\x02\x12\x0c\n\x04\x66req\x18\x05 \x03(\x02\"U\n\x0b\x41\x66\x66inityAck\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x19\n\x11\x63lusters_reported\x18\x02 \x01(\x05\x12\x19\n\x11\x63lusters_expected\x18\x03 \x01(\x05\"\x13\n\x11\x41ssignmentRequest\".\n\x0cLayerExperts\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\x0f\n\x07\x65xperts\x18\x02 \x03(\x05\"\x82\x01\n\nAssignment\x12\r\n\x05ready\x18\x01 \x01(\x08\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12&\n\x06layers\x18\x03 \x03(\x0b\x32\x16.emsfl.v1.LayerExperts\x12,\n\x0bhanded_over\x18\x04 \x03(\x0b\x32\x17.emsfl.v1.ExpertVersion\"!\n\x0fReassignRequest\x12\x0e\n\x06reason\x18\x01 \x01(\t\"E\n\x0bPullRequest\x12\r\n\x05names\x18\x01 \x03(\t\x12\x13\n\x0bresume_hash\x18\x02 \x01(\t\x12\x12\n\nfrom_index\x18\x03 \x01(\r\"t\n\x05\x43hunk\x12\x14\n\x0c\x63ontent_hash\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x14\n\x0ctotal_chunks\x18\x03 \x01(\r\x12\x12\n\ntotal_size\x18\x04 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x12\x0e\n\x06sha256\x18\x06 \x01(\t\"\xce\x01\n\x0bUpdateOffer\x12\x14\n\x0c\x63ontent_hash\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x04\x12\x12\n\nchunk_size\x18\x03 \x01(\r\x12\x14\n\x0c\x63hunk_hashes\x18\x04 \x03(\t\x12%\n\x07tensors\x18\x05 \x03(\x0b\x32\x14.emsfl.v1.TensorSpec\x12\x1a\n\x12\x61ssignment_version\x18\x06 \x01(\x03\x12\x12\n\nlocal_step\x18\x07 \x01(\x03\x12\x14\n\x0c\x62\x61se_version\x18\x08 \x01(\x03\"0\n\nOfferReply\x12\x11\n\tcommitted\x18\x01 \x01(\x08\x12\x0f\n\x07missing\x18\x02 \x03(\r\"Z\n\tPushReply\x12\x11\n\tcommitted\x18\x01 \x01(\x08\x12\x0f\n\x07missing\x18\x02 \x03(\r\x12)\n\x08versions\x18\x03 \x03(\x0b\x32\x17.emsfl.v1.ExpertVersion\"\x0f\n\rStatusRequest\"d\n\rExpertVersion\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\x05\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\r\n\x05owner\x18\x04 \x01(\t\x12\x14\n\x0c\x63ommitted_at\x18\x05 \x01(\t\"\xa9\x01\n\rClusterStatus\x12\x12\n\ncluster_id\x18\x01 \x01(\t\x12\x0f\n\x07link_up\x18\x02 \x01(\x08\x12\x0e\n\x06joined\x18\x03 \x01(\x08\x12\x19\n\x11\x61\x66\x66inity_reported\x18\x04 \x01(\x08\x12\x15\n\rexperts_owned\x18\x05 \x01(\x05\x12\x19\n\x11uploads_committed\x18\x06 \x01(\x03\x12\x16\n\x0e\x62ytes_received\x18\x07 \x01(\x04\"\x8e\x02\n\x0bStatusReply\x12\x10\n\x08strategy\x18\x01 \x01(\t\x12\x1a\n\x12\x61ssignment_version\x18\x02 \x01(\x03\x12)\n\x08\x63lusters\x18\x03 \x03(\x0b\x32\x17.emsfl.v1.ClusterStatus\x12(\n\x07\x65xperts\x18\x04 \x03(\x0b\x32\x17.emsfl.v1.ExpertVersion\x12\x14\n\x0c\x65mulated_now\x18\x05 \x01(\t\x12\x16\n\x0eglobal_version\x18\x06 \x01(\x03\x12\x16\n\x0eround_uploaded\x18\x07 \x03(\t\x12\x36\n\x12\x61ssignment_history\x18\x08 \x03(\x0b\x32\x1a.emsfl.v1.AssignmentRecord\"_\n\x10\x41ssignmentRecord\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x14\n\x0c\x63ommitted_at\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x14\n\x0crequested_by\x18\x04 \x01(\t2\xf7\x03\n\nFederation\x12\x32\n\x04Join\x12\x15.emsfl.v1.JoinRequest\x1a\x13.emsfl.v1.JoinReply\x12\x41\n\x0eReportAffinity\x12\x18.emsfl.v1.AffinityReport\x1a\x15.emsfl.v1.AffinityAck\x12\x42\n\rGetAssignment\x12\x1b.emsfl.v1.AssignmentRequest\x1a\x14.emsfl.v1.Assignment\x12\x37\n\x0bPullTensors\x12\x15.emsfl.v1.PullRequest\x1a\x0f.emsfl.v1.Chunk0\x01\x12:\n\x0bOfferUpdate\x12\x15.emsfl.v1.UpdateOffer\x1a\x14.emsfl.v1.OfferReply\x12\x34\n\nPushChunks\x12\x0f.emsfl.v1.Chunk\x1a\x13.emsfl.v1.PushReply(\x01\x12;\n\tGetStatus\x12\x17.emsfl.v1.StatusRequest\x1a\x15.emsfl.v1.StatusReply\x12\x46\n\x13RequestReassignment\x12\x19.emsfl.v1.ReassignRequest\x1a\x14.emsfl.v1.Assignmentb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,35 +42,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_JOINREQUEST_CAPABILITIESENTRY']._serialized_start=417
   _globals['_JOINREQUEST_CAPABILITIESENTRY']._serialized_end=468
   _globals['_JOINREPLY']._serialized_start=470
-  _globals['_JOINREPLY']._serialized_end=562
-  _globals['_AFFINITYREPORT']._serialized_start=564
-  _globals['_AFFINITYREPORT']._serialized_end=669
-  _globals['_AFFINITYACK']._serialized_start=671
-  _globals['_AFFINITYACK']._serialized_end=756
-  _globals['_ASSIGNMENTREQUEST']._serialized_start=758
-  _globals['_ASSIGNMENTREQUEST']._serialized_end=777
-  _globals['_LAYEREXPERTS']._serialized_start=779
-  _globals['_LAYEREXPERTS']._serialized_end=825
-  _globals['_ASSIGNMENT']._serialized_start=827
-  _globals['_ASSIGNMENT']._serialized_end=911
-  _globals['_PULLREQUEST']._serialized_start=913
-  _globals['_PULLREQUEST']._serialized_end=982
-  _globals['_CHUNK']._serialized_start=984
-  _globals['_CHUNK']._serialized_end=1100
-  _globals['_UPDATEOFFER']._serialized_start=1103
-  _globals['_UPDATEOFFER']._serialized_end=1287
-  _globals['_OFFERREPLY']._serialized_start=1289
-  _globals['_OFFERREPLY']._serialized_end=1337
-  _globals['_PUSHREPLY']._serialized_start=1339
-  _globals['_PUSHREPLY']._serialized_end=1429
-  _globals['_STATUSREQUEST']._serialized_start=1431
-  _globals['_STATUSREQUEST']._serialized_end=1446
-  _globals['_EXPERTVERSION']._serialized_start=1448
-  _globals['_EXPERTVERSION']._serialized_end=1548
-  _globals['_CLUSTERSTATUS']._serialized_start=1551
-  _globals['_CLUSTERSTATUS']._serialized_end=1720
-  _globals['_STATUSREPLY']._serialized_start=1723
-  _globals['_STATUSREPLY']._serialized_end=1889
-  _globals['_FEDERATION']._serialized_start=1892
-  _globals['_FEDERATION']._serialized_end=2323
+  _globals['_JOINREPLY']._serialized_end=586
+  _globals['_AFFINITYREPORT']._serialized_start=588
+  _globals['_AFFINITYREPORT']._serialized_end=693
+  _globals['_AFFINITYACK']._serialized_start=695
+  _globals['_AFFINITYACK']._serialized_end=780
+  _globals['_ASSIGNMENTREQUEST']._serialized_start=782
+  _globals['_ASSIGNMENTREQUEST']._serialized_end=801
+  _globals['_LAYEREXPERTS']._serialized_start=803
+  _globals['_LAYEREXPERTS']._serialized_end=849
+  _globals['_ASSIGNMENT']._serialized_start=852
+  _globals['_ASSIGNMENT']._serialized_end=982
+  _globals['_REASSIGNREQUEST']._serialized_start=984
+  _globals['_REASSIGNREQUEST']._serialized_end=1017
+  _globals['_PULLREQUEST']._serialized_start=1019
+  _globals['_PULLREQUEST']._serialized_end=1088
+  _globals['_CHUNK']._serialized_start=1090
+  _globals['_CHUNK']._serialized_end=1206
+  _globals['_UPDATEOFFER']._serialized_start=1209
+  _globals['_UPDATEOFFER']._serialized_end=1415
+  _globals['_OFFERREPLY']._serialized_start=1417
+  _globals['_OFFERREPLY']._serialized_end=1465
+  _globals['_PUSHREPLY']._serialized_start=1467
+  _globals['_PUSHREPLY']._serialized_end=1557
+  _globals['_STATUSREQUEST']._serialized_start=1559
+  _globals['_STATUSREQUEST']._serialized_end=1574
+  _globals['_EXPERTVERSION']._serialized_start=1576
+  _globals['_EXPERTVERSION']._serialized_end=1676
+  _globals['_CLUSTERSTATUS']._serialized_start=1679
+  _globals['_CLUSTERSTATUS']._serialized_end=1848
+  _globals['_STATUSREPLY']._serialized_start=1851
+  _globals['_STATUSREPLY']._serialized_end=2121
+  _globals['_ASSIGNMENTRECORD']._serialized_start=2123
+  _globals['_ASSIGNMENTRECORD']._serialized_end=2218
+  _globals['_FEDERATION']._serialized_start=2221
+  _globals['_FEDERATION']._serialized_end=2724
 # @@protoc_insertion_point(module_scope)

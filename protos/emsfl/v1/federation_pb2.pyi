@@ -156,10 +156,13 @@ class JoinReply(_message.Message):
     CLUSTER_ID_FIELD_NUMBER: _builtins.int
     MANIFEST_FIELD_NUMBER: _builtins.int
     STRATEGY_FIELD_NUMBER: _builtins.int
+    GLOBAL_VERSION_FIELD_NUMBER: _builtins.int
     cluster_id: _builtins.str
     """identity as the server sees it"""
     strategy: _builtins.str
     """"emsfl", "fedavg", "fedasync" """
+    global_version: _builtins.int
+    """fedavg: the open round (= global model version to train from); fedasync: global version"""
     @_builtins.property
     def manifest(self) -> Global___ModelManifest: ...
     def __init__(
@@ -168,10 +171,11 @@ class JoinReply(_message.Message):
         cluster_id: _builtins.str = ...,
         manifest: Global___ModelManifest | None = ...,
         strategy: _builtins.str = ...,
+        global_version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["manifest", b"manifest"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cluster_id", b"cluster_id", "manifest", b"manifest", "strategy", b"strategy"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cluster_id", b"cluster_id", "global_version", b"global_version", "manifest", b"manifest", "strategy", b"strategy"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -284,11 +288,16 @@ class Assignment(_message.Message):
     READY_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
     LAYERS_FIELD_NUMBER: _builtins.int
+    HANDED_OVER_FIELD_NUMBER: _builtins.int
     ready: _builtins.bool
     version: _builtins.int
     @_builtins.property
     def layers(self) -> _containers.RepeatedCompositeFieldContainer[Global___LayerExperts]:
         """the caller's experts, per layer"""
+
+    @_builtins.property
+    def handed_over(self) -> _containers.RepeatedCompositeFieldContainer[Global___ExpertVersion]:
+        """experts the caller gained from another owner in this version, newest version each"""
 
     def __init__(
         self,
@@ -296,14 +305,35 @@ class Assignment(_message.Message):
         ready: _builtins.bool = ...,
         version: _builtins.int = ...,
         layers: _abc.Iterable[Global___LayerExperts] | None = ...,
+        handed_over: _abc.Iterable[Global___ExpertVersion] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["layers", b"layers", "ready", b"ready", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["handed_over", b"handed_over", "layers", b"layers", "ready", b"ready", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Assignment: _TypeAlias = Assignment  # noqa: Y015
+
+@_typing.final
+class ReassignRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REASON_FIELD_NUMBER: _builtins.int
+    reason: _builtins.str
+    """free text, recorded with the new version"""
+    def __init__(
+        self,
+        *,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReassignRequest: _TypeAlias = ReassignRequest  # noqa: Y015
 
 @_typing.final
 class PullRequest(_message.Message):
@@ -382,6 +412,7 @@ class UpdateOffer(_message.Message):
     TENSORS_FIELD_NUMBER: _builtins.int
     ASSIGNMENT_VERSION_FIELD_NUMBER: _builtins.int
     LOCAL_STEP_FIELD_NUMBER: _builtins.int
+    BASE_VERSION_FIELD_NUMBER: _builtins.int
     content_hash: _builtins.str
     """SHA-256 (hex) of the safetensors blob"""
     size_bytes: _builtins.int
@@ -389,6 +420,8 @@ class UpdateOffer(_message.Message):
     assignment_version: _builtins.int
     local_step: _builtins.int
     """training step the update was taken at (informative)"""
+    base_version: _builtins.int
+    """fedavg: the round trained for; fedasync: the global version trained from; emsfl: unused"""
     @_builtins.property
     def chunk_hashes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -403,10 +436,11 @@ class UpdateOffer(_message.Message):
         tensors: _abc.Iterable[Global___TensorSpec] | None = ...,
         assignment_version: _builtins.int = ...,
         local_step: _builtins.int = ...,
+        base_version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignment_version", b"assignment_version", "chunk_hashes", b"chunk_hashes", "chunk_size", b"chunk_size", "content_hash", b"content_hash", "local_step", b"local_step", "size_bytes", b"size_bytes", "tensors", b"tensors"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignment_version", b"assignment_version", "base_version", b"base_version", "chunk_hashes", b"chunk_hashes", "chunk_size", b"chunk_size", "content_hash", b"content_hash", "local_step", b"local_step", "size_bytes", b"size_bytes", "tensors", b"tensors"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -558,13 +592,24 @@ class StatusReply(_message.Message):
     CLUSTERS_FIELD_NUMBER: _builtins.int
     EXPERTS_FIELD_NUMBER: _builtins.int
     EMULATED_NOW_FIELD_NUMBER: _builtins.int
+    GLOBAL_VERSION_FIELD_NUMBER: _builtins.int
+    ROUND_UPLOADED_FIELD_NUMBER: _builtins.int
+    ASSIGNMENT_HISTORY_FIELD_NUMBER: _builtins.int
     strategy: _builtins.str
     assignment_version: _builtins.int
     emulated_now: _builtins.str
+    global_version: _builtins.int
+    """see JoinReply.global_version (emsfl: number of commits)"""
     @_builtins.property
     def clusters(self) -> _containers.RepeatedCompositeFieldContainer[Global___ClusterStatus]: ...
     @_builtins.property
     def experts(self) -> _containers.RepeatedCompositeFieldContainer[Global___ExpertVersion]: ...
+    @_builtins.property
+    def round_uploaded(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """fedavg: clusters whose upload for the open round is committed"""
+
+    @_builtins.property
+    def assignment_history(self) -> _containers.RepeatedCompositeFieldContainer[Global___AssignmentRecord]: ...
     def __init__(
         self,
         *,
@@ -573,11 +618,45 @@ class StatusReply(_message.Message):
         clusters: _abc.Iterable[Global___ClusterStatus] | None = ...,
         experts: _abc.Iterable[Global___ExpertVersion] | None = ...,
         emulated_now: _builtins.str = ...,
+        global_version: _builtins.int = ...,
+        round_uploaded: _abc.Iterable[_builtins.str] | None = ...,
+        assignment_history: _abc.Iterable[Global___AssignmentRecord] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignment_version", b"assignment_version", "clusters", b"clusters", "emulated_now", b"emulated_now", "experts", b"experts", "strategy", b"strategy"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignment_history", b"assignment_history", "assignment_version", b"assignment_version", "clusters", b"clusters", "emulated_now", b"emulated_now", "experts", b"experts", "global_version", b"global_version", "round_uploaded", b"round_uploaded", "strategy", b"strategy"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StatusReply: _TypeAlias = StatusReply  # noqa: Y015
+
+@_typing.final
+class AssignmentRecord(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    COMMITTED_AT_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    REQUESTED_BY_FIELD_NUMBER: _builtins.int
+    version: _builtins.int
+    committed_at: _builtins.str
+    """emulated UTC, ISO 8601"""
+    reason: _builtins.str
+    """"initial", or the reason given with RequestReassignment"""
+    requested_by: _builtins.str
+    """cluster that asked ("" for the initial solve)"""
+    def __init__(
+        self,
+        *,
+        version: _builtins.int = ...,
+        committed_at: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        requested_by: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["committed_at", b"committed_at", "reason", b"reason", "requested_by", b"requested_by", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AssignmentRecord: _TypeAlias = AssignmentRecord  # noqa: Y015

@@ -69,6 +69,11 @@ class FederationStub:
                 request_serializer=protos_dot_emsfl_dot_v1_dot_federation__pb2.StatusRequest.SerializeToString,
                 response_deserializer=protos_dot_emsfl_dot_v1_dot_federation__pb2.StatusReply.FromString,
                 _registered_method=True)
+        self.RequestReassignment = channel.unary_unary(
+                '/emsfl.v1.Federation/RequestReassignment',
+                request_serializer=protos_dot_emsfl_dot_v1_dot_federation__pb2.ReassignRequest.SerializeToString,
+                response_deserializer=protos_dot_emsfl_dot_v1_dot_federation__pb2.Assignment.FromString,
+                _registered_method=True)
 
 
 class FederationServicer:
@@ -124,6 +129,15 @@ class FederationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RequestReassignment(self, request, context):
+        """Ask for a new assignment from the newest affinity reports (DESIGN §4.2; strategy emsfl only).
+        Answers with the caller's assignment under the new version; experts that changed owner are
+        handed over with their newest parameters (listed in `handed_over`, fetched through PullTensors).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FederationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -161,6 +175,11 @@ def add_FederationServicer_to_server(servicer, server):
                     servicer.GetStatus,
                     request_deserializer=protos_dot_emsfl_dot_v1_dot_federation__pb2.StatusRequest.FromString,
                     response_serializer=protos_dot_emsfl_dot_v1_dot_federation__pb2.StatusReply.SerializeToString,
+            ),
+            'RequestReassignment': grpc.unary_unary_rpc_method_handler(
+                    servicer.RequestReassignment,
+                    request_deserializer=protos_dot_emsfl_dot_v1_dot_federation__pb2.ReassignRequest.FromString,
+                    response_serializer=protos_dot_emsfl_dot_v1_dot_federation__pb2.Assignment.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -352,6 +371,33 @@ class Federation:
             '/emsfl.v1.Federation/GetStatus',
             protos_dot_emsfl_dot_v1_dot_federation__pb2.StatusRequest.SerializeToString,
             protos_dot_emsfl_dot_v1_dot_federation__pb2.StatusReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RequestReassignment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/emsfl.v1.Federation/RequestReassignment',
+            protos_dot_emsfl_dot_v1_dot_federation__pb2.ReassignRequest.SerializeToString,
+            protos_dot_emsfl_dot_v1_dot_federation__pb2.Assignment.FromString,
             options,
             channel_credentials,
             insecure,

@@ -54,6 +54,11 @@ class FederationStub:
     """
     GetStatus: _grpc.UnaryUnaryMultiCallable[_federation_pb2.StatusRequest, _federation_pb2.StatusReply]
     """Global state: clusters, links, assignment, expert versions."""
+    RequestReassignment: _grpc.UnaryUnaryMultiCallable[_federation_pb2.ReassignRequest, _federation_pb2.Assignment]
+    """Ask for a new assignment from the newest affinity reports (DESIGN §4.2; strategy emsfl only).
+    Answers with the caller's assignment under the new version; experts that changed owner are
+    handed over with their newest parameters (listed in `handed_over`, fetched through PullTensors).
+    """
 
 @_typing.type_check_only
 class FederationAsyncStub(FederationStub):
@@ -74,6 +79,11 @@ class FederationAsyncStub(FederationStub):
     """
     GetStatus: _aio.UnaryUnaryMultiCallable[_federation_pb2.StatusRequest, _federation_pb2.StatusReply]  # type: ignore[assignment]
     """Global state: clusters, links, assignment, expert versions."""
+    RequestReassignment: _aio.UnaryUnaryMultiCallable[_federation_pb2.ReassignRequest, _federation_pb2.Assignment]  # type: ignore[assignment]
+    """Ask for a new assignment from the newest affinity reports (DESIGN §4.2; strategy emsfl only).
+    Answers with the caller's assignment under the new version; experts that changed owner are
+    handed over with their newest parameters (listed in `handed_over`, fetched through PullTensors).
+    """
 
 class FederationServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -133,5 +143,16 @@ class FederationServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_federation_pb2.StatusReply, _abc.Awaitable[_federation_pb2.StatusReply]]:
         """Global state: clusters, links, assignment, expert versions."""
+
+    @_abc_1.abstractmethod
+    def RequestReassignment(
+        self,
+        request: _federation_pb2.ReassignRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_federation_pb2.Assignment, _abc.Awaitable[_federation_pb2.Assignment]]:
+        """Ask for a new assignment from the newest affinity reports (DESIGN §4.2; strategy emsfl only).
+        Answers with the caller's assignment under the new version; experts that changed owner are
+        handed over with their newest parameters (listed in `handed_over`, fetched through PullTensors).
+        """
 
 def add_FederationServicer_to_server(servicer: FederationServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
