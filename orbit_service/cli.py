@@ -19,9 +19,17 @@ from types import FrameType
 from typing import Any, NoReturn
 
 from emsfl.config import ConfigError, field, load_topology, parse_host_port, positive
-from orbit_service.constellation import load_tle_file, parse_walker_spec, satellites_from_topology, walker_satellites
+from orbit_service.commands import REPLY_TOPIC, CommandListener, make_command
+from orbit_service.constellation import (
+    load_omm_file,
+    load_tle_file,
+    parse_walker_spec,
+    satellites_from_topology,
+    walker_satellites,
+)
 from orbit_service.events import EventLog
-from orbit_service.plan import build_plan, contacts_csv, contacts_json, plan_dict, plan_from_topology
+from orbit_service.link import link_model_from
+from orbit_service.plan import Plan, build_plan, contacts_csv, contacts_json, load_plan, plan_dict, plan_from_topology
 from orbit_service.publisher import OrbitPublisher
 from orbit_service.sites import load_sites_csv, sites_from_topology
 from protos import topics
@@ -30,7 +38,6 @@ from protos.clock import EmulatedClock
 from protos.timefmt import parse_iso
 
 PROG = "emsfl orbit"
-DEFAULT_RATE_BPS = 10_000_000.0
 DEFAULT_PLAN_HOURS = 24.0
 HORIZON_MARGIN = 1.10  # the run's plan outlasts the lab by 10 %, so its last seconds still see passes
 
@@ -52,24 +59,52 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     run = sub.add_parser("run", help="compute the plan and publish clock, links and contacts until stopped")
-    run.add_argument("--topology", required=True, help="topology YAML file")
+    run.add_argument("--topology", help="topology YAML file (required unless --replay)")
     run.add_argument("--broker", required=True, help="MQTT broker HOST:PORT")
     run.add_argument("--plan-out", help="write the contact plan (JSON) here")
     run.add_argument("--events", help="append link_up/link_down events (JSON lines) here")
     run.add_argument("--scale", type=float, help="emulated seconds per wall second (default: clock.scale)")
     run.add_argument("--start-utc", help="emulated start, ISO 8601 (default: clock.start_utc)")
     run.add_argument("--hours", type=float, help="plan horizon in emulated hours (default: the lab duration + 10%%)")
+    run.add_argument("--replay", help="drive the links from a recorded plan (a --plan-out file) instead of orbits")
+    run.add_argument("--method", choices=("fast", "reference"), default="fast", help="contact finder (default: fast)")
+
+    override = sub.add_parser("override", help="send an operator command to a running orbit service")
+    override.add_argument("--broker", required=True, help="MQTT broker HOST:PORT")
+    override.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the reply")
+    verbs = override.add_subparsers(dest="verb", required=True, parser_class=_Parser)
+    link = verbs.add_parser("link", help="force a cluster's link up or down (auto: back to the plan)")
+    link.add_argument("--cluster", required=True)
+    link.add_argument("--state", required=True, choices=("up", "down", "auto"))
+    link.add_argument("--duration-s", type=float, help="emulated seconds (default: until --state auto)")
+    link.add_argument("--delay-s", type=float, help="one-way delay while forced up")
+    link.add_argument("--rate-bps", type=float, help="rate while forced up")
+    link.add_argument("--loss", type=float, help="loss fraction while forced up")
+    verbs.add_parser("pause", help="freeze emulated time")
+    verbs.add_parser("resume", help="let emulated time run again")
+    scale = verbs.add_parser("scale", help="change the time scale")
+    scale.add_argument("scale", type=float)
+    verbs.add_parser("reload", help="re-read the plan source (topology or --replay file)")
+
+    shaper = sub.add_parser("shaper", help="enforce one cluster's link state on a network device with tc netem")
+    shaper.add_argument("--cluster", required=True)
+    shaper.add_argument("--broker", required=True, help="MQTT broker HOST:PORT")
+    shaper.add_argument("--dev", required=True, help="network interface whose egress is shaped")
+    shaper.add_argument("--netns", help="run tc in this network namespace")
 
     plan = sub.add_parser("plan", help="print or export the contacts of a constellation over sites")
     source = plan.add_mutually_exclusive_group(required=True)
     source.add_argument("--topology", help="topology YAML file (constellation and cluster sites)")
     source.add_argument("--walker", help="Walker-delta shell INC_DEG:ALT_KM:PLANES/SATS_PER_PLANE/PHASING")
     source.add_argument("--tle", help="TLE file (2-line or 3-line)")
+    source.add_argument("--omm", help="OMM file (CelesTrak JSON or CSV)")
     plan.add_argument("--sites", help="sites CSV: name,lat_deg,lon_deg,alt_m,min_elevation_deg")
     plan.add_argument("--start", help="start, ISO 8601 UTC (default: clock.start_utc of the topology, else now)")
     plan.add_argument("--hours", type=float, default=DEFAULT_PLAN_HOURS, help="window length (default: 24)")
     plan.add_argument("--format", choices=("json", "csv"), default="json")
     plan.add_argument("--out", help="write here instead of stdout")
+    plan.add_argument("--method", choices=("fast", "reference"), default="fast", help="contact finder (default: fast)")
+
     return parser
 
 
@@ -143,36 +178,51 @@ def _command_plan(args: argparse.Namespace) -> int:
     elif topology is not None:
         sites = {s.name: s for s in sites_from_topology(topology).values()}
     else:
-        raise ConfigError("--sites: required with --walker or --tle")
+        raise ConfigError("--sites: required with --walker, --tle or --omm")
 
     if topology is not None:
         satellites = satellites_from_topology(topology, start, base_dir=Path(args.topology).parent)
     elif args.walker:
         satellites = walker_satellites(parse_walker_spec(args.walker), start)
+    elif args.omm:
+        satellites = load_omm_file(args.omm)
     else:
         satellites = load_tle_file(args.tle)
-    plan = build_plan(sites, satellites, start, end)
+    plan = build_plan(sites, satellites, start, end, method=args.method)
     contacts = [contact for _, contact in plan.all_contacts()]
     _write(args.out, contacts_json(contacts) if args.format == "json" else contacts_csv(contacts))
     return 0
 
 
 def _command_run(args: argparse.Namespace) -> int:
-    topology = load_topology(args.topology)
+    if not args.topology and not args.replay:
+        raise UsageError(f"{PROG} run: the following arguments are required: --topology (or --replay)")
+    topology: dict[str, Any] = load_topology(args.topology) if args.topology else {}
     clock_cfg = _optional_section(topology, "clock")
+    replayed = load_plan(args.replay) if args.replay else None
     if args.scale is not None:
         scale = positive(args.scale, "--scale")
-    else:
+    elif "scale" in clock_cfg or replayed is None:
         scale = positive(field(clock_cfg, "scale", float, "clock", default=1.0), "clock.scale")
-    start = _time_arg(args.start_utc, "--start-utc") if args.start_utc else _topology_start(topology) or _now()
-    hours = args.hours if args.hours is not None else default_run_hours(topology, scale)
-    end = start + _hours(hours, "--hours")
+    else:
+        scale = positive(replayed.scale, "plan scale")
     link_cfg = _optional_section(topology, "link")
-    rate_bps = positive(field(link_cfg, "rate_bps", float, "link", default=DEFAULT_RATE_BPS), "link.rate_bps")
+    model = link_model_from(link_cfg)
     contacts_published = field(link_cfg, "contacts_published", int, "link", default=5)
     if contacts_published < 1:
         raise ConfigError(f"link.contacts_published: must be >= 1, got {contacts_published}")
     host, port = parse_host_port(args.broker, "--broker")
+
+    def make_plan() -> Plan:
+        if args.replay:
+            plan = load_plan(args.replay)
+            plan.scale = scale
+            return plan
+        start = _time_arg(args.start_utc, "--start-utc") if args.start_utc else _topology_start(topology) or _now()
+        hours = args.hours if args.hours is not None else default_run_hours(topology, scale)
+        end = start + _hours(hours, "--hours")
+        base_dir = Path(args.topology).parent
+        return plan_from_topology(topology, start, end, scale, base_dir=base_dir, method=args.method)
 
     stop = threading.Event()
 
@@ -182,10 +232,10 @@ def _command_run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
 
-    plan = plan_from_topology(topology, start, end, scale, base_dir=Path(args.topology).parent)
+    plan = make_plan()
     if args.plan_out:
         _write(args.plan_out, json.dumps(plan_dict(plan), indent=2) + "\n")
-    log.info("plan %s .. %s: %d contacts", plan.start_utc, plan.end_utc, len(plan.all_contacts()))
+    log.info("plan %s .. %s: %d windows", plan.start_utc, plan.end_utc, sum(len(w) for w in plan.windows.values()))
 
     events = EventLog(args.events) if args.events else None
     bus = Bus(host, port, role="orbit", node_id="orbit", status_topic=topics.ORBIT_STATUS)
@@ -198,16 +248,117 @@ def _command_run(args: argparse.Namespace) -> int:
         return 1
     # The clock starts now, after planning, so that no transition is already due when publishing begins.
     clock = EmulatedClock(epoch_utc=plan.start_utc, wall_ref_unix=time.time(), scale=scale)
-    publisher = OrbitPublisher(plan, bus, clock, rate_bps, contacts_published, events)
+    publisher = OrbitPublisher(plan, bus, clock, model, contacts_published, events)
+    listener = CommandListener(host, port, publisher, make_plan, events)
     try:
         publisher.start()
+        listener.start()
         while not stop.wait(0.5):  # a timed wait keeps the main thread responsive to signals
             pass
     finally:
+        listener.stop()
         publisher.stop()
         bus.stop()
         if events is not None:
             events.close()
+    return 0
+
+
+def _command_override(args: argparse.Namespace) -> int:
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    from protos import payloads
+
+    host, port = parse_host_port(args.broker, "--broker")
+    fields: dict[str, Any] = {}
+    if args.verb == "link":
+        fields = {
+            "cluster": args.cluster,
+            "state": args.state,
+            "duration_s": args.duration_s,
+            "delay_s": args.delay_s,
+            "rate_bps": args.rate_bps,
+            "loss": args.loss,
+        }
+    elif args.verb == "scale":
+        fields = {"scale": args.scale}
+    body = make_command(args.verb, **fields)
+    try:
+        data = payloads.encode("cmd", body)
+    except payloads.PayloadError as exc:
+        raise ConfigError(str(exc)) from None
+    replies: list[dict[str, Any]] = []
+    got = threading.Event()
+    subscribed = threading.Event()
+
+    def on_message(client: Any, userdata: Any, msg: Any) -> None:
+        try:
+            reply = payloads.decode("cmd_reply", msg.payload)
+        except payloads.PayloadError:
+            return
+        if reply.get("id") == body["id"]:
+            replies.append(reply)
+            got.set()
+
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"orbit-override-{body['id'][:8]}")
+    client.on_connect = lambda c, *a: c.subscribe(REPLY_TOPIC, qos=1)
+    client.on_subscribe = lambda *a: subscribed.set()
+    client.on_message = on_message
+    try:
+        client.connect(host, port, keepalive=10)
+    except OSError as exc:
+        print(f"{PROG}: cannot reach the broker at {host}:{port}: {exc}", file=sys.stderr)
+        return 1
+    client.loop_start()
+    try:
+        if not subscribed.wait(args.timeout):
+            print(f"{PROG}: no broker answer at {host}:{port}", file=sys.stderr)
+            return 1
+        client.publish(f"{topics.ORBIT_CMD}/{args.verb}", data, qos=1)
+        if not got.wait(args.timeout):
+            print(f"{PROG}: no reply from the orbit service within {args.timeout:g} s", file=sys.stderr)
+            return 1
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    reply = replies[0]
+    print(json.dumps(reply))
+    if not reply["ok"]:
+        print(f"{PROG}: refused: {reply['error']}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _command_shaper(args: argparse.Namespace) -> int:
+    from orbit_service.shaper import Shaper, ShaperError, check_tools
+
+    host, port = parse_host_port(args.broker, "--broker")
+    try:
+        check_tools()
+    except ShaperError as exc:
+        raise ConfigError(str(exc)) from None
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda s, f: stop.set())
+    signal.signal(signal.SIGINT, lambda s, f: stop.set())
+    bus = Bus(host, port, role="shaper", node_id=args.cluster)
+    shaper = Shaper(bus, args.cluster, args.dev, args.netns)
+    try:
+        shaper.start()
+    except ShaperError as exc:
+        raise ConfigError(str(exc)) from None
+    try:
+        bus.start()
+    except ConnectionError as exc:
+        shaper.stop()
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 1
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        shaper.stop()
+        bus.stop()
     return 0
 
 
@@ -217,6 +368,10 @@ def main(argv: list[str]) -> int:
         args = _parser().parse_args(argv)
         if args.command == "run":
             return _command_run(args)
+        if args.command == "override":
+            return _command_override(args)
+        if args.command == "shaper":
+            return _command_shaper(args)
         return _command_plan(args)
     except UsageError as exc:
         print(str(exc), file=sys.stderr)

@@ -238,6 +238,71 @@ def load_tle_file(path: str | Path) -> list[EarthSatellite]:
     return parse_tle_text(text, str(path))
 
 
+def parse_omm_text(text: str, source: str = "<omm>", fmt: str | None = None) -> list[EarthSatellite]:
+    """Satellites from OMM records (CelesTrak `FORMAT=json` or `FORMAT=csv`), via sgp4's omm module."""
+    from sgp4 import omm
+
+    fmt = fmt or ("json" if text.lstrip().startswith(("[", "{")) else "csv")
+    try:
+        if fmt == "json":
+            import json
+
+            records = json.loads(text)
+            if isinstance(records, dict):
+                records = [records]
+        else:
+            import io
+
+            records = list(omm.parse_csv(io.StringIO(text)))
+    except ValueError as exc:
+        raise ConfigError(f"{source}: not OMM {fmt.upper()}: {exc}") from None
+    if not isinstance(records, list) or not records:
+        raise ConfigError(f"{source}: no OMM records")
+    ts = timescale()
+    satellites: list[EarthSatellite] = []
+    seen: set[str] = set()
+    for i, fields in enumerate(records):
+        where = f"{source} record {i + 1}"
+        if not isinstance(fields, dict):
+            raise ConfigError(f"{where}: expected an object")
+        satrec = Satrec()
+        try:
+            omm.initialize(satrec, {k: str(v) for k, v in fields.items()})
+        except KeyError as exc:
+            raise ConfigError(f"{where}: missing OMM field {exc.args[0]}") from None
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"{where}: malformed OMM: {exc}") from None
+        if satrec.error != 0 or not satrec.no_kozai > 0:
+            raise ConfigError(f"{where}: SGP4 rejects these elements (error code {satrec.error})")
+        sat = EarthSatellite.from_satrec(satrec, ts)
+        sat.name = str(fields.get("OBJECT_NAME") or f"OMM-{fields.get('NORAD_CAT_ID', i + 1)}").strip()
+        if sat.name in seen:
+            raise ConfigError(f"{where}: satellite {sat.name!r} defined twice")
+        seen.add(sat.name)
+        satellites.append(sat)
+    return satellites
+
+
+def load_omm_file(path: str | Path) -> list[EarthSatellite]:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read OMM file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"OMM file {path}: not UTF-8 text") from None
+    fmt = "json" if path.suffix.lower() == ".json" else "csv" if path.suffix.lower() == ".csv" else None
+    return parse_omm_text(text, str(path), fmt)
+
+
+def _walker_shell(walker: Any, where: str, epoch: datetime) -> list[EarthSatellite]:
+    if isinstance(walker, str):
+        return walker_satellites(parse_walker_spec(walker), epoch)
+    if not isinstance(walker, dict):
+        raise ConfigError(f"{where}: expected a mapping or an INC:ALT:P/S/F string")
+    return walker_satellites(walker_from_mapping(walker, where), epoch)
+
+
 def satellites_from_topology(
     topology: Mapping[str, Any], epoch: datetime, base_dir: Path | None = None
 ) -> list[EarthSatellite]:
@@ -245,17 +310,23 @@ def satellites_from_topology(
     constellation = topology.get("constellation")
     if not isinstance(constellation, dict):
         raise ConfigError("constellation: missing or not a mapping")
-    has_walker, has_tle = "walker" in constellation, "tle_file" in constellation
-    if has_walker == has_tle:
-        raise ConfigError("constellation: give exactly one of walker or tle_file")
-    if has_walker:
+    sources = [k for k in ("walker", "tle_file", "omm_file") if k in constellation]
+    if len(sources) != 1:
+        raise ConfigError("constellation: give exactly one of walker, tle_file or omm_file")
+    if sources == ["walker"]:
         walker = constellation["walker"]
-        if isinstance(walker, str):
-            return walker_satellites(parse_walker_spec(walker), epoch)
-        if not isinstance(walker, dict):
-            raise ConfigError("constellation.walker: expected a mapping or an INC:ALT:P/S/F string")
-        return walker_satellites(walker_from_mapping(walker, "constellation.walker"), epoch)
-    tle_path = Path(field(constellation, "tle_file", str, "constellation"))
-    if not tle_path.is_absolute() and base_dir is not None and (base_dir / tle_path).exists():
-        tle_path = base_dir / tle_path
-    return load_tle_file(tle_path)
+        if not isinstance(walker, list):
+            return _walker_shell(walker, "constellation.walker", epoch)
+        if not walker:
+            raise ConfigError("constellation.walker: an empty list of shells")
+        satellites = []
+        for i, shell in enumerate(walker):  # several shells: ids WALKER<i>-Ppp-Sss
+            for sat in _walker_shell(shell, f"constellation.walker[{i}]", epoch):
+                sat.name = sat.name.replace("WALKER-", f"WALKER{i}-", 1)
+                satellites.append(sat)
+        return satellites
+    key = sources[0]
+    path = Path(field(constellation, key, str, "constellation"))
+    if not path.is_absolute() and base_dir is not None and (base_dir / path).exists():
+        path = base_dir / path
+    return load_tle_file(path) if key == "tle_file" else load_omm_file(path)

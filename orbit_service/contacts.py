@@ -28,6 +28,16 @@ class Contact:
 
 
 @dataclass(frozen=True)
+class Handover:
+    """The serving satellite changes at `at` inside a window; geometry of the new one at that instant."""
+
+    at: datetime
+    satellite: str
+    elevation_deg: float | None = None
+    range_km: float | None = None
+
+
+@dataclass(frozen=True)
 class Window:
     """A link-up interval of one site: the union of overlapping contacts."""
 
@@ -35,6 +45,17 @@ class Window:
     end: datetime
     satellite: str  # the serving satellite at `start`
     peak_elevation_deg: float
+    elevation_deg: float | None = None  # of the serving satellite at `start`
+    range_km: float | None = None
+    handovers: tuple[Handover, ...] = ()
+
+    def serving_at(self, moment: datetime) -> tuple[str, float | None, float | None]:
+        """(satellite, elevation at its selection, range at its selection) serving at `moment`."""
+        current: tuple[str, float | None, float | None] = (self.satellite, self.elevation_deg, self.range_km)
+        for h in self.handovers:
+            if h.at <= moment:
+                current = (h.satellite, h.elevation_deg, h.range_km)
+        return current
 
 
 def round_ms(moment: datetime) -> datetime:

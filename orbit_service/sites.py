@@ -24,6 +24,27 @@ class GroundSite:
     lon_deg: float
     alt_m: float = 0.0
     min_elevation_deg: float = 10.0
+    # Optional azimuth-dependent mask: (azimuth_deg, elevation_deg) points, interpolated linearly around the
+    # circle; the effective minimum elevation at an azimuth is the larger of this and `min_elevation_deg`.
+    mask: tuple[tuple[float, float], ...] = ()
+
+    def mask_at(self, azimuth_deg: float) -> float:
+        """The minimum elevation (deg) towards `azimuth_deg`."""
+        if not self.mask:
+            return self.min_elevation_deg
+        points = sorted(self.mask)
+        az = [a for a, _ in points]
+        el = [e for _, e in points]
+        # Wrap around: the first point again at +360, the last at -360.
+        xs = [az[-1] - 360.0, *az, az[0] + 360.0]
+        ys = [el[-1], *el, el[0]]
+        x = azimuth_deg % 360.0
+        for i in range(len(xs) - 1):
+            if xs[i] <= x <= xs[i + 1]:
+                span = xs[i + 1] - xs[i]
+                w = 0.0 if span == 0 else (x - xs[i]) / span
+                return max(self.min_elevation_deg, ys[i] + w * (ys[i + 1] - ys[i]))
+        return self.min_elevation_deg  # unreachable: the wrapped points cover [0, 360]
 
     def validate(self, where: str, sep: str = ".") -> GroundSite:
         """Check ranges; errors read `<where><sep><field>: ...`."""
@@ -38,6 +59,11 @@ class GroundSite:
         for name, value, low, high in checks:
             if not (math.isfinite(value) and low <= value <= high):
                 raise ConfigError(f"{where}{sep}{name}: must be in [{low:g}, {high:g}], got {value!r}")
+        for i, (az, el) in enumerate(self.mask):
+            if not (math.isfinite(az) and 0.0 <= az < 360.0 and math.isfinite(el) and 0.0 <= el <= 89.0):
+                raise ConfigError(
+                    f"{where}{sep}mask[{i}]: expected [azimuth in [0, 360), elevation in [0, 89]], got {[az, el]!r}"
+                )
         return self
 
     def topos(self) -> Any:
@@ -52,8 +78,25 @@ def site_from_mapping(mapping: Mapping[str, Any], where: str) -> GroundSite:
         lon_deg=field(mapping, "lon_deg", float, where),
         alt_m=field(mapping, "alt_m", float, where, default=0.0),
         min_elevation_deg=field(mapping, "min_elevation_deg", float, where, default=10.0),
+        mask=_mask_from(mapping.get("mask"), f"{where}.mask"),
     )
     return site.validate(where)
+
+
+def _mask_from(value: Any, where: str) -> tuple[tuple[float, float], ...]:
+    """`[[azimuth_deg, elevation_deg], ...]` or None."""
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f"{where}: expected a non-empty list of [azimuth_deg, elevation_deg] pairs")
+    points = []
+    for i, point in enumerate(value):
+        if not (isinstance(point, (list, tuple)) and len(point) == 2) or not all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) for x in point
+        ):
+            raise ConfigError(f"{where}[{i}]: expected [azimuth_deg, elevation_deg], got {point!r}")
+        points.append((float(point[0]), float(point[1])))
+    return tuple(points)
 
 
 def sites_from_topology(topology: Mapping[str, Any]) -> dict[str, GroundSite]:
@@ -88,7 +131,8 @@ def parse_sites_csv(text: str, source: str = "<sites>") -> list[GroundSite]:
                 values.append(float(cell))
             except ValueError:
                 raise ConfigError(f"{where}: {column}: not a number: {cell!r}") from None
-        sites.append(GroundSite(row[0].strip(), *values).validate(where, sep=": "))
+        lat, lon, alt, min_el = values
+        sites.append(GroundSite(row[0].strip(), lat, lon, alt, min_el).validate(where, sep=": "))
     if not sites:
         raise ConfigError(f"{source}: no sites after the header")
     names = [site.name for site in sites]

@@ -107,7 +107,7 @@ def test_walker_from_topology_and_field_errors() -> None:
         satellites_from_topology(
             {"constellation": {"walker": {k: v for k, v in walker.items() if k != "altitude_km"}}}, EPOCH
         )
-    with pytest.raises(ConfigError, match="exactly one of walker or tle_file"):
+    with pytest.raises(ConfigError, match="exactly one of walker, tle_file or omm_file"):
         satellites_from_topology({"constellation": {}}, EPOCH)
 
 
