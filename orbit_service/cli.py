@@ -27,7 +27,6 @@ from orbit_service.constellation import (
     satellites_from_topology,
     walker_satellites,
 )
-from orbit_service.events import EventLog
 from orbit_service.link import link_model_from
 from orbit_service.plan import Plan, build_plan, contacts_csv, contacts_json, load_plan, plan_dict, plan_from_topology
 from orbit_service.publisher import OrbitPublisher
@@ -35,6 +34,7 @@ from orbit_service.sites import load_sites_csv, sites_from_topology
 from protos import topics
 from protos.bus import Bus
 from protos.clock import EmulatedClock
+from protos.events import EventLog
 from protos.timefmt import parse_iso
 
 PROG = "emsfl orbit"
@@ -237,7 +237,7 @@ def _command_run(args: argparse.Namespace) -> int:
         _write(args.plan_out, json.dumps(plan_dict(plan), indent=2) + "\n")
     log.info("plan %s .. %s: %d windows", plan.start_utc, plan.end_utc, sum(len(w) for w in plan.windows.values()))
 
-    events = EventLog(args.events) if args.events else None
+    events = EventLog(args.events, "orbit", "orbit") if args.events else None
     bus = Bus(host, port, role="orbit", node_id="orbit", status_topic=topics.ORBIT_STATUS)
     try:
         bus.start()

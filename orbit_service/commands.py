@@ -18,10 +18,10 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from emsfl.config import ConfigError
-from orbit_service.events import EventLog
 from orbit_service.plan import Plan
 from orbit_service.publisher import OrbitPublisher
 from protos import payloads, topics
+from protos.events import EventLog
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ class CommandListener:
             error = str(exc.args[0]) if isinstance(exc, KeyError) else str(exc)
             log.warning("refused command %s: %s", verb, error)
             if self.events is not None:
-                self.events.write("cmd_refused", self.publisher.clock.now(), verb=verb, error=error)
+                self.events.emit("cmd_refused", self.publisher.clock.now(), verb=verb, error=error)
             self._reply(verb, cmd_id, error)
             return
         except Exception as exc:  # never kill the network thread
@@ -135,7 +135,7 @@ class CommandListener:
             return
         log.info("applied command %s %s", verb, {k: v for k, v in body.items() if k not in ("schema", "version")})
         if self.events is not None:
-            self.events.write("cmd", self.publisher.clock.now(), verb=verb, id=cmd_id)
+            self.events.emit("cmd", self.publisher.clock.now(), verb=verb, cmd_id=cmd_id)
         self._reply(verb, cmd_id, None)
 
     def apply(self, verb: str, body: dict[str, Any]) -> None:

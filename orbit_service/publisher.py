@@ -21,12 +21,12 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from orbit_service.contacts import Window
-from orbit_service.events import EventLog
 from orbit_service.link import SPEED_OF_LIGHT_KM_S, LinkModel, geometry_at
 from orbit_service.plan import Plan
 from protos import topics
 from protos.bus import Bus
 from protos.clock import EmulatedClock
+from protos.events import EventLog
 from protos.timefmt import to_iso
 
 log = logging.getLogger(__name__)
@@ -230,7 +230,7 @@ class OrbitPublisher:
         self.bus.publish(topics.link(cluster), "link", payload, retain=True)
         self.bus.publish(topics.contacts(cluster), "contacts", self.contacts_payload(cluster, at), retain=True)
         if self.events is not None:
-            self.events.write(event, at, cluster=cluster, satellite=payload["satellite"], seq=payload["seq"], **extra)
+            self.events.emit(event, at, cluster=cluster, satellite=payload["satellite"], seq=payload["seq"], **extra)
         log.info("link %s %s at %s (seq %d)", cluster, event, to_iso(at), payload["seq"])
 
     def _publish(self, tr: Transition) -> None:
@@ -304,7 +304,7 @@ class OrbitPublisher:
         self.clock = clock
         self.publish_clock()
         if self.events is not None:
-            self.events.write("clock", clock.epoch_utc, scale=clock.scale, paused=clock.paused, change=what)
+            self.events.emit("clock", clock.epoch_utc, scale=clock.scale, paused=clock.paused, change=what)
         log.info("clock %s: epoch %s scale %g paused %s", what, to_iso(clock.epoch_utc), clock.scale, clock.paused)
         self._cond.notify_all()
 

@@ -166,8 +166,8 @@ def main(argv: list[str]) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from protos.bus import Bus
+    from protos.events import EventLog
     from protos.linkview import LinkView
-    from satellite_node.events import EVENTS_FILE, EventLog
     from satellite_node.manifest import ManifestError, load_manifest
     from satellite_node.metrics import Metrics
     from satellite_node.node import NodeConfig, SatelliteNode
@@ -192,7 +192,7 @@ def _run(args: argparse.Namespace) -> int:
     store.set_meta("clusters", list(config.clusters))
     bus = Bus(broker_host, broker_port, role="satellite", node_id="satellite")
     links = LinkView(bus, clusters=list(config.clusters))
-    events = EventLog(state / EVENTS_FILE, links.emulated_now)
+    events = EventLog(state / "events.jsonl", "satellite", "satellite", links.emulated_now)
     metrics = Metrics()
     node_config = NodeConfig(
         config.clusters,

@@ -21,10 +21,10 @@ import grpc
 import numpy as np
 from safetensors.numpy import save as st_save
 
+from protos.events import EventLog
 from protos.timefmt import to_iso
 from protos.wire import CHUNK_SIZE, ExpertKey, sha256_hex, split_chunks
 from satellite_node.assignment import AFFINITY_KINDS, owners, solve_assignment
-from satellite_node.events import EventLog
 from satellite_node.manifest import Manifest, load_base_tensors
 from satellite_node.metrics import Metrics
 from satellite_node.store import AffinityRow, ClusterRow, ExpertVersionRow, RoundUpload, Store, UploadRow

@@ -32,6 +32,7 @@ import numpy as np
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
+from emsfl.durable import atomic_write_bytes, fsync_dir
 from protos.wire import ExpertKey, sha256_hex
 from satellite_node.strategy import NewVersion
 
@@ -87,25 +88,6 @@ _OPEN_ROUND_UPLOADS = (
 
 class IntegrityError(AssertionError):
     """`Store.check_integrity` found state that a crash-safe store can never have."""
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, data: bytes | bytearray | memoryview) -> None:
-    """Write tmp, fsync, rename, fsync the directory: the file is either absent or complete."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 @dataclass(frozen=True)
@@ -518,7 +500,7 @@ class Store:
         content_hash = sha256_hex(blob)
         path = self.blob_path(content_hash)
         if not path.exists():  # content-addressed: an existing blob is the same bytes
-            atomic_write(path, blob)
+            atomic_write_bytes(path, blob)
         return content_hash
 
     def read_blob(self, content_hash: str) -> bytes:

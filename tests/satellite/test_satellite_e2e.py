@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load as st_load
 
+from protos.events import read_events
 from satellite_node import export
-from satellite_node.events import read_events
 from satellite_node.testing import Client, OrbitStub, encode, expert_update, write_tiny_base
 from testbed.broker import BrokerProcess, free_port, wait_for_port
 

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import numpy as np
 
+from emsfl.durable import atomic_write_bytes
 from protos.wire import ExpertKey, chunk_hashes, sha256_hex, split_chunks
 from satellite_node import export
 from satellite_node.manifest import load_base_tensors
-from satellite_node.store import Store, UploadRow, atomic_write
+from satellite_node.store import Store, UploadRow
 from satellite_node.strategy import NewVersion
 from satellite_node.testing import encode, expert_update, write_tiny_base
 
@@ -18,8 +19,8 @@ T0 = datetime(2026, 3, 20, 6, 0, tzinfo=timezone.utc)
 
 
 def test_atomic_write_leaves_no_tmp(tmp_path: Path) -> None:
-    atomic_write(tmp_path / "a", b"one")
-    atomic_write(tmp_path / "a", b"two")
+    atomic_write_bytes(tmp_path / "a", b"one")
+    atomic_write_bytes(tmp_path / "a", b"two")
     assert (tmp_path / "a").read_bytes() == b"two"
     assert [p.name for p in tmp_path.iterdir()] == ["a"]
 
