@@ -38,6 +38,10 @@ lint: setup-dev
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
+# Benchmarks write JSON to benchmarks/results/ (a few minutes each on 2 cores; run on a quiet machine).
+bench: setup-dev
+	for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
 protos: setup-dev
 	$(BIN)/python -m protos.generate
 
