@@ -25,6 +25,7 @@ from ground_node.settings import load_settings
 from ground_node.split import Assignment
 from ground_node.train import Trainer
 from ground_node.uplink import Link, Uplink
+from ground_node.usage import Usage
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +63,23 @@ class GroundAgent:
         self.num_examples = 0
         self.steps = 0
         self.uplink: Uplink | None = None
+        self.usage = Usage(now)  # train/idle seconds, downlinked bytes (report.json)
+        self.baseline: Any = None  # ground_node.baseline.BaselineState under fedavg / fedasync
+
+    def _on_join(self, reply: Any) -> None:
+        """The satellite names the strategy: under a baseline the uplink's passes follow docs/STRATEGIES.md."""
+        from ground_node.baseline import BASELINES, BaselineClient, BaselineState
+
+        if reply.strategy in BASELINES and self.uplink is not None and self.uplink.client is None:
+            self.baseline = BaselineState(reply.strategy, int(reply.global_version))
+            self.uplink.client = BaselineClient(self.baseline, reply.manifest, self.usage)
+            self.events.emit("joined", strategy=reply.strategy, global_version=int(reply.global_version))
 
     def _on_ack(self, update: StagedUpdate) -> None:
         self.events.emit("upload_acked", content_hash=update.content_hash, bytes=update.size)
+
+    def _on_push(self, content_hash: str, chunks: list[int], total: int) -> None:
+        self.events.emit("pushing", content_hash=content_hash, chunks=chunks, total_chunks=total)
 
     def _saved_assignment(self) -> Assignment | None:
         path = self.workdir / ASSIGNMENT
@@ -95,13 +110,23 @@ class GroundAgent:
             self.num_examples,
             affinity,
             on_ack=self._on_ack,
+            on_join=self._on_join,
+            on_push=self._on_push,
         )
         self.uplink.start()
         assignment = self._saved_assignment()
         try:
-            while assignment is None and not stop.is_set():
+            self.usage.idle_start()  # no model to train until the assignment (or, baselines, the join)
+            while assignment is None and not stop.is_set() and self.baseline is None:
+                self.usage.idle_tick()
                 if self.uplink.assigned.wait(0.5):
                     assignment = self.uplink.assignment
+            self.usage.idle_stop()
+            if self.baseline is not None:
+                from ground_node.baseline import train_baseline
+
+                train_baseline(self, base, data, self.baseline, stop)
+                return self.report()
             if assignment is None:
                 return self.report()
             self._train(base, data, assignment, probs, top_k, stop)
@@ -118,7 +143,12 @@ class GroundAgent:
         self.events.emit("assigned", version=assignment.version, coverage=round(self.coverage, 4))
         trainer = Trainer(base.model, base.adapter, s.training, assignment, data, s.seed, tok=tokenizer_for(s.data))
         if trainer.load_checkpoint(self.workdir):
+            from ground_node.train import optimizer_digest
+
             log.info("resumed from step %d", trainer.step)
+            self.events.emit(
+                "resumed", step=trainer.step, optimizer_sha256=optimizer_digest(trainer.optimizer.state_dict())
+            )
         bar = None
         if self.opt.progress:
             from tqdm import tqdm
@@ -129,7 +159,7 @@ class GroundAgent:
             current = self.uplink.assignment if self.uplink is not None else None
             if current is not None and current.version != assignment.version and current != assignment:
                 log.warning("assignment changed to version %d; hand-over is not supported yet", current.version)
-            loss = trainer.train_step()
+            loss = self.usage.timed(trainer.train_step)
             self.steps = trainer.step
             if bar is not None:
                 bar.update(1)
@@ -158,6 +188,8 @@ class GroundAgent:
             "coverage": self.coverage,
             "num_examples": self.num_examples,
             "peak_rss_mb": peak_rss_mb(),
+            "strategy": self.baseline.strategy if self.baseline is not None else "emsfl",
+            **self.usage.snapshot(),
         }
         atomic_write_json(self.workdir / "report.json", report)
         return report

@@ -59,7 +59,12 @@ def warm_up(model: nn.Module, settings: Settings, progress: bool = False) -> lis
     if w.steps == 0:
         return []
     tok = tokenizer_for(settings.data)
-    pool = warmup_pool(settings, min(w.steps * w.batch_size, 50_000))
+    if w.text_path:  # general text, not the task: the federation alone learns the task
+        from ground_node.textwarm import text_windows
+
+        pool = text_windows(w.text_path, min(w.steps * w.batch_size, 50_000), w.text_window, settings.seed)
+    else:
+        pool = warmup_pool(settings, min(w.steps * w.batch_size, 50_000))
     torch.manual_seed(settings.seed)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=w.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20))

@@ -21,10 +21,14 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="profile, follow the link, train the assigned experts and upload them")
     run.add_argument("--topology", required=True)
     run.add_argument("--broker", required=True, help="MQTT broker HOST:PORT")
-    run.add_argument("--satellite", required=True, help="satellite node gRPC HOST:PORT")
+    run.add_argument("--satellite", default=None, help="satellite node gRPC HOST:PORT (required without --gateway)")
     run.add_argument("--cluster", required=True)
     run.add_argument("--workdir", required=True)
     run.add_argument("--base", required=True, help="base directory (emsfl ground warmup)")
+    run.add_argument("--gateway", default=None, help="a device of a multi-device cluster: its gateway's HOST:PORT")
+    run.add_argument("--device", default=None, help="this device's id in its cluster (with --gateway), e.g. d0")
+    run.add_argument("--shard", type=int, default=None, help="data shard index (default: the device id's number)")
+    _gateway_command(sub)
     warm = sub.add_parser("warmup", help="build the base directory")
     warm.add_argument("--topology", required=True)
     warm.add_argument("--out", required=True)
@@ -43,6 +47,12 @@ def _run(args: argparse.Namespace, topology: dict[str, Any]) -> int:
     from protos.linkview import LinkView
 
     host, port = parse_host_port(args.broker, "--broker")
+    if args.gateway is not None or args.device is not None:
+        from ground_node.gateway_cli import run_device
+
+        return run_device(args, topology)
+    if args.satellite is None:
+        raise ConfigError("--satellite: required (or --gateway and --device for a device of a multi-device cluster)")
     parse_host_port(args.satellite, "--satellite")
     stop = threading.Event()
 
@@ -88,6 +98,10 @@ def main(argv: list[str]) -> int:
             return 0
         if args.command == "run":
             return _run(args, topology)
+        if args.command == "gateway":
+            from ground_node.gateway_cli import run_gateway
+
+            return run_gateway(args, topology)
         if args.command == "warmup":
             from ground_node.base import build_base
 
@@ -213,6 +227,18 @@ def _export(args: argparse.Namespace) -> dict[str, Any]:
     summary["max_abs_diff"] = check_onnx(Path(args.out), module, ids)
     summary["providers"] = providers()
     return summary
+
+
+def _gateway_command(sub: Any) -> None:
+    gw = sub.add_parser("gateway", help="a cluster gateway: serves its devices over the LAN, uploads their average")
+    gw.add_argument("--topology", required=True)
+    gw.add_argument("--broker", required=True, help="MQTT broker HOST:PORT")
+    gw.add_argument("--satellite", required=True, help="satellite node gRPC HOST:PORT")
+    gw.add_argument("--cluster", required=True)
+    gw.add_argument("--listen", required=True, help="HOST:PORT the devices reach the gateway at")
+    gw.add_argument("--workdir", required=True)
+    gw.add_argument("--base", required=True, help="base directory (only its manifest.json is read)")
+    gw.add_argument("--round-timeout", type=float, default=30.0, help="wall s a round waits for late devices")
 
 
 def _extra_commands(sub: Any) -> None:

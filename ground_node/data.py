@@ -121,7 +121,9 @@ def read_hf_disk(path: Path, data: DataSettings, split: str) -> list[Example]:
 
 
 def _file(data: DataSettings, split: str) -> Path:
-    path = Path(data.path or "")
+    from ground_node.textwarm import resolve_path
+
+    path = resolve_path(data.path or "", "data.path")
     if data.task == "banking77" or (path.is_dir() and data.task in ("csv", "jsonl")):
         path = path / f"{split}.{'jsonl' if data.task == 'jsonl' else 'csv'}"
     elif split == "test":

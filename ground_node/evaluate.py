@@ -85,7 +85,7 @@ def greedy_answers(model: nn.Module, tok: Tokenizer, examples: Sequence[Example]
     """Greedy decoding, batched over prompts of equal length (no padding, so no position or mask issues)."""
     groups: dict[int, list[int]] = defaultdict(list)
     for i, ex in enumerate(examples):
-        groups[len(ex.prompt)].append(i)
+        groups[len(tok.encode(ex.prompt))].append(i)  # token count: bytes, not characters, for text tasks
     answers = [""] * len(examples)
     model.eval()
     for idxs in groups.values():

@@ -79,9 +79,62 @@ class Outbox:
                 "step": step,
             }
             atomic_write_json(self.dir / STATE, self._state)
-            if old is not None and old["hash"] != content_hash:
-                (self.dir / old["file"]).unlink(missing_ok=True)  # superseded, sent or not
+            inflight = self._state.get("inflight")
+            if (
+                old is not None
+                and old["hash"] != content_hash
+                and (inflight is None or inflight["hash"] != old["hash"])
+            ):
+                (self.dir / old["file"]).unlink(missing_ok=True)  # superseded, sent or not (unless mid-upload)
             return self._update(self._state["newest"])
+
+    def stage_part(self, tensors: Mapping[str, np.ndarray], assignment_version: int, step: int) -> StagedUpdate:
+        """Write a part of the newest update (some of its experts) and make it the in-flight upload."""
+        arrays = {n: np.ascontiguousarray(v, dtype=np.float32) for n, v in sorted(tensors.items())}
+        blob = save(arrays)
+        content_hash = sha256_hex(blob)
+        file = f"{content_hash}.safetensors"
+        atomic_write_bytes(self.dir / file, blob)
+        entry = {"hash": content_hash, "file": file, "size": len(blob), "assignment_version": assignment_version}
+        update = self._update({**entry, "step": step})
+        self.mark_inflight(update)  # its blob was just written: always marked
+        return update
+
+    def mark_inflight(self, update: StagedUpdate) -> bool:
+        """The upload that starts: `pending()` returns it until it is acknowledged or dropped, even when a newer
+        update is staged meanwhile (a cut upload is resumed, not restarted with new content). False when its blob
+        is gone already (superseded between `pending()` and this call): send the newer one instead."""
+        with self._lock:
+            current = self._state.get("inflight")
+            if current is not None and current["hash"] == update.content_hash:
+                return True
+            if not update.path.exists():
+                return False
+            self._drop_inflight_locked()
+            self._state["inflight"] = {
+                "hash": update.content_hash,
+                "file": update.path.name,
+                "size": update.size,
+                "assignment_version": update.assignment_version,
+                "step": update.step,
+            }
+            atomic_write_json(self.dir / STATE, self._state)
+            return True
+
+    def drop_inflight(self, content_hash: str) -> None:
+        """Give up an in-flight upload (refused: stale or invalid)."""
+        with self._lock:
+            current = self._state.get("inflight")
+            if current is not None and current["hash"] == content_hash:
+                self._drop_inflight_locked()
+                atomic_write_json(self.dir / STATE, self._state)
+
+    def _drop_inflight_locked(self) -> None:
+        current = self._state.get("inflight")
+        self._state["inflight"] = None
+        newest = self._state.get("newest")
+        if current is not None and (newest is None or newest["hash"] != current["hash"]):
+            (self.dir / current["file"]).unlink(missing_ok=True)
 
     def _update(self, entry: Mapping[str, Any]) -> StagedUpdate:
         return StagedUpdate(
@@ -100,6 +153,13 @@ class Outbox:
     def pending(self) -> StagedUpdate | None:
         """The newest staged update if it has not been acknowledged yet."""
         with self._lock:
+            inflight = self._state.get("inflight")
+            if (
+                inflight is not None
+                and inflight["hash"] not in self._state["acked"]
+                and (self.dir / inflight["file"]).exists()
+            ):
+                return self._update(inflight)
             entry = self._state.get("newest")
             if entry is None or entry["hash"] in self._state["acked"]:
                 return None
@@ -111,6 +171,9 @@ class Outbox:
                 return
             self._state["acked"].append(content_hash)
             self._state["bytes_uplinked"] = int(self._state["bytes_uplinked"]) + size
+            inflight = self._state.get("inflight")
+            if inflight is not None and inflight["hash"] == content_hash:
+                self._drop_inflight_locked()
             atomic_write_json(self.dir / STATE, self._state)
 
     def add_bytes(self, size: int) -> None:

@@ -54,6 +54,8 @@ class WarmupSettings:
     steps: int
     lr: float
     batch_size: int
+    text_path: str | None = None  # warm up as a language model on this text (file or directory of .txt)
+    text_window: int = 96  # bytes per warm-up text window
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,7 @@ class TrainingSettings:
     checkpoint_every_steps: int
     profile_examples: int
     grad_accum: int = 1  # micro-batches of `batch_size` per optimiser step
+    dtype: str = "float32"  # compute dtype of training: float32 | bfloat16 | float16 (mixed precision, autocast)
 
 
 @dataclass(frozen=True)
@@ -191,6 +194,8 @@ def _warmup(topology: Mapping[str, Any]) -> WarmupSettings:
         steps=steps,
         lr=positive(field(s, "lr", float, w, 0.003), "warmup.lr"),
         batch_size=_pos_int(s, "batch_size", w, 32),
+        text_path=field(s, "text_path", str, w, None),
+        text_window=_pos_int(s, "text_window", w, 96),
     )
 
 
@@ -214,7 +219,18 @@ def _training(topology: Mapping[str, Any]) -> TrainingSettings:
         checkpoint_every_steps=_pos_int(s, "checkpoint_every_steps", w, 50),
         profile_examples=_pos_int(s, "profile_examples", w, 256),
         grad_accum=_pos_int(s, "grad_accum", w, 1),
+        dtype=_dtype(s),
     )
+
+
+TRAINING_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _dtype(s: Mapping[str, Any]) -> str:
+    value = field(s, "dtype", str, "training", "float32")
+    if value not in TRAINING_DTYPES:
+        raise ConfigError(f"training.dtype: expected one of {list(TRAINING_DTYPES)}, got {value!r}")
+    return value
 
 
 def load_settings(topology: Mapping[str, Any]) -> Settings:
@@ -251,14 +267,18 @@ def _data_key(data: DataSettings) -> dict[str, Any]:
     return body
 
 
+_WARMUP_DEFAULTS = {("text_path", None), ("text_window", 96)}
+
+
 def cache_key(settings: Settings) -> str:
     """Hash of what determines the base model: model, data, warmup, training and the seed."""
     body = {
         "seed": settings.seed,
         "model": asdict(settings.model),
         "data": _data_key(settings.data),
-        "warmup": asdict(settings.warmup),
-        "training": asdict(settings.training),
+        # fields at their defaults are left out, so adding an optional field keeps existing bases' keys
+        "warmup": {k: v for k, v in asdict(settings.warmup).items() if (k, v) not in _WARMUP_DEFAULTS},
+        "training": {k: v for k, v in asdict(settings.training).items() if k != "dtype"},  # no effect on the base
     }
     text = json.dumps(body, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -56,6 +56,27 @@ def wrap_lora(model: nn.Module, adapter: FamilyAdapter, rank: int, alpha: float,
     return wrapped
 
 
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str, device_type: str) -> torch.dtype:
+    """The compute dtype for `training.dtype` on this device; float32 where the device lacks support."""
+    dtype = _DTYPES.get(name)
+    if dtype is None:
+        raise GroundError(f"training.dtype: unknown dtype {name!r} (known: {sorted(_DTYPES)})")
+    if dtype == torch.float32:
+        return dtype
+    supported = torch.amp.is_autocast_available(device_type)
+    if supported and device_type == "cuda" and dtype == torch.bfloat16:
+        supported = torch.cuda.is_bf16_supported()
+    if supported and device_type == "cpu" and dtype == torch.float16:
+        supported = False  # CPU fp16 autocast is slow and unscaled: train in float32 there
+    if not supported:
+        log.warning("training.dtype=%s is not supported on %s; training in float32", name, device_type)
+        return torch.float32
+    return dtype
+
+
 class Trainer:
     """Trains a cluster's held experts step by step on its local examples."""
 
@@ -107,6 +128,14 @@ class Trainer:
         self._setup_trainable(num_layers)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=training.lr, weight_decay=0.0)
+        self.device_type = next(self.model.parameters()).device.type
+        self.compute_dtype = resolve_dtype(training.dtype, self.device_type)
+        # fp16 gradients underflow without loss scaling; bf16 has float32's range and needs none
+        self.scaler = (
+            torch.amp.GradScaler(self.device_type)
+            if self.compute_dtype == torch.float16 and self.device_type == "cuda"
+            else None
+        )
 
     def _setup_trainable(self, num_layers: int) -> None:
         r = self.training.lora_rank
@@ -160,10 +189,19 @@ class Trainer:
         for micro in range(accum):
             batch = self._batch(self.step, micro)
             ids, labels = encode_train(self.tok, batch)
-            loss = self.model(input_ids=ids, labels=labels).loss
-            (loss / accum).backward()
-            total += float(loss.detach())
-        self.optimizer.step()
+            if self.compute_dtype == torch.float32:
+                loss = self.model(input_ids=ids, labels=labels).loss
+            else:  # mixed precision: float32 master weights and optimizer state, low-precision compute
+                with torch.autocast(device_type=self.device_type, dtype=self.compute_dtype):
+                    loss = self.model(input_ids=ids, labels=labels).loss
+            scaled = loss.float() / accum
+            (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+            total += float(loss.detach().float())
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         self.step += 1
         self.last_loss = total / accum
         return self.last_loss
@@ -232,3 +270,46 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
         return True
+
+
+def load_expert_state(trainer: Trainer, tensors: dict[str, np.ndarray]) -> list[tuple[int, int]]:
+    """Set held experts' parts (LoRA factors or full slices) from manifest-named tensors; returns the experts set.
+
+    Tensors of experts the trainer does not hold are ignored; the optimizer state is kept as it is."""
+    from protos.wire import parse_expert_name
+
+    by_expert: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+    held = set(trainer.assignment.pairs())
+    for name, value in tensors.items():
+        parsed = parse_expert_name(name)
+        if parsed is None:
+            continue
+        key, part = parsed
+        layer, expert = key.layer, key.expert
+        if (layer, expert) in held:
+            by_expert.setdefault((layer, expert), {})[part] = torch.from_numpy(np.array(value, dtype=np.float32))
+    for (layer, expert), parts in sorted(by_expert.items()):
+        if trainer.training.tune == "lora":
+            trainer.adapter.insert_lora(trainer.model, layer, expert, trainer.training.lora_rank, parts)
+        else:
+            trainer.adapter.insert_expert(trainer.model, layer, expert, parts)
+    return sorted(by_expert)
+
+
+def optimizer_digest(state_dict: dict[str, Any]) -> str:
+    """SHA-256 over an optimizer's `state_dict()` (step counts and moments, in parameter order), as saved in a
+    checkpoint: equal states, equal digests."""
+    import hashlib
+
+    h = hashlib.sha256()
+    state = state_dict["state"]
+    for key in sorted(state):
+        h.update(str(key).encode())
+        for name in sorted(state[key]):
+            value = state[key][name]
+            h.update(name.encode())
+            if isinstance(value, torch.Tensor):
+                h.update(value.detach().cpu().contiguous().float().numpy().tobytes())
+            else:
+                h.update(repr(value).encode())
+    return h.hexdigest()

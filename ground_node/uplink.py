@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import grpc
 
@@ -21,6 +21,9 @@ from ground_node.split import Assignment
 from protos.emsfl.v1 import federation_pb2 as pb
 from protos.emsfl.v1 import federation_pb2_grpc as pb_grpc
 from protos.wire import CHUNK_SIZE, CLUSTER_METADATA_KEY, parse_expert_name, sha256_hex, split_chunks
+
+if TYPE_CHECKING:
+    from ground_node.baseline import BaselineClient
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +48,7 @@ class Uplink(threading.Thread):
         on_ack: Callable[[StagedUpdate], None] | None = None,
         on_join: Callable[[Any], None] | None = None,
         poll_s: float = 0.5,
+        on_push: Callable[[str, list[int], int], None] | None = None,
         call_timeout_s: float = 20.0,
     ) -> None:
         super().__init__(name=f"uplink-{cluster}", daemon=True)
@@ -57,6 +61,7 @@ class Uplink(threading.Thread):
         self.on_assignment = on_assignment
         self.on_ack = on_ack
         self.on_join = on_join
+        self.on_push = on_push  # (content hash, chunk indices about to be pushed, total chunks)
         self.poll_s = poll_s
         self.call_timeout_s = call_timeout_s
         self.metadata = ((CLUSTER_METADATA_KEY, cluster),)
@@ -71,6 +76,12 @@ class Uplink(threading.Thread):
         self._rejected: set[str] = set()
         self._halt = threading.Event()
         self.assigned = threading.Event()
+        # set (by on_join) when the satellite runs a baseline strategy: its passes replace affinity/assignment
+        self.client: BaselineClient | None = None
+        # DESIGN §3 step 6: at every contact the newest state goes up once (not again at every staging while the
+        # link stays up, which would multiply the uplink bytes); None: no limit. Contacts are told apart by `since`.
+        self.max_uploads_per_contact: int | None = 1
+        self._acks_in_contact: dict[str, int] = {}
 
     def stop(self, timeout_s: float = 5.0) -> None:
         self._halt.set()
@@ -119,6 +130,8 @@ class Uplink(threading.Thread):
             self.joined = True
             if self.on_join is not None:
                 self.on_join(reply)
+        if self.client is not None:  # fedavg / fedasync (ground_node/baseline.py)
+            return self.client.run_pass(self)
         if not self.affinity_sent:
             a = self.affinity
             self.stub.ReportAffinity(
@@ -142,11 +155,38 @@ class Uplink(threading.Thread):
                 if self.on_assignment is not None:
                     self.on_assignment(new)
         update = self.outbox.pending()
-        if update is None or update.content_hash in self._rejected:
+        if update is None or update.content_hash in self._rejected or self.contact_quota_spent():
             return False
         return self.upload(update)
 
+    def _contact_id(self) -> str | None:
+        link_of = getattr(self.link, "link", None)
+        payload = link_of(self.cluster) if callable(link_of) else None
+        return str(payload.get("since")) if isinstance(payload, dict) and payload.get("since") else None
+
+    def contact_quota_spent(self) -> bool:
+        """True when this contact already carried `max_uploads_per_contact` committed uploads."""
+        contact = self._contact_id()
+        limit = self.max_uploads_per_contact
+        return limit is not None and contact is not None and self._acks_in_contact.get(contact, 0) >= limit
+
     def upload(self, update: StagedUpdate) -> bool:
+        if self.client is None:  # emsfl: stale updates are dropped; a short contact sends experts by priority
+            from ground_node.priority import contact_budget_bytes, plan_upload
+
+            if self.assignment is not None and update.assignment_version < self.assignment.version:
+                log.info(
+                    "uplink: dropping update %s of assignment %d", update.content_hash[:12], update.assignment_version
+                )
+                self.outbox.drop_inflight(update.content_hash)
+                self._rejected.add(update.content_hash)
+                return False
+            planned = plan_upload(self.outbox, update, contact_budget_bytes(self.link, self.cluster))
+            if planned is None:
+                return False
+            update = planned
+        if not self.outbox.mark_inflight(update):
+            return True  # superseded just now: the next pass takes the newer update
         blob = update.read()
         if sha256_hex(blob) != update.content_hash:
             log.error("outbox blob %s is corrupt; skipping it", update.path)
@@ -162,6 +202,7 @@ class Uplink(threading.Thread):
             tensors=_tensor_specs(blob),
             assignment_version=update.assignment_version,
             local_step=update.step,
+            base_version=self.client.base_version(update) if self.client is not None else 0,
         )
         try:
             reply = self.stub.OfferUpdate(offer, metadata=self.metadata, timeout=self.call_timeout_s)
@@ -172,6 +213,8 @@ class Uplink(threading.Thread):
             self._acked(update)
             return False
         missing = sorted(set(reply.missing))
+        if missing and self.on_push is not None:
+            self.on_push(update.content_hash, missing, len(chunks))
 
         def stream() -> Iterator[pb.Chunk]:
             for i in missing:
@@ -201,8 +244,24 @@ class Uplink(threading.Thread):
         code = exc.code() if hasattr(exc, "code") else None
         if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED):
             self._rejected.add(update.content_hash)  # do not resend it; the next staged update may pass
+        if code in (
+            grpc.StatusCode.INVALID_ARGUMENT,
+            grpc.StatusCode.PERMISSION_DENIED,
+            grpc.StatusCode.FAILED_PRECONDITION,
+        ):
+            self.outbox.drop_inflight(update.content_hash)
 
     def _acked(self, update: StagedUpdate) -> None:
+        contact = self._contact_id()
+        if contact is not None:
+            self._acks_in_contact[contact] = self._acks_in_contact.get(contact, 0) + 1
+        if self.client is None:
+            from ground_node.priority import record_acked
+
+            try:
+                record_acked(self.outbox, update.read())
+            except OSError as exc:
+                log.warning("uplink: cannot record the acknowledged experts: %s", exc)
         self.outbox.mark_acked(update.content_hash, update.size)
         self.uploads_acked += 1
         if self.on_ack is not None:

@@ -41,6 +41,7 @@ GEODETIC_MARGIN_DEG = 0.5  # geodetic vs geocentric vertical (<= 0.19 deg) and a
 BISECT_TOL_S = 1e-3
 GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
 BLOCK = 4  # grid samples per block of the two-level prefilter
+GRID_PIECE = 16384  # entries per piece of `Ephemeris.grid_elevation`
 
 
 def _unix(moment: datetime) -> float:
@@ -145,6 +146,42 @@ class Ephemeris:
         c, s = np.cos(theta), np.sin(theta)
         return np.stack([c * p[:, 0] + s * p[:, 1], -s * p[:, 0] + c * p[:, 1], p[:, 2]], axis=-1)
 
+    def grid_elevation(
+        self, frames: SiteFrame, site: int, sat: IntArray, sample: IntArray, grid_t: FloatArray
+    ) -> FloatArray:
+        """Elevation (deg) from one site of satellite `sat[k]` at `grid_t[sample[k]]` (seconds from the start).
+
+        What depends on the instant only (Hermite weights, Earth rotation) is computed once per grid instant, and
+        the site is turned into TEME there instead of every satellite position into ECEF: per entry there remain
+        four gathers, the cubic and one dot product (the same geometry as `look`)."""
+        i = np.clip(np.floor(grid_t / self.step_s).astype(np.int64), 0, self.n - 1)
+        u = (grid_t - i * self.step_s) / self.step_s
+        u2, u3 = u * u, u * u * u
+        h = np.stack([2 * u3 - 3 * u2 + 1, (u3 - 2 * u2 + u) * self.step_s, -2 * u3 + 3 * u2, (u3 - u2) * self.step_s])
+        theta = self.theta[i] + u * (self.theta[i + 1] - self.theta[i])
+        c, s = np.cos(theta), np.sin(theta)
+        e, up = frames.ecef_km[site], frames.up[site]
+        # ECEF = Rz(theta) TEME, so TEME = Rz(theta)^T ECEF.
+        site_teme = np.stack([c * e[0] - s * e[1], s * e[0] + c * e[1], np.full(c.size, e[2])], axis=1)
+        up_teme = np.stack([c * up[0] - s * up[1], s * up[0] + c * up[1], np.full(c.size, up[2])], axis=1)
+        r = self.r_teme.reshape(-1, 3)
+        v = self.v_teme.reshape(-1, 3)
+        f = sat * (self.n + 1) + i[sample]
+        sin_el = np.empty(sample.size)
+        # In cache-sized pieces: a dozen (piece, 3) temporaries per piece.
+        for a in range(0, sample.size, GRID_PIECE):
+            fa, sa = f[a : a + GRID_PIECE], sample[a : a + GRID_PIECE]
+            ha = h[:, sa]
+            d = ha[0][:, None] * r[fa]
+            d += ha[1][:, None] * v[fa]
+            fa = fa + 1
+            d += ha[2][:, None] * r[fa]
+            d += ha[3][:, None] * v[fa]
+            d -= site_teme[sa]
+            sin_el[a : a + GRID_PIECE] = np.einsum("ij,ij->i", d, up_teme[sa]) / np.sqrt(np.einsum("ij,ij->i", d, d))
+        el: FloatArray = np.degrees(np.arcsin(np.clip(sin_el, -1.0, 1.0)))
+        return el
+
     def local(self, sat: IntArray, i: IntArray) -> Local:
         """The Hermite cubic of each satellite over grid interval i, for repeated evaluation."""
         p0, p1 = self.r_teme[sat, i], self.r_teme[sat, i + 1]
@@ -236,10 +273,12 @@ def _candidates(eph: Ephemeris, frames: SiteFrame) -> tuple[IntArray, IntArray, 
     mid = unit_b[:, :, BLOCK // 2, :]
     spread = np.arccos(np.clip(np.einsum("kbsj,kbj->kbs", unit_b, mid).min(axis=2), -1.0, 1.0))
     mid_flat = mid.reshape(-1, 3).astype(np.float32)
+    unit_blocks = unit_b.reshape(n_sat * n_blocks, BLOCK, 3).astype(np.float32)
     sites_out, sats_out, idx_out = [], [], []
     # Group sites by the lowest mask, rounded down to a degree, to share thresholds.
-    for low in np.unique(np.floor(frames.min_mask_deg - GEODETIC_MARGIN_DEG)):
-        members = np.flatnonzero(np.floor(frames.min_mask_deg - GEODETIC_MARGIN_DEG) == low)
+    levels = np.floor(frames.min_mask_deg - GEODETIC_MARGIN_DEG)
+    for low in np.unique(levels):
+        members = np.flatnonzero(levels == low)
         e = math.radians(low)
         r_site = float(site_radius[members].min())
         lam = np.arccos(np.clip(r_site * math.cos(e) / r_far, -1.0, 1.0)) - e
@@ -250,6 +289,10 @@ def _candidates(eph: Ephemeris, frames: SiteFrame) -> tuple[IntArray, IntArray, 
         angle3 = np.concatenate(
             [angle.reshape(n_sat, n_t), np.repeat(angle.reshape(n_sat, n_t)[:, -1:], pad, axis=1)], axis=1
         )
+        # Per-sample thresholds in block layout (padding samples never pass); float32 like the dot products, with a
+        # margin far above float32 rounding so that no sample the float64 test admits is lost.
+        thr3 = np.concatenate([thr.reshape(n_sat, n_t), np.full((n_sat, pad), 2.0)], axis=1)
+        thr_blocks = (thr3.reshape(n_sat * n_blocks, BLOCK) - 1e-6).astype(np.float32)
         block_angle = angle3.reshape(n_sat, n_blocks, BLOCK).max(axis=2) + spread + 1e-6
         block_thr = (
             np.where(block_angle < 0, 2.0, np.cos(np.clip(block_angle, 0.0, math.pi))).reshape(-1).astype(np.float32)
@@ -257,30 +300,29 @@ def _candidates(eph: Ephemeris, frames: SiteFrame) -> tuple[IntArray, IntArray, 
         chunk = max(1, int(3e7 // max(1, mid_flat.shape[0])))
         for j in range(0, len(members), chunk):
             group = members[j : j + chunk]
-            hit = (site_unit[group].astype(np.float32) @ mid_flat.T) >= block_thr[None, :]
+            g_unit = site_unit[group].astype(np.float32)
+            hit = (g_unit @ mid_flat.T) >= block_thr[None, :]
             rows, blocks = np.nonzero(hit)
-            g_site = group[rows]
-            k = blocks // n_blocks
-            i = (blocks % n_blocks)[:, None] * BLOCK + np.arange(BLOCK)[None, :]
-            s_rep = np.repeat(g_site, BLOCK)
-            k_rep = np.repeat(k, BLOCK)
-            i_rep = i.reshape(-1)
-            inside = i_rep < n_t
-            s_rep, k_rep, i_rep = s_rep[inside], k_rep[inside], i_rep[inside]
-            flat = k_rep * n_t + i_rep
-            ok = np.einsum("ij,ij->i", unit[flat], site_unit[s_rep]) >= thr[flat]
-            sites_out.append(s_rep[ok])
-            sats_out.append(k_rep[ok])
-            idx_out.append(i_rep[ok])
+            # The samples of each block that pass: one contiguous (BLOCK, 3) gather per block.
+            ub, gu = unit_blocks[blocks], g_unit[rows]
+            dots = ub[:, :, 0] * gu[:, 0:1] + ub[:, :, 1] * gu[:, 1:2] + ub[:, :, 2] * gu[:, 2:3]
+            m, b = np.nonzero(dots >= thr_blocks[blocks])
+            blk = blocks[m]
+            sites_out.append(group[rows[m]])
+            sats_out.append(blk // n_blocks)
+            idx_out.append((blk % n_blocks) * BLOCK + b)
     if not sites_out:
         empty = np.zeros(0, dtype=np.int64)
         return empty, empty, empty
-    site = np.concatenate(sites_out)
+    site = np.concatenate(sites_out).astype(np.int64)
     sat = np.concatenate(sats_out).astype(np.int64)
     idx = np.concatenate(idx_out).astype(np.int64)
-    order = np.lexsort((idx, sat, site))
-    del n_sat
-    return site[order], sat[order], idx[order]
+    # Each chunk comes out sorted by (site, satellite, sample) (row-major nonzero); chunks of one mask level follow
+    # each other in site order, so only several levels need a (stable, by site) merge.
+    if len(sites_out) > 1 and np.any(site[1:] < site[:-1]):
+        order = np.argsort(site, kind="stable")
+        site, sat, idx = site[order], sat[order], idx[order]
+    return site, sat, idx
 
 
 def _golden(
@@ -498,6 +540,76 @@ def find_passes(eph: Ephemeris, frames: SiteFrame) -> Passes:
     return Passes(seg_site[pseg], seg_sat[pseg], aos, los, peak)
 
 
+class ContactTable:
+    """Every contact of a plan as columns, sorted by (site, AOS, LOS, satellite id); `Contact` objects are built
+    per site only when asked for (`site_contacts`)."""
+
+    def __init__(
+        self,
+        keys: Sequence[str],
+        sites: Mapping[str, GroundSite],
+        eph: Ephemeris,
+        found: Passes,
+        start: datetime,
+        end: datetime,
+    ) -> None:
+        self.keys = list(keys)
+        self.site_names = [sites[k].name for k in self.keys]
+        self.sat_names = eph.names
+        self.start = start
+        end_ms = round((end - start).total_seconds() * 1000.0)
+        aos = np.round(found.aos_s * 1000.0).astype(np.int64)
+        los = np.minimum(np.round(found.los_s * 1000.0).astype(np.int64), end_ms)
+        peak = np.round(found.peak_deg, 3)
+        keep = los > aos
+        site, sat, aos, los, peak = found.site[keep], found.sat[keep], aos[keep], los[keep], peak[keep]
+        rank = np.empty(len(self.sat_names), dtype=np.int64)
+        rank[np.argsort(np.array(self.sat_names, dtype=object), kind="stable")] = np.arange(len(self.sat_names))
+        order = np.lexsort((rank[sat], los, aos, site))
+        self.site: IntArray = site[order]
+        self.sat: IntArray = sat[order]
+        self.aos_ms: IntArray = aos[order]
+        self.los_ms: IntArray = los[order]
+        self.peak_deg: FloatArray = peak[order]
+        self.bounds = np.searchsorted(self.site, np.arange(len(self.keys) + 1), side="left")
+
+    def __len__(self) -> int:
+        return int(self.site.size)
+
+    def rows(self, s_i: int) -> slice:
+        return slice(int(self.bounds[s_i]), int(self.bounds[s_i + 1]))
+
+    def site_contacts(self, s_i: int) -> list[Contact]:
+        rows = self.rows(s_i)
+        name, start, ms = self.site_names[s_i], self.start, timedelta(milliseconds=1)
+        sats = self.sat_names
+        return [
+            Contact(name, sats[k], start + a * ms, start + b * ms, p)
+            for k, a, b, p in zip(
+                self.sat[rows].tolist(),
+                self.aos_ms[rows].tolist(),
+                self.los_ms[rows].tolist(),
+                self.peak_deg[rows].tolist(),
+                strict=True,
+            )
+        ]
+
+
+def fast_contact_table(
+    sites: Mapping[str, GroundSite],
+    satellites: Sequence[Any],
+    start: datetime,
+    end: datetime,
+    step_s: float | None = None,
+) -> tuple[ContactTable, Ephemeris, SiteFrame]:
+    """Every contact of every site as columns (see `fast_contacts`)."""
+    start, end = round_ms(start), round_ms(end)
+    keys = list(sites)
+    eph = Ephemeris(satellites, start, end, step_s)
+    frames = site_frames([sites[k] for k in keys])
+    return ContactTable(keys, sites, eph, find_passes(eph, frames), start, end), eph, frames
+
+
 def fast_contacts(
     sites: Mapping[str, GroundSite],
     satellites: Sequence[Any],
@@ -506,22 +618,5 @@ def fast_contacts(
     step_s: float | None = None,
 ) -> tuple[dict[str, list[Contact]], Ephemeris, SiteFrame]:
     """Contacts per site key, earliest AOS first, as `contacts.site_contacts` would find them."""
-    start, end = round_ms(start), round_ms(end)
-    keys = list(sites)
-    eph = Ephemeris(satellites, start, end, step_s)
-    frames = site_frames([sites[k] for k in keys])
-    out: dict[str, list[Contact]] = {k: [] for k in keys}
-    found = find_passes(eph, frames)
-    aos_ms = np.round(found.aos_s * 1000.0).astype(np.int64).tolist()
-    los_ms = np.round(found.los_s * 1000.0).astype(np.int64).tolist()
-    peaks = np.round(found.peak_deg, 3).tolist()
-    end_ms = round((end - start).total_seconds() * 1000.0)
-    ms = timedelta(milliseconds=1)
-    for s_i, k_i, a, b, peak in zip(found.site.tolist(), found.sat.tolist(), aos_ms, los_ms, peaks, strict=True):
-        b = min(b, end_ms)
-        if b > a:
-            key = keys[s_i]
-            out[key].append(Contact(sites[key].name, eph.names[k_i], start + a * ms, start + b * ms, peak))
-    for key in keys:
-        out[key].sort(key=lambda c: (c.aos, c.los, c.satellite))
-    return out, eph, frames
+    table, eph, frames = fast_contact_table(sites, satellites, start, end, step_s)
+    return {k: table.site_contacts(s_i) for s_i, k in enumerate(table.keys)}, eph, frames

@@ -9,7 +9,7 @@ import csv
 import io
 import itertools
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -21,8 +21,15 @@ from numpy.typing import NDArray
 from emsfl.config import ConfigError
 from orbit_service.constellation import satellites_from_topology
 from orbit_service.contacts import Contact, Handover, Window, check_interval, round_ms, site_contacts
-from orbit_service.fast import fast_contacts
-from orbit_service.selection import DEFAULT_POLICY, DEFAULT_STEP_S, LookFn, check_policy, select_windows
+from orbit_service.fast import ContactTable, fast_contact_table
+from orbit_service.selection import (
+    DEFAULT_POLICY,
+    DEFAULT_STEP_S,
+    ContactArrays,
+    LookFn,
+    check_policy,
+    select_windows,
+)
 from orbit_service.sites import GroundSite, sites_from_topology
 from orbit_service.timescale import timescale
 from protos.timefmt import parse_iso, to_iso
@@ -32,6 +39,37 @@ METHODS = ("fast", "reference")
 CONTACT_COLUMNS = ("site", "satellite", "aos", "los", "peak_elevation_deg")
 
 
+class LazyContacts(MutableMapping[str, list[Contact]]):
+    """Contacts per site key, each list built from a `ContactTable` the first time it is asked for."""
+
+    def __init__(self, table: ContactTable) -> None:
+        self._table = table
+        self._index = {key: i for i, key in enumerate(table.keys)}
+        self._built: dict[str, list[Contact]] = {}
+
+    def __getitem__(self, key: str) -> list[Contact]:
+        built = self._built.get(key)
+        if built is None:
+            if key not in self._index:
+                raise KeyError(key)
+            built = self._built[key] = self._table.site_contacts(self._index[key])
+        return built
+
+    def __setitem__(self, key: str, value: list[Contact]) -> None:
+        self._index.setdefault(key, -1)
+        self._built[key] = value
+
+    def __delitem__(self, key: str) -> None:
+        del self._index[key]
+        self._built.pop(key, None)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._index)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+
 @dataclass
 class Plan:
     start_utc: datetime
@@ -39,7 +77,7 @@ class Plan:
     scale: float
     sites: dict[str, GroundSite]  # key (cluster id, or site name) -> site
     satellites: dict[str, Any]  # satellite id -> skyfield EarthSatellite
-    contacts: dict[str, list[Contact]] = field(default_factory=dict)
+    contacts: MutableMapping[str, list[Contact]] = field(default_factory=dict)  # a LazyContacts from `fast`
     windows: dict[str, list[Window]] = field(default_factory=dict)
     selection: str = DEFAULT_POLICY
 
@@ -91,27 +129,48 @@ def build_plan(
     if len(by_id) != len(satellites):
         raise ConfigError("constellation: satellite names are not unique")
     plan = Plan(round_ms(start), round_ms(end), scale, dict(sites), by_id, selection=selection)
-    looks: dict[str, LookFn] = {}
     if method == "fast" and sites:
-        found, eph, frames = fast_contacts(sites, satellites, plan.start_utc, plan.end_utc)
-        offset = (plan.start_utc - plan.start_utc).total_seconds()
+        table, eph, frames = fast_contact_table(sites, satellites, plan.start_utc, plan.end_utc)
+        plan.contacts = LazyContacts(table)
+        origin = plan.start_utc
         for s_i, key in enumerate(sites):
-            plan.contacts[key] = found[key]
 
             def fast_look(
                 sats: Sequence[str], which: NDArray[np.int64], t_s: NDArray[np.float64], s_i: int = s_i
             ) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
                 sat_idx = np.array([eph.index[name] for name in sats], dtype=np.int64)[which]
-                el, _, rng = eph.look(frames, np.full(sat_idx.size, s_i, dtype=np.int64), sat_idx, t_s + offset)
+                el, _, rng = eph.look(frames, np.full(sat_idx.size, s_i, dtype=np.int64), sat_idx, t_s)
                 return el, rng
 
-            looks[key] = fast_look
+            def grid_look(
+                sats: Sequence[str],
+                which: NDArray[np.int64],
+                sample: NDArray[np.int64],
+                grid: NDArray[np.float64],
+                s_i: int = s_i,
+            ) -> NDArray[np.float64]:
+                sat_idx = np.array([eph.index[name] for name in sats], dtype=np.int64)[which]
+                return eph.grid_elevation(frames, s_i, sat_idx, sample, grid)
+
+            rows = table.rows(s_i)
+
+            def instant(i: int, at_los: bool, rows: slice = rows) -> datetime:
+                column = table.los_ms if at_los else table.aos_ms
+                return origin + timedelta(milliseconds=int(column[rows][i]))
+
+            arrays = ContactArrays(
+                table.aos_ms[rows] / 1000.0,
+                table.los_ms[rows] / 1000.0,
+                [table.sat_names[k] for k in table.sat[rows].tolist()],
+                table.peak_deg[rows],
+                instant,
+            )
+            plan.windows[key] = select_windows(arrays, origin, fast_look, selection, selection_step_s, grid_look)
     else:
         for key, site in sites.items():
             plan.contacts[key] = site_contacts(site, satellites, plan.start_utc, plan.end_utc)
-            looks[key] = _skyfield_look(site, by_id, plan.start_utc)
-    for key in sites:
-        plan.windows[key] = select_windows(plan.contacts[key], plan.start_utc, looks[key], selection, selection_step_s)
+            look = _skyfield_look(site, by_id, plan.start_utc)
+            plan.windows[key] = select_windows(plan.contacts[key], plan.start_utc, look, selection, selection_step_s)
     return plan
 
 

@@ -26,11 +26,17 @@ from orbit_service.contacts import Contact, Handover, Window, round_ms
 POLICIES = ("highest-elevation", "longest-remaining", "sticky")
 DEFAULT_POLICY = "highest-elevation"
 DEFAULT_STEP_S = 10.0
+DENSE_LIMIT = 1 << 24  # cells of the dense (sample, slot) table of one window
 
 # (satellite ids, index into them per query, seconds from the plan start) -> (elevation_deg, range_km) per query
 LookFn = Callable[
     [Sequence[str], NDArray[np.int64], NDArray[np.float64]], tuple[NDArray[np.float64], NDArray[np.float64]]
 ]
+
+
+# (satellite ids, contact index per query, sample index per query, the sample instants in seconds from the plan
+# start) -> elevation_deg per query: elevations on a selection grid, shared per sample
+GridLookFn = Callable[[Sequence[str], NDArray[np.int64], NDArray[np.int64], NDArray[np.float64]], NDArray[np.float64]]
 
 
 def check_policy(policy: str, where: str = "link.selection") -> str:
@@ -39,9 +45,22 @@ def check_policy(policy: str, where: str = "link.selection") -> str:
     return policy
 
 
+@dataclass(frozen=True)
+class ContactArrays:
+    """One site's contacts as columns, sorted by (aos, los, satellite): seconds from the origin, satellite ids,
+    peak elevations, and the AOS/LOS instants as datetimes (or a function giving the instant of `t` seconds)."""
+
+    aos_s: NDArray[np.float64]
+    los_s: NDArray[np.float64]
+    satellite: Sequence[str]
+    peak_deg: NDArray[np.float64]
+    instant: Callable[[int, bool], datetime]  # (contact index, at_los) -> AOS or LOS as a datetime
+
+
 @dataclass
 class _Group:
-    contacts: list[Contact]
+    lo: int  # contacts lo..hi-1 of the site's ContactArrays
+    hi: int
     start: float
     end: float
 
@@ -50,24 +69,30 @@ def _seconds(moment: datetime, origin: datetime) -> float:
     return (moment - origin).total_seconds()
 
 
-def _groups(contacts: Sequence[Contact], origin: datetime) -> list[_Group]:
-    ordered = sorted(contacts, key=lambda c: (c.aos, c.los, c.satellite))
-    groups: list[_Group] = []
-    for c in ordered:
-        aos, los = _seconds(c.aos, origin), _seconds(c.los, origin)
-        if groups and aos <= groups[-1].end:
-            groups[-1].contacts.append(c)
-            groups[-1].end = max(groups[-1].end, los)
-        else:
-            groups.append(_Group([c], aos, los))
-    return groups
+def _groups(arrays: ContactArrays) -> list[_Group]:
+    """Runs of overlapping (or touching) contacts: a contact joins the run while its AOS <= the run's latest LOS."""
+    n = arrays.aos_s.size
+    if n == 0:
+        return []
+    run_end = np.maximum.accumulate(arrays.los_s)
+    new = np.ones(n, dtype=bool)
+    new[1:] = arrays.aos_s[1:] > run_end[:-1]
+    starts = np.flatnonzero(new)
+    ends = np.append(starts[1:], n)
+    return [
+        _Group(int(a), int(b), float(arrays.aos_s[a]), float(run_end[b - 1]))
+        for a, b in zip(starts.tolist(), ends.tolist(), strict=True)
+    ]
 
 
-def _serving_highest(group: _Group, origin: datetime, look: LookFn, step_s: float) -> list[tuple[float, str]]:
+def _serving_highest(
+    group: _Group, arrays: ContactArrays, grid_look: GridLookFn, step_s: float
+) -> list[tuple[float, str]]:
     """(instant, satellite) of the serving satellite's changes, the first at the window start."""
-    cs = group.contacts
-    aos = np.array([_seconds(c.aos, origin) for c in cs])
-    los = np.array([_seconds(c.los, origin) for c in cs])
+    lo, hi = group.lo, group.hi
+    aos, los = arrays.aos_s[lo:hi], arrays.los_s[lo:hi]
+    names = list(arrays.satellite[lo:hi])
+    n = hi - lo
     grid = group.start + np.arange(0.0, group.end - group.start, step_s)
     if grid.size == 0:
         grid = np.array([group.start])
@@ -76,11 +101,54 @@ def _serving_highest(group: _Group, origin: datetime, look: LookFn, step_s: floa
     last = np.searchsorted(grid, los, side="left")  # exclusive: at LOS the satellite is gone
     counts = np.maximum(last - first, 0)
     if counts.sum() == 0:
-        return [(group.start, cs[0].satellite)]
-    contact = np.repeat(np.arange(len(cs)), counts)
+        return [(group.start, names[0])]
+    contact = np.repeat(np.arange(n), counts)
     sample = np.arange(contact.size) - np.repeat(np.cumsum(counts) - counts, counts) + np.repeat(first, counts)
-    names = [c.satellite for c in cs]
-    el, _ = look(names, contact, grid[sample])
+    el = grid_look(names, contact, sample, grid)
+    # Dense (sample, slot) tables: contacts are sorted by AOS, so two contacts visible at one sample are fewer than
+    # `width` apart in index, and contact c can own slot c % width. (A contact spanning most of a long window, a
+    # geostationary one, makes the table too wide: then the sparse path.)
+    reach = np.searchsorted(first, last, side="left") - np.arange(n)
+    width = max(1, int(reach[counts > 0].max()))
+    n_grid = grid.size
+    if n_grid * width > DENSE_LIMIT:
+        return _serving_highest_sparse(group, arrays, grid, contact, sample, el, aos, los, names)
+    slot = contact % width
+    table = np.full((n_grid, width), np.nan)
+    table[sample, slot] = el
+    owner = np.full((n_grid, width), -1, dtype=np.int64)
+    owner[sample, slot] = contact
+    score = np.where(np.isnan(table), -np.inf, table)
+    # The highest at each sample; ties go to the earlier contact (sorted by AOS, LOS, satellite).
+    best = score.max(axis=1, keepdims=True)
+    tied = (score == best) & (owner >= 0)
+    cand = np.where(tied, owner, n)
+    best_contact_all = cand.min(axis=1)
+    has = np.bincount(sample, minlength=n_grid) > 0
+    best_sample = np.flatnonzero(has)
+    best_contact = best_contact_all[best_sample]
+
+    def el_at(c: NDArray[np.int64], smp: NDArray[np.int64]) -> tuple[NDArray[np.float64], NDArray[np.bool_]]:
+        found = (first[c] <= smp) & (smp < last[c])
+        return np.where(found, table[smp, c % width], np.nan), found
+
+    return _changes(group, grid, best_sample, best_contact, el_at, aos, los, names)
+
+
+ElAt = Callable[[NDArray[np.int64], NDArray[np.int64]], tuple[NDArray[np.float64], NDArray[np.bool_]]]
+
+
+def _serving_highest_sparse(
+    group: _Group,
+    arrays: ContactArrays,
+    grid: NDArray[np.float64],
+    contact: NDArray[np.int64],
+    sample: NDArray[np.int64],
+    el: NDArray[np.float64],
+    aos: NDArray[np.float64],
+    los: NDArray[np.float64],
+    names: list[str],
+) -> list[tuple[float, str]]:
     order = np.lexsort((contact, -el, sample))
     contact, sample, el = contact[order], sample[order], el[order]
     head = np.ones(sample.size, dtype=bool)
@@ -97,8 +165,23 @@ def _serving_highest(group: _Group, origin: datetime, look: LookFn, step_s: floa
         found = sorted_keys[pos] == k
         return np.where(found, sorted_el[pos], np.nan), found
 
-    out: list[tuple[float, str]] = [(group.start, cs[int(best_contact[0])].satellite)]
-    sat_of = np.array([c.satellite for c in cs], dtype=object)
+    return _changes(group, grid, best_sample, best_contact, el_at, aos, los, names)
+
+
+def _changes(
+    group: _Group,
+    grid: NDArray[np.float64],
+    best_sample: NDArray[np.int64],
+    best_contact: NDArray[np.int64],
+    el_at: ElAt,
+    aos: NDArray[np.float64],
+    los: NDArray[np.float64],
+    names: list[str],
+) -> list[tuple[float, str]]:
+    """The serving satellite's changes from the highest contact per sample, each instant interpolated linearly on
+    the elevation difference (or the LOS of the one that set)."""
+    out: list[tuple[float, str]] = [(group.start, names[int(best_contact[0])])]
+    sat_of = np.array(names, dtype=object)
     change = np.flatnonzero(sat_of[best_contact[1:]] != sat_of[best_contact[:-1]]) + 1
     if change.size == 0:
         return out
@@ -119,53 +202,84 @@ def _serving_highest(group: _Group, origin: datetime, look: LookFn, step_s: floa
         np.where(ok1 & ok2 & np.isfinite(interp), interp, np.maximum(aos[new], t_prev)),
     )
     at = np.minimum(np.maximum(at, t_prev), t_cur)
-    out.extend((float(a), str(sat_of[n])) for a, n in zip(at, new, strict=True))
+    out.extend((float(a), str(sat_of[k])) for a, k in zip(at.tolist(), new.tolist(), strict=True))
     return out
 
 
-def _serving_on_loss(group: _Group, origin: datetime, look: LookFn, policy: str) -> list[tuple[float, str]]:
-    cs = group.contacts
-    aos = [_seconds(c.aos, origin) for c in cs]
-    los = [_seconds(c.los, origin) for c in cs]
+def _serving_on_loss(group: _Group, arrays: ContactArrays, look: LookFn, policy: str) -> list[tuple[float, str]]:
+    names = list(arrays.satellite[group.lo : group.hi])
+    aos = arrays.aos_s[group.lo : group.hi].tolist()
+    los = arrays.los_s[group.lo : group.hi].tolist()
+    n = len(names)
     out: list[tuple[float, str]] = []
     t = group.start
     while t < group.end:
-        visible = [i for i in range(len(cs)) if aos[i] <= t < los[i]]
+        visible = [i for i in range(n) if aos[i] <= t < los[i]]
         if not visible:  # touching contacts: the next one starts exactly here
-            visible = [i for i in range(len(cs)) if aos[i] <= t <= los[i] and los[i] > t] or [
-                min(range(len(cs)), key=lambda i: aos[i] if aos[i] >= t else float("inf"))
+            visible = [i for i in range(n) if aos[i] <= t <= los[i] and los[i] > t] or [
+                min(range(n), key=lambda i: aos[i] if aos[i] >= t else float("inf"))
             ]
         if policy == "longest-remaining":
-            pick = max(visible, key=lambda i: (los[i], cs[i].satellite))
+            pick = max(visible, key=lambda i: (los[i], names[i]))
         else:
-            el, _ = look([cs[i].satellite for i in visible], np.arange(len(visible)), np.full(len(visible), t))
-            pick = visible[max(range(len(visible)), key=lambda k: (float(el[k]), cs[visible[k]].satellite))]
-        if not out or out[-1][1] != cs[pick].satellite:
-            out.append((t, cs[pick].satellite))
+            el, _ = look([names[i] for i in visible], np.arange(len(visible)), np.full(len(visible), t))
+            pick = visible[max(range(len(visible)), key=lambda k: (float(el[k]), names[visible[k]]))]
+        if not out or out[-1][1] != names[pick]:
+            out.append((t, names[pick]))
         if los[pick] <= t:
             break
         t = los[pick]
     return out
 
 
+def contact_arrays(contacts: Sequence[Contact], origin: datetime) -> ContactArrays:
+    """Columns of `contacts`, sorted by (aos, los, satellite)."""
+    ordered = sorted(contacts, key=lambda c: (c.aos, c.los, c.satellite))
+
+    def instant(i: int, at_los: bool) -> datetime:
+        return ordered[i].los if at_los else ordered[i].aos
+
+    return ContactArrays(
+        np.array([_seconds(c.aos, origin) for c in ordered], dtype=np.float64),
+        np.array([_seconds(c.los, origin) for c in ordered], dtype=np.float64),
+        [c.satellite for c in ordered],
+        np.array([c.peak_elevation_deg for c in ordered], dtype=np.float64),
+        instant,
+    )
+
+
+def _points_look(look: LookFn) -> GridLookFn:
+    def grid_look(
+        sats: Sequence[str], which: NDArray[np.int64], sample: NDArray[np.int64], grid: NDArray[np.float64]
+    ) -> NDArray[np.float64]:
+        return look(sats, which, grid[sample])[0]
+
+    return grid_look
+
+
 def select_windows(
-    contacts: Sequence[Contact],
+    contacts: Sequence[Contact] | ContactArrays,
     origin: datetime,
     look: LookFn,
     policy: str = DEFAULT_POLICY,
     step_s: float = DEFAULT_STEP_S,
+    grid_look: GridLookFn | None = None,
 ) -> list[Window]:
-    """Merged link-up windows of one site, each with its serving satellite, handovers and geometry."""
+    """Merged link-up windows of one site, each with its serving satellite, handovers and geometry.
+
+    `grid_look` (optional) gives elevations on the selection grid faster than `look` at the grid instants."""
     check_policy(policy)
+    arrays = contacts if isinstance(contacts, ContactArrays) else contact_arrays(contacts, origin)
+    on_grid = grid_look if grid_look is not None else _points_look(look)
     windows: list[Window] = []
     pending: list[tuple[int, float, str]] = []  # (window index, instant, satellite) needing geometry
     serving_lists: list[list[tuple[float, str]]] = []
-    groups = _groups(contacts, origin)
+    groups = _groups(arrays)
     for g in groups:
         if policy == "highest-elevation":
-            serving = _serving_highest(g, origin, look, step_s)
+            serving = _serving_highest(g, arrays, on_grid, step_s)
         else:
-            serving = _serving_on_loss(g, origin, look, policy)
+            serving = _serving_on_loss(g, arrays, look, policy)
         # Round to the wire's millisecond; drop changes that collapse onto the previous instant.
         rounded: list[tuple[float, str]] = []
         for at, sat in serving:
@@ -182,29 +296,33 @@ def select_windows(
         el, rng = look([p[2] for p in pending], np.arange(len(pending)), np.array([p[1] for p in pending]))
     else:
         el = rng = np.zeros(0)
-    geometry = {(w, at): (float(e), float(r)) for (w, at, _), e, r in zip(pending, el, rng, strict=True)}
+    el_r = [round(float(x), 3) for x in np.asarray(el).tolist()]
+    rng_r = [round(float(x), 3) for x in np.asarray(rng).tolist()]
+    k = 0
     for w, (g, serving) in enumerate(zip(groups, serving_lists, strict=True)):
-        start = g.contacts[0].aos
-        first_at, first_sat = serving[0]
-        e0, r0 = geometry[(w, first_at)]
+        start = arrays.instant(g.lo, False)
+        e0, r0 = el_r[k], rng_r[k]
         handovers = tuple(
             Handover(
                 at=round_ms(origin + timedelta(seconds=at)),
                 satellite=sat,
-                elevation_deg=round(geometry[(w, at)][0], 3),
-                range_km=round(geometry[(w, at)][1], 3),
+                elevation_deg=el_r[k + j],
+                range_km=rng_r[k + j],
             )
-            for at, sat in serving[1:]
+            for j, (at, sat) in enumerate(serving[1:], start=1)
         )
+        k += len(serving)
+        last = g.lo + int(np.argmax(arrays.los_s[g.lo : g.hi]))
         windows.append(
             Window(
                 start=start,
-                end=max(c.los for c in g.contacts),
-                satellite=first_sat,
-                peak_elevation_deg=max(c.peak_elevation_deg for c in g.contacts),
-                elevation_deg=round(e0, 3),
-                range_km=round(r0, 3),
+                end=arrays.instant(last, True),
+                satellite=serving[0][1],
+                peak_elevation_deg=float(arrays.peak_deg[g.lo : g.hi].max()),
+                elevation_deg=e0,
+                range_km=r0,
                 handovers=handovers,
             )
         )
+        del w
     return windows

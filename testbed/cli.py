@@ -26,9 +26,17 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--topology", type=Path, default=DEFAULT_TOPOLOGY)
     exp.add_argument("--strategies", default="emsfl,fedavg,fedasync", help="comma-separated (default: all three)")
     exp.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default: 0,1,2)")
-    exp.add_argument("--rates", help="comma-separated link rates in bit/s (default: the topology's and a tenth)")
-    exp.add_argument("--duration-s", type=float, help="wall seconds per run (default: lab.duration_wall_s)")
-    exp.add_argument("--quick", action="store_true", help="one seed, one rate, 45 s per run (what CI runs)")
+    exp.add_argument(
+        "--rates", help="comma-separated link rates in bit/s (default: the topology's and a thousandth of it)"
+    )
+    exp.add_argument(
+        "--duration-s", type=float, help="wall seconds per run (default: lab.experiment_duration_wall_s, else 75)"
+    )
+    exp.add_argument("--quick", action="store_true", help="one seed, one rate, 45 s per run")
+    exp.add_argument("--no-central", action="store_true", help="skip the centralised reference row")
+    exp.add_argument(
+        "--target-fraction", type=float, default=0.95, help="target = this share of the best final accuracy"
+    )
     exp.add_argument("--broker", help="HOST:PORT of a running MQTT broker (default: the embedded one per run)")
     exp.add_argument("--runs-dir", type=Path, default=Path("runs"))
     exp.add_argument("--experiment-id")
@@ -57,6 +65,8 @@ def _experiment(args: argparse.Namespace) -> int:
         experiment_id=args.experiment_id,
         cache_dir=args.cache_dir,
         broker=args.broker,
+        central=not args.no_central,
+        target_fraction=args.target_fraction,
     )
     result = run_experiment(opts)
     for name, metrics in result["strategies"].items():
@@ -65,6 +75,7 @@ def _experiment(args: argparse.Namespace) -> int:
             f"  {name:<9} final accuracy {acc['mean']:.3f} ± {acc['std']:.3f}  "
             f"uplink {metrics['uplink_bytes']['mean'] / 1e6:.2f} MB"
         )
+    print(f"  comparison: {args.runs_dir / result['experiment_id'] / 'comparison.md'}")
     return 0
 
 

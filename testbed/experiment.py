@@ -1,14 +1,22 @@
 """`emsfl lab experiment`: the same testbed run once per strategy, seed and link rate, then compared.
 
-Every run of one seed shares the base model, the data partition and the contact plan (the orbit
-service computes it from the same constellation, sites and start), so strategies differ only in how
+Every run of one seed shares the base model, the data partition and the contact plan: where the orbit
+service can replay a recorded plan (`emsfl orbit run --replay`), every run after the first replays the
+first run's plan; otherwise each run recomputes it from the same constellation, sites and start. The
+comparison records which, and checks that every run saw the same windows. Strategies differ only in how
 they train and what they send. Transfers are paced by the link model, so every byte costs emulated time.
+A centralised reference (all data in one process, the federated runs' budget of steps) is run per seed.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
+import statistics
+import subprocess
+import sys
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -19,7 +27,7 @@ import yaml
 from emsfl.config import ConfigError, load_topology
 from protos.timefmt import parse_iso
 from testbed import plots
-from testbed.compare import compare, markdown_table
+from testbed.compare import claims, compare, markdown_table, spread_of
 from testbed.lab import LabOptions, run_lab
 from testbed.outputs import write_outputs
 from testbed.report import write_json
@@ -32,13 +40,20 @@ class ExperimentOptions:
     topology_path: Path
     strategies: list[str] = field(default_factory=lambda: list(STRATEGIES))
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    rates_bps: list[float] | None = None  # None: the topology's rate and a tenth of it
-    duration_wall_s: float | None = None
+    rates_bps: list[float] | None = None  # None: the topology's rate and a thousandth of it
+    duration_wall_s: float | None = None  # None: lab.experiment_duration_wall_s, else DEFAULT_DURATION_S
     quick: bool = False
     runs_dir: Path = Path("runs")
     experiment_id: str | None = None
     cache_dir: Path = Path(".cache/emsfl")
     broker: str | None = None
+    central: bool = True  # the centralised reference row (one per seed)
+    target_fraction: float = 0.95
+
+
+DEFAULT_DURATION_S = 75.0  # wall seconds per run: 18 runs + references fit in 45 minutes on 2 cores
+QUICK_DURATION_S = 45.0
+SLOW_RATE_FACTOR = 1000.0  # the second rate of the sweep: the tiny model's update then takes what a real MoE's would
 
 
 def plan_runs(opts: ExperimentOptions, topology: dict[str, Any]) -> list[tuple[float, str, int]]:
@@ -46,8 +61,10 @@ def plan_runs(opts: ExperimentOptions, topology: dict[str, Any]) -> list[tuple[f
     unknown = [s for s in opts.strategies if s not in STRATEGIES]
     if unknown or not opts.strategies:
         raise ConfigError(f"--strategies: expected a list of {', '.join(STRATEGIES)}, got {opts.strategies}")
+    if len(set(opts.strategies)) != len(opts.strategies):
+        raise ConfigError(f"--strategies: duplicates in {opts.strategies}")
     rate = float(topology.get("link", {}).get("rate_bps", 1e7))
-    rates = opts.rates_bps or [rate, rate / 10.0]
+    rates = opts.rates_bps or [rate, rate / SLOW_RATE_FACTOR]
     if any(r <= 0 for r in rates):
         raise ConfigError(f"--rates: every rate must be > 0, got {rates}")
     seeds = opts.seeds[:1] if opts.quick else opts.seeds
@@ -55,22 +72,114 @@ def plan_runs(opts: ExperimentOptions, topology: dict[str, Any]) -> list[tuple[f
         rates = rates[:1]
     if not seeds:
         raise ConfigError("--seeds: at least one seed is required")
-    return [(r, s, seed) for r in rates for s in opts.strategies for seed in seeds]
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds: duplicates in {seeds}")
+    return [(r, s, seed) for r in rates for seed in seeds for s in opts.strategies]
 
 
 def _rate_label(rate_bps: float) -> str:
     return f"{rate_bps / 1e6:g}Mbps"
 
 
+def orbit_replay_supported() -> bool:
+    """Whether `emsfl orbit run --replay PLAN.json` exists in this checkout."""
+    try:
+        out = subprocess.run(
+            [sys.executable, "-m", "emsfl", "orbit", "run", "--help"], capture_output=True, text=True, timeout=60
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return out.returncode == 0 and "--replay" in out.stdout
+
+
+def plan_fingerprint(plan_path: Path) -> str | None:
+    """SHA-256 of a run's contact windows (cluster, satellite, AOS, LOS), None without a plan."""
+    if not plan_path.exists():
+        return None
+    plan = json.loads(plan_path.read_text(encoding="utf-8"))
+    windows = sorted(
+        (str(c.get("cluster")), str(c.get("satellite")), str(c.get("aos")), str(c.get("los")))
+        for c in plan.get("contacts", [])
+    )
+    return hashlib.sha256(json.dumps(windows).encode()).hexdigest()
+
+
+def run_central(topology_path: Path, base_dir: Path, steps: int, out: Path) -> dict[str, Any]:
+    """The centralised reference in its own process (its own peak memory, like a device)."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ground_node.central",
+            "--topology",
+            str(topology_path),
+            "--base",
+            str(base_dir),
+            "--steps",
+            str(steps),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"centralised reference failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    report: dict[str, Any] = json.loads(out.read_text(encoding="utf-8"))
+    return report
+
+
+def _central_metrics(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "steps": spread_of([float(r["steps"]) for r in reports]),
+        "steps_rule": "per seed, the largest total of training steps (all clusters) among the federated runs "
+        "at the first link rate",
+        "final_accuracy": spread_of([r["accuracy_final"] for r in reports]),
+        "final_accuracy_cluster_mean": spread_of(
+            [statistics.fmean(r["per_cluster_accuracy"].values()) for r in reports]
+        ),
+        "device_hours": spread_of([r["train_seconds"] / 3600.0 for r in reports]),
+        "peak_device_memory_mb": spread_of([r["peak_rss_mb"] for r in reports]),
+    }
+
+
+def _checks(per_rate: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, Any]:
+    """Invariants every experiment must hold (the quick test asserts them)."""
+    out: dict[str, Any] = {}
+    for label, per_strategy in per_rate.items():
+        uplink = {s: statistics.fmean(float(r["bytes_uplinked"]) for r in runs) for s, runs in per_strategy.items()}
+        out[label] = {
+            "uploads_outside_contact": {
+                s: sum(int(r["uploads_outside_contact"]) for r in runs) for s, runs in per_strategy.items()
+            },
+            "every_run_committed": {
+                s: all(int(r["uploads_committed"]) > 0 for r in runs) for s, runs in per_strategy.items()
+            },
+            "emsfl_uplink_below_fedavg": (uplink["emsfl"] < uplink["fedavg"])
+            if "emsfl" in uplink and "fedavg" in uplink
+            else None,
+        }
+    return out
+
+
 def run_experiment(opts: ExperimentOptions) -> dict[str, Any]:
+    wall_start = time.monotonic()
     topology = load_topology(opts.topology_path)
     grid = plan_runs(opts, topology)
     experiment_id = opts.experiment_id or "exp-" + datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     exp_dir = opts.runs_dir / experiment_id
     (exp_dir / "topologies").mkdir(parents=True, exist_ok=False)
-    duration = opts.duration_wall_s or (45.0 if opts.quick else None)
+    lab_cfg = topology.get("lab", {}) or {}
+    duration = opts.duration_wall_s or (
+        QUICK_DURATION_S if opts.quick else float(lab_cfg.get("experiment_duration_wall_s", DEFAULT_DURATION_S))
+    )
+    replay = orbit_replay_supported()
+    replay_plan: Path | None = None
+    plan_source: str | None = None
 
     summaries: dict[float, dict[str, list[dict[str, Any]]]] = {}
+    runs: list[dict[str, Any]] = []
+    bases: dict[int, tuple[Path, Path]] = {}  # seed -> (topology of its first run, base dir)
     for index, (rate, strategy, seed) in enumerate(grid, start=1):
         run_id = f"{_rate_label(rate)}-{strategy}-seed{seed}"
         print(f"[experiment] run {index}/{len(grid)}: {run_id}", flush=True)
@@ -80,6 +189,7 @@ def run_experiment(opts: ExperimentOptions) -> dict[str, Any]:
         variant.setdefault("link", {})["rate_bps"] = rate
         path = exp_dir / "topologies" / f"{run_id}.yaml"
         path.write_text(yaml.safe_dump(variant, sort_keys=False), encoding="utf-8")
+        started = time.monotonic()
         lab = run_lab(
             LabOptions(
                 topology_path=path,
@@ -88,32 +198,119 @@ def run_experiment(opts: ExperimentOptions) -> dict[str, Any]:
                 runs_dir=exp_dir,
                 run_id=run_id,
                 cache_dir=opts.cache_dir,
+                replay_plan=replay_plan,
             )
         )
-        summaries.setdefault(rate, {}).setdefault(strategy, []).append(write_outputs(lab))
+        if lab.interrupted:
+            raise KeyboardInterrupt
+        summary = write_outputs(lab)
+        if replay and replay_plan is None and lab.plan_path.exists():
+            replay_plan, plan_source = exp_dir / "contact_plan.json", run_id
+            replay_plan.write_bytes(lab.plan_path.read_bytes())
+        bases.setdefault(seed, (path, lab.base_dir))
+        summaries.setdefault(rate, {}).setdefault(strategy, []).append(summary)
+        runs.append(
+            {
+                "run_id": run_id,
+                "rate_bps": rate,
+                "strategy": strategy,
+                "seed": seed,
+                "wall_seconds": round(time.monotonic() - started, 1),
+                "plan_sha256": plan_fingerprint(lab.plan_path),
+            }
+        )
 
-    by_rate = {_rate_label(rate): compare(per_strategy) for rate, per_strategy in summaries.items()}
-    first = next(iter(by_rate.values()))
+    by_rate = {
+        _rate_label(rate): compare(per_strategy, opts.target_fraction) for rate, per_strategy in summaries.items()
+    }
+    clusters = len(topology.get("clusters", []))
+    for comparison in by_rate.values():
+        comparison["claims_vs_fedavg"] = claims(comparison, clusters)
+
+    central: dict[str, Any] | None = None
+    if opts.central:
+        first = summaries[grid[0][0]]
+        reports = []
+        for seed, (path, base_dir) in bases.items():
+            steps = max(
+                int(sum(int(c.get("training_steps") or 0) for c in r["per_cluster"].values()))
+                for runs_ in first.values()
+                for r in runs_
+                if r["config"].get("seed") == seed
+            )
+            print(f"[experiment] centralised reference, seed {seed}: {steps} steps", flush=True)
+            reports.append(run_central(path, base_dir, steps, exp_dir / f"centralised-seed{seed}.json"))
+        central = _central_metrics(reports)
+        for comparison in by_rate.values():
+            comparison["centralised"] = central
+
+    fingerprints = {r["plan_sha256"] for r in runs}
+    first_label = _rate_label(grid[0][0])
     result: dict[str, Any] = {
         "experiment_id": experiment_id,
         "task": topology.get("data", {}).get("task", "synthetic"),
+        "topology": str(opts.topology_path),
         "seeds": sorted({seed for _, _, seed in grid}),
         "rates_bps": sorted(summaries),
         "link_rate_bps": grid[0][0],
         "quick": opts.quick,
+        "duration_wall_s_per_run": duration,
+        "contact_plan": {
+            "mode": "replay" if replay else "deterministic",
+            "how": (
+                f"every run after {plan_source} replays its plan (emsfl orbit run --replay)"
+                if replay
+                else "each run recomputes the plan from the same constellation, sites and start (deterministic)"
+            ),
+            "identical_across_runs": len(fingerprints) == 1 and None not in fingerprints,
+        },
         # The first rate's table at top level, as the experiment's headline figures.
-        "target_accuracy": first["target_accuracy"],
-        "strategies": first["strategies"],
+        "target_accuracy": by_rate[first_label]["target_accuracy"],
+        "target_rule": by_rate[first_label]["target_rule"],
+        "strategies": by_rate[first_label]["strategies"],
+        "claims_vs_fedavg": by_rate[first_label]["claims_vs_fedavg"],
+        "centralised": central,
         "by_rate": by_rate,
+        "checks": _checks({_rate_label(r): per for r, per in summaries.items()}),
+        "runs": runs,
+        "wall_seconds": round(time.monotonic() - wall_start, 1),
     }
     write_json(exp_dir / "comparison.json", result)
-    (exp_dir / "comparison.md").write_text(
-        f"# Experiment {experiment_id}\n\n" + "\n".join(markdown_table(by_rate[_rate_label(r)], r) for r in summaries),
-        encoding="utf-8",
-    )
+    (exp_dir / "comparison.md").write_text(_markdown(result, summaries), encoding="utf-8")
     _plot(exp_dir, summaries[grid[0][0]])
-    print(f"[experiment] written to {exp_dir}", flush=True)
+    print(f"[experiment] written to {exp_dir} in {result['wall_seconds']:.0f} s", flush=True)
     return result
+
+
+def _markdown(result: dict[str, Any], summaries: dict[float, dict[str, list[dict[str, Any]]]]) -> str:
+    plan = result["contact_plan"]
+    head = [
+        f"# Experiment {result['experiment_id']}",
+        "",
+        f"Task `{result['task']}`, seeds {result['seeds']}, {result['duration_wall_s_per_run']:g} wall s per run, "
+        f"contact plan: {plan['mode']} ({plan['how']}; identical across runs: {plan['identical_across_runs']}). "
+        f"Values are mean ± sample std over seeds. Time to target is emulated; device-hours are wall compute; "
+        f"idle is emulated time a device waited for a model. Total wall time {result['wall_seconds']:.0f} s.",
+        "",
+    ]
+    body = []
+    for rate in summaries:
+        comparison = result["by_rate"][_rate_label(rate)]
+        body.append(markdown_table(comparison, rate))
+        c = comparison.get("claims_vs_fedavg") or {}
+        if c:
+            body.append(
+                f"EMS-FL vs FedAvg: time-to-target speed-up {_num(c['time_to_target_speedup_vs_fedavg'])}x "
+                f"(>= 2x: {c['reaches_target_2x_sooner']}), final accuracy difference "
+                f"{_num(c['final_accuracy_minus_fedavg'])} (not below: {c['final_accuracy_not_below_fedavg']}), "
+                f"uplink ratio {_num(c['uplink_ratio_vs_fedavg'])} (<= 1/C = {1 / c['C']:.3f}: "
+                f"{c['uplink_at_most_1_over_C']})\n"
+            )
+    return "\n".join(head) + "\n".join(body)
+
+
+def _num(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def _plot(exp_dir: Path, per_strategy: dict[str, list[dict[str, Any]]]) -> None:

@@ -39,6 +39,7 @@ class LabOptions:
     run_id: str | None = None
     cache_dir: Path = Path(".cache/emsfl")
     satellite_port: int | None = None  # loopback port of the satellite node; None picks a free one
+    replay_plan: Path | None = None  # drive the links from this recorded plan (`emsfl orbit run --replay`)
 
 
 @dataclass
@@ -179,7 +180,39 @@ def run_lab(opts: LabOptions) -> LabRun:
             logs / f"ground-{c}.log",
         )
         for c in clusters
+        if _devices(topology, c) == 1
     ]
+    device_names: set[str] = set()
+    for c in clusters:  # a cluster of several devices: one gateway + one process per device (DESIGN §3 step 5)
+        if (n := _devices(topology, c)) == 1:
+            continue
+        gw_addr = f"127.0.0.1:{free_port()}"
+        gw_args = [
+            "--satellite",
+            sat_addr,
+            "--cluster",
+            c,
+            "--workdir",
+            str(lab.ground_dirs[c]),
+            "--base",
+            str(base_dir),
+        ]
+        grounds.append(
+            RoleProcess(
+                f"gateway {c}", ["ground", "gateway", *common, *gw_args, "--listen", gw_addr], logs / f"ground-{c}.log"
+            )
+        )
+        for i in range(n):
+            dev_dir = lab.ground_dirs[c] / "devices" / f"d{i}"
+            dev_args = ["--cluster", c, "--gateway", gw_addr, "--device", f"d{i}", "--workdir", str(dev_dir)]
+            grounds.append(
+                RoleProcess(
+                    f"device {c}/d{i}",
+                    ["ground", "run", *common, *dev_args, "--base", str(base_dir)],
+                    logs / f"ground-{c}-d{i}.log",
+                )
+            )
+            device_names.add(f"ground/{c}.d{i}")
     duration_s = float(topology["lab"]["duration_wall_s"])
     scale = float(topology["clock"]["scale"])
     hours = duration_s * scale / 3600.0 * 1.1 + 0.1
@@ -195,6 +228,7 @@ def run_lab(opts: LabOptions) -> LabRun:
             str(lab.orbit_events_path),
             "--hours",
             f"{hours:.4f}",
+            *(["--replay", str(opts.replay_plan)] if opts.replay_plan is not None else []),
         ],
         logs / "orbit.log",
     )
@@ -209,7 +243,7 @@ def run_lab(opts: LabOptions) -> LabRun:
         for proc in [satellite, *grounds]:
             started.append(proc.start())
         _progress("[lab] waiting for the satellite node and the ground nodes to come up")
-        _wait_ready(presence, {"satellite/satellite", *(f"ground/{c}" for c in clusters)}, started)
+        _wait_ready(presence, {"satellite/satellite", *(f"ground/{c}" for c in clusters), *device_names}, started)
         started.append(orbit.start())
         lab.started_wall = time.time()
         _progress(f"[lab] orbit service started: clock x{scale:g}, running for {duration_s:.0f} s of wall time")
@@ -227,6 +261,14 @@ def run_lab(opts: LabOptions) -> LabRun:
         if embedded is not None:
             embedded.stop()
     return lab
+
+
+def _devices(topology: dict[str, Any], cluster: str) -> int:
+    """`clusters[i].devices` (default 1) of a cluster."""
+    for i, c in enumerate(topology["clusters"]):
+        if c["id"] == cluster:
+            return int(positive(field(c, "devices", int, f"clusters[{i}]", 1), f"clusters[{i}].devices"))
+    return 1
 
 
 def _supervise(lab: LabRun, links: LinkView, clusters: list[str], procs: list[RoleProcess], duration_s: float) -> None:

@@ -89,6 +89,7 @@ def write_outputs(lab: LabRun) -> dict[str, Any]:
             "bytes_downlinked": reports[cluster].get("bytes_downlinked", 0),
             "train_seconds": reports[cluster].get("train_seconds"),
             "idle_seconds": reports[cluster].get("idle_seconds"),
+            "devices": reports[cluster].get("devices"),  # multi-device clusters: per-device figures (gateway report)
             "link_up_events": sum(
                 1 for e in orbit_events if e.get("event") == "link_up" and e.get("cluster") == cluster
             ),

@@ -1,0 +1,79 @@
+"""The centralised reference (`emsfl lab experiment`): all clusters' data in one process, the whole model.
+
+Same base, same data partition (the union of every cluster's training examples), same tuning (LoRA on every
+expert, or full slices), same learning rate and batch size as the federated runs, and a given budget of
+optimiser steps (the experiment passes the federated runs' total). Writes one JSON report.
+
+    python -m ground_node.central --topology T.yaml --base BASE_DIR --steps N --out report.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from emsfl.config import ConfigError, load_topology
+from ground_node.agent import peak_rss_mb
+from ground_node.base import load_base
+from ground_node.baseline import full_assignment
+from ground_node.data import max_new_tokens, test_examples, tokenizer_for, train_examples
+from ground_node.errors import GroundError
+from ground_node.evaluate import exact_match
+from ground_node.fsutil import atomic_write_json
+from ground_node.settings import load_settings
+from ground_node.train import Trainer
+
+
+def centralised(topology: dict[str, Any], base_dir: Path, steps: int) -> dict[str, Any]:
+    s = load_settings(topology)
+    tok = tokenizer_for(s.data)
+    base = load_base(base_dir)
+    pooled = [ex for c in s.clusters for ex in train_examples(s, c)]
+    num_layers, num_experts, _ = base.adapter.dims(base.model)
+    trainer = Trainer(
+        base.model, base.adapter, s.training, full_assignment(num_layers, num_experts), pooled, s.seed, tok
+    )
+    start = time.monotonic()
+    losses = [trainer.train_step() for _ in range(steps)]
+    train_seconds = time.monotonic() - start
+    model = trainer.model
+    max_new = max_new_tokens(s)
+    per_cluster = {c: exact_match(model, test_examples(s, c), max_new, tok) for c in s.clusters}
+    return {
+        "strategy": "centralised",
+        "steps": steps,
+        "examples": len(pooled),
+        "accuracy_final": exact_match(model, test_examples(s, None), max_new, tok),
+        "per_cluster_accuracy": per_cluster,
+        "loss_last": float(sum(losses[-10:]) / max(1, len(losses[-10:]))) if losses else None,
+        "train_seconds": round(train_seconds, 3),
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ground_node.central", description=__doc__)
+    parser.add_argument("--topology", required=True)
+    parser.add_argument("--base", required=True)
+    parser.add_argument("--steps", type=int, required=True)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    try:
+        report = centralised(load_topology(args.topology), Path(args.base), max(0, args.steps))
+    except (ConfigError, GroundError, OSError) as exc:
+        print(f"ground_node.central: {exc}", file=sys.stderr)
+        return 2
+    atomic_write_json(Path(args.out), report)
+    print(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,291 @@
+"""A device of a multi-device cluster (`emsfl ground run ... --gateway HOST:PORT --device ID`).
+
+It trains the cluster's assigned experts on its own shard of the cluster's data and syncs with its gateway over
+the LAN (never link-gated): after every local round (`training.stage_every_steps` steps) it uploads its expert
+state, waits (at most `round_wait_s`) for the gateway to close the round, pulls the cluster average and goes on
+from it. Its optimizer state stays local and is checkpointed with the step, so a restarted device resumes.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+import torch
+from safetensors.numpy import load as st_load
+from safetensors.numpy import save as st_save
+
+from ground_node.agent import peak_rss_mb
+from ground_node.base import load_base
+from ground_node.data import tokenizer_for, train_examples
+from ground_node.errors import GroundError
+from ground_node.events import EventLog
+from ground_node.fsutil import atomic_write_json
+from ground_node.gateway import DEVICE_METADATA_KEY
+from ground_node.profile import coverage_from_probs, profile_affinity
+from ground_node.settings import load_settings
+from ground_node.split import Assignment
+from ground_node.train import Trainer, load_expert_state
+from protos.emsfl.v1 import federation_pb2 as pb
+from protos.emsfl.v1 import federation_pb2_grpc as pb_grpc
+from protos.wire import CHUNK_SIZE, CLUSTER_METADATA_KEY, sha256_hex, split_chunks
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+def shard_of(device: str, devices: int, shard: int | None = None) -> int:
+    """The shard index of a device: `shard`, else the trailing number of its id (`d1` -> 1), modulo `devices`."""
+    if shard is not None:
+        index = shard
+    else:
+        match = re.search(r"(\d+)$", device)
+        if match is None:
+            raise GroundError(f"--device {device!r}: no trailing number to pick a data shard from; pass --shard")
+        index = int(match.group(1))
+    if devices < 1:
+        raise GroundError("devices must be >= 1")
+    return index % devices
+
+
+def shard(examples: Sequence[T], index: int, count: int) -> list[T]:
+    """Every `count`-th example starting at `index`: disjoint shards that cover the cluster's data."""
+    return list(examples[index::count])
+
+
+@dataclass
+class DeviceOptions:
+    topology: dict[str, Any]
+    cluster: str
+    device: str
+    gateway: str
+    workdir: Path
+    base_dir: Path
+    shard: int | None = None
+    round_wait_s: float = 30.0
+    train_event_every: int = 25
+
+
+class GatewayClient:
+    """Federation calls of one device to its gateway (cluster + device id in metadata)."""
+
+    def __init__(self, target: str, cluster: str, device: str) -> None:
+        self.channel = grpc.insecure_channel(
+            target, options=[("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
+        )
+        self.stub = pb_grpc.FederationStub(self.channel)
+        self.md = ((CLUSTER_METADATA_KEY, cluster), (DEVICE_METADATA_KEY, device))
+        self.bytes_sent = 0
+        self.bytes_pulled = 0
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def upload(self, tensors: dict[str, np.ndarray], assignment_version: int, step: int, base_version: int) -> bool:
+        arrays = {n: np.ascontiguousarray(tensors[n], dtype=np.float32) for n in sorted(tensors)}
+        blob = st_save(arrays)
+        chunks = split_chunks(blob, CHUNK_SIZE)
+        hashes = [sha256_hex(c) for c in chunks]
+        content_hash = sha256_hex(blob)
+        specs = [pb.TensorSpec(name=n, dtype="F32", shape=list(a.shape)) for n, a in arrays.items()]
+        offer = pb.UpdateOffer(
+            content_hash=content_hash,
+            size_bytes=len(blob),
+            chunk_size=CHUNK_SIZE,
+            chunk_hashes=hashes,
+            tensors=specs,
+            assignment_version=assignment_version,
+            local_step=step,
+            base_version=base_version,
+        )
+        reply = self.stub.OfferUpdate(offer, metadata=self.md, timeout=20)
+        if reply.committed:
+            return True
+
+        def stream() -> Iterator[pb.Chunk]:
+            for i in reply.missing:
+                data = bytes(chunks[i])
+                self.bytes_sent += len(data)
+                yield pb.Chunk(
+                    content_hash=content_hash,
+                    index=i,
+                    total_chunks=len(chunks),
+                    total_size=len(blob),
+                    data=data,
+                    sha256=hashes[i],
+                )
+
+        pushed = self.stub.PushChunks(stream(), metadata=self.md, timeout=60)
+        return bool(pushed.committed)
+
+    def pull(self, names: list[str]) -> dict[str, np.ndarray]:
+        parts = []
+        for chunk in self.stub.PullTensors(pb.PullRequest(names=names), metadata=self.md, timeout=60):
+            if sha256_hex(chunk.data) != chunk.sha256:
+                raise GroundError(f"pulled chunk {chunk.index} is corrupt")
+            parts.append(chunk.data)
+        blob = b"".join(parts)
+        self.bytes_pulled += len(blob)
+        return dict(st_load(blob))
+
+
+class DeviceAgent:
+    def __init__(self, options: DeviceOptions, now: Any = None) -> None:
+        self.opt = options
+        self.settings = load_settings(options.topology)
+        self.settings.cluster_index(options.cluster)
+        devices = _devices_of(options.topology, options.cluster)
+        self.shard_index = shard_of(options.device, devices, options.shard)
+        self.devices = devices
+        self.workdir = Path(options.workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.events = EventLog(self.workdir / "events.jsonl", f"{options.cluster}/{options.device}", now)
+        self.client = GatewayClient(options.gateway, options.cluster, options.device)
+        self.coverage: float | None = None
+        self.num_examples = 0
+        self.steps = 0
+        self.rounds = 0
+        self.base_version = 0
+        self.last_loss: float | None = None
+
+    def _retry(self, call: Any, stop: threading.Event) -> Any:
+        """A LAN call, retried while the gateway is not up yet (UNAVAILABLE)."""
+        while not stop.is_set():
+            try:
+                return call()
+            except grpc.RpcError as exc:
+                if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    raise
+                stop.wait(0.5)
+        return None
+
+    def run(self, stop: threading.Event) -> dict[str, Any]:
+        s = self.settings
+        torch.set_num_threads(1)
+        tok = tokenizer_for(s.data)
+        base = load_base(self.opt.base_dir)
+        data = shard(train_examples(s, self.opt.cluster), self.shard_index, self.devices)
+        if not data:
+            raise GroundError(f"device {self.opt.device}: its shard of cluster {self.opt.cluster} is empty")
+        self.num_examples = len(data)
+        affinity, probs = profile_affinity(base.model, base.adapter, data, tok, s.training.profile_examples)
+        _, _, top_k = base.adapter.dims(base.model)
+        self.events.emit("profiled", num_tokens=affinity.num_tokens, shard=self.shard_index)
+        md = self.client.md
+        stub = self.client.stub
+        join = pb.JoinRequest(
+            device_id=self.opt.device,
+            capacity_experts=s.capacities[self.opt.cluster],
+            num_examples=self.num_examples,
+            capabilities={"shard": str(self.shard_index)},
+        )
+        if self._retry(lambda: stub.Join(join, metadata=md, timeout=10), stop) is None:
+            return self.report()
+        report = pb.AffinityReport(
+            num_tokens=affinity.num_tokens,
+            num_layers=affinity.gate.shape[0],
+            num_experts=affinity.gate.shape[1],
+            gate=[float(x) for x in affinity.gate.reshape(-1)],
+            freq=[float(x) for x in affinity.freq.reshape(-1)],
+        )
+        self._retry(lambda: stub.ReportAffinity(report, metadata=md, timeout=10), stop)
+        assignment: Assignment | None = None
+        while assignment is None and not stop.is_set():
+            reply = self._retry(lambda: stub.GetAssignment(pb.AssignmentRequest(), metadata=md, timeout=10), stop)
+            if reply is not None and reply.ready:
+                assignment = Assignment.from_pairs(reply.version, [(la.layer, list(la.experts)) for la in reply.layers])
+            else:
+                stop.wait(0.5)
+        if assignment is None:
+            return self.report()
+        self.coverage = coverage_from_probs(probs, top_k, assignment)
+        self.events.emit("assigned", version=assignment.version, coverage=round(self.coverage, 4))
+        trainer = Trainer(base.model, base.adapter, s.training, assignment, data, s.seed, tok=tok)
+        if trainer.load_checkpoint(self.workdir):
+            log.info("resumed from step %d", trainer.step)
+        self._catch_up(trainer, stop)
+        try:
+            self._loop(trainer, assignment, stop)
+        finally:
+            if trainer.step > 0:
+                trainer.save_checkpoint(self.workdir)
+            self.client.close()
+        return self.report()
+
+    def _catch_up(self, trainer: Trainer, stop: threading.Event) -> None:
+        """A device that (re)joins a cluster whose gateway already averaged starts from the cluster average."""
+        status = self._retry(lambda: self.client.stub.GetStatus(pb.StatusRequest(), metadata=self.client.md), stop)
+        if status is not None and status.global_version > self.base_version:
+            self._pull(trainer, int(status.global_version))
+
+    def _pull(self, trainer: Trainer, version: int) -> None:
+        tensors = self.client.pull(["expert/"])
+        load_expert_state(trainer, tensors)
+        self.base_version = version
+        self.rounds += 1
+        self.events.emit("synced", version=version, step=trainer.step)
+
+    def _loop(self, trainer: Trainer, assignment: Assignment, stop: threading.Event) -> None:
+        t = self.settings.training
+        while not stop.is_set():
+            loss = trainer.train_step()
+            self.steps = trainer.step
+            self.last_loss = loss
+            if trainer.step % self.opt.train_event_every == 0:
+                self.events.emit("train", step=trainer.step, loss=round(loss, 5))
+            if trainer.step % t.stage_every_steps == 0:
+                self._sync(trainer, assignment, stop)
+            if trainer.step % t.checkpoint_every_steps == 0:
+                trainer.save_checkpoint(self.workdir)
+
+    def _sync(self, trainer: Trainer, assignment: Assignment, stop: threading.Event) -> None:
+        try:
+            self.client.upload(trainer.expert_state(), assignment.version, trainer.step, self.base_version)
+            self.events.emit("device_upload", step=trainer.step, base_version=self.base_version)
+            deadline = time.monotonic() + self.opt.round_wait_s
+            while not stop.is_set() and time.monotonic() < deadline:
+                status = self.client.stub.GetStatus(pb.StatusRequest(), metadata=self.client.md, timeout=10)
+                if status.global_version > self.base_version:
+                    self._pull(trainer, int(status.global_version))
+                    self.report()  # the gateway folds the devices' reports into the cluster's
+                    return
+                stop.wait(0.1)
+        except grpc.RpcError as exc:
+            log.warning("sync with the gateway failed (%s); training on", exc.code())
+
+    def report(self) -> dict[str, Any]:
+        report = {
+            "cluster": self.opt.cluster,
+            "device": self.opt.device,
+            "role": "device",
+            "shard": self.shard_index,
+            "steps": self.steps,
+            "rounds": self.rounds,
+            "final_loss": None if self.last_loss is None else round(self.last_loss, 5),
+            "coverage": self.coverage,
+            "num_examples": self.num_examples,
+            "bytes_to_gateway": self.client.bytes_sent,
+            "bytes_from_gateway": self.client.bytes_pulled,
+            "peak_rss_mb": peak_rss_mb(),
+        }
+        atomic_write_json(self.workdir / "report.json", report)
+        return report
+
+    def close(self) -> None:
+        self.events.close()
+
+
+def _devices_of(topology: dict[str, Any], cluster: str) -> int:
+    for c in topology.get("clusters") or []:
+        if str(c.get("id")) == cluster:
+            return int(c.get("devices", 1) or 1)
+    return 1

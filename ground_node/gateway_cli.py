@@ -1,0 +1,116 @@
+"""Process wiring of `emsfl ground gateway` and `emsfl ground run --gateway ... --device ...`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+from emsfl.config import ConfigError, parse_host_port
+
+log = logging.getLogger(__name__)
+
+
+def _stop_on_signals() -> threading.Event:
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: Any) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    return stop
+
+
+def cluster_devices(topology: dict[str, Any], cluster: str) -> int:
+    for i, c in enumerate(topology.get("clusters") or []):
+        if str(c.get("id")) == cluster:
+            devices = c.get("devices", 1)
+            if not isinstance(devices, int) or isinstance(devices, bool) or devices < 1:
+                raise ConfigError(f"clusters[{i}].devices: expected an integer >= 1, got {devices!r}")
+            return devices
+    raise ConfigError(f"--cluster: no cluster with id {cluster!r} in the topology")
+
+
+def run_gateway(args: argparse.Namespace, topology: dict[str, Any]) -> int:
+    from ground_node.gateway import Gateway, serve
+    from ground_node.settings import load_settings
+    from protos.bus import Bus
+    from protos.linkview import LinkView
+
+    settings = load_settings(topology)
+    settings.cluster_index(args.cluster)
+    devices = cluster_devices(topology, args.cluster)
+    host, port = parse_host_port(args.broker, "--broker")
+    parse_host_port(args.satellite, "--satellite")
+    parse_host_port(args.listen, "--listen")
+    strategy = str(topology.get("strategy", "emsfl"))
+    if strategy != "emsfl":
+        raise ConfigError(f"strategy: the cluster gateway supports 'emsfl' only, got {strategy!r}")
+    stop = _stop_on_signals()
+    bus = Bus(host, port, role="ground", node_id=args.cluster)
+    view = LinkView(bus, clusters=[args.cluster])
+    gw = Gateway(
+        args.cluster,
+        devices,
+        settings.capacities[args.cluster],
+        args.satellite,
+        view,
+        Path(args.workdir),
+        Path(args.base),
+        strategy=strategy,
+        round_timeout_s=args.round_timeout,
+        now=view.emulated_now,
+    )
+    server, bound = serve(gw, args.listen)
+    log.info("gateway of %s serves %d devices on port %d", args.cluster, devices, bound)
+    try:
+        bus.start()
+        gw.start()
+        bus.announce({"cluster": args.cluster, "gateway": args.listen, "devices": str(devices)})
+        while not stop.wait(1.0):
+            gw.report()
+    finally:
+        server.stop(2)
+        gw.stop()
+        gw.close()
+        bus.stop()
+    return 0
+
+
+def run_device(args: argparse.Namespace, topology: dict[str, Any]) -> int:
+    from ground_node.device import DeviceAgent, DeviceOptions
+    from protos.bus import Bus
+    from protos.linkview import LinkView
+
+    if not args.gateway or not args.device:
+        raise ConfigError("--gateway and --device go together")
+    parse_host_port(args.gateway, "--gateway")
+    cluster_devices(topology, args.cluster)
+    host, port = parse_host_port(args.broker, "--broker")
+    stop = _stop_on_signals()
+    bus = Bus(host, port, role="ground", node_id=f"{args.cluster}.{args.device}")
+    view = LinkView(bus, clusters=[])
+    agent = DeviceAgent(
+        DeviceOptions(
+            topology=topology,
+            cluster=args.cluster,
+            device=args.device,
+            gateway=args.gateway,
+            workdir=Path(args.workdir),
+            base_dir=Path(args.base),
+            shard=args.shard,
+        ),
+        now=view.emulated_now,
+    )
+    try:
+        bus.start()
+        bus.announce({"cluster": args.cluster, "device": args.device, "gateway": args.gateway})
+        agent.run(stop)
+    finally:
+        agent.close()
+        bus.stop()
+    return 0

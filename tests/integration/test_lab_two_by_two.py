@@ -1,0 +1,86 @@
+"""Two clusters of two devices each (`testbed/topologies/two-by-two.yaml`), composed by the lab launcher.
+
+Per cluster one gateway process talks to the satellite and three processes more train: the devices train on their
+own shards, the gateway averages them each local round (weighted by examples) and uploads only the averages.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from testbed.broker import BrokerProcess
+from testbed.lab import LabOptions, LabRun, run_lab
+from testbed.report import read_jsonl
+
+pytestmark = pytest.mark.slow
+
+TOPOLOGY = Path(__file__).resolve().parents[2] / "testbed" / "topologies" / "two-by-two.yaml"
+
+
+@pytest.fixture(scope="module")
+def lab_run(tmp_path_factory: pytest.TempPathFactory, module_broker: BrokerProcess) -> LabRun:
+    tmp = tmp_path_factory.mktemp("lab2x2")
+    topology: dict[str, Any] = yaml.safe_load(TOPOLOGY.read_text(encoding="utf-8"))
+    topology["data"]["train_per_cluster"] = 600
+    topology["data"]["test_per_domain"] = 20
+    topology["warmup"]["steps"] = 60
+    topology["training"]["batch_size"] = 16
+    topology["training"]["stage_every_steps"] = 10
+    topology["training"]["profile_examples"] = 64
+    topology["lab"]["eval_points"] = 2
+    path = tmp / "topology.yaml"
+    path.write_text(yaml.safe_dump(topology), encoding="utf-8")
+    return run_lab(
+        LabOptions(
+            topology_path=path,
+            broker=module_broker.address,
+            duration_wall_s=50,
+            runs_dir=tmp / "runs",
+            run_id="it2x2",
+            cache_dir=tmp / "cache",
+        )
+    )
+
+
+def test_gateways_average_their_devices_and_upload_the_averages(lab_run: LabRun) -> None:
+    from satellite_node.export import commits
+
+    committed = commits(lab_run.state_dir)
+    assert {c["cluster"] for c in committed} == {"c0", "c1"}
+    joined = [e["cluster"] for e in read_jsonl(lab_run.state_dir / "events.jsonl") if e["event"] == "joined"]
+    assert set(joined) == {"c0", "c1"}  # only the gateways talk to the satellite
+    for cluster, workdir in lab_run.ground_dirs.items():
+        events = read_jsonl(workdir / "events.jsonl")
+        rounds = [e for e in events if e["event"] == "round_closed"]
+        assert rounds, f"{cluster}: the gateway closed no round"
+        assert any(e["devices"] == ["d0", "d1"] for e in rounds), f"{cluster}: no round averaged both devices"
+        averages = {e["content_hash"] for e in rounds}
+        mine = {c["content_hash"] for c in committed if c["cluster"] == cluster}
+        assert mine and mine <= averages, f"{cluster}: the satellite holds an update that is no gateway average"
+        report = json.loads((workdir / "report.json").read_text(encoding="utf-8"))
+        assert report["role"] == "gateway" and report["rounds"] >= 1 and report["uploads_acked"] >= 1
+        assert set(report["devices"]) == {"d0", "d1"}
+        for device in ("d0", "d1"):
+            dev = json.loads((workdir / "devices" / device / "report.json").read_text(encoding="utf-8"))
+            assert dev["role"] == "device" and dev["steps"] >= 10 and dev["rounds"] >= 1
+            assert dev["bytes_to_gateway"] > 0 and dev["bytes_from_gateway"] > 0
+        # the two devices trained on disjoint shards that cover the cluster's data
+        sizes = [report["devices"][d]["num_examples"] for d in ("d0", "d1")]
+        assert sum(sizes) == 600 and min(sizes) == 300
+
+
+def test_summary_reports_devices(lab_run: LabRun) -> None:
+    from testbed.outputs import write_outputs
+
+    summary = write_outputs(lab_run)
+    assert summary["uploads_outside_contact"] == 0
+    for cluster in ("c0", "c1"):
+        per = summary["per_cluster"][cluster]
+        assert per["uploads_committed"] >= 1 and per["training_steps"] > 0
+        assert set(per["devices"]) == {"d0", "d1"}
+        assert all(d["steps"] > 0 and d["rounds"] >= 1 for d in per["devices"].values())
