@@ -15,10 +15,9 @@ from typing import Any
 
 import torch
 
+from emsfl.durable import atomic_write_json
 from ground_node.base import load_base
 from ground_node.data import tokenizer_for, train_examples
-from ground_node.events import EventLog
-from ground_node.fsutil import atomic_write_json
 from ground_node.outbox import Outbox, StagedUpdate
 from ground_node.profile import coverage_from_probs, profile_affinity
 from ground_node.settings import load_settings
@@ -26,6 +25,7 @@ from ground_node.split import Assignment
 from ground_node.train import Trainer
 from ground_node.uplink import Link, Uplink
 from ground_node.usage import Usage
+from protos.events import EventLog
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class GroundAgent:
         self.workdir = Path(options.workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.link = link
-        self.events = EventLog(self.workdir / "events.jsonl", self.cluster, now)
+        self.events = EventLog(self.workdir / "events.jsonl", "ground", self.cluster, now)
         self.outbox = Outbox(self.workdir / "outbox")
         self.coverage: float | None = None
         self.num_examples = 0

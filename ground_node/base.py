@@ -22,10 +22,10 @@ import torch
 from safetensors.torch import save as save_bytes
 from torch import nn
 
+from emsfl.durable import fsync_dir
 from ground_node.data import max_positions, tokenizer_for, warmup_pool
 from ground_node.errors import GroundError
 from ground_node.family import FamilyAdapter, get_adapter
-from ground_node.fsutil import fsync_dir
 from ground_node.settings import Settings, cache_key, load_settings
 from ground_node.synthetic import encode_train
 from protos.wire import sha256_hex

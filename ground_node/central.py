@@ -19,13 +19,13 @@ from typing import Any
 import torch
 
 from emsfl.config import ConfigError, load_topology
+from emsfl.durable import atomic_write_json
 from ground_node.agent import peak_rss_mb
 from ground_node.base import load_base
 from ground_node.baseline import full_assignment
 from ground_node.data import max_new_tokens, test_examples, tokenizer_for, train_examples
 from ground_node.errors import GroundError
 from ground_node.evaluate import exact_match
-from ground_node.fsutil import atomic_write_json
 from ground_node.settings import load_settings
 from ground_node.train import Trainer
 

@@ -162,10 +162,10 @@ def _train(args: argparse.Namespace, topology: dict[str, Any]) -> dict[str, Any]
     """Offline training (no satellite): the given experts, or the cluster's top-affinity experts."""
     import time
 
+    from emsfl.durable import atomic_write_json
     from ground_node.agent import peak_rss_mb
     from ground_node.base import load_base
     from ground_node.data import tokenizer_for, train_examples
-    from ground_node.fsutil import atomic_write_json
     from ground_node.outbox import Outbox
     from ground_node.profile import coverage_from_probs, profile_affinity
     from ground_node.settings import load_settings

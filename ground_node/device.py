@@ -23,12 +23,11 @@ import torch
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
+from emsfl.durable import atomic_write_json
 from ground_node.agent import peak_rss_mb
 from ground_node.base import load_base
 from ground_node.data import tokenizer_for, train_examples
 from ground_node.errors import GroundError
-from ground_node.events import EventLog
-from ground_node.fsutil import atomic_write_json
 from ground_node.gateway import DEVICE_METADATA_KEY
 from ground_node.profile import coverage_from_probs, profile_affinity
 from ground_node.settings import load_settings
@@ -36,6 +35,7 @@ from ground_node.split import Assignment
 from ground_node.train import Trainer, load_expert_state
 from protos.emsfl.v1 import federation_pb2 as pb
 from protos.emsfl.v1 import federation_pb2_grpc as pb_grpc
+from protos.events import EventLog
 from protos.wire import CHUNK_SIZE, CLUSTER_METADATA_KEY, sha256_hex, split_chunks
 
 log = logging.getLogger(__name__)
@@ -148,7 +148,7 @@ class DeviceAgent:
         self.devices = devices
         self.workdir = Path(options.workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.events = EventLog(self.workdir / "events.jsonl", f"{options.cluster}/{options.device}", now)
+        self.events = EventLog(self.workdir / "events.jsonl", "ground", f"{options.cluster}/{options.device}", now)
         self.client = GatewayClient(options.gateway, options.cluster, options.device)
         self.coverage: float | None = None
         self.num_examples = 0

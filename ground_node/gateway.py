@@ -33,13 +33,13 @@ import numpy as np
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
-from ground_node.events import EventLog
-from ground_node.fsutil import atomic_write_json
+from emsfl.durable import atomic_write_json
 from ground_node.outbox import Outbox, StagedUpdate
 from ground_node.profile import Affinity
 from ground_node.uplink import Link, Uplink
 from protos.emsfl.v1 import federation_pb2 as pb
 from protos.emsfl.v1 import federation_pb2_grpc as pb_grpc
+from protos.events import EventLog
 from protos.wire import CHUNK_SIZE, CLUSTER_METADATA_KEY, parse_expert_name, sha256_hex, split_chunks
 
 log = logging.getLogger(__name__)
@@ -120,7 +120,7 @@ class Gateway:
         self.manifest: dict[str, Any] = json.loads((Path(base_dir) / "manifest.json").read_text(encoding="utf-8"))
         self.strategy = strategy
         self.round_timeout_s = round_timeout_s
-        self.events = EventLog(self.workdir / "events.jsonl", cluster, now)
+        self.events = EventLog(self.workdir / "events.jsonl", "ground", cluster, now)
         self.outbox = Outbox(self.workdir / "outbox")
         self.devices: dict[str, DeviceState] = {}
         self.version = 0  # gateway rounds closed so far = version of the cluster average

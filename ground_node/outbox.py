@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import save
 
+from emsfl.durable import atomic_write_bytes, atomic_write_json
 from ground_node.errors import GroundError
-from ground_node.fsutil import atomic_write_bytes, atomic_write_json
 from protos.wire import parse_expert_name, sha256_hex
 
 STATE = "state.json"

@@ -19,7 +19,7 @@ import numpy as np
 from safetensors.numpy import load as st_load
 from safetensors.numpy import load_file, save
 
-from ground_node.fsutil import atomic_write_bytes
+from emsfl.durable import atomic_write_bytes
 from ground_node.outbox import Outbox, StagedUpdate
 from protos.timefmt import parse_iso
 from protos.wire import parse_expert_name

@@ -16,9 +16,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from emsfl.durable import fsync_dir
 from ground_node.errors import GroundError
 from ground_node.family import FamilyAdapter
-from ground_node.fsutil import fsync_dir
 from ground_node.settings import TrainingSettings
 from ground_node.split import Assignment, apply_split
 from ground_node.synthetic import Example, encode_train

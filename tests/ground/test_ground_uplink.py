@@ -16,6 +16,7 @@ from ground_node.outbox import Outbox
 from ground_node.profile import Affinity
 from protos.emsfl.v1 import federation_pb2 as pb
 from protos.emsfl.v1 import federation_pb2_grpc as pb_grpc
+from protos.events import read_events
 from protos.wire import CLUSTER_METADATA_KEY, sha256_hex
 from testbed.broker import free_port
 
@@ -169,7 +170,6 @@ def test_agent_trains_stages_uploads_and_reports(
     assert fake.committed and result["uploads_acked"] >= 1 and result["steps"] >= 5
     report = (tmp_path / "w" / "report.json").read_text()
     assert '"cluster": "c0"' in report and 0.0 <= result["coverage"] <= 1.0
-    events = (tmp_path / "w" / "events.jsonl").read_text().splitlines()
-    kinds = {line.split('"event": "')[1].split('"')[0] for line in events}
+    kinds = {event["event"] for event in read_events(tmp_path / "w" / "events.jsonl")}
     assert {"profiled", "assigned", "staged", "upload_acked"} <= kinds
     assert (tmp_path / "w" / "checkpoint.pt").exists()
