@@ -112,6 +112,7 @@ class GroundAgent:
             on_ack=self._on_ack,
             on_join=self._on_join,
             on_push=self._on_push,
+            max_uploads_per_contact=s.training.uploads_per_contact or None,
         )
         self.uplink.start()
         assignment = self._saved_assignment()

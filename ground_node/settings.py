@@ -71,6 +71,7 @@ class TrainingSettings:
     profile_examples: int
     grad_accum: int = 1  # micro-batches of `batch_size` per optimiser step
     dtype: str = "float32"  # compute dtype of training: float32 | bfloat16 | float16 (mixed precision, autocast)
+    uploads_per_contact: int = 1  # committed uploads per contact; 0: upload every staged state while the link is up
 
 
 @dataclass(frozen=True)
@@ -220,7 +221,15 @@ def _training(topology: Mapping[str, Any]) -> TrainingSettings:
         profile_examples=_pos_int(s, "profile_examples", w, 256),
         grad_accum=_pos_int(s, "grad_accum", w, 1),
         dtype=_dtype(s),
+        uploads_per_contact=_non_negative_int(s, "uploads_per_contact", w, 1),
     )
+
+
+def _non_negative_int(mapping: Mapping[str, Any], key: str, where: str, default: int) -> int:
+    value = field(mapping, key, int, where, default)
+    if value < 0:
+        raise ConfigError(f"{where}.{key}: must be >= 0, got {value}")
+    return value
 
 
 TRAINING_DTYPES = ("float32", "bfloat16", "float16")

@@ -49,6 +49,7 @@ class Uplink(threading.Thread):
         on_join: Callable[[Any], None] | None = None,
         poll_s: float = 0.5,
         on_push: Callable[[str, list[int], int], None] | None = None,
+        max_uploads_per_contact: int | None = 1,
         call_timeout_s: float = 20.0,
     ) -> None:
         super().__init__(name=f"uplink-{cluster}", daemon=True)
@@ -80,7 +81,7 @@ class Uplink(threading.Thread):
         self.client: BaselineClient | None = None
         # DESIGN §3 step 6: at every contact the newest state goes up once (not again at every staging while the
         # link stays up, which would multiply the uplink bytes); None: no limit. Contacts are told apart by `since`.
-        self.max_uploads_per_contact: int | None = 1
+        self.max_uploads_per_contact = max_uploads_per_contact
         self._acks_in_contact: dict[str, int] = {}
 
     def stop(self, timeout_s: float = 5.0) -> None:

@@ -58,6 +58,7 @@ TOPOLOGY: dict[str, Any] = {
         "stage_every_steps": 10,
         "checkpoint_every_steps": 10,
         "profile_examples": 16,
+        "uploads_per_contact": 0,  # one long contact here: keep uploading so that an upload can be cut
     },
 }
 
