@@ -13,6 +13,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from testbed.orphans import die_with_parent
+
 
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
@@ -68,7 +70,13 @@ class BrokerProcess:
     def start(self) -> BrokerProcess:
         log = open(self._log_path, "ab")  # noqa: SIM115 - owned by the child process
         # Own session: a Ctrl-C in the terminal must not kill the broker before the roles have said goodbye.
-        self.proc = subprocess.Popen(self._command(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            self._command(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=die_with_parent(),
+        )
         try:
             wait_for_port(self.host, self.port)
         except TimeoutError:

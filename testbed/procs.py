@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from testbed.orphans import die_with_parent
+
 
 class RoleProcess:
     """One `python -m emsfl ...` child with its output in a log file."""
@@ -30,6 +32,7 @@ class RoleProcess:
             stderr=subprocess.STDOUT,
             env=env,
             start_new_session=True,
+            preexec_fn=die_with_parent(),
         )
         return self
 
