@@ -81,8 +81,15 @@ class LinkView:
         link = self._links.get(cluster)
         if not self._orbit_online or self._clock is None or link is None or link["state"] != "up":
             return False
+        now = self._clock.now()
         until = link.get("until")
-        return until is None or self._clock.now() < parse_iso(until)
+        if until is not None and now >= parse_iso(until):
+            return False
+        # Belt and braces: the published contact windows must agree that this instant is inside a contact.
+        windows = self._contacts.get(cluster)
+        if windows and not link.get("forced"):
+            return any(parse_iso(w["start"]) <= now < parse_iso(w["end"]) for w in windows)
+        return True
 
     def wait_up(self, cluster: str, timeout_s: float) -> bool:
         """Block until the cluster's link is up or the timeout passes; re-checks at least every second."""
