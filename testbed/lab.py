@@ -272,7 +272,8 @@ def _devices(topology: dict[str, Any], cluster: str) -> int:
 
 
 def _supervise(lab: LabRun, links: LinkView, clusters: list[str], procs: list[RoleProcess], duration_s: float) -> None:
-    from testbed.report import count_events, read_jsonl
+    from protos.events import read_events
+    from testbed.report import count_events
 
     end = lab.started_wall + duration_s
     next_line = 0.0
@@ -283,7 +284,7 @@ def _supervise(lab: LabRun, links: LinkView, clusters: list[str], procs: list[Ro
         if now >= next_line:
             emulated = links.emulated_now()
             up = [c for c in clusters if links.is_up(c)]
-            commits = count_events(read_jsonl(lab.state_dir / "events.jsonl"), "upload_committed")
+            commits = count_events(read_events(lab.state_dir / "events.jsonl"), "upload_committed")
             when = emulated.strftime("%Y-%m-%d %H:%M") if emulated else "--"
             _progress(
                 f"[lab] {now - lab.started_wall:5.0f}/{duration_s:.0f} s  emulated {when}  "

@@ -6,13 +6,13 @@ import json
 from datetime import datetime, timedelta
 from typing import Any
 
+from protos.events import read_events
 from protos.timefmt import parse_iso, to_iso
 from testbed import plots
 from testbed.lab import LabRun
 from testbed.report import (
     count_events,
     merge_events,
-    read_jsonl,
     uploads_outside_contact,
     windows_by_cluster,
     write_json,
@@ -45,9 +45,9 @@ def write_outputs(lab: LabRun) -> dict[str, Any]:
     clusters = [c["id"] for c in topology["clusters"]]
     plan = json.loads(lab.plan_path.read_text(encoding="utf-8")) if lab.plan_path.exists() else {}
     windows = windows_by_cluster(plan)
-    orbit_events = read_jsonl(lab.orbit_events_path)
-    satellite_events = read_jsonl(lab.state_dir / "events.jsonl")
-    ground_events = [read_jsonl(d / "events.jsonl") for d in lab.ground_dirs.values()]
+    orbit_events = read_events(lab.orbit_events_path)
+    satellite_events = read_events(lab.state_dir / "events.jsonl")
+    ground_events = [read_events(d / "events.jsonl") for d in lab.ground_dirs.values()]
     commits = read_commits(lab.state_dir) if lab.state_dir.exists() else []
 
     scale = float(topology["clock"]["scale"])

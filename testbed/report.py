@@ -15,21 +15,6 @@ from typing import Any
 from protos.timefmt import parse_iso
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Every complete JSON line of `path` (a line cut by a kill is skipped); [] if absent."""
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
-
-
 def merge_events(*streams: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     """All events in emulated-time order (events without a time keep their wall order, first)."""
     rows = [row for stream in streams for row in stream]

@@ -19,10 +19,11 @@ from safetensors.numpy import load as load_safetensors
 
 from protos import wire
 from protos.emsfl.v1 import federation_pb2, federation_pb2_grpc
+from protos.events import read_events
 from protos.timefmt import parse_iso
 from testbed.broker import BrokerProcess, free_port
 from testbed.lab import DEFAULT_TOPOLOGY, LabOptions, LabRun, run_lab
-from testbed.report import in_contact, read_jsonl, windows_by_cluster
+from testbed.report import in_contact, windows_by_cluster
 
 pytestmark = pytest.mark.slow
 
@@ -98,7 +99,7 @@ def test_no_call_succeeds_while_the_link_is_down(lab_run: tuple[LabRun, StatusPr
     # Every state-changing call the satellite accepted happened inside its cluster's contact windows.
     accepted = [
         e
-        for e in read_jsonl(lab.state_dir / "events.jsonl")
+        for e in read_events(lab.state_dir / "events.jsonl")
         if e["event"] in {"joined", "affinity", "upload_committed"}
     ]
     assert accepted
@@ -109,7 +110,7 @@ def test_every_committed_expert_belongs_to_its_uploader(lab_run: tuple[LabRun, S
     from satellite_node.export import commits
 
     lab, _ = lab_run
-    events = read_jsonl(lab.state_dir / "events.jsonl")
+    events = read_events(lab.state_dir / "events.jsonl")
     assignment = next(e for e in events if e["event"] == "assignment")
     owned = {
         (layer, expert): cluster
@@ -165,4 +166,4 @@ def test_run_outputs(lab_run: tuple[LabRun, StatusProbe]) -> None:
         assert key in on_disk
     for png in ("contact_timeline.png", "accuracy.png", "bytes_per_cluster.png", "assignment_heatmap.png"):
         assert (lab.run_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert read_jsonl(lab.run_dir / "events.jsonl")
+    assert read_events(lab.run_dir / "events.jsonl")

@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 import yaml
 
+from protos.events import read_events
 from testbed.broker import BrokerProcess
 from testbed.lab import LabOptions, LabRun, run_lab
-from testbed.report import read_jsonl
 
 pytestmark = pytest.mark.slow
 
@@ -52,10 +52,10 @@ def test_gateways_average_their_devices_and_upload_the_averages(lab_run: LabRun)
 
     committed = commits(lab_run.state_dir)
     assert {c["cluster"] for c in committed} == {"c0", "c1"}
-    joined = [e["cluster"] for e in read_jsonl(lab_run.state_dir / "events.jsonl") if e["event"] == "joined"]
+    joined = [e["cluster"] for e in read_events(lab_run.state_dir / "events.jsonl") if e["event"] == "joined"]
     assert set(joined) == {"c0", "c1"}  # only the gateways talk to the satellite
     for cluster, workdir in lab_run.ground_dirs.items():
-        events = read_jsonl(workdir / "events.jsonl")
+        events = read_events(workdir / "events.jsonl")
         rounds = [e for e in events if e["event"] == "round_closed"]
         assert rounds, f"{cluster}: the gateway closed no round"
         assert any(e["devices"] == ["d0", "d1"] for e in rounds), f"{cluster}: no round averaged both devices"
