@@ -23,7 +23,7 @@ from emsfl.durable import atomic_write_json
 from ground_node.agent import peak_rss_mb
 from ground_node.base import load_base
 from ground_node.baseline import full_assignment
-from ground_node.data import max_new_tokens, test_examples, tokenizer_for, train_examples
+from ground_node.data import label_choices, max_new_tokens, test_examples, tokenizer_for, train_examples
 from ground_node.errors import GroundError
 from ground_node.evaluate import exact_match
 from ground_node.settings import load_settings
@@ -44,12 +44,13 @@ def centralised(topology: dict[str, Any], base_dir: Path, steps: int) -> dict[st
     train_seconds = time.monotonic() - start
     model = trainer.model
     max_new = max_new_tokens(s)
-    per_cluster = {c: exact_match(model, test_examples(s, c), max_new, tok) for c in s.clusters}
+    choices = label_choices(s)
+    per_cluster = {c: exact_match(model, test_examples(s, c), max_new, tok, choices) for c in s.clusters}
     return {
         "strategy": "centralised",
         "steps": steps,
         "examples": len(pooled),
-        "accuracy_final": exact_match(model, test_examples(s, None), max_new, tok),
+        "accuracy_final": exact_match(model, test_examples(s, None), max_new, tok, choices),
         "per_cluster_accuracy": per_cluster,
         "loss_last": float(sum(losses[-10:]) / max(1, len(losses[-10:]))) if losses else None,
         "train_seconds": round(train_seconds, 3),

@@ -227,6 +227,13 @@ def warmup_pool(settings: Settings, count: int) -> list[Example]:
     return [rows[i] for i in rng.permutation(len(rows))[:count]]
 
 
+def label_choices(settings: Settings) -> list[str] | None:
+    """The labels constrained decoding may answer (text tasks with `data.decoding: constrained`), else None."""
+    if not is_text(settings.data) or settings.data.decoding != "constrained":
+        return None
+    return sorted({r.answer for r in read_split(settings.data, "train")})
+
+
 def max_new_tokens(settings: Settings) -> int:
     if not is_text(settings.data):
         return max_answer_len(settings.data) + 1

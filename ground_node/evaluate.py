@@ -13,7 +13,7 @@ from safetensors.numpy import load_file
 from torch import nn
 
 from ground_node.base import BASE_TENSORS, Base, load_base
-from ground_node.data import max_new_tokens, test_examples, tokenizer_for
+from ground_node.data import label_choices, max_new_tokens, test_examples, tokenizer_for
 from ground_node.errors import GroundError
 from ground_node.family import FamilyAdapter
 from ground_node.settings import load_settings
@@ -80,9 +80,40 @@ def apply_tensors(
     return applied
 
 
+Trie = dict[int, "Trie"]
+
+
+def label_trie(tok: Tokenizer, choices: Sequence[str]) -> Trie:
+    """Token trie of the label strings, each ending in EOS: the only continuations constrained decoding allows."""
+    root: Trie = {}
+    for label in choices:
+        node = root
+        for tid in [*tok.encode(label), EOS]:
+            node = node.setdefault(tid, {})
+    return root
+
+
+def _allowed_mask(nodes: Sequence[Trie | None], vocab: int) -> torch.Tensor:
+    """Rows whose label is complete (None) allow everything; their later tokens are never read."""
+    mask = torch.zeros(len(nodes), vocab, dtype=torch.bool)
+    for row, node in enumerate(nodes):
+        if node is None:
+            mask[row] = True
+        else:
+            mask[row, list(node)] = True
+    return mask
+
+
 @torch.no_grad()
-def greedy_answers(model: nn.Module, tok: Tokenizer, examples: Sequence[Example], max_new: int) -> list[str]:
-    """Greedy decoding, batched over prompts of equal length (no padding, so no position or mask issues)."""
+def greedy_answers(
+    model: nn.Module, tok: Tokenizer, examples: Sequence[Example], max_new: int, choices: Sequence[str] | None = None
+) -> list[str]:
+    """Greedy decoding, batched over prompts of equal length (no padding, so no position or mask issues).
+
+    With `choices`, every step is restricted to tokens that continue some label (a trie), so the answer is always
+    one of them: the model still generates the label token by token, it just cannot spell a non-label.
+    """
+    trie = label_trie(tok, choices) if choices else None
     groups: dict[int, list[int]] = defaultdict(list)
     for i, ex in enumerate(examples):
         groups[len(tok.encode(ex.prompt))].append(i)  # token count: bytes, not characters, for text tasks
@@ -92,12 +123,17 @@ def greedy_answers(model: nn.Module, tok: Tokenizer, examples: Sequence[Example]
         for start in range(0, len(idxs), 256):
             chunk = idxs[start : start + 256]
             ids = encode_prompts(tok, [examples[i] for i in chunk])
+            nodes: list[Trie | None] = [trie] * len(chunk)
             done = torch.zeros(len(chunk), dtype=torch.bool)
             out: list[torch.Tensor] = []
             for _ in range(max_new):
                 logits = model(input_ids=ids, use_cache=False).logits[:, -1]
+                if trie is not None:
+                    logits = logits.masked_fill(~_allowed_mask(nodes, logits.shape[-1]), float("-inf"))
                 nxt = logits.argmax(dim=-1)
                 out.append(nxt)
+                if trie is not None:
+                    nodes = [None if n is None or t == EOS else n[t] for n, t in zip(nodes, nxt.tolist(), strict=True)]
                 done |= nxt == EOS
                 if bool(done.all()):
                     break
@@ -108,11 +144,17 @@ def greedy_answers(model: nn.Module, tok: Tokenizer, examples: Sequence[Example]
     return answers
 
 
-def exact_match(model: nn.Module, examples: Sequence[Example], max_new: int, tok: Tokenizer | None = None) -> float:
+def exact_match(
+    model: nn.Module,
+    examples: Sequence[Example],
+    max_new: int,
+    tok: Tokenizer | None = None,
+    choices: Sequence[str] | None = None,
+) -> float:
     if not examples:
         raise GroundError("cannot evaluate an empty test set")
     tok = tok if tok is not None else CharTokenizer()
-    answers = greedy_answers(model, tok, examples, max_new)
+    answers = greedy_answers(model, tok, examples, max_new, choices)
     return float(np.mean([a == ex.answer for a, ex in zip(answers, examples, strict=True)]))
 
 
@@ -140,4 +182,5 @@ def accuracy(
     settings = load_settings(topology)
     base = model_with_tensors(Path(base_dir), tensors)
     examples = test_examples(settings, cluster)
-    return exact_match(base.model, examples, max_new_tokens(settings), tokenizer_for(settings.data))
+    max_new = max_new_tokens(settings)
+    return exact_match(base.model, examples, max_new, tokenizer_for(settings.data), label_choices(settings))

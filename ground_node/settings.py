@@ -47,6 +47,7 @@ class DataSettings:
     cluster_labels: dict[str, tuple[str, ...]] | None = None  # explicit label sets per cluster id
     max_chars: int = 96  # prompt text is truncated to this many bytes
     test_examples: int = 400  # size of the (seeded) global test sample
+    decoding: str = "constrained"  # constrained: greedy over the label set's trie; free: unconstrained greedy
 
 
 @dataclass(frozen=True)
@@ -166,6 +167,9 @@ def _text_data(d: Mapping[str, Any], task: str) -> DataSettings:
         if not all(isinstance(v, list) and v for v in labels.values()):
             raise ConfigError("data.cluster_labels: expected {cluster id: [label, ...]} with non-empty lists")
         cluster_labels = {str(k): tuple(str(x) for x in v) for k, v in labels.items()}
+    decoding = field(d, "decoding", str, w, "constrained")
+    if decoding not in ("constrained", "free"):
+        raise ConfigError(f"data.decoding: expected 'constrained' or 'free', got {decoding!r}")
     return DataSettings(
         task=task,
         domains=(),
@@ -182,6 +186,7 @@ def _text_data(d: Mapping[str, Any], task: str) -> DataSettings:
         cluster_labels=cluster_labels,
         max_chars=_pos_int(d, "max_chars", w, 96),
         test_examples=_pos_int(d, "test_examples", w, 400),
+        decoding=decoding,
     )
 
 
@@ -270,6 +275,7 @@ _TEXT_ONLY = ("path", "test_path", "text_field", "label_field", "alpha", "cluste
 
 def _data_key(data: DataSettings) -> dict[str, Any]:
     body = asdict(data)
+    body.pop("decoding")  # evaluation only: no effect on the base
     if data.task == "synthetic":  # keys of text tasks do not change a synthetic base's key
         for key in _TEXT_ONLY:
             body.pop(key, None)

@@ -128,3 +128,31 @@ def test_banking77_trains_and_evaluates_end_to_end(topology: dict[str, Any], tmp
     assert all(torch.isfinite(torch.tensor(losses)))
     acc = accuracy(base_dir, trainer.expert_state(), topo, "c0")
     assert 0.0 <= acc <= 1.0
+
+
+def test_constrained_decoding_answers_only_labels(topology: dict[str, Any], tmp_path: Path) -> None:
+    """An untrained byte model spells non-labels when free; under the label trie every answer is a label."""
+    from ground_node.base import new_model
+    from ground_node.data import label_choices
+    from ground_node.evaluate import greedy_answers, label_trie
+
+    _csv(tmp_path / "train.csv")
+    _csv(tmp_path / "test.csv", 20)
+    s = load_settings(_topology(topology, path=str(tmp_path)))
+    choices = label_choices(s)
+    assert choices == sorted(LABELS)
+    assert label_choices(load_settings(_topology(topology, path=str(tmp_path), decoding="free"))) is None
+    with pytest.raises(ConfigError, match=r"data\.decoding"):
+        load_settings(_topology(topology, path=str(tmp_path), decoding="beam"))
+    tok = tokenizer_for(s.data)
+    trie = label_trie(tok, ["pin", "pig"])
+    assert list(trie) == tok.encode("p") and sorted(trie[tok.encode("p")[0]][tok.encode("i")[0]]) == sorted(
+        tok.encode("ng")
+    )
+    torch.manual_seed(0)
+    model, _ = new_model(s)
+    tests = held_out(s, None)
+    constrained = greedy_answers(model, tok, tests, 16, choices)
+    assert set(constrained) <= set(LABELS)
+    free = greedy_answers(model, tok, tests, 16)
+    assert not set(free) <= set(LABELS)  # an untrained model does not spell labels by itself
