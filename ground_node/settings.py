@@ -293,7 +293,8 @@ def cache_key(settings: Settings) -> str:
         "data": _data_key(settings.data),
         # fields at their defaults are left out, so adding an optional field keeps existing bases' keys
         "warmup": {k: v for k, v in asdict(settings.warmup).items() if (k, v) not in _WARMUP_DEFAULTS},
-        "training": {k: v for k, v in asdict(settings.training).items() if k != "dtype"},  # no effect on the base
+        # only what the base's manifest records: runs that differ in learning rate, batch or pacing share a base
+        "training": {k: getattr(settings.training, k) for k in ("tune", "lora_rank", "lora_alpha")},
     }
     text = json.dumps(body, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]

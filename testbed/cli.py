@@ -30,6 +30,9 @@ def _parser() -> argparse.ArgumentParser:
         "--rates", help="comma-separated link rates in bit/s (default: the topology's and a thousandth of it)"
     )
     exp.add_argument(
+        "--lrs", help="comma-separated learning rates, searched alike for every strategy (default: training.lr)"
+    )
+    exp.add_argument(
         "--duration-s", type=float, help="wall seconds per run (default: lab.experiment_duration_wall_s, else 75)"
     )
     exp.add_argument("--quick", action="store_true", help="one seed, one rate, 45 s per run")
@@ -59,6 +62,7 @@ def _experiment(args: argparse.Namespace) -> int:
         strategies=_csv(args.strategies, str, "--strategies"),
         seeds=_csv(args.seeds, int, "--seeds"),
         rates_bps=_csv(args.rates, float, "--rates") if args.rates else None,
+        lrs=_csv(args.lrs, float, "--lrs") if args.lrs else None,
         duration_wall_s=args.duration_s,
         quick=args.quick,
         runs_dir=args.runs_dir,

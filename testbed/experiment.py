@@ -41,6 +41,7 @@ class ExperimentOptions:
     strategies: list[str] = field(default_factory=lambda: list(STRATEGIES))
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     rates_bps: list[float] | None = None  # None: the topology's rate and a thousandth of it
+    lrs: list[float] | None = None  # learning rates every strategy is searched over (None: training.lr only)
     duration_wall_s: float | None = None  # None: lab.experiment_duration_wall_s, else DEFAULT_DURATION_S
     quick: bool = False
     runs_dir: Path = Path("runs")
@@ -56,8 +57,8 @@ QUICK_DURATION_S = 45.0
 SLOW_RATE_FACTOR = 1000.0  # the second rate of the sweep: the tiny model's update then takes what a real MoE's would
 
 
-def plan_runs(opts: ExperimentOptions, topology: dict[str, Any]) -> list[tuple[float, str, int]]:
-    """(rate_bps, strategy, seed) of every run, after --quick has trimmed the grid."""
+def plan_runs(opts: ExperimentOptions, topology: dict[str, Any]) -> list[tuple[float, str, int, float]]:
+    """(rate_bps, strategy, seed, lr) of every run, after --quick has trimmed the grid."""
     unknown = [s for s in opts.strategies if s not in STRATEGIES]
     if unknown or not opts.strategies:
         raise ConfigError(f"--strategies: expected a list of {', '.join(STRATEGIES)}, got {opts.strategies}")
@@ -74,7 +75,29 @@ def plan_runs(opts: ExperimentOptions, topology: dict[str, Any]) -> list[tuple[f
         raise ConfigError("--seeds: at least one seed is required")
     if len(set(seeds)) != len(seeds):
         raise ConfigError(f"--seeds: duplicates in {seeds}")
-    return [(r, s, seed) for r in rates for seed in seeds for s in opts.strategies]
+    lrs = opts.lrs or [float((topology.get("training") or {}).get("lr", 0.002))]
+    if any(lr <= 0 for lr in lrs) or len(set(lrs)) != len(lrs):
+        raise ConfigError(f"--lrs: expected distinct learning rates > 0, got {lrs}")
+    return [(r, s, seed, lr) for r in rates for seed in seeds for s in opts.strategies for lr in lrs]
+
+
+def choose_lr(
+    per_lr: dict[float, dict[str, list[dict[str, Any]]]],
+) -> tuple[dict[str, list[dict[str, Any]]], dict[str, Any]]:
+    """Per strategy, the runs of the learning rate with the best mean final accuracy over seeds.
+
+    Every strategy is searched over the same candidates with the same rule, so no baseline is tuned into
+    weakness; the search reads the same test accuracy it reports (there is no separate validation split).
+    """
+    chosen: dict[str, list[dict[str, Any]]] = {}
+    search: dict[str, Any] = {}
+    strategies = {name for per_strategy in per_lr.values() for name in per_strategy}
+    for name in sorted(strategies):
+        means = {lr: statistics.fmean(r["accuracy_final"] for r in runs[name]) for lr, runs in per_lr.items()}
+        best = max(means, key=lambda lr: (means[lr], -lr))
+        chosen[name] = per_lr[best][name]
+        search[name] = {"final_accuracy_by_lr": {f"{lr:g}": round(m, 4) for lr, m in means.items()}, "lr": best}
+    return chosen, search
 
 
 def _rate_label(rate_bps: float) -> str:
@@ -177,16 +200,18 @@ def run_experiment(opts: ExperimentOptions) -> dict[str, Any]:
     replay_plan: Path | None = None
     plan_source: str | None = None
 
-    summaries: dict[float, dict[str, list[dict[str, Any]]]] = {}
+    searched: dict[float, dict[float, dict[str, list[dict[str, Any]]]]] = {}  # rate -> lr -> strategy -> runs
     runs: list[dict[str, Any]] = []
     bases: dict[int, tuple[Path, Path]] = {}  # seed -> (topology of its first run, base dir)
-    for index, (rate, strategy, seed) in enumerate(grid, start=1):
-        run_id = f"{_rate_label(rate)}-{strategy}-seed{seed}"
+    several_lrs = len({lr for *_, lr in grid}) > 1
+    for index, (rate, strategy, seed, lr) in enumerate(grid, start=1):
+        run_id = f"{_rate_label(rate)}-{strategy}-seed{seed}" + (f"-lr{lr:g}" if several_lrs else "")
         print(f"[experiment] run {index}/{len(grid)}: {run_id}", flush=True)
         variant = copy.deepcopy(topology)
         variant["strategy"] = strategy
         variant["seed"] = seed
         variant.setdefault("link", {})["rate_bps"] = rate
+        variant.setdefault("training", {})["lr"] = lr
         path = exp_dir / "topologies" / f"{run_id}.yaml"
         path.write_text(yaml.safe_dump(variant, sort_keys=False), encoding="utf-8")
         started = time.monotonic()
@@ -208,18 +233,23 @@ def run_experiment(opts: ExperimentOptions) -> dict[str, Any]:
             replay_plan, plan_source = exp_dir / "contact_plan.json", run_id
             replay_plan.write_bytes(lab.plan_path.read_bytes())
         bases.setdefault(seed, (path, lab.base_dir))
-        summaries.setdefault(rate, {}).setdefault(strategy, []).append(summary)
+        searched.setdefault(rate, {}).setdefault(lr, {}).setdefault(strategy, []).append(summary)
         runs.append(
             {
                 "run_id": run_id,
                 "rate_bps": rate,
                 "strategy": strategy,
                 "seed": seed,
+                "lr": lr,
                 "wall_seconds": round(time.monotonic() - started, 1),
                 "plan_sha256": plan_fingerprint(lab.plan_path),
             }
         )
 
+    summaries: dict[float, dict[str, list[dict[str, Any]]]] = {}
+    lr_search: dict[str, Any] = {}
+    for rate, per_lr in searched.items():
+        summaries[rate], lr_search[_rate_label(rate)] = choose_lr(per_lr)
     by_rate = {
         _rate_label(rate): compare(per_strategy, opts.target_fraction) for rate, per_strategy in summaries.items()
     }
@@ -250,11 +280,12 @@ def run_experiment(opts: ExperimentOptions) -> dict[str, Any]:
         "experiment_id": experiment_id,
         "task": topology.get("data", {}).get("task", "synthetic"),
         "topology": str(opts.topology_path),
-        "seeds": sorted({seed for _, _, seed in grid}),
+        "seeds": sorted({seed for _, _, seed, _ in grid}),
         "rates_bps": sorted(summaries),
         "link_rate_bps": grid[0][0],
         "quick": opts.quick,
         "duration_wall_s_per_run": duration,
+        "lr_search": {"candidates": sorted({lr for *_, lr in grid}), "by_rate": lr_search},
         "contact_plan": {
             "mode": "replay" if replay else "deterministic",
             "how": (

@@ -1,0 +1,70 @@
+"""The experiment grid and the learning-rate search (no processes: the quick integration test runs the lab)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from emsfl.config import ConfigError
+from testbed.experiment import ExperimentOptions, choose_lr, plan_runs
+
+TOPOLOGY: dict[str, Any] = {"link": {"rate_bps": 1e7}, "training": {"lr": 0.002}}
+
+
+def _opts(**kw: Any) -> ExperimentOptions:
+    return ExperimentOptions(topology_path=Path("t.yaml"), **kw)
+
+
+def test_grid_defaults_to_the_topology_lr_and_two_rates() -> None:
+    grid = plan_runs(_opts(seeds=[0, 1]), TOPOLOGY)
+    assert {lr for *_, lr in grid} == {0.002}
+    assert {rate for rate, *_ in grid} == {1e7, 1e4}
+    assert len(grid) == 2 * 2 * 3
+
+
+def test_every_strategy_gets_the_same_lr_candidates() -> None:
+    grid = plan_runs(_opts(seeds=[0], lrs=[0.001, 0.004], quick=True), TOPOLOGY)
+    per_strategy: dict[str, set[float]] = {}
+    for _, strategy, _, lr in grid:
+        per_strategy.setdefault(strategy, set()).add(lr)
+    assert per_strategy == {s: {0.001, 0.004} for s in ("emsfl", "fedavg", "fedasync")}
+
+
+@pytest.mark.parametrize("lrs", [[0.0], [-1.0], [0.001, 0.001]])
+def test_bad_lrs_are_refused(lrs: list[float]) -> None:
+    with pytest.raises(ConfigError, match="--lrs"):
+        plan_runs(_opts(lrs=lrs), TOPOLOGY)
+
+
+def test_choose_lr_takes_the_best_mean_over_seeds_per_strategy() -> None:
+    def runs(*accs: float) -> list[dict[str, Any]]:
+        return [{"accuracy_final": a} for a in accs]
+
+    per_lr = {
+        0.001: {"emsfl": runs(0.5, 0.7), "fedavg": runs(0.4, 0.4)},
+        0.004: {"emsfl": runs(0.9, 0.1), "fedavg": runs(0.6, 0.5)},
+    }
+    chosen, search = choose_lr(per_lr)
+    assert search["emsfl"]["lr"] == 0.001 and chosen["emsfl"] is per_lr[0.001]["emsfl"]  # 0.6 beats 0.5
+    assert search["fedavg"]["lr"] == 0.004 and search["fedavg"]["final_accuracy_by_lr"] == {"0.001": 0.4, "0.004": 0.55}
+
+
+def test_lr_candidates_share_one_base() -> None:
+    """Regression: the base cache key hashed the whole training section, so each lr warmed up its own base."""
+    import copy
+
+    import yaml
+
+    from ground_node.settings import cache_key, load_settings
+    from testbed.lab import DEFAULT_TOPOLOGY
+
+    topo = yaml.safe_load(DEFAULT_TOPOLOGY.read_text(encoding="utf-8"))
+    other_lr = copy.deepcopy(topo)
+    other_lr["training"]["lr"] = 0.01
+    other_rank = copy.deepcopy(topo)
+    other_rank["training"]["lora_rank"] = 4
+    key = cache_key(load_settings(topo))
+    assert cache_key(load_settings(other_lr)) == key
+    assert cache_key(load_settings(other_rank)) != key  # the manifest records the rank
