@@ -125,7 +125,7 @@ class Offer:
 class ChunkIn:
     content_hash: str
     index: int
-    data: bytes
+    data: bytes | memoryview  # a view into the received message on the gRPC path (satellite_node/chunkwire.py)
     sha256: str
     total_chunks: int = 0
     total_size: int = 0
@@ -152,9 +152,16 @@ class _ChunkSink:
     `deferred`: the stream started the upload at chunk 0; while its chunks come in order their data is hashed only
     into the running content hash. `close(complete=True)` records them all if that hash is the content hash (else
     nothing: the content is refused, `bad_content`); `close(complete=False)` first verifies each written chunk
-    against its offered hash and records only those that match (`bad_chunks` lists the others)."""
+    against its offered hash and records only those that match (`bad_chunks` lists the others).
+
+    `supersede()` (another thread): a newer stream or offer of the same update takes over, e.g. after a hard cut
+    that this stream's handler has not noticed yet. The chunks that already arrived are written, verified and
+    recorded at once, so that the resumed upload sends only what is really missing; nothing is written after."""
 
     MAX_QUEUED = 16
+    # Start writing back every this many bytes on another thread, so that the fsync before the record (and the
+    # acknowledgement) finds little left to write; durability still rests on that final fsync alone.
+    SYNC_AHEAD_BYTES = 32 << 20
 
     def __init__(self, store: Store, upload: UploadRow, deferred: bool) -> None:
         self.store = store
@@ -167,15 +174,33 @@ class _ChunkSink:
         self.digest: str | None = None
         self.bad_content = False
         self.bad_chunks: list[int] = []
+        self.superseded = False
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chunk-sink")
         self._pending: deque[Future[None]] = deque()
+        self._write_lock = threading.Lock()  # held by each write: once `superseded` is set, nothing is written
+        self._record_lock = threading.Lock()  # the writer's record (verify, flush, finish) has one user at a time
+        self._finished = False
+        self._unsynced = 0
+        self._syncer: ThreadPoolExecutor | None = None  # started by the first SYNC_AHEAD_BYTES
+        self._sync: Future[None] | None = None
 
-    def _write(self, index: int, data: bytes) -> None:
-        self.writer.write(index, data)
+    def _write(self, index: int, data: bytes | memoryview) -> None:
+        with self._write_lock:
+            if self.superseded:
+                return
+            self.writer.write(index, data)
         if self.running is not None:
             self.running.update(data)
+        self._unsynced += len(data)
+        if self._unsynced >= self.SYNC_AHEAD_BYTES and (self._sync is None or self._sync.done()):
+            self._unsynced = 0
+            if self._syncer is None:
+                self._syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chunk-sync")
+            self._sync = self._syncer.submit(self.writer.sync_ahead)
 
-    def add(self, index: int, data: bytes) -> None:
+    def add(self, index: int, data: bytes | memoryview) -> None:
+        if self.superseded:
+            raise Refusal(grpc.StatusCode.ABORTED, "a newer stream or offer of this update took over from this one")
         if self.deferred:
             self.next_index = index + 1
         self._pending.append(self._pool.submit(self._write, index, data))
@@ -189,12 +214,16 @@ class _ChunkSink:
     def flush(self) -> None:
         """Wait for the queued writes, fsync, record them (a chunk is on record only once it is on disk)."""
         self._wait()
-        self.writer.flush()
+        with self._record_lock:
+            if not self._finished:
+                self.writer.flush()
 
     def verify_now(self) -> None:
         """Leave deferred mode: check the chunks written so far one by one (dropping bad ones from the record)."""
         self._wait()
-        self._verify_written()
+        with self._record_lock:
+            if not self._finished:
+                self._verify_written()
         self.deferred = False
         self.running = None
 
@@ -208,10 +237,13 @@ class _ChunkSink:
                 self.bad_chunks.append(index)
         self.writer.pending = good
 
-    def close(self, complete: bool) -> None:
-        try:
-            self._wait()
-            if self.deferred and complete:
+    def _finish(self, complete: bool) -> None:
+        """Verify (if deferred), fsync and record what was written; once, by `close` or `supersede`."""
+        with self._record_lock:
+            if self._finished:
+                return
+            self._finished = True
+            if self.deferred and complete and not self.superseded:
                 digest = self.running.hexdigest()
                 if digest == self.upload.content_hash:
                     self.digest = digest
@@ -221,9 +253,29 @@ class _ChunkSink:
             elif self.deferred:
                 self._verify_written()
             self.writer.flush()
+
+    def supersede(self) -> None:
+        try:  # on the writer thread, after the chunks that already arrived: they are kept
+            self._pool.submit(self._mark_superseded).result()
+        except RuntimeError:  # the stream is closing: its writer takes no more work
+            self._mark_superseded()
+        self._finish(complete=False)
+
+    def _mark_superseded(self) -> None:
+        with self._write_lock:
+            self.superseded = True
+
+    def close(self, complete: bool) -> None:
+        try:
+            self._wait()
+            self._finish(complete)
         finally:
             self._pool.shutdown(wait=True)
+            if self._syncer is not None:
+                self._syncer.shutdown(wait=True)
             self.writer.close()
+        if self.superseded:
+            return  # the stream that took over owns the upload now
         if (self.bad_content or self.bad_chunks) and not self.store.received_chunks(self.upload.content_hash):
             self.store.reset_upload(self.upload.content_hash)  # nothing of it on record: no trace either
 
@@ -302,6 +354,8 @@ class SatelliteNode:
         self._lock = threading.RLock()
         self._base: dict[str, np.ndarray] | None = None
         self._pull_cache: tuple[tuple[Any, ...], PullBlob] | None = None
+        self._streams: dict[str, _ChunkSink] = {}  # content hash -> the PushChunks stream writing it
+        self._streams_lock = threading.Lock()
         self._maybe_solve()
 
     def _maybe_solve(self) -> None:
@@ -538,6 +592,7 @@ class SatelliteNode:
             return True, []
         experts = check_specs(self.manifest, offer.tensors)
         self._check_whole_model(experts)
+        self._take_over(offer.content_hash, cluster)  # a re-offer after a hard cut: keep what the old stream wrote
         with self._lock:
             self.strategy.check_base(self._ctx, cluster, offer.base_version)
             check_ownership(
@@ -599,6 +654,7 @@ class SatelliteNode:
                             grpc.StatusCode.PERMISSION_DENIED,
                             f"update {chunk.content_hash[:16]} was offered by another cluster",
                         )
+                    self._take_over(upload.content_hash, cluster)  # first: what an older stream wrote counts
                     received = self.store.received_chunks(upload.content_hash)
                 elif chunk.content_hash != upload.content_hash:
                     raise invalid("one PushChunks stream carries chunks of one update only")
@@ -614,7 +670,7 @@ class SatelliteNode:
                     self.metrics.chunks_resent.labels(cluster).inc()
                     continue
                 if sink is None:  # created only now: a refused first chunk leaves no file behind
-                    sink = _ChunkSink(self.store, upload, deferred=defer)
+                    sink = self._start_stream(upload, defer)
                 sink.add(chunk.index, chunk.data)
                 received.add(chunk.index)
                 self.metrics.chunk_received(cluster, len(chunk.data))
@@ -628,10 +684,17 @@ class SatelliteNode:
                 # fsync and record what arrived, also before a refusal or a cut; a deferred stream that ends
                 # complete is proved by its content hash, one cut short is verified chunk by chunk
                 complete = ended and upload is not None and sink.next_index == len(upload.chunk_hashes)
-                sink.close(complete)
+                try:
+                    sink.close(complete)
+                finally:
+                    with self._streams_lock:
+                        if self._streams.get(sink.upload.content_hash) is sink:
+                            del self._streams[sink.upload.content_hash]
         if upload is None:
             raise invalid("PushChunks carried no chunk")
         digest = None
+        if sink is not None and sink.superseded:
+            raise Refusal(grpc.StatusCode.ABORTED, "a newer stream or offer of this update took over from this one")
         if sink is not None and sink.was_deferred:
             if sink.bad_content:
                 raise invalid(f"update {upload.content_hash[:16]}: the chunks do not hash to the offered content_hash")
@@ -643,6 +706,26 @@ class SatelliteNode:
         if missing:
             return PushResult(False, missing)
         return self._commit(cluster, upload, digest)
+
+    def _start_stream(self, upload: UploadRow, deferred: bool) -> _ChunkSink:
+        """A sink for a new PushChunks stream of `upload`; it supersedes any stream of the same update."""
+        sink = _ChunkSink(self.store, upload, deferred=deferred)
+        with self._streams_lock:
+            racing = self._streams.get(upload.content_hash)
+            self._streams[upload.content_hash] = sink
+        if racing is not None:  # another stream started in between: the newest one wins
+            racing.supersede()
+        return sink
+
+    def _take_over(self, content_hash: str, cluster: str) -> None:
+        """Supersede the stream still writing this update, if any (its handler may not have seen a hard cut yet):
+        it stops writing, and what it wrote is verified and recorded now."""
+        with self._streams_lock:
+            old = self._streams.get(content_hash)
+            if old is None or old.upload.cluster != cluster:
+                return
+            del self._streams[content_hash]
+        old.supersede()
 
     def _check_chunk(self, upload: UploadRow, chunk: ChunkIn, verify_data: bool = True) -> None:
         n = len(upload.chunk_hashes)

@@ -13,11 +13,23 @@ import grpc
 from protos.emsfl.v1 import federation_pb2 as pb
 from protos.emsfl.v1 import federation_pb2_grpc as pb_grpc
 from protos.wire import CLUSTER_METADATA_KEY, sha256_hex
+from satellite_node.chunkwire import decode_chunk
 from satellite_node.node import ChunkIn, Offer, SatelliteNode
 from satellite_node.store import ExpertVersionRow
 from satellite_node.validate import Refusal, Spec
 
 MAX_MESSAGE_BYTES = 32 << 20  # a chunk of up to 16 MiB plus framing
+SERVICE = "emsfl.v1.Federation"
+# After a hard cut (no FIN or RST ever arrives) a handler would wait on its stream for hours, holding one of the few
+# worker threads: the server pings each connection every 10 s and drops one that leaves a ping unanswered for 20 s
+# (generous: an answer may queue behind a full uplink). Clients may ping every second themselves, to notice a cut
+# quickly, without being told off (GOAWAY too_many_pings).
+KEEPALIVE_OPTIONS = [
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 500),
+]
 CLUSTER_OU = "cluster"  # `emsfl pki issue --role client --cluster c0`: O=emsfl, OU=cluster, CN=c0
 
 
@@ -174,14 +186,11 @@ class FederationServicer(pb_grpc.FederationServicer):
             self._refuse(context, cluster, refusal)
         return pb.OfferReply(committed=committed, missing=missing)
 
-    def PushChunks(self, request_iterator: Iterator[pb.Chunk], context: grpc.ServicerContext) -> pb.PushReply:
+    def PushChunks(self, request_iterator: Iterator[ChunkIn | pb.Chunk], context: grpc.ServicerContext) -> pb.PushReply:
         cluster = self._caller(context)
         try:
             cluster = self.node.admit(cluster)
-            chunks = (
-                ChunkIn(c.content_hash, c.index, c.data, c.sha256, c.total_chunks, c.total_size)
-                for c in request_iterator
-            )
+            chunks = (_chunk_in(c) for c in request_iterator)
             result = self.node.push(cluster, chunks)
         except Refusal as refusal:
             self._refuse(context, cluster, refusal)
@@ -197,6 +206,42 @@ class FederationServicer(pb_grpc.FederationServicer):
         except Refusal as refusal:
             self._refuse(context, cluster, refusal)
         return status_proto(status)
+
+
+def _chunk_in(chunk: ChunkIn | pb.Chunk) -> ChunkIn:
+    """Chunks come decoded by `decode_chunk` from the server; a `pb.Chunk` when a caller drives the servicer."""
+    if isinstance(chunk, ChunkIn):
+        return chunk
+    c = chunk
+    return ChunkIn(c.content_hash, c.index, c.data, c.sha256, c.total_chunks, c.total_size)
+
+
+class _HandlerCapture:
+    """Stands in for a server to capture the method handlers the generated `add_FederationServicer_to_server`
+    builds, so that one of them can be swapped while every other stays exactly as generated."""
+
+    def __init__(self) -> None:
+        self.handlers: dict[str, grpc.RpcMethodHandler] = {}
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        pass
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+        self.handlers = dict(handlers)
+
+
+def add_federation(servicer: FederationServicer, server: grpc.Server) -> None:
+    """Register the Federation service; PushChunks reads its chunks with the zero-copy `decode_chunk`."""
+    capture = _HandlerCapture()
+    pb_grpc.add_FederationServicer_to_server(servicer, capture)
+    handlers = capture.handlers
+    if "PushChunks" not in handlers:
+        raise RuntimeError("the generated Federation stubs did not register their method handlers")
+    handlers["PushChunks"] = grpc.stream_unary_rpc_method_handler(
+        servicer.PushChunks, request_deserializer=decode_chunk, response_serializer=pb.PushReply.SerializeToString
+    )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    server.add_registered_method_handlers(SERVICE, handlers)
 
 
 def status_proto(status: dict[str, Any]) -> pb.StatusReply:
@@ -252,9 +297,10 @@ def make_server(
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            *KEEPALIVE_OPTIONS,
         ],
     )
-    pb_grpc.add_FederationServicer_to_server(FederationServicer(node, tls=tls is not None), server)
+    add_federation(FederationServicer(node, tls=tls is not None), server)
     if tls is not None:
         credentials = grpc.ssl_server_credentials(
             [(Path(tls.key).read_bytes(), Path(tls.cert).read_bytes())],

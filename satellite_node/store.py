@@ -23,6 +23,7 @@ import sqlite3
 import threading
 import uuid
 from collections.abc import Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,6 +165,8 @@ class Store:
         for path in (self.dir, self.blobs, self.partial):
             path.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
+        self._reaper: ThreadPoolExecutor | None = None  # deletes pruned blobs off the commit path
+        self._reaped: list[Future[None]] = []
         self._db = sqlite3.connect(db, check_same_thread=False, isolation_level=None, timeout=30.0)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")  # a COMMIT is on disk before an update is acknowledged
@@ -179,7 +182,10 @@ class Store:
             self._sweep()
 
     def close(self) -> None:
+        self.settle()
         with self._lock:
+            if self._reaper is not None:
+                self._reaper.shutdown(wait=True)
             self._db.close()
 
     def __enter__(self) -> Store:
@@ -250,6 +256,7 @@ class Store:
         every expert version's blob carries that expert; no blob, chunk folder or chunk record is orphaned;
         every recorded chunk of an upload in flight is on disk with its hash; versions count up from 1.
         """
+        self.settle()
         problems: list[str] = []
         live = self._referenced_blobs()
         on_disk = {p.name.removesuffix(".safetensors") for p in self.blobs.glob("*.safetensors")}
@@ -438,8 +445,14 @@ class Store:
             writer.write(index, data)
 
     def _record_chunks(self, content_hash: str, indices: list[int]) -> None:
+        # only while the upload is in flight: a stream that ends after its update was committed (or forgotten)
+        # through another stream must not leave chunk records that belong to no upload
         with self._tx() as db:
-            db.executemany("INSERT OR IGNORE INTO upload_chunks VALUES(?,?)", [(content_hash, i) for i in indices])
+            db.executemany(
+                "INSERT OR IGNORE INTO upload_chunks SELECT ?, ? WHERE EXISTS"
+                " (SELECT 1 FROM uploads WHERE content_hash=?)",
+                [(content_hash, i, content_hash) for i in indices],
+            )
 
     def read_chunk(self, upload: UploadRow, index: int) -> bytes | None:
         try:
@@ -600,7 +613,29 @@ class Store:
             keep = sources | buffered
         for path in self.blobs.glob("*.safetensors"):
             if path.name.removesuffix(".safetensors") not in keep:
-                path.unlink(missing_ok=True)
+                self._delete_later(path)
+
+    def _delete_later(self, path: Path) -> None:
+        """Delete a blob off the commit path: freeing a large file takes tens of milliseconds that the
+        acknowledgement need not wait for. The blob leaves its name at once (a rename), so the same content can
+        be stored again right away; a crash before the deletion leaves a temporary file that the next open sweeps."""
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+        try:
+            os.replace(path, tmp)
+        except FileNotFoundError:
+            return
+        with self._lock:
+            if self._reaper is None:
+                self._reaper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="blob-reaper")
+            self._reaped = [f for f in self._reaped if not f.done()]  # bounded: only deletions still due
+            self._reaped.append(self._reaper.submit(tmp.unlink, True))
+
+    def settle(self) -> None:
+        """Wait until the deletions handed to the background are done."""
+        with self._lock:
+            pending, self._reaped = self._reaped, []
+        for future in pending:
+            future.result()
 
     # global versions, rounds and assignment history
 
@@ -707,6 +742,7 @@ class ChunkWriter:
             fsync_dir(store.partial)
         self._new_file = created
         self.pending: list[int] = []
+        self._sync_error: OSError | None = None
 
     def write(self, index: int, data: bytes | memoryview) -> None:
         view = memoryview(data)
@@ -717,10 +753,20 @@ class ChunkWriter:
             offset += written
         self.pending.append(index)
 
+    def sync_ahead(self) -> None:
+        """Write back what was written so far, recording nothing (durability rests on `flush`). Linux reports a
+        writeback error to one fsync of a descriptor only, so a failure here is kept and raised by `flush`."""
+        try:
+            os.fdatasync(self._fd)
+        except OSError as exc:
+            self._sync_error = exc
+
     def flush(self) -> list[int]:
         """fsync, then record what was written since the last flush; returns the indices recorded."""
         if not self.pending:
             return []
+        if self._sync_error is not None:
+            raise self._sync_error
         os.fsync(self._fd)
         if self._new_file:
             fsync_dir(self.store._chunk_dir(self.upload.content_hash))

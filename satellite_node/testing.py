@@ -256,11 +256,13 @@ class SatelliteProcess:
         port: int,
         extra_args: list[str] | None = None,
         base: Path | None = None,
+        listen_host: str = "127.0.0.1",
     ) -> None:
         workdir = Path(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
         self.port = port
-        self.target = f"127.0.0.1:{port}"
+        self.target = f"127.0.0.1:{port}"  # where a client on this machine connects
+        self.listen = f"{listen_host}:{port}"  # e.g. 0.0.0.0 to serve another network namespace as well
         self.state = workdir / "state"
         self.base = base or write_tiny_base(workdir / "base")
         self.topology = workdir / "topology.yaml"
@@ -272,7 +274,7 @@ class SatelliteProcess:
 
     def argv(self) -> list[str]:
         argv = [sys.executable, "-m", "emsfl", "satellite", "run", "--topology", str(self.topology)]
-        argv += ["--broker", f"{self.broker[0]}:{self.broker[1]}", "--listen", self.target]
+        argv += ["--broker", f"{self.broker[0]}:{self.broker[1]}", "--listen", self.listen]
         return [*argv, "--state", str(self.state), "--base", str(self.base), *self.extra_args]
 
     def start(self, timeout_s: float = 30.0) -> None:

@@ -110,10 +110,27 @@ def check_ownership(
             )
 
 
+# Elements per block of the finiteness check: a small reused mask instead of one as large as the tensor (a 4 GiB
+# update would otherwise allocate 1 GiB of booleans), and each block is checked while it is in cache.
+FINITE_BLOCK = 1 << 20
+
+
+def all_finite(array: np.ndarray) -> bool:
+    flat = array.reshape(-1)
+    mask = np.empty(min(flat.size, FINITE_BLOCK), dtype=np.bool_)
+    for start in range(0, flat.size, FINITE_BLOCK):
+        part = flat[start : start + FINITE_BLOCK]
+        out = mask[: part.size]
+        np.isfinite(part, out=out)
+        if not out.all():
+            return False
+    return True
+
+
 def check_finite(tensors: Mapping[str, np.ndarray]) -> None:
     for name in sorted(tensors):
         array = tensors[name]
-        if array.dtype.kind in "fc" and not np.isfinite(array).all():
+        if array.dtype.kind in "fc" and not all_finite(array):
             bad = "NaN" if np.isnan(array).any() else "Inf"
             raise invalid(f"tensor {name!r}: contains {bad}")
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from emsfl.durable import atomic_write_bytes
 from protos.wire import ExpertKey, chunk_hashes, sha256_hex, split_chunks
@@ -69,3 +71,24 @@ def test_commit_twice_is_noop_and_versions_kept(tmp_path: Path) -> None:
     np.testing.assert_array_equal(newest[name], expert_update(base, [(0, 1)], seed=2)[name])
     for n, a in base_tensors.items():  # base tensors are always present, unchanged under LoRA tuning
         np.testing.assert_array_equal(newest[n], a)
+
+
+def test_a_failed_write_back_ahead_keeps_the_chunks_off_record(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Linux reports a writeback error to one fsync of a descriptor only: the early write-back must not swallow it
+    blob = bytes(range(256)) * 4
+    row = UploadRow(sha256_hex(blob), "c0", len(blob), 256, tuple(chunk_hashes(blob, 256)), (), 1, 0)
+    with Store(tmp_path) as store:
+        store.put_upload(row, 0.0)
+        writer = store.chunk_writer(row)
+        writer.write(0, blob[:256])
+
+        def failing(fd: int) -> None:
+            raise OSError(5, "Input/output error")
+
+        with monkeypatch.context() as mp:
+            mp.setattr(os, "fdatasync", failing)
+            writer.sync_ahead()
+        with pytest.raises(OSError):
+            writer.flush()
+        writer.close()
+        assert store.received_chunks(row.content_hash) == set()

@@ -246,3 +246,14 @@ def test_affinity_checks(setup: tuple[SatelliteNode, FakeLinks, Path]) -> None:
         assert info.value.code == code
     with pytest.raises(Refusal):
         node.report_affinity("c0", 10, 3, 4, [0.1] * 12, [])
+
+
+@pytest.mark.parametrize("where", [0, 1_048_575, 1_048_576, 3_000_000 - 1])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_all_finite_finds_one_bad_value_in_any_block(where: int, bad: float) -> None:
+    from satellite_node.validate import all_finite
+
+    array = np.ones(3_000_000, dtype=np.float32)
+    assert all_finite(array) and all_finite(array.reshape(1000, 3000)) and all_finite(array[:0])
+    array[where] = bad
+    assert not all_finite(array) and not all_finite(array.reshape(1000, 3000))
