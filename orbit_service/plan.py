@@ -21,7 +21,7 @@ from numpy.typing import NDArray
 from emsfl.config import ConfigError
 from orbit_service.constellation import satellites_from_topology
 from orbit_service.contacts import Contact, Handover, Window, check_interval, round_ms, site_contacts
-from orbit_service.fast import ContactTable, fast_contact_table
+from orbit_service.fast import ContactTable, Ephemeris, SiteFrame, fast_contact_table, parallel_map
 from orbit_service.selection import (
     DEFAULT_POLICY,
     DEFAULT_STEP_S,
@@ -46,6 +46,7 @@ class LazyContacts(MutableMapping[str, list[Contact]]):
         self._table = table
         self._index = {key: i for i, key in enumerate(table.keys)}
         self._built: dict[str, list[Contact]] = {}
+        self.pristine = True  # every list still the table's (no key set or deleted)
 
     def __getitem__(self, key: str) -> list[Contact]:
         built = self._built.get(key)
@@ -58,10 +59,23 @@ class LazyContacts(MutableMapping[str, list[Contact]]):
     def __setitem__(self, key: str, value: list[Contact]) -> None:
         self._index.setdefault(key, -1)
         self._built[key] = value
+        self.pristine = False
 
     def __delitem__(self, key: str) -> None:
         del self._index[key]
         self._built.pop(key, None)
+        self.pristine = False
+
+    def all_contacts(self) -> list[tuple[str, Contact]]:
+        """(key, contact) for every contact, by (AOS, LOS, key, satellite): the order from the table's columns."""
+        table = self._table
+        keys = table.keys
+        key_rank = np.empty(len(keys), dtype=np.int64)
+        key_rank[np.argsort(np.array(keys, dtype=object), kind="stable")] = np.arange(len(keys))
+        order = np.lexsort((table.sat_rank[table.sat], key_rank[table.site], table.los_ms, table.aos_ms))
+        lists = [self[key] for key in keys]
+        site, row = table.site[order], order - table.bounds[table.site[order]]
+        return [(keys[s], lists[s][r]) for s, r in zip(site.tolist(), row.tolist(), strict=True)]
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._index)
@@ -83,6 +97,8 @@ class Plan:
 
     def all_contacts(self) -> list[tuple[str, Contact]]:
         """(key, contact) for every contact, earliest AOS first."""
+        if isinstance(self.contacts, LazyContacts) and self.contacts.pristine:
+            return self.contacts.all_contacts()
         pairs = [(key, c) for key, contacts in self.contacts.items() for c in contacts]
         return sorted(pairs, key=lambda p: (p[1].aos, p[1].los, p[0], p[1].satellite))
 
@@ -109,6 +125,57 @@ def _skyfield_look(site: GroundSite, by_id: Mapping[str, Any], origin: datetime)
     return look
 
 
+def _fast_windows(
+    table: ContactTable,
+    eph: Ephemeris,
+    frames: SiteFrame,
+    s_i: int,
+    origin: datetime,
+    selection: str,
+    selection_step_s: float,
+) -> list[Window]:
+    """The windows of site s_i from the fast path's contact table, with its ephemeris for the geometry."""
+
+    last: list[Any] = [None, None]  # (names, their satellite indices): one group's names come in several calls
+
+    def indices(sats: Sequence[str]) -> NDArray[np.int64]:
+        if last[0] is not sats:
+            last[:] = [sats, np.array([eph.index[name] for name in sats], dtype=np.int64)]
+        out: NDArray[np.int64] = last[1]
+        return out
+
+    def fast_look(
+        sats: Sequence[str], which: NDArray[np.int64], t_s: NDArray[np.float64]
+    ) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+        sat_idx = indices(sats)[which]
+        el, _, rng = eph.look(frames, np.full(sat_idx.size, s_i, dtype=np.int64), sat_idx, t_s)
+        return el, rng
+
+    weights: list[Any] = [None, None]  # (grid, its Hermite weights): one group's grid comes in several calls
+
+    def grid_look(
+        sats: Sequence[str], which: NDArray[np.int64], sample: NDArray[np.int64], grid: NDArray[np.float64]
+    ) -> NDArray[np.float64]:
+        if weights[0] is not grid:
+            weights[:] = [grid, eph.grid_weights(grid)]
+        return eph.grid_elevation(frames, s_i, indices(sats)[which], sample, grid, weights[1])
+
+    rows = table.rows(s_i)
+
+    def instant(i: int, at_los: bool) -> datetime:
+        column = table.los_ms if at_los else table.aos_ms
+        return origin + timedelta(milliseconds=int(column[rows][i]))
+
+    arrays = ContactArrays(
+        table.aos_ms[rows] / 1000.0,
+        table.los_ms[rows] / 1000.0,
+        [table.sat_names[k] for k in table.sat[rows].tolist()],
+        table.peak_deg[rows],
+        instant,
+    )
+    return select_windows(arrays, origin, fast_look, selection, selection_step_s, grid_look)
+
+
 def build_plan(
     sites: Mapping[str, GroundSite],
     satellites: Sequence[Any],
@@ -132,40 +199,14 @@ def build_plan(
     if method == "fast" and sites:
         table, eph, frames = fast_contact_table(sites, satellites, plan.start_utc, plan.end_utc)
         plan.contacts = LazyContacts(table)
-        origin = plan.start_utc
-        for s_i, key in enumerate(sites):
+        keys = list(sites)
 
-            def fast_look(
-                sats: Sequence[str], which: NDArray[np.int64], t_s: NDArray[np.float64], s_i: int = s_i
-            ) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
-                sat_idx = np.array([eph.index[name] for name in sats], dtype=np.int64)[which]
-                el, _, rng = eph.look(frames, np.full(sat_idx.size, s_i, dtype=np.int64), sat_idx, t_s)
-                return el, rng
+        def site_windows(s_i: int) -> list[Window]:
+            return _fast_windows(table, eph, frames, s_i, plan.start_utc, selection, selection_step_s)
 
-            def grid_look(
-                sats: Sequence[str],
-                which: NDArray[np.int64],
-                sample: NDArray[np.int64],
-                grid: NDArray[np.float64],
-                s_i: int = s_i,
-            ) -> NDArray[np.float64]:
-                sat_idx = np.array([eph.index[name] for name in sats], dtype=np.int64)[which]
-                return eph.grid_elevation(frames, s_i, sat_idx, sample, grid)
-
-            rows = table.rows(s_i)
-
-            def instant(i: int, at_los: bool, rows: slice = rows) -> datetime:
-                column = table.los_ms if at_los else table.aos_ms
-                return origin + timedelta(milliseconds=int(column[rows][i]))
-
-            arrays = ContactArrays(
-                table.aos_ms[rows] / 1000.0,
-                table.los_ms[rows] / 1000.0,
-                [table.sat_names[k] for k in table.sat[rows].tolist()],
-                table.peak_deg[rows],
-                instant,
-            )
-            plan.windows[key] = select_windows(arrays, origin, fast_look, selection, selection_step_s, grid_look)
+        # Sites are independent: their selections overlap on the cores (numpy releases the GIL).
+        for key, windows in zip(keys, parallel_map(site_windows, range(len(keys))), strict=True):
+            plan.windows[key] = windows
     else:
         for key, site in sites.items():
             plan.contacts[key] = site_contacts(site, satellites, plan.start_utc, plan.end_utc)

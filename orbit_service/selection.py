@@ -26,7 +26,8 @@ from orbit_service.contacts import Contact, Handover, Window, round_ms
 POLICIES = ("highest-elevation", "longest-remaining", "sticky")
 DEFAULT_POLICY = "highest-elevation"
 DEFAULT_STEP_S = 10.0
-DENSE_LIMIT = 1 << 24  # cells of the dense (sample, slot) table of one window
+NODE_S = 60.0  # spacing of the nodes that bound each pass's elevation between them (highest-elevation)
+PEAK_SLACK_DEG = 0.5  # added to a contact's peak as an upper bound (reference peaks come from a time search)
 
 # (satellite ids, index into them per query, seconds from the plan start) -> (elevation_deg, range_km) per query
 LookFn = Callable[
@@ -92,80 +93,123 @@ def _serving_highest(
     lo, hi = group.lo, group.hi
     aos, los = arrays.aos_s[lo:hi], arrays.los_s[lo:hi]
     names = list(arrays.satellite[lo:hi])
-    n = hi - lo
     grid = group.start + np.arange(0.0, group.end - group.start, step_s)
     if grid.size == 0:
         grid = np.array([group.start])
-    # Sparse (contact, sample) entries for every sample at which the contact is visible.
+    # Contact c is visible at samples first[c] .. last[c] - 1.
     first = np.searchsorted(grid, aos, side="left")
     last = np.searchsorted(grid, los, side="left")  # exclusive: at LOS the satellite is gone
-    counts = np.maximum(last - first, 0)
-    if counts.sum() == 0:
+    if not np.any(last > first):
         return [(group.start, names[0])]
-    contact = np.repeat(np.arange(n), counts)
-    sample = np.arange(contact.size) - np.repeat(np.cumsum(counts) - counts, counts) + np.repeat(first, counts)
+    # Entries sorted by (contact, sample): their keys are sorted for the look-ups of `el_at`.
+    contact, sample = _contenders(grid_look, names, grid, first, last, arrays.peak_deg[lo:hi], step_s)
     el = grid_look(names, contact, sample, grid)
-    # Dense (sample, slot) tables: contacts are sorted by AOS, so two contacts visible at one sample are fewer than
-    # `width` apart in index, and contact c can own slot c % width. (A contact spanning most of a long window, a
-    # geostationary one, makes the table too wide: then the sparse path.)
-    reach = np.searchsorted(first, last, side="left") - np.arange(n)
-    width = max(1, int(reach[counts > 0].max()))
+    best_sample, best_contact = _highest(contact, sample, el)
     n_grid = grid.size
-    if n_grid * width > DENSE_LIMIT:
-        return _serving_highest_sparse(group, arrays, grid, contact, sample, el, aos, los, names)
-    slot = contact % width
-    table = np.full((n_grid, width), np.nan)
-    table[sample, slot] = el
-    owner = np.full((n_grid, width), -1, dtype=np.int64)
-    owner[sample, slot] = contact
-    score = np.where(np.isnan(table), -np.inf, table)
-    # The highest at each sample; ties go to the earlier contact (sorted by AOS, LOS, satellite).
-    best = score.max(axis=1, keepdims=True)
-    tied = (score == best) & (owner >= 0)
-    cand = np.where(tied, owner, n)
-    best_contact_all = cand.min(axis=1)
-    has = np.bincount(sample, minlength=n_grid) > 0
-    best_sample = np.flatnonzero(has)
-    best_contact = best_contact_all[best_sample]
+    sorted_keys, sorted_el = contact * n_grid + sample, el
 
     def el_at(c: NDArray[np.int64], smp: NDArray[np.int64]) -> tuple[NDArray[np.float64], NDArray[np.bool_]]:
-        found = (first[c] <= smp) & (smp < last[c])
-        return np.where(found, table[smp, c % width], np.nan), found
+        visible = (first[c] <= smp) & (smp < last[c])
+        k = c * n_grid + smp
+        pos = np.clip(np.searchsorted(sorted_keys, k), 0, sorted_keys.size - 1)
+        known = sorted_keys[pos] == k
+        out = np.where(visible & known, sorted_el[pos], np.nan)
+        missing = np.flatnonzero(visible & ~known)  # visible but never a contender: not evaluated yet
+        if missing.size:
+            out[missing] = grid_look(names, c[missing], smp[missing], grid)
+        return out, visible
 
     return _changes(group, grid, best_sample, best_contact, el_at, aos, los, names)
+
+
+def _highest(
+    contact: NDArray[np.int64], sample: NDArray[np.int64], el: NDArray[np.float64]
+) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+    """(samples, the contact highest at each): entries sorted by (contact, sample); ties go to the earlier contact
+    (contacts are sorted by AOS, LOS, satellite)."""
+    order = np.argsort(sample, kind="stable")  # by sample, then contact
+    sample, contact, el = sample[order], contact[order], np.nan_to_num(el[order], nan=-np.inf)
+    starts = np.flatnonzero(np.append(True, sample[1:] != sample[:-1]))
+    group = np.cumsum(np.append(True, sample[1:] != sample[:-1])) - 1
+    top = np.maximum.reduceat(el, starts)
+    at = np.minimum.reduceat(np.where(el == top[group], np.arange(el.size), el.size), starts)
+    return sample[starts], contact[at]
+
+
+def _contenders(
+    grid_look: GridLookFn,
+    names: Sequence[str],
+    grid: NDArray[np.float64],
+    first: NDArray[np.int64],
+    last: NDArray[np.int64],
+    peak_deg: NDArray[np.float64],
+    step_s: float,
+) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+    """(contact, sample) of every visible entry that may be the highest at its sample.
+
+    A pass's elevation rises to one maximum and falls. From its elevations at nodes every NODE_S: between two
+    nodes away from the highest node it lies between their values; next to the highest node it is at least the
+    lower one and at most the pass's peak. The best lower bound over an interval between nodes (from contacts
+    visible throughout it) bounds the highest elevation at each of its samples: a contact whose upper bound is
+    below it can be neither the highest nor tie with it. (A contact whose nodes do not rise then fall keeps every
+    entry.)"""
+    n_grid, every = grid.size, max(2, round(NODE_S / step_s))
+    visible = last > first
+    # Nodes j_first .. j_last of each contact, node j at sample j * every (the last sample at most).
+    j_first = np.where(visible, first // every, 0)
+    n_nodes = np.where(visible, (last - 1) // every + 2 - j_first, 0)
+    node_start = np.cumsum(n_nodes) - n_nodes
+    node_contact = np.repeat(np.arange(first.size), n_nodes)
+    node_j = np.arange(node_contact.size) - np.repeat(node_start, n_nodes) + np.repeat(j_first, n_nodes)
+    node_el = grid_look(names, node_contact, np.minimum(node_j * every, n_grid - 1), grid)
+    highest, unimodal = _unimodal(node_el, node_contact, node_start, n_nodes)
+    # Intervals between consecutive nodes k, k + 1 of a contact, and the samples of each the contact is visible at.
+    k = np.flatnonzero(node_contact[1:] == node_contact[:-1])
+    c, j = node_contact[k], node_j[k]
+    s0, s1 = np.maximum(j * every, first[c]), np.minimum((j + 1) * every, last[c])
+    whole = (s0 == j * every) & (s1 == np.minimum((j + 1) * every, n_grid))
+    left, right = node_el[k], node_el[k + 1]
+    lower = np.where(unimodal[c], np.fmin(left, right), np.nan)  # no maximum inside: no dip below the nodes
+    monotone = unimodal[c] & ((k + 1 < highest[c]) | (k > highest[c]))
+    upper = np.where(monotone, np.fmax(left, right), peak_deg[c] + PEAK_SLACK_DEG)
+    best_lower = np.full((n_grid - 1) // every + 1, -np.inf)
+    useful = whole & np.isfinite(lower)
+    np.maximum.at(best_lower, j[useful], lower[useful])
+    keep = np.flatnonzero(~(upper < best_lower[j]) & (s1 > s0))  # NaN bounds keep the interval
+    return _entries(c[keep], s0[keep], s1[keep])
+
+
+def _entries(
+    contact: NDArray[np.int64], start: NDArray[np.int64], stop: NDArray[np.int64]
+) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+    """(contact, sample) for samples start .. stop - 1 of each given contact."""
+    counts = stop - start
+    offset = np.repeat(start - (np.cumsum(counts) - counts), counts)
+    return np.repeat(contact, counts), np.arange(int(counts.sum())) + offset
+
+
+def _unimodal(
+    values: NDArray[np.float64], owner: NDArray[np.int64], start: NDArray[np.int64], count: NDArray[np.int64]
+) -> tuple[NDArray[np.int64], NDArray[np.bool_]]:
+    """Per run of values (run c: values[start[c] : start[c] + count[c]], counts >= 2 or 0): the index of its first
+    maximum, and whether the run strictly rises to it and strictly falls after it."""
+    n = start.size
+    idx = np.arange(values.size)
+    safe = np.nan_to_num(values, nan=-np.inf)
+    runs = np.flatnonzero(count > 0)
+    top = np.full(n, -np.inf)
+    top[runs] = np.maximum.reduceat(safe, start[runs])
+    highest = np.zeros(n, dtype=np.int64)
+    highest[runs] = np.minimum.reduceat(np.where(safe == top[owner], idx, values.size), start[runs])
+    # Every step inside a run must go up before the maximum and down after it.
+    rising = idx[:-1] < highest[owner[:-1]]
+    ok = (owner[1:] != owner[:-1]) | np.where(rising, values[1:] > values[:-1], values[1:] < values[:-1])
+    bad = np.zeros(n, dtype=bool)
+    bad[owner[:-1][~ok]] = True
+    return highest, ~bad & (count > 0) & np.isfinite(top)
 
 
 ElAt = Callable[[NDArray[np.int64], NDArray[np.int64]], tuple[NDArray[np.float64], NDArray[np.bool_]]]
-
-
-def _serving_highest_sparse(
-    group: _Group,
-    arrays: ContactArrays,
-    grid: NDArray[np.float64],
-    contact: NDArray[np.int64],
-    sample: NDArray[np.int64],
-    el: NDArray[np.float64],
-    aos: NDArray[np.float64],
-    los: NDArray[np.float64],
-    names: list[str],
-) -> list[tuple[float, str]]:
-    order = np.lexsort((contact, -el, sample))
-    contact, sample, el = contact[order], sample[order], el[order]
-    head = np.ones(sample.size, dtype=bool)
-    head[1:] = sample[1:] != sample[:-1]
-    best_sample, best_contact = sample[head], contact[head]
-    n_grid = grid.size
-    keys = contact * n_grid + sample
-    key_order = np.argsort(keys)
-    sorted_keys, sorted_el = keys[key_order], el[key_order]
-
-    def el_at(c: NDArray[np.int64], smp: NDArray[np.int64]) -> tuple[NDArray[np.float64], NDArray[np.bool_]]:
-        k = c * n_grid + smp
-        pos = np.clip(np.searchsorted(sorted_keys, k), 0, max(0, sorted_keys.size - 1))
-        found = sorted_keys[pos] == k
-        return np.where(found, sorted_el[pos], np.nan), found
-
-    return _changes(group, grid, best_sample, best_contact, el_at, aos, los, names)
 
 
 def _changes(
@@ -296,20 +340,15 @@ def select_windows(
         el, rng = look([p[2] for p in pending], np.arange(len(pending)), np.array([p[1] for p in pending]))
     else:
         el = rng = np.zeros(0)
-    el_r = [round(float(x), 3) for x in np.asarray(el).tolist()]
-    rng_r = [round(float(x), 3) for x in np.asarray(rng).tolist()]
+    el_r = np.round(np.asarray(el, dtype=np.float64), 3).tolist()
+    rng_r = np.round(np.asarray(rng, dtype=np.float64), 3).tolist()
+    moments = _moments(origin, [p[1] for p in pending])
     k = 0
-    for w, (g, serving) in enumerate(zip(groups, serving_lists, strict=True)):
+    for g, serving in zip(groups, serving_lists, strict=True):
         start = arrays.instant(g.lo, False)
         e0, r0 = el_r[k], rng_r[k]
         handovers = tuple(
-            Handover(
-                at=round_ms(origin + timedelta(seconds=at)),
-                satellite=sat,
-                elevation_deg=el_r[k + j],
-                range_km=rng_r[k + j],
-            )
-            for j, (at, sat) in enumerate(serving[1:], start=1)
+            Handover(moments[k + j], sat, el_r[k + j], rng_r[k + j]) for j, (_, sat) in enumerate(serving[1:], start=1)
         )
         k += len(serving)
         last = g.lo + int(np.argmax(arrays.los_s[g.lo : g.hi]))
@@ -324,5 +363,14 @@ def select_windows(
                 handovers=handovers,
             )
         )
-        del w
     return windows
+
+
+def _moments(origin: datetime, seconds: Sequence[float]) -> list[datetime]:
+    """origin + each offset (whole milliseconds already), rounded to the millisecond: integer arithmetic when the
+    origin is on a millisecond, as plans' origins are."""
+    if origin.microsecond % 1000:
+        return [round_ms(origin + timedelta(seconds=s)) for s in seconds]
+    base = round_ms(origin)
+    ms = np.rint(np.asarray(seconds, dtype=np.float64) * 1000.0).astype(np.int64).tolist()
+    return [base + timedelta(milliseconds=m) for m in ms]

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from orbit_service import fast, selection
 from orbit_service.constellation import EARTH_RADIUS_KM, MU_KM3_S2, WalkerSpec, walker_satellites
 from orbit_service.contacts import Contact, round_ms, satellite_contacts
 from orbit_service.fast import fast_contacts
@@ -81,6 +82,26 @@ def test_pass_in_progress_at_window_start_starts_at_window_start() -> None:
     assert abs((first.los - c.los).total_seconds()) <= TOL_S
 
 
+def test_peak_of_a_pass_cut_by_the_window_matches_find_events() -> None:
+    """Guards: a pass under way at the window start that culminates after it once reported its first sample as
+    the peak (degrees low); cut at the window end before culmination, the peak is the elevation at the end."""
+    sats = walker_satellites(WalkerSpec(53.0, 550.0, 3, 4, 1), START)
+    site = GroundSite("lisbon", 38.72, -9.14, 50.0, 10.0)
+    passes = [c for s in sats for c in satellite_contacts(site, s, START, START + timedelta(hours=6))]
+    c = max(passes, key=lambda p: p.peak_elevation_deg)
+    sat = next(s for s in sats if s.name == c.satellite)
+    middle = round_ms(c.aos + (c.los - c.aos) / 2)  # about the culmination
+    for window in (
+        (middle - timedelta(seconds=20), c.los + timedelta(minutes=10)),  # the highest sample is the first one
+        (c.aos - timedelta(minutes=10), middle - timedelta(seconds=20)),
+        (c.aos - timedelta(minutes=10), middle + timedelta(seconds=20)),
+    ):
+        (ref,) = satellite_contacts(site, sat, *window)
+        found, _, _ = fast_contacts({"c0": site}, [sat], *window)
+        (got,) = found["c0"]
+        assert got.peak_elevation_deg == pytest.approx(ref.peak_elevation_deg, abs=0.01)
+
+
 def test_pass_grazing_the_minimum_elevation_shorter_than_the_grid_step_is_found() -> None:
     """Guards: a pass that peaks just above the mask lasts seconds, between two coarse grid samples."""
     sats = walker_satellites(WalkerSpec(53.0, 550.0, 3, 4, 1), START)
@@ -148,3 +169,52 @@ def test_reference_and_fast_plans_agree_with_selection() -> None:
         assert a.satellite == b.satellite
         assert a.range_km == pytest.approx(b.range_km, abs=10.0)  # range rate ~6 km/s at AOS
     assert np.isfinite([w.elevation_deg for w in fast.windows["c0"]]).all()
+
+
+def test_pruned_highest_elevation_selection_matches_evaluating_every_entry(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Guards: the selection evaluates only the entries that may be the highest at their sample (bounds from
+    elevations at nodes); the windows and handovers must equal those from every entry."""
+    sats = walker_satellites(WalkerSpec(53.0, 550.0, 12, 10, 1), START) + walker_satellites(
+        WalkerSpec(97.6, 800.0, 6, 5, 2), START
+    )
+    for i, sat in enumerate(sats):
+        sat.name = f"{sat.name}-{i}"
+    sites = {
+        "c0": GroundSite("lisbon", 38.72, -9.14, 50.0, 10.0),
+        "c1": GroundSite("quito", -0.18, -78.47, 2850.0, 25.0),
+        "c2": GroundSite("tromso", 69.65, 18.96, 10.0, 0.0),
+    }
+    end = START + timedelta(hours=4)
+    pruned = build_plan(sites, sats, START, end)
+
+    def every_entry(*args: Any) -> tuple[np.ndarray, np.ndarray]:
+        first, last = args[3], args[4]
+        visible = np.flatnonzero(last > first)
+        return selection._entries(visible, first[visible], last[visible])
+
+    monkeypatch.setattr(selection, "_contenders", every_entry)
+    full = build_plan(sites, sats, START, end)
+    assert sum(len(w.handovers) for v in full.windows.values() for w in v) > 10
+    assert pruned.windows == full.windows
+
+
+def test_plan_is_the_same_on_one_or_two_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    sats = walker_satellites(WalkerSpec(53.0, 550.0, 6, 8, 1), START)
+    sites = {f"c{i}": GroundSite(f"s{i}", 10.0 * i - 30.0, 20.0 * i, 0.0, 10.0) for i in range(5)}
+    end = START + timedelta(hours=3)
+    monkeypatch.setattr(fast, "WORKERS", 2)
+    two = build_plan(sites, sats, START, end)
+    monkeypatch.setattr(fast, "WORKERS", 1)
+    one = build_plan(sites, sats, START, end)
+    assert two.windows == one.windows
+    assert [two.contacts[k] for k in sites] == [one.contacts[k] for k in sites]
+
+
+def test_all_contacts_from_the_table_in_the_export_order() -> None:
+    sats = walker_satellites(WalkerSpec(53.0, 550.0, 6, 8, 1), START)
+    sites = {f"c{i}": GroundSite(f"s{4 - i}", 10.0 * i - 30.0, 20.0 * i, 0.0, 10.0) for i in range(5)}
+    plan = build_plan(sites, sats, START, START + timedelta(hours=3))
+    pairs = [(key, c) for key, contacts in plan.contacts.items() for c in contacts]
+    expected = sorted(pairs, key=lambda p: (p[1].aos, p[1].los, p[0], p[1].satellite))
+    assert len(expected) > 20
+    assert plan.all_contacts() == expected
