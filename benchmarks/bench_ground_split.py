@@ -5,7 +5,13 @@ once as a manifest-named safetensors file. Then, each in its own subprocess (so 
 - `split`: the sub-model of 4 held experts per layer, built directly from the file (only the shared tensors and
   the held slices are read), LoRA on the held experts;
 - `full`: the whole model from the same file, LoRA on every expert (`split=frozen`, every expert held).
-Both train the same number of steps on the same batches. Writes `benchmarks/results/split_memory.json`.
+Both train the same number of steps on the same batches. And profiling before the assignment (affinity, §4.1):
+- `profile`: the routers' probabilities with the model streamed from the file one decoder layer at a time (what
+  the agent does: its peak is the embeddings + one layer + activations, `peak_rss_profile_MB`);
+- `profile_full`: the same with the whole model in memory (the former way, `peak_rss_profile_full_MB`);
+the two must agree (`profile_max_abs_diff`). `*_above_warm_MB`: the peak above the runtime's own memory (taken
+after profiling a one-layer model of the same width), i.e. what the profiled model costs. Writes
+`benchmarks/results/split_memory.json`.
 
 Run: `.venv/bin/python benchmarks/bench_ground_split.py [--steps N] [--layers L]`.
 """
@@ -67,7 +73,6 @@ def measure(mode: str, path: Path, layers: int, steps: int) -> dict[str, Any]:
     from ground_node.family import get_adapter
     from ground_node.settings import TrainingSettings
     from ground_node.submodel import load_split
-    from ground_node.synthetic import Example
     from ground_node.tokenizer import CharTokenizer
     from ground_node.train import Trainer
 
@@ -84,9 +89,7 @@ def measure(mode: str, path: Path, layers: int, steps: int) -> dict[str, Any]:
         split = "frozen"
     rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     training = TrainingSettings("lora", split, 8, 16.0, 1e-3, 8, 10**9, 10**9, 8)
-    letters = "abcdefghijklmnop"
-    examples = [Example("copy", f"C:{letters[i % 16 :] + letters[: i % 16]}=", letters) for i in range(64)]
-    trainer = Trainer(model, adapter, training, assignment, examples, seed=0)
+    trainer = Trainer(model, adapter, training, assignment, _examples(), seed=0)
     trainer.train_step()  # warm (allocator, autograd graph)
     start = time.perf_counter()
     losses = [trainer.train_step() for _ in range(steps)]
@@ -104,6 +107,61 @@ def measure(mode: str, path: Path, layers: int, steps: int) -> dict[str, Any]:
     }
 
 
+def _examples() -> list[Any]:
+    from ground_node.synthetic import Example
+
+    letters = "abcdefghijklmnop"
+    return [Example("copy", f"C:{letters[i % 16 :] + letters[: i % 16]}=", letters) for i in range(64)]
+
+
+def _rss_mb() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def profile(mode: str, path: Path, layers: int) -> dict[str, Any]:
+    """Router probabilities of the examples, streamed layer by layer (`profile`) or from the whole model."""
+    import torch
+
+    from ground_node.family import get_adapter
+    from ground_node.profile import router_probs, stream_router_probs
+    from ground_node.submodel import load_split
+    from ground_node.tokenizer import CharTokenizer
+
+    torch.set_num_threads(2)
+    adapter = get_adapter("olmoe")
+    tok = CharTokenizer()
+    config = adapter.make_config(_settings(layers), tok.vocab_size, 64)  # type: ignore[attr-defined]
+    rss_start = _rss_mb()  # the interpreter, torch and ground_node
+    _warm_runtime(adapter, tok)
+    rss_warm = _rss_mb()  # + transformers' model code and the kernels a forward touches: what every mode pays
+    start = time.perf_counter()
+    if mode == "profile":
+        probs = stream_router_probs(adapter, config, path, _examples(), tok)
+    else:
+        probs = router_probs(load_split(adapter, config, path, None), adapter, _examples(), tok)
+    seconds = time.perf_counter() - start
+    torch.save(torch.stack(probs), path.parent / f"{mode}.pt")
+    peak = _rss_mb()
+    return {
+        "mode": mode,
+        "peak_rss_MB": peak,
+        "rss_start_MB": rss_start,
+        "rss_warm_MB": rss_warm,
+        "above_warm_MB": round(peak - rss_warm, 1),
+        "seconds": round(seconds, 2),
+    }
+
+
+def _warm_runtime(adapter: Any, tok: Any) -> None:
+    """Profile a one-layer, two-expert model of the same width first, so that the baseline taken after it holds
+    the runtime's own memory (library pages, allocator pools) and the rest is what the profiled model costs."""
+    from ground_node.profile import router_probs
+    from ground_node.settings import ModelSettings
+
+    tiny = ModelSettings("olmoe", None, 1, 2, 2, 512, 1024, 8)
+    router_probs(adapter.build(tiny, tok.vocab_size, 64, seed=0), adapter, _examples(), tok)
+
+
 def _child(args: list[str]) -> dict[str, Any]:
     proc = subprocess.run(
         [sys.executable, __file__, *args], check=True, capture_output=True, text=True, cwd=ROOT, timeout=1800
@@ -112,15 +170,24 @@ def _child(args: list[str]) -> dict[str, Any]:
     return result
 
 
+def _max_abs_diff(a: Path, b: Path) -> float:
+    import torch
+
+    return float((torch.load(a) - torch.load(b)).abs().max())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--layers", type=int, default=16)
-    parser.add_argument("--child", choices=["prepare", "split", "full"], default=None)
+    parser.add_argument("--child", choices=["prepare", "split", "full", "profile", "profile_full"], default=None)
     parser.add_argument("--dir", default=None)
     args = parser.parse_args(argv)
     if args.child == "prepare":
         print(json.dumps(prepare(Path(args.dir), args.layers)))
+        return 0
+    if args.child in ("profile", "profile_full"):
+        print(json.dumps(profile(args.child, Path(args.dir) / "base.safetensors", args.layers)))
         return 0
     if args.child is not None:
         print(json.dumps(measure(args.child, Path(args.dir) / "base.safetensors", args.layers, args.steps)))
@@ -128,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-split-") as tmp:
         common = ["--dir", tmp, "--layers", str(args.layers), "--steps", str(args.steps)]
         info = _child(["--child", "prepare", *common])
+        prof = _child(["--child", "profile", *common])
+        prof_full = _child(["--child", "profile_full", *common])
+        diff = _max_abs_diff(Path(tmp) / "profile.pt", Path(tmp) / "profile_full.pt")
         split = _child(["--child", "split", *common])
         full = _child(["--child", "full", *common])
     result = {
@@ -139,13 +209,23 @@ def main(argv: list[str] | None = None) -> int:
         "step_time_split_s": split["step_s"],
         "step_time_full_s": full["step_s"],
         "step_time_ratio": round(split["step_s"] / full["step_s"], 4),
+        "peak_rss_profile_MB": prof["peak_rss_MB"],
+        "peak_rss_profile_full_MB": prof_full["peak_rss_MB"],
+        "profile_ratio": round(prof["peak_rss_MB"] / prof_full["peak_rss_MB"], 4),
+        "profile_max_abs_diff": diff,
+        "profile_above_warm_MB": prof["above_warm_MB"],
+        "profile_full_above_warm_MB": prof_full["above_warm_MB"],
+        "expert_layer_MB": round(info["expert_MB"] / args.layers, 1),
         "split": split,
         "full": full,
+        "profile": prof,
+        "profile_full": prof_full,
     }
     RESULT.parent.mkdir(parents=True, exist_ok=True)
     RESULT.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     print(json.dumps(result, indent=1))
-    return 0 if result["ratio"] <= 0.40 else 1
+    same = result["profile_max_abs_diff"] <= 1e-5  # streamed profiling must give the same affinity
+    return 0 if result["ratio"] <= 0.40 and same else 1
 
 
 if __name__ == "__main__":

@@ -1,10 +1,15 @@
 """A ground agent: profile local data, follow the link, wait for the assignment, train its experts, stage them.
 
-The assignment is the only thing it waits for; after that training never waits for the link.
+The assignment is the only thing it waits for; after that training never waits for the link. When the satellite
+hands out a new assignment version, the uplink thread pulls the newest parts of the experts gained (while the link
+is up) and the training thread switches between two steps: it rebuilds the sub-model (lost experts dropped, gained
+ones read from the base and given their handed-over parts), keeps what it can of the kept experts' state, and
+checkpoints before it trains on (ground_node/handover.py).
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import resource
@@ -16,13 +21,17 @@ from typing import Any
 import torch
 
 from emsfl.durable import atomic_write_json
-from ground_node.base import load_base
+from ground_node import handover
+from ground_node.base import load_base, read_manifest
 from ground_node.data import tokenizer_for, train_examples
+from ground_node.handover import Switch
 from ground_node.outbox import Outbox, StagedUpdate
-from ground_node.profile import coverage_from_probs, profile_affinity
+from ground_node.priority import rebase_acked
+from ground_node.profile import Profile, coverage_from_probs, profile_base
 from ground_node.settings import load_settings
 from ground_node.split import Assignment
-from ground_node.train import Trainer
+from ground_node.submodel import load_base_split
+from ground_node.train import Trainer, checkpoint_assignment, load_expert_state
 from ground_node.uplink import Link, Uplink
 from ground_node.usage import Usage
 from protos.events import EventLog
@@ -65,6 +74,14 @@ class GroundAgent:
         self.uplink: Uplink | None = None
         self.usage = Usage(now)  # train/idle seconds, downlinked bytes (report.json)
         self.baseline: Any = None  # ground_node.baseline.BaselineState under fedavg / fedasync
+        self.profile: Profile | None = None
+        self.expert_parts: list[str] = []  # what an update carries per expert (manifest.json `expert_parts`)
+        # the assignment being trained (or resumed), and the next one, prepared by the uplink thread
+        self._lock = threading.Lock()
+        self.current: Assignment | None = None
+        self._pending: Switch | None = None
+        self._switch_ready = threading.Event()
+        self.trainer: Trainer | None = None
 
     def _on_join(self, reply: Any) -> None:
         """The satellite names the strategy: under a baseline the uplink's passes follow docs/STRATEGIES.md."""
@@ -91,16 +108,26 @@ class GroundAgent:
             log.warning("ignoring unreadable %s: %s", path, exc)
             return None
 
+    def _resumed_assignment(self) -> Assignment | None:
+        """The assignment to resume under: `assignment.json`, or the checkpoint's when that is newer (a switch
+        writes its checkpoint first, so a kill between the two writes still resumes under the new assignment)."""
+        saved = self._saved_assignment()
+        checkpointed = checkpoint_assignment(self.workdir)
+        if checkpointed is not None and (saved is None or checkpointed.version > saved.version):
+            return checkpointed
+        return saved
+
     def run(self, stop: threading.Event) -> dict[str, Any]:
         s = self.settings
         torch.set_num_threads(1)
         tok = tokenizer_for(s.data)
-        base = load_base(self.opt.base_dir)
         data = train_examples(s, self.cluster)
         self.num_examples = len(data)
-        affinity, probs = profile_affinity(base.model, base.adapter, data, tok, s.training.profile_examples)
-        _, _, top_k = base.adapter.dims(base.model)
-        self.events.emit("profiled", num_tokens=affinity.num_tokens)
+        # streamed from base.safetensors layer by layer: the full model is never in memory
+        self.profile = profile_base(self.opt.base_dir, data, tok, s.training.profile_examples)
+        self.events.emit("profiled", num_tokens=self.profile.affinity.num_tokens)
+        self.expert_parts = [str(p["name"]) for p in read_manifest(self.opt.base_dir)["expert_parts"]]
+        self.current = self._resumed_assignment()
         self.uplink = Uplink(
             self.opt.satellite,
             self.cluster,
@@ -108,77 +135,175 @@ class GroundAgent:
             self.outbox,
             self.capacity,
             self.num_examples,
-            affinity,
+            self.profile.affinity,
             on_ack=self._on_ack,
             on_join=self._on_join,
             on_push=self._on_push,
             max_uploads_per_contact=s.training.uploads_per_contact or None,
+            before_assignment=self._prepare_switch,
         )
         self.uplink.start()
-        assignment = self._saved_assignment()
         try:
             self.usage.idle_start()  # no model to train until the assignment (or, baselines, the join)
-            while assignment is None and not stop.is_set() and self.baseline is None:
+            while not self._assigned() and not stop.is_set() and self.baseline is None:
                 self.usage.idle_tick()
-                if self.uplink.assigned.wait(0.5):
-                    assignment = self.uplink.assignment
+                self._switch_ready.wait(0.5)
             self.usage.idle_stop()
             if self.baseline is not None:
                 from ground_node.baseline import train_baseline
 
-                train_baseline(self, base, data, self.baseline, stop)
-                return self.report()
-            if assignment is None:
-                return self.report()
-            self._train(base, data, assignment, probs, top_k, stop)
+                train_baseline(self, load_base(self.opt.base_dir), data, self.baseline, stop)
+            elif self._assigned():
+                self._train(data, tok, stop)
         finally:
             self.uplink.stop()
         return self.report()
 
-    def _train(
-        self, base: Any, data: Any, assignment: Assignment, probs: Any, top_k: int, stop: threading.Event
-    ) -> None:
+    # ---- assignment switches (uplink thread prepares, training thread applies) ----------------
+
+    def _assigned(self) -> bool:
+        with self._lock:
+            return self.current is not None or self._pending is not None
+
+    def _switch_pending(self) -> bool:
+        with self._lock:
+            return self._pending is not None
+
+    def _take_pending(self) -> Switch | None:
+        with self._lock:
+            switch, self._pending = self._pending, None
+            return switch
+
+    def _prepare_switch(self, new: Assignment) -> None:
+        """Uplink thread, link up: fetch the newest parts of the experts `new` gains, then hand it to training.
+
+        Raises (and so the uplink does not adopt `new` yet) when the pull fails; the next pass tries again."""
+        with self._lock:
+            held = self._pending.assignment if self._pending is not None else self.current
+        if new == held:
+            return
+        assert self.uplink is not None
+        gained, _ = handover.diff(held, new)
+        timeout = max(60.0, self.uplink.call_timeout_s)  # a paced pull of full expert weights takes a while
+        up = self.uplink
+        tensors, nbytes = handover.fetch_gained(up.stub, up.metadata, gained, self.expert_parts, timeout)
+        if nbytes:
+            self.usage.add_downlink(nbytes)
+            self.usage.add_pull()
+        if held is not None:  # upload priorities are measured against what the satellite holds now
+            rebase_acked(self.outbox, set(new.pairs()), tensors)
+        with self._lock:
+            # a switch still waiting keeps the parts it pulled for experts `new` holds too (an applied one is
+            # already in the trainer, where they have trained since)
+            waiting = self._pending.tensors if self._pending is not None else {}
+            self._pending = Switch(new, {**handover.only_experts(waiting, set(new.pairs())), **tensors})
+        self._switch_ready.set()
+        log.info("assignment version %d ready (%d handed-over tensors)", new.version, len(tensors))
+
+    def _build(self, assignment: Assignment, data: Any, tok: Any) -> Trainer:
+        """A trainer on the sub-model of `assignment`, read from base.safetensors (held experts only)."""
         s = self.settings
-        atomic_write_json(self.workdir / ASSIGNMENT, assignment.to_json())
-        self.coverage = coverage_from_probs(probs, top_k, assignment)
-        self.events.emit("assigned", version=assignment.version, coverage=round(self.coverage, 4))
-        trainer = Trainer(base.model, base.adapter, s.training, assignment, data, s.seed, tok=tokenizer_for(s.data))
+        model, adapter = load_base_split(self.opt.base_dir, assignment if s.training.split == "mask" else None)
+        return Trainer(model, adapter, s.training, assignment, data, s.seed, tok=tok)
+
+    def _resume(self, data: Any, tok: Any) -> Trainer:
+        assert self.current is not None
+        trainer = self._build(self.current, data, tok)
         if trainer.load_checkpoint(self.workdir):
             from ground_node.train import optimizer_digest
 
             log.info("resumed from step %d", trainer.step)
             self.events.emit(
-                "resumed", step=trainer.step, optimizer_sha256=optimizer_digest(trainer.optimizer.state_dict())
+                "resumed",
+                step=trainer.step,
+                optimizer_sha256=optimizer_digest(trainer.optimizer.state_dict()),
+                assignment_version=self.current.version,
             )
-        bar = None
-        if self.opt.progress:
-            from tqdm import tqdm
+        atomic_write_json(self.workdir / ASSIGNMENT, self.current.to_json())
+        self._emit_assigned(self.current)
+        return trainer
 
-            bar = tqdm(desc=f"train {self.cluster}", initial=trainer.step, leave=False)
-        t = s.training
+    def _apply(self, old: Trainer | None, switch: Switch, data: Any, tok: Any) -> Trainer:
+        """Training thread: rebuild the sub-model and trainer for a new assignment, persist, report."""
+        new = switch.assignment
+        prev = old.assignment if old is not None else None
+        gained, lost = handover.diff(prev, new)
+        handed = handover.experts_of(switch.tensors)
+        fresh = set(gained) | handed
+        carry = handover.carry_over(old, set(new.pairs()) - fresh) if old is not None else None
+        del old
+        self.trainer = None
+        gc.collect()  # the old sub-model goes before the new one is read
+        trainer = self._build(new, data, tok)
+        if carry is not None:
+            handover.restore(trainer, carry, {layer for layer, _ in fresh})
+        load_expert_state(trainer, switch.tensors)
+        # checkpoint first, then the assignment (see _resumed_assignment)
+        trainer.save_checkpoint(self.workdir)
+        atomic_write_json(self.workdir / ASSIGNMENT, new.to_json())
+        with self._lock:
+            self.current = new
+        if prev is not None:
+            self.events.emit(
+                "reassigned",
+                old_version=prev.version,
+                new_version=new.version,
+                step=trainer.step,
+                gained=[list(x) for x in gained],
+                lost=[list(x) for x in lost],
+                handed_over=[list(x) for x in sorted(handed)],
+                handed_over_sha256=handover.tensors_digest(handover.only_experts(trainer.expert_state(), handed)),
+            )
+        self._emit_assigned(new)
+        return trainer
+
+    def _emit_assigned(self, assignment: Assignment) -> None:
+        assert self.profile is not None
+        self.coverage = coverage_from_probs(self.profile.probs, self.profile.top_k, assignment)
+        self.events.emit("assigned", version=assignment.version, coverage=round(self.coverage, 4))
+
+    def _train(self, data: Any, tok: Any, stop: threading.Event) -> None:
+        self.trainer = self._resume(data, tok) if self.current is not None else None
+        bar = None
+        trainer: Trainer | None = None
         while not stop.is_set():
-            current = self.uplink.assignment if self.uplink is not None else None
-            if current is not None and current.version != assignment.version and current != assignment:
-                log.warning("assignment changed to version %d; hand-over is not supported yet", current.version)
-            loss = self.usage.timed(trainer.train_step)
-            self.steps = trainer.step
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.3f}")
-            if trainer.step % self.opt.train_event_every == 0:
-                self.events.emit("train", step=trainer.step, loss=round(loss, 5))
-            if trainer.step % t.stage_every_steps == 0:
-                self._stage(trainer, assignment)
-            if trainer.step % t.checkpoint_every_steps == 0:
-                trainer.save_checkpoint(self.workdir)
+            switch = self._take_pending()
+            if switch is not None:
+                trainer = None  # no reference may keep the old sub-model alive while the new one is read
+                self.trainer = self._apply(self.trainer, switch, data, tok)
+            trainer = self.trainer
+            assert trainer is not None
+            if bar is None and self.opt.progress:
+                from tqdm import tqdm
+
+                bar = tqdm(desc=f"train {self.cluster}", initial=trainer.step, leave=False)
+            self._step(trainer, bar)
         if bar is not None:
             bar.close()
-        if trainer.step > 0:
+        if self.trainer is not None and self.trainer.step > 0:
+            self.trainer.save_checkpoint(self.workdir)
+
+    def _step(self, trainer: Trainer, bar: Any) -> None:
+        """One training step, then what is due: its event, staging, a checkpoint."""
+        t = self.settings.training
+        loss = self.usage.timed(trainer.train_step)
+        self.steps = trainer.step
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}")
+        if trainer.step % self.opt.train_event_every == 0:
+            self.events.emit("train", step=trainer.step, loss=round(loss, 5))
+        if trainer.step % t.stage_every_steps == 0:
+            self._stage(trainer)
+        if trainer.step % t.checkpoint_every_steps == 0:
             trainer.save_checkpoint(self.workdir)
 
-    def _stage(self, trainer: Trainer, assignment: Assignment) -> None:
-        update = self.outbox.stage(trainer.expert_state(), assignment.version, trainer.step)
-        self.events.emit("staged", step=trainer.step, content_hash=update.content_hash)
+    def _stage(self, trainer: Trainer) -> None:
+        if self._switch_pending():
+            return  # the assignment changes before the next step: nothing more goes up under the old one
+        version = trainer.assignment.version
+        update = self.outbox.stage(trainer.expert_state(), version, trainer.step)
+        self.events.emit("staged", step=trainer.step, content_hash=update.content_hash, assignment_version=version)
 
     def report(self) -> dict[str, Any]:
         report = {

@@ -138,15 +138,13 @@ def _experts_arg(text: str) -> list[tuple[int, list[int]]]:
 
 
 def _profile(args: argparse.Namespace, topology: dict[str, Any]) -> dict[str, Any]:
-    from ground_node.base import load_base
     from ground_node.data import tokenizer_for, train_examples
-    from ground_node.profile import profile_affinity
+    from ground_node.profile import profile_base
     from ground_node.settings import load_settings
 
     s = load_settings(topology)
-    base = load_base(Path(args.base))
     data = train_examples(s, args.cluster)
-    affinity, _ = profile_affinity(base.model, base.adapter, data, tokenizer_for(s.data), s.training.profile_examples)
+    affinity = profile_base(Path(args.base), data, tokenizer_for(s.data), s.training.profile_examples).affinity
     cap = s.capacities[args.cluster]
     top = [[int(e) for e in row.argsort()[::-1][:cap]] for row in affinity.gate]
     return {
@@ -164,19 +162,19 @@ def _train(args: argparse.Namespace, topology: dict[str, Any]) -> dict[str, Any]
 
     from emsfl.durable import atomic_write_json
     from ground_node.agent import peak_rss_mb
-    from ground_node.base import load_base
     from ground_node.data import tokenizer_for, train_examples
     from ground_node.outbox import Outbox
-    from ground_node.profile import coverage_from_probs, profile_affinity
+    from ground_node.profile import coverage_from_probs, profile_base
     from ground_node.settings import load_settings
     from ground_node.split import Assignment
+    from ground_node.submodel import load_base_split
     from ground_node.train import Trainer
 
     s = load_settings(topology)
-    base = load_base(Path(args.base))
     tok = tokenizer_for(s.data)
     data = train_examples(s, args.cluster)
-    affinity, probs = profile_affinity(base.model, base.adapter, data, tok, s.training.profile_examples)
+    profile = profile_base(Path(args.base), data, tok, s.training.profile_examples)
+    affinity, probs, top_k = profile.affinity, profile.probs, profile.top_k
     if args.experts:
         assignment = Assignment.from_pairs(0, _experts_arg(args.experts))
     else:
@@ -184,10 +182,11 @@ def _train(args: argparse.Namespace, topology: dict[str, Any]) -> dict[str, Any]
         assignment = Assignment(
             0, {la: tuple(sorted(int(e) for e in row.argsort()[::-1][:cap])) for la, row in enumerate(affinity.gate)}
         )
-    num_layers, num_experts, top_k = base.adapter.dims(base.model)
+    num_layers, num_experts = affinity.gate.shape
     assignment.validate(num_layers, num_experts)
     workdir = Path(args.workdir)
-    trainer = Trainer(base.model, base.adapter, s.training, assignment, data, s.seed, tok=tok)
+    model, adapter = load_base_split(Path(args.base), assignment if s.training.split == "mask" else None)
+    trainer = Trainer(model, adapter, s.training, assignment, data, s.seed, tok=tok)
     resumed = trainer.load_checkpoint(workdir)
     outbox = Outbox(workdir / "outbox")
     start = time.monotonic()

@@ -25,13 +25,13 @@ from safetensors.numpy import save as st_save
 
 from emsfl.durable import atomic_write_json
 from ground_node.agent import peak_rss_mb
-from ground_node.base import load_base
 from ground_node.data import tokenizer_for, train_examples
 from ground_node.errors import GroundError
 from ground_node.gateway import DEVICE_METADATA_KEY
-from ground_node.profile import coverage_from_probs, profile_affinity
+from ground_node.profile import coverage_from_probs, profile_base
 from ground_node.settings import load_settings
 from ground_node.split import Assignment
+from ground_node.submodel import load_base_split
 from ground_node.train import Trainer, load_expert_state
 from protos.emsfl.v1 import federation_pb2 as pb
 from protos.emsfl.v1 import federation_pb2_grpc as pb_grpc
@@ -172,13 +172,12 @@ class DeviceAgent:
         s = self.settings
         torch.set_num_threads(1)
         tok = tokenizer_for(s.data)
-        base = load_base(self.opt.base_dir)
         data = shard(train_examples(s, self.opt.cluster), self.shard_index, self.devices)
         if not data:
             raise GroundError(f"device {self.opt.device}: its shard of cluster {self.opt.cluster} is empty")
         self.num_examples = len(data)
-        affinity, probs = profile_affinity(base.model, base.adapter, data, tok, s.training.profile_examples)
-        _, _, top_k = base.adapter.dims(base.model)
+        profile = profile_base(self.opt.base_dir, data, tok, s.training.profile_examples)  # streamed
+        affinity, probs, top_k = profile.affinity, profile.probs, profile.top_k
         self.events.emit("profiled", num_tokens=affinity.num_tokens, shard=self.shard_index)
         md = self.client.md
         stub = self.client.stub
@@ -209,7 +208,9 @@ class DeviceAgent:
             return self.report()
         self.coverage = coverage_from_probs(probs, top_k, assignment)
         self.events.emit("assigned", version=assignment.version, coverage=round(self.coverage, 4))
-        trainer = Trainer(base.model, base.adapter, s.training, assignment, data, s.seed, tok=tok)
+        # only the held experts are read from base.safetensors (split=frozen keeps every expert)
+        model, adapter = load_base_split(self.opt.base_dir, assignment if s.training.split == "mask" else None)
+        trainer = Trainer(model, adapter, s.training, assignment, data, s.seed, tok=tok)
         if trainer.load_checkpoint(self.workdir):
             log.info("resumed from step %d", trainer.step)
         self._catch_up(trainer, stop)

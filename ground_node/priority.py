@@ -67,6 +67,22 @@ def record_acked(outbox: Outbox, blob: bytes) -> None:
     atomic_write_bytes(Path(outbox.dir) / ACKED, save({n: np.ascontiguousarray(acked[n]) for n in sorted(acked)}))
 
 
+def rebase_acked(outbox: Outbox, held: set[tuple[int, int]], handed_over: Mapping[str, np.ndarray]) -> None:
+    """After a re-assignment: forget the experts no longer held (another cluster updates them now) and take the
+    handed-over parts as what the satellite holds of the gained ones. Call it from the uplink's thread (the one
+    that records acknowledgements), so the two never race."""
+    handed = set(_experts(handed_over))
+    kept = {
+        n: a
+        for n, a in load_acked(outbox).items()
+        if (parsed := parse_expert_name(n)) is not None
+        and (key := (parsed[0].layer, parsed[0].expert)) in held
+        and key not in handed
+    }
+    merged = {**kept, **handed_over}
+    atomic_write_bytes(Path(outbox.dir) / ACKED, save({n: np.ascontiguousarray(merged[n]) for n in sorted(merged)}))
+
+
 def _experts(tensors: Mapping[str, np.ndarray]) -> dict[tuple[int, int], list[str]]:
     out: dict[tuple[int, int], list[str]] = {}
     for name in sorted(tensors):

@@ -1,9 +1,15 @@
-"""Affinity profiling (DESIGN §4.1) and routing coverage (§4.3) through the routers of the full model."""
+"""Affinity profiling (DESIGN §4.1) and routing coverage (§4.3) through the routers of the full model.
+
+`profile_base` streams the base model from its `base.safetensors` one decoder layer at a time
+(`ground_node.stream`), so profiling before the assignment never holds more than one layer's experts;
+`router_probs` profiles a model already in memory. Both give the same probabilities.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,31 +38,70 @@ def router_probs(
     batch_size: int = 128,
 ) -> list[torch.Tensor]:
     """Per layer, the full softmax router probabilities [T, E] over the non-pad tokens of `examples`."""
-    if not examples:
-        raise ValueError("cannot profile an empty dataset")
+    batches = _batches(examples, tok, batch_size)
     num_layers, _, _ = adapter.dims(model)
     captured: dict[int, list[torch.Tensor]] = {la: [] for la in range(num_layers)}
-    handles = []
-    for layer in range(num_layers):
-
-        def hook(_mod: nn.Module, _inp: Any, out: Any, layer: int = layer) -> None:
-            captured[layer].append(out[0].detach().float())
-
-        handles.append(adapter.router(model, layer).register_forward_hook(hook))
-    keep: list[torch.Tensor] = []
+    handles = [
+        adapter.router(model, layer).register_forward_hook(_capture_logits(captured[layer]))
+        for layer in range(num_layers)
+    ]
     was_training = model.training
     model.eval()
     try:
-        for i in range(0, len(examples), batch_size):
-            ids, _ = encode_train(tok, examples[i : i + batch_size])
+        for ids in batches:
             model(input_ids=ids)
-            keep.append((ids != PAD).reshape(-1))
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
-    mask = torch.cat(keep)
-    return [torch.softmax(torch.cat(captured[la])[mask], dim=-1) for la in range(num_layers)]
+    return _probs(captured, batches)
+
+
+def _batches(examples: Sequence[Example], tok: Tokenizer, batch_size: int) -> list[torch.Tensor]:
+    if not examples:
+        raise ValueError("cannot profile an empty dataset")
+    return [encode_train(tok, examples[i : i + batch_size])[0] for i in range(0, len(examples), batch_size)]
+
+
+def _capture_logits(into: list[torch.Tensor]) -> Any:
+    """A forward hook keeping a router's logits (the first item of its output)."""
+
+    def hook(_mod: nn.Module, _inp: Any, out: Any) -> None:
+        into.append(out[0].detach().float())
+
+    return hook
+
+
+def _probs(captured: dict[int, list[torch.Tensor]], batches: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Per layer, the softmax of the captured logits over the non-pad tokens (batches in order)."""
+    mask = torch.cat([(ids != PAD).reshape(-1) for ids in batches])
+    return [torch.softmax(torch.cat(captured[la])[mask], dim=-1) for la in sorted(captured)]
+
+
+@torch.no_grad()
+def stream_router_probs(
+    adapter: FamilyAdapter,
+    config: Any,
+    tensors_file: Path,
+    examples: Sequence[Example],
+    tok: Tokenizer,
+    batch_size: int = 128,
+) -> list[torch.Tensor]:
+    """`router_probs` of the model stored in a manifest-named safetensors file, streamed layer by layer."""
+    from ground_node.stream import meta_skeleton, run_layers
+    from ground_node.tensorfile import TensorFile
+
+    batches = _batches(examples, tok, batch_size)
+    num_layers = int(config.num_hidden_layers)
+    captured: dict[int, list[torch.Tensor]] = {la: [] for la in range(num_layers)}
+    with TensorFile(tensors_file) as tensors:
+        model = meta_skeleton(adapter, config, tensors)
+
+        def hook_router(index: int, layer: nn.Module) -> Any:
+            return adapter.router(model, index).register_forward_hook(_capture_logits(captured[index]))
+
+        run_layers(model, adapter, tensors, batches, on_layer=hook_router)
+    return _probs(captured, batches)
 
 
 def affinity_from_probs(probs: list[torch.Tensor], top_k: int) -> Affinity:
@@ -91,3 +136,24 @@ def profile_affinity(
     _, _, top_k = adapter.dims(model)
     probs = router_probs(model, adapter, list(examples[:sample]), tok)
     return affinity_from_probs(probs, top_k), probs
+
+
+@dataclass(frozen=True)
+class Profile:
+    affinity: Affinity
+    probs: list[torch.Tensor]  # per layer [T, E]: kept for the routing coverage of later assignments
+    top_k: int
+
+
+def profile_base(base_dir: Path, examples: Sequence[Example], tok: Tokenizer, sample: int) -> Profile:
+    """`profile_affinity` of a base directory's model, streamed from its `base.safetensors` layer by layer."""
+    from transformers import AutoConfig
+
+    from ground_node.base import BASE_TENSORS, read_manifest
+    from ground_node.family import get_adapter
+
+    adapter = get_adapter(str(read_manifest(base_dir).get("family")))
+    config = AutoConfig.from_pretrained(str(base_dir))
+    probs = stream_router_probs(adapter, config, Path(base_dir) / BASE_TENSORS, list(examples[:sample]), tok)
+    top_k = int(config.num_experts_per_tok)
+    return Profile(affinity_from_probs(probs, top_k), probs, top_k)

@@ -15,17 +15,16 @@ model is never in memory.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from ground_node.errors import GroundError
 from ground_node.family import FamilyAdapter, HFMoEAdapter, held_router_class
 from ground_node.split import Assignment
+from ground_node.tensorfile import TensorFile
 from protos.wire import expert_name, shared_name
 
 
@@ -131,11 +130,6 @@ def _shrunk_config(adapter: HFMoEAdapter, config: Any, keep: int) -> Any:
     return small
 
 
-def _read_rows(handle: Any, name: str, rows: Iterable[int]) -> torch.Tensor:
-    sl = handle.get_slice(name)
-    return torch.cat([sl[r : r + 1] for r in rows]) if rows else sl[0:0]
-
-
 def load_split(
     adapter: FamilyAdapter,
     config: Any,
@@ -145,8 +139,9 @@ def load_split(
 ) -> nn.Module:
     """The sub-model of `assignment` (None: the whole model) built from a manifest-named safetensors file.
 
-    Only the shared tensors and the held experts' slices are read. The model is first constructed with as few
-    experts per layer as are kept, so its random initialisation never allocates the unheld experts either.
+    Only the shared tensors and the held experts' slices are read, each straight into the tensor that keeps it
+    (`TensorFile`: no memory map, so nothing else of the file becomes resident). The model is first constructed
+    with as few experts per layer as are kept, so its random initialisation never allocates the unheld experts.
     """
     if not isinstance(adapter, HFMoEAdapter):
         raise GroundError(f"family {adapter.name}: physical split is not supported")
@@ -163,30 +158,11 @@ def load_split(
     model: Any = adapter.model_cls()(_shrunk_config(adapter, config, keep))
     model.config = config
     model.model.config = config
-    path = str(tensors_file)
-    with safe_open(path, framework="pt") as f:
-        names = set(f.keys())
+    with TensorFile(tensors_file) as f:
         for layer in range(num_layers):
-            experts: Any = adapter.experts_module(model, layer)
-            for part in adapter.expert_parts:
-                missing = [e for e in held[layer] if expert_name(layer, e, part) not in names]
-                if missing:
-                    raise GroundError(f"{tensors_file}: no tensor {expert_name(layer, missing[0], part)}")
-                rows = [f.get_tensor(expert_name(layer, e, part)) for e in held[layer]]
-                shape = tuple(experts._parameters[part].shape[1:])
-                value = torch.stack(rows) if rows else torch.empty((0, *shape))
-                if tuple(value.shape[1:]) != shape:
-                    raise GroundError(
-                        f"{tensors_file}: expert part {part} has shape {list(value.shape[1:])}, "
-                        f"the configuration expects {list(shape)}"
-                    )
-                experts._parameters[part] = nn.Parameter(value.to(dtype), requires_grad=False)
-            _set_experts_count(experts, len(held[layer]))
+            _load_layer_experts(adapter, model, f, layer, held[layer], dtype)
+            weight, bias = _read_router(adapter, model, f, layer, dtype)
             router: Any = adapter.router(model, layer)
-            prefix = _router_prefix(adapter, model, layer)
-            weight = f.get_tensor(shared_name(f"{prefix}.weight")).to(dtype)
-            bias_name = shared_name(f"{prefix}.bias")
-            bias = f.get_tensor(bias_name).to(dtype) if bias_name in names else None
             if assignment is None:
                 router._parameters["weight"] = nn.Parameter(weight, requires_grad=False)
                 if bias is not None:
@@ -194,24 +170,59 @@ def load_split(
                 router.num_experts = num_experts
             else:
                 _install_router(adapter, model, layer, held[layer], weight, bias)
-        skip = {f"{_router_prefix(adapter, model, la)}.{p}" for la in range(num_layers) for p in ("weight", "bias")}
-        params = dict(model.named_parameters())
-        with torch.no_grad():
-            for name, param in params.items():
-                if adapter.split_hf_name(name) is not None or name in skip:
-                    continue
-                key = shared_name(name)
-                if key not in names:
-                    raise GroundError(f"{tensors_file}: no tensor {key}")
-                value = f.get_tensor(key)
-                if tuple(value.shape) != tuple(param.shape):
-                    raise GroundError(
-                        f"{tensors_file}: {key} has shape {list(value.shape)}, the model expects {list(param.shape)}"
-                    )
-                param.copy_(value.to(param.dtype))
+        _load_shared(adapter, model, f, num_layers)
     model.eval()
     result: nn.Module = model
     return result
+
+
+def _load_layer_experts(
+    adapter: HFMoEAdapter, model: nn.Module, f: TensorFile, layer: int, held: list[int], dtype: torch.dtype
+) -> None:
+    """Replace a layer's fused expert tensors by the held experts' slices (local order = `held`)."""
+    experts: Any = adapter.experts_module(model, layer)
+    for part in adapter.expert_parts:
+        shape = tuple(experts._parameters[part].shape[1:])
+        value = torch.empty((len(held), *shape), dtype=dtype)
+        for i, e in enumerate(held):
+            name = expert_name(layer, e, part)
+            if name not in f:
+                raise GroundError(f"{f.path}: no tensor {name}")
+            if f.shape(name) != shape:
+                raise GroundError(
+                    f"{f.path}: expert part {part} has shape {list(f.shape(name))}, "
+                    f"the configuration expects {list(shape)}"
+                )
+            f.read(name, out=value[i])
+        experts._parameters[part] = nn.Parameter(value, requires_grad=False)
+    _set_experts_count(experts, len(held))
+
+
+def _read_router(
+    adapter: HFMoEAdapter, model: nn.Module, f: TensorFile, layer: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The full router weight (and bias) of a layer."""
+    prefix = _router_prefix(adapter, model, layer)
+    weight = f.read(shared_name(f"{prefix}.weight")).to(dtype)
+    bias_name = shared_name(f"{prefix}.bias")
+    return weight, (f.read(bias_name).to(dtype) if bias_name in f else None)
+
+
+def _load_shared(adapter: HFMoEAdapter, model: nn.Module, f: TensorFile, num_layers: int) -> None:
+    """Every other (shared) parameter, read in place."""
+    skip = {f"{_router_prefix(adapter, model, la)}.{p}" for la in range(num_layers) for p in ("weight", "bias")}
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if adapter.split_hf_name(name) is not None or name in skip:
+                continue
+            key = shared_name(name)
+            if key not in f:
+                raise GroundError(f"{f.path}: no tensor {key}")
+            if f.shape(key) != tuple(param.shape):
+                raise GroundError(
+                    f"{f.path}: {key} has shape {list(f.shape(key))}, the model expects {list(param.shape)}"
+                )
+            f.read(key, out=param.detach())
 
 
 def _router_prefix(adapter: HFMoEAdapter, model: nn.Module, layer: int) -> str:

@@ -272,6 +272,19 @@ class Trainer:
         return True
 
 
+def checkpoint_assignment(workdir: Path) -> Assignment | None:
+    """The assignment a checkpoint was saved under (None: no readable checkpoint); memory-mapped, so cheap."""
+    path = Path(workdir) / CHECKPOINT
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, weights_only=True, mmap=True)
+        return Assignment.from_json(state["assignment"])
+    except Exception as exc:
+        log.warning("ignoring unreadable checkpoint %s: %s", path, exc)
+        return None
+
+
 def load_expert_state(trainer: Trainer, tensors: dict[str, np.ndarray]) -> list[tuple[int, int]]:
     """Set held experts' parts (LoRA factors or full slices) from manifest-named tensors; returns the experts set.
 

@@ -51,6 +51,7 @@ class Uplink(threading.Thread):
         on_push: Callable[[str, list[int], int], None] | None = None,
         max_uploads_per_contact: int | None = 1,
         call_timeout_s: float = 20.0,
+        before_assignment: Callable[[Assignment], None] | None = None,
     ) -> None:
         super().__init__(name=f"uplink-{cluster}", daemon=True)
         self.cluster = cluster
@@ -60,6 +61,9 @@ class Uplink(threading.Thread):
         self.num_examples = num_examples
         self.affinity = affinity
         self.on_assignment = on_assignment
+        # called (in this thread, link up) before a new assignment is adopted, to fetch what it hands over; if it
+        # raises, the assignment is not adopted and the next pass tries again
+        self.before_assignment = before_assignment
         self.on_ack = on_ack
         self.on_join = on_join
         self.on_push = on_push  # (content hash, chunk indices about to be pushed, total chunks)
@@ -151,6 +155,8 @@ class Uplink(threading.Thread):
         if reply.ready:
             new = Assignment.from_pairs(reply.version, [(la.layer, list(la.experts)) for la in reply.layers])
             if self.assignment is None or new != self.assignment:
+                if self.before_assignment is not None:
+                    self.before_assignment(new)
                 self.assignment = new
                 self.assigned.set()
                 if self.on_assignment is not None:

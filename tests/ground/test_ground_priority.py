@@ -138,3 +138,22 @@ def test_uplink_splits_an_update_a_short_contact_cannot_carry(tmp_path: Path) ->
     assert box.pending() is None
     assert [_experts(b) for b in fake.commits] == [[1, 3], [0, 2]]  # two passes' worth, largest first
     assert update.content_hash in box.acked()
+
+
+def test_rebase_acked_after_a_reassignment(tmp_path: Path) -> None:
+    """Lost experts are forgotten; gained ones count as holding their handed-over parts (what the satellite has)."""
+    from ground_node.priority import load_acked, rebase_acked
+
+    box = Outbox(tmp_path)
+    old = _update({0: 1.0, 1: 1.0, 2: 1.0})
+    record_acked(box, box.stage(old, 1, 5).read())
+    handed = _update({3: 2.0}, seed=4)
+    rebase_acked(box, {(0, 1), (0, 3), (0, 4)}, handed)
+    acked = load_acked(box)
+    assert sorted(acked) == [expert_name(0, 1, "down_proj"), expert_name(0, 3, "down_proj")]
+    assert np.array_equal(acked[expert_name(0, 1, "down_proj")], old[expert_name(0, 1, "down_proj")])
+    assert np.array_equal(acked[expert_name(0, 3, "down_proj")], handed[expert_name(0, 3, "down_proj")])
+    # a trained gained expert differs from its handed-over parts: it goes up; an untouched kept one does not
+    newest = {**{k: v for k, v in old.items() if "/1/" in k}, **_update({3: 2.0}, seed=5)}
+    part = plan_upload(box, box.stage(newest, 2, 10), budget=1.0)
+    assert part is not None and _experts(part.read()) == [3]

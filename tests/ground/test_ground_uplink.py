@@ -57,6 +57,10 @@ class FakeSatellite(pb_grpc.FederationServicer):  # type: ignore[misc]
             layers=[pb.LayerExperts(layer=0, experts=[0, 1]), pb.LayerExperts(layer=1, experts=[2])],
         )
 
+    def GetStatus(self, request: Any, context: Any) -> Any:
+        self._gate(context, "GetStatus")
+        return pb.StatusReply(strategy="emsfl", assignment_version=1)  # no expert has a version yet
+
     def OfferUpdate(self, request: Any, context: Any) -> Any:
         self._gate(context, "OfferUpdate")
         if request.content_hash in self.committed:
@@ -173,3 +177,23 @@ def test_agent_trains_stages_uploads_and_reports(
     kinds = {event["event"] for event in read_events(tmp_path / "w" / "events.jsonl")}
     assert {"profiled", "assigned", "staged", "upload_acked"} <= kinds
     assert (tmp_path / "w" / "checkpoint.pt").exists()
+
+
+def test_updates_of_an_older_assignment_never_go_up(satellite: tuple[FakeSatellite, str], tmp_path: Path) -> None:
+    """After a re-assignment the uplink drops what was staged (or cut mid-upload) under the old version."""
+    from ground_node.split import Assignment
+    from ground_node.uplink import Uplink
+
+    fake, target = satellite
+    box = Outbox(tmp_path)
+    stale = box.stage({"expert/0/0/gate_up_proj": np.ones(4, np.float32)}, 1, 10)
+    assert box.mark_inflight(stale)  # as if a pass had started to push it
+    aff = Affinity(np.zeros((2, 4), np.float32), np.zeros((2, 4), np.float32), 1)
+    up = Uplink(target, "c0", FakeLink(), box, 2, 10, aff)
+    up.assignment = Assignment(2, {0: (1,)})
+    assert up.upload(stale) is False
+    assert not [n for n, _ in fake.calls if n in ("OfferUpdate", "PushChunks")]
+    assert stale.content_hash in up._rejected and box._state["inflight"] is None
+    fresh = box.stage({"expert/0/1/gate_up_proj": np.ones(4, np.float32)}, 2, 20)
+    assert box.pending() == fresh and not stale.path.exists()
+    up.stop()
