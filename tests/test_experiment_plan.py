@@ -68,3 +68,34 @@ def test_lr_candidates_share_one_base() -> None:
     key = cache_key(load_settings(topo))
     assert cache_key(load_settings(other_lr)) == key
     assert cache_key(load_settings(other_rank)) != key  # the manifest records the rank
+
+
+def _summary(seed: int, curve: list[float], uplinked: int = 100, uploads: int = 4) -> dict[str, Any]:
+    return {
+        "run_id": f"r{seed}",
+        "config": {"seed": seed},
+        "emulated_start": "2026-03-20T06:00:00Z",
+        "accuracy_curve": [{"t": f"2026-03-20T0{6 + i}:00:00Z", "accuracy": a} for i, a in enumerate(curve)],
+        "accuracy_final": curve[-1],
+        "bytes_uplinked": uplinked,
+        "uploads_committed": uploads,
+        "uploads_outside_contact": 0,
+        "per_cluster": {"c0": {"accuracy": curve[-1], "train_seconds": 36.0}},
+    }
+
+
+def test_time_to_target_uses_each_seeds_own_target() -> None:
+    """Regression: one target across seeds let a seed whose base already beat it report 0 s for everyone."""
+    from testbed.compare import compare
+
+    runs = {
+        "emsfl": [_summary(0, [0.2, 0.5, 0.5]), _summary(1, [0.7, 0.8, 0.8])],
+        "fedavg": [_summary(0, [0.2, 0.3, 0.4]), _summary(1, [0.7, 0.7, 0.9])],
+    }
+    result = compare(runs, target_fraction=0.9)
+    assert result["target_accuracy_by_seed"] == {0: 0.45, 1: 0.81}
+    emsfl, fedavg = result["strategies"]["emsfl"], result["strategies"]["fedavg"]
+    assert emsfl["time_to_target_s"]["values"] == [3600.0]  # seed 1 never reaches 0.81
+    assert emsfl["time_to_target_s"]["missing"] == 1
+    assert fedavg["time_to_target_s"]["values"] == [7200.0] and fedavg["time_to_target_s"]["missing"] == 1
+    assert emsfl["uplink_bytes_per_upload"]["mean"] == 25.0
