@@ -99,3 +99,16 @@ def test_time_to_target_uses_each_seeds_own_target() -> None:
     assert emsfl["time_to_target_s"]["missing"] == 1
     assert fedavg["time_to_target_s"]["values"] == [7200.0] and fedavg["time_to_target_s"]["missing"] == 1
     assert emsfl["uplink_bytes_per_upload"]["mean"] == 25.0
+
+
+def test_claim_is_false_when_only_fedavg_reaches_the_target() -> None:
+    """Regression: `(False and ...) or None` turned "FedAvg reached it, EMS-FL never did" into None."""
+    from testbed.compare import claims, compare
+
+    runs = {
+        "emsfl": [_summary(0, [0.2, 0.3, 0.3]), _summary(1, [0.2, 0.3, 0.3])],
+        "fedavg": [_summary(0, [0.2, 0.5, 0.6]), _summary(1, [0.2, 0.5, 0.6])],
+    }
+    assert claims(compare(runs), 3)["reaches_target_2x_sooner"] is False
+    swapped = {"emsfl": runs["fedavg"], "fedavg": runs["emsfl"]}
+    assert claims(compare(swapped), 3)["reaches_target_2x_sooner"] is True
