@@ -29,6 +29,18 @@ from protos.timefmt import to_iso
 from protos.wire import CHUNK_SIZE, CLUSTER_METADATA_KEY, chunk_hashes, expert_name, sha256_hex, split_chunks
 from satellite_node.manifest import file_sha256
 
+
+def wait_until(what: str, check: Any, timeout_s: float = 90.0) -> Any:
+    """Poll `check()` every 0.1 s until it returns something truthy (returned); AssertionError naming `what`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
 LORA_PARTS = ("gate_up_proj.lora_A", "gate_up_proj.lora_B", "down_proj.lora_A", "down_proj.lora_B")
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from emsfl.config import ConfigError
+from ground_node.errors import GroundError
 from testbed.lab import DEFAULT_TOPOLOGY, LabOptions
 
 
@@ -89,7 +90,7 @@ def main(argv: list[str]) -> int:
     if args.command == "experiment":
         try:
             return _experiment(args)
-        except (ConfigError, RuntimeError, FileExistsError) as exc:
+        except (ConfigError, GroundError, RuntimeError, FileExistsError) as exc:
             print(f"emsfl lab experiment: {exc}", file=sys.stderr)
             return 2
     from testbed.lab import run_lab
@@ -105,7 +106,7 @@ def main(argv: list[str]) -> int:
     )
     try:
         lab = run_lab(opts)
-    except (ConfigError, RuntimeError, FileExistsError) as exc:
+    except (ConfigError, GroundError, RuntimeError, FileExistsError) as exc:
         print(f"emsfl lab: {exc}", file=sys.stderr)
         return 2
     summary = write_outputs(lab)

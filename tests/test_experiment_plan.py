@@ -112,3 +112,20 @@ def test_claim_is_false_when_only_fedavg_reaches_the_target() -> None:
     assert claims(compare(runs), 3)["reaches_target_2x_sooner"] is False
     swapped = {"emsfl": runs["fedavg"], "fedavg": runs["emsfl"]}
     assert claims(compare(swapped), 3)["reaches_target_2x_sooner"] is True
+
+
+def test_missing_data_set_is_a_clear_error_not_a_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Regression: a GroundError (absent ../shared/data path) escaped `emsfl lab experiment` as a traceback."""
+    import yaml
+
+    from testbed.cli import main
+    from testbed.lab import DEFAULT_TOPOLOGY
+
+    topo = yaml.safe_load(DEFAULT_TOPOLOGY.read_text(encoding="utf-8"))
+    topo["data"] = {"task": "banking77", "path": str(tmp_path / "absent")}
+    path = tmp_path / "t.yaml"
+    path.write_text(yaml.safe_dump(topo), encoding="utf-8")
+    argv = ["experiment", "--topology", str(path), "--quick", "--no-central", "--runs-dir", str(tmp_path / "runs")]
+    assert main([*argv, "--cache-dir", str(tmp_path / "cache")]) == 2
+    err = capsys.readouterr().err
+    assert "data.path" in err and "absent" in err and "Traceback" not in err

@@ -13,7 +13,6 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,8 @@ import pytest
 import torch
 import yaml
 
-from satellite_node.testing import Client, OrbitStub, SatelliteProcess, encode, expert_update
+from protos.events import read_events
+from satellite_node.testing import Client, OrbitStub, SatelliteProcess, encode, expert_update, wait_until
 from testbed.broker import BrokerProcess, free_port
 
 pytestmark = pytest.mark.slow
@@ -69,20 +69,11 @@ NEW_SET = {(0, 0), (0, 1), (1, 0), (1, 1)}
 
 
 def _events(workdir: Path) -> list[dict[str, Any]]:
-    path = workdir / "events.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return read_events(workdir / "events.jsonl")
 
 
 def _wait(what: str, check: Any, timeout_s: float = 120.0) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
+    return wait_until(what, check, timeout_s)
 
 
 def _joined(client: Client) -> bool:

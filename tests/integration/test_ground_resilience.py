@@ -23,7 +23,8 @@ import yaml
 from safetensors.numpy import load as st_load
 
 from protos import topics
-from satellite_node.testing import Client, OrbitStub, SatelliteProcess
+from protos.events import read_events
+from satellite_node.testing import Client, OrbitStub, SatelliteProcess, wait_until
 from testbed.broker import BrokerProcess, free_port
 
 pytestmark = pytest.mark.slow
@@ -64,20 +65,11 @@ TOPOLOGY: dict[str, Any] = {
 
 
 def _events(workdir: Path) -> list[dict[str, Any]]:
-    path = workdir / "events.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return read_events(workdir / "events.jsonl")
 
 
 def _wait(what: str, check: Any, timeout_s: float = 90.0) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
+    return wait_until(what, check, timeout_s)
 
 
 def _link_up(orbit: OrbitStub, cluster: str) -> None:
