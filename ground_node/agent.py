@@ -31,7 +31,7 @@ from ground_node.profile import Profile, coverage_from_probs, profile_base
 from ground_node.settings import load_settings
 from ground_node.split import Assignment
 from ground_node.submodel import load_base_split
-from ground_node.train import Trainer, checkpoint_assignment, load_expert_state
+from ground_node.train import Trainer, checkpoint_assignment, load_expert_state, peak_gpu_memory_mb
 from ground_node.uplink import Link, Uplink
 from ground_node.usage import Usage
 from protos.events import EventLog
@@ -54,6 +54,11 @@ class AgentOptions:
 
 def peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1)
+
+
+def _mean_step_s(train_seconds: float, steps: int) -> float | None:
+    """Mean wall seconds per training step (None before the first)."""
+    return round(train_seconds / steps, 4) if steps > 0 else None
 
 
 class GroundAgent:
@@ -314,6 +319,8 @@ class GroundAgent:
             "coverage": self.coverage,
             "num_examples": self.num_examples,
             "peak_rss_mb": peak_rss_mb(),
+            "peak_gpu_memory_mb": peak_gpu_memory_mb(),  # None unless training ran on CUDA
+            "step_time_s": _mean_step_s(self.usage.train_seconds, self.steps),
             "strategy": self.baseline.strategy if self.baseline is not None else "emsfl",
             **self.usage.snapshot(),
         }

@@ -26,7 +26,7 @@ from emsfl.durable import fsync_dir
 from ground_node.data import max_positions, tokenizer_for, warmup_pool
 from ground_node.errors import GroundError
 from ground_node.family import FamilyAdapter, get_adapter
-from ground_node.settings import Settings, cache_key, load_settings
+from ground_node.settings import Settings, cache_key, load_settings, resolve_device
 from ground_node.synthetic import encode_train
 from protos.wire import sha256_hex
 
@@ -66,6 +66,10 @@ def warm_up(model: nn.Module, settings: Settings, progress: bool = False) -> lis
     else:
         pool = warmup_pool(settings, min(w.steps * w.batch_size, 50_000))
     torch.manual_seed(settings.seed)
+    # on `training.device` (a large GPU topology could not warm up on a CPU in reasonable time); a CUDA-warmed base
+    # differs from a CPU-warmed one in the last bits, but every role of a run reads the same base directory
+    device = resolve_device(settings.training.device)
+    model.to(device)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=w.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20))
     rng = np.random.default_rng([settings.seed, 7])
@@ -74,7 +78,7 @@ def warm_up(model: nn.Module, settings: Settings, progress: bool = False) -> lis
     bar = _bar(w.steps, "warm-up", progress)
     for _ in range(w.steps):
         idx = rng.integers(0, len(pool), size=w.batch_size)
-        ids, labels = encode_train(tok, [pool[i] for i in idx])
+        ids, labels = (t.to(device) for t in encode_train(tok, [pool[i] for i in idx]))
         loss = model(input_ids=ids, labels=labels).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -86,6 +90,7 @@ def warm_up(model: nn.Module, settings: Settings, progress: bool = False) -> lis
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
     if bar is not None:
         bar.close()
+    model.to("cpu")  # the base directory is written from the CPU
     model.eval()
     return losses
 

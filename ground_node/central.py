@@ -27,7 +27,7 @@ from ground_node.data import label_choices, max_new_tokens, test_examples, token
 from ground_node.errors import GroundError
 from ground_node.evaluate import exact_match
 from ground_node.settings import load_settings
-from ground_node.train import Trainer
+from ground_node.train import Trainer, peak_gpu_memory_mb
 
 
 def centralised(topology: dict[str, Any], base_dir: Path, steps: int) -> dict[str, Any]:
@@ -54,7 +54,10 @@ def centralised(topology: dict[str, Any], base_dir: Path, steps: int) -> dict[st
         "per_cluster_accuracy": per_cluster,
         "loss_last": float(sum(losses[-10:]) / max(1, len(losses[-10:]))) if losses else None,
         "train_seconds": round(train_seconds, 3),
+        "step_time_s": round(train_seconds / steps, 4) if steps else None,
+        "training_device": trainer.device_type,
         "peak_rss_mb": peak_rss_mb(),
+        "peak_gpu_memory_mb": peak_gpu_memory_mb(),  # None unless training ran on CUDA
     }
 
 

@@ -168,7 +168,7 @@ def _train(args: argparse.Namespace, topology: dict[str, Any]) -> dict[str, Any]
     from ground_node.settings import load_settings
     from ground_node.split import Assignment
     from ground_node.submodel import load_base_split
-    from ground_node.train import Trainer
+    from ground_node.train import Trainer, peak_gpu_memory_mb
 
     s = load_settings(topology)
     tok = tokenizer_for(s.data)
@@ -205,7 +205,9 @@ def _train(args: argparse.Namespace, topology: dict[str, Any]) -> dict[str, Any]
         "coverage": coverage_from_probs(probs, top_k, assignment),
         "staged": str(update.path),
         "seconds": round(time.monotonic() - start, 2),
+        "training_device": trainer.device_type,
         "peak_rss_mb": peak_rss_mb(),
+        "peak_gpu_memory_mb": peak_gpu_memory_mb(),  # None unless training ran on CUDA
     }
     atomic_write_json(workdir / "report.json", report)
     return report

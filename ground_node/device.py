@@ -25,6 +25,7 @@ from safetensors.numpy import save as st_save
 
 from emsfl.durable import atomic_write_json
 from ground_node.agent import peak_rss_mb
+from ground_node.channel import insecure_channel
 from ground_node.data import tokenizer_for, train_examples
 from ground_node.errors import GroundError
 from ground_node.gateway import DEVICE_METADATA_KEY
@@ -32,7 +33,7 @@ from ground_node.profile import coverage_from_probs, profile_base
 from ground_node.settings import load_settings
 from ground_node.split import Assignment
 from ground_node.submodel import load_base_split
-from ground_node.train import Trainer, load_expert_state
+from ground_node.train import Trainer, load_expert_state, peak_gpu_memory_mb
 from protos.emsfl.v1 import federation_pb2 as pb
 from protos.emsfl.v1 import federation_pb2_grpc as pb_grpc
 from protos.events import EventLog
@@ -79,7 +80,7 @@ class GatewayClient:
     """Federation calls of one device to its gateway (cluster + device id in metadata)."""
 
     def __init__(self, target: str, cluster: str, device: str) -> None:
-        self.channel = grpc.insecure_channel(
+        self.channel = insecure_channel(
             target, options=[("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
         )
         self.stub = pb_grpc.FederationStub(self.channel)
@@ -277,6 +278,7 @@ class DeviceAgent:
             "bytes_to_gateway": self.client.bytes_sent,
             "bytes_from_gateway": self.client.bytes_pulled,
             "peak_rss_mb": peak_rss_mb(),
+            "peak_gpu_memory_mb": peak_gpu_memory_mb(),  # None unless training ran on CUDA
         }
         atomic_write_json(self.workdir / "report.json", report)
         return report

@@ -16,7 +16,7 @@ from ground_node.base import BASE_TENSORS, Base, load_base
 from ground_node.data import label_choices, max_new_tokens, test_examples, tokenizer_for
 from ground_node.errors import GroundError
 from ground_node.family import FamilyAdapter
-from ground_node.settings import load_settings
+from ground_node.settings import load_settings, resolve_device
 from ground_node.synthetic import Example, encode_prompts
 from ground_node.tokenizer import EOS, CharTokenizer, Tokenizer
 from protos.wire import parse_expert_name
@@ -75,7 +75,7 @@ def apply_tensors(
         if tuple(delta.shape) != tuple(param.shape[1:]):
             raise GroundError(f"expert/{layer}/{expert}/{part}: LoRA shape does not match the expert slice")
         with torch.no_grad():
-            param[adapter.local_index(model, layer, expert)] += delta.to(param.dtype)
+            param[adapter.local_index(model, layer, expert)] += delta.to(param.device, param.dtype)
         applied += 1
     return applied
 
@@ -114,6 +114,7 @@ def greedy_answers(
     one of them: the model still generates the label token by token, it just cannot spell a non-label.
     """
     trie = label_trie(tok, choices) if choices else None
+    device = next(model.parameters()).device  # prompts go where the model is (training.device)
     groups: dict[int, list[int]] = defaultdict(list)
     for i, ex in enumerate(examples):
         groups[len(tok.encode(ex.prompt))].append(i)  # token count: bytes, not characters, for text tasks
@@ -122,14 +123,17 @@ def greedy_answers(
     for idxs in groups.values():
         for start in range(0, len(idxs), 256):
             chunk = idxs[start : start + 256]
-            ids = encode_prompts(tok, [examples[i] for i in chunk])
+            ids = encode_prompts(tok, [examples[i] for i in chunk]).to(device)
             nodes: list[Trie | None] = [trie] * len(chunk)
-            done = torch.zeros(len(chunk), dtype=torch.bool)
+            done = torch.zeros(len(chunk), dtype=torch.bool, device=device)
             out: list[torch.Tensor] = []
+            past: Any = None  # the KV cache: each step feeds only the new token (no padding, so positions follow)
             for _ in range(max_new):
-                logits = model(input_ids=ids, use_cache=False).logits[:, -1]
+                step = model(input_ids=ids, past_key_values=past, use_cache=True)
+                past, logits = step.past_key_values, step.logits[:, -1]
                 if trie is not None:
-                    logits = logits.masked_fill(~_allowed_mask(nodes, logits.shape[-1]), float("-inf"))
+                    allowed = _allowed_mask(nodes, logits.shape[-1]).to(device)
+                    logits = logits.masked_fill(~allowed, float("-inf"))
                 nxt = logits.argmax(dim=-1)
                 out.append(nxt)
                 if trie is not None:
@@ -137,7 +141,7 @@ def greedy_answers(
                 done |= nxt == EOS
                 if bool(done.all()):
                     break
-                ids = torch.cat([ids, nxt[:, None]], dim=1)
+                ids = nxt[:, None]
             gen = torch.stack(out, dim=1).tolist()
             for row, i in enumerate(chunk):
                 answers[i] = tok.decode(gen[row]) if EOS in gen[row] else "\x00"  # no EOS: never an exact match
@@ -180,7 +184,8 @@ def accuracy(
 ) -> float:
     """Exact-match accuracy of base + `tensors` on the global test set (`cluster=None`) or a cluster's test mix."""
     settings = load_settings(topology)
-    base = model_with_tensors(Path(base_dir), tensors)
+    base = model_with_tensors(Path(base_dir), tensors)  # applied on the CPU, then moved whole
+    base.model.to(resolve_device(settings.training.device))
     examples = test_examples(settings, cluster)
     max_new = max_new_tokens(settings)
     return exact_match(base.model, examples, max_new, tokenizer_for(settings.data), label_choices(settings))

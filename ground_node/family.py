@@ -39,6 +39,11 @@ def lora_b_slice(weight_b: torch.Tensor, expert: int, num_experts: int) -> torch
     return weight_b[:, expert::num_experts]
 
 
+def _cpu_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A float32 CPU copy (one copy, also from a GPU): what goes on the wire or into the outbox."""
+    return tensor.detach().to("cpu", torch.float32, copy=True)
+
+
 def lora_delta(a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
     """The weight delta of one expert: scaling * B_e @ A_e, shape [out, in]."""
     return scaling * (b @ a)
@@ -172,9 +177,9 @@ class FamilyAdapter(ABC):
             raise GroundError(f"expert {expert} of layer {layer} does not exist (the model has {num_experts} experts)")
 
     def extract_expert(self, model: nn.Module, layer: int, expert: int) -> dict[str, torch.Tensor]:
-        """{part: weight slice} of one expert (copies, float32)."""
+        """{part: weight slice} of one expert (copies, float32, on the CPU whatever device the model is on)."""
         i = self.local_index(model, layer, expert)
-        return {p: self.fused_param(model, layer, p)[i].detach().float().clone() for p in self.expert_parts}
+        return {p: _cpu_copy(self.fused_param(model, layer, p)[i]) for p in self.expert_parts}
 
     def insert_expert(self, model: nn.Module, layer: int, expert: int, parts: dict[str, torch.Tensor]) -> None:
         i = self.local_index(model, layer, expert)
@@ -207,7 +212,7 @@ class FamilyAdapter(ABC):
         return weight
 
     def extract_lora(self, model: nn.Module, layer: int, expert: int, rank: int) -> dict[str, torch.Tensor]:
-        """{"<part>.lora_A": [r, in], "<part>.lora_B": [out, r]} of one expert (copies, float32)."""
+        """{"<part>.lora_A": [r, in], "<part>.lora_B": [out, r]} of one expert (copies, float32, on the CPU)."""
         i = self.local_index(model, layer, expert)
         num_local = self.local_count(model, layer)
         out: dict[str, torch.Tensor] = {}
@@ -217,8 +222,8 @@ class FamilyAdapter(ABC):
         for part, wrapper in wrappers.items():
             a = self.lora_factor(wrapper, "lora_A")
             b = self.lora_factor(wrapper, "lora_B")
-            out[f"{part}.lora_A"] = lora_a_slice(a, i, rank).detach().float().clone()
-            out[f"{part}.lora_B"] = lora_b_slice(b, i, num_local).detach().float().clone()
+            out[f"{part}.lora_A"] = _cpu_copy(lora_a_slice(a, i, rank))
+            out[f"{part}.lora_B"] = _cpu_copy(lora_b_slice(b, i, num_local))
         return out
 
     def insert_lora(self, model: nn.Module, layer: int, expert: int, rank: int, parts: dict[str, torch.Tensor]) -> None:

@@ -34,6 +34,7 @@ from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
 from emsfl.durable import atomic_write_json
+from ground_node.channel import SERVER_KEEPALIVE_OPTIONS
 from ground_node.outbox import Outbox, StagedUpdate
 from ground_node.profile import Affinity
 from ground_node.uplink import Link, Uplink
@@ -355,9 +356,11 @@ class Gateway:
             entry["steps"] = r.get("steps", entry.get("steps"))
             entry["coverage"] = r.get("coverage")
             entry["peak_rss_mb"] = r.get("peak_rss_mb")
+            entry["peak_gpu_memory_mb"] = r.get("peak_gpu_memory_mb")
             entry["final_loss"] = r.get("final_loss")
         if weighted:
             coverage = sum(c * n for c, n in weighted) / sum(n for _, n in weighted)
+        gpu = [v for v in devices.values() if v.get("peak_gpu_memory_mb") is not None]
         report = {
             "cluster": self.cluster,
             "role": "gateway",
@@ -368,6 +371,8 @@ class Gateway:
             "coverage": coverage,
             "num_examples": sum(int(v.get("num_examples") or 0) for v in devices.values()),
             "peak_rss_mb": _peak_rss_mb(),
+            # the gateway does not train: the cluster's GPU peak is its busiest device's (None: no CUDA device)
+            "peak_gpu_memory_mb": max((v["peak_gpu_memory_mb"] for v in gpu), default=None),
             "devices": devices,
         }
         atomic_write_json(self.workdir / "report.json", report)
@@ -511,6 +516,7 @@ def serve(gw: Gateway, listen: str, max_workers: int = 8) -> tuple[grpc.Server, 
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            *SERVER_KEEPALIVE_OPTIONS,  # its devices ping every few seconds (ground_node/channel.py)
         ],
     )
     pb_grpc.add_FederationServicer_to_server(GatewayServicer(gw), server)

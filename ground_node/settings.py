@@ -73,6 +73,10 @@ class TrainingSettings:
     grad_accum: int = 1  # micro-batches of `batch_size` per optimiser step
     dtype: str = "float32"  # compute dtype of training: float32 | bfloat16 | float16 (mixed precision, autocast)
     uploads_per_contact: int = 1  # committed uploads per contact; 0: upload every staged state while the link is up
+    # recompute each decoder layer in backward instead of keeping its activations (and LoRA's W + dW): less
+    # memory for small boards, about one more forward per step
+    gradient_checkpointing: bool = False
+    device: str = "auto"  # auto (cuda where available, else cpu) | cpu | cuda
 
 
 @dataclass(frozen=True)
@@ -227,6 +231,8 @@ def _training(topology: Mapping[str, Any]) -> TrainingSettings:
         grad_accum=_pos_int(s, "grad_accum", w, 1),
         dtype=_dtype(s),
         uploads_per_contact=_non_negative_int(s, "uploads_per_contact", w, 1),
+        gradient_checkpointing=field(s, "gradient_checkpointing", bool, w, False),
+        device=_device(s),
     )
 
 
@@ -245,6 +251,32 @@ def _dtype(s: Mapping[str, Any]) -> str:
     if value not in TRAINING_DTYPES:
         raise ConfigError(f"training.dtype: expected one of {list(TRAINING_DTYPES)}, got {value!r}")
     return value
+
+
+TRAINING_DEVICES = ("auto", "cpu", "cuda")
+
+
+def _device(s: Mapping[str, Any]) -> str:
+    value = field(s, "device", str, "training", "auto")
+    if value not in TRAINING_DEVICES:
+        raise ConfigError(f"training.device: expected one of {list(TRAINING_DEVICES)}, got {value!r}")
+    return value
+
+
+def resolve_device(name: str) -> str:
+    """The torch device type for `training.device`: `auto` is cuda where torch sees a CUDA device, else cpu.
+
+    `cuda` without a CUDA device is a configuration error (naming the key), not a silent fall back to the CPU."""
+    import torch
+
+    if name not in TRAINING_DEVICES:
+        raise ConfigError(f"training.device: expected one of {list(TRAINING_DEVICES)}, got {name!r}")
+    available = torch.cuda.is_available()
+    if name == "cuda" and not available:
+        raise ConfigError("training.device: 'cuda' is set but torch sees no CUDA device (a CPU-only torch build?)")
+    if name == "auto":
+        return "cuda" if available else "cpu"
+    return name
 
 
 def load_settings(topology: Mapping[str, Any]) -> Settings:

@@ -19,7 +19,7 @@ from torch import nn
 from emsfl.durable import fsync_dir
 from ground_node.errors import GroundError
 from ground_node.family import FamilyAdapter
-from ground_node.settings import TrainingSettings
+from ground_node.settings import TrainingSettings, resolve_device
 from ground_node.split import Assignment, apply_split
 from ground_node.synthetic import Example, encode_train
 from ground_node.tokenizer import CharTokenizer, Tokenizer
@@ -54,6 +54,32 @@ def wrap_lora(model: nn.Module, adapter: FamilyAdapter, rank: int, alpha: float,
     )
     wrapped: nn.Module = get_peft_model(model, config)
     return wrapped
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Recompute every decoder layer in backward (non-reentrant `torch.utils.checkpoint`), below any PEFT wrapper.
+
+    Without it autograd keeps, per layer, the activations and, with PEFT `target_parameters` LoRA, the
+    materialised W + dW of each fused expert tensor (PEFT folds the factors into a full-size copy per forward).
+    Non-reentrant checkpointing works with parameters that take gradients inside the layer (LoRA factors, full
+    expert slices) and needs no grad-requiring input; RNG state is replayed, so the step is the same."""
+    unwrap: Any = getattr(model, "get_base_model", None)  # a PEFT model: the HF model inside
+    base: Any = unwrap() if unwrap is not None else model
+    kwargs = {"use_reentrant": False}
+    enable = getattr(base, "activation_checkpointing_enable", None)  # recent transformers 5; older: the alias
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=kwargs)
+    elif hasattr(base, "gradient_checkpointing_enable"):
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        raise GroundError("training.gradient_checkpointing: this model does not support checkpointing")
+
+
+def peak_gpu_memory_mb() -> float | None:
+    """`torch.cuda.max_memory_allocated` of this process in MiB; None when it never used CUDA (CPU training)."""
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
+        return None
+    return round(torch.cuda.max_memory_allocated() / 2**20, 1)
 
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -92,6 +118,7 @@ class Trainer:
     ) -> None:
         if not examples:
             raise GroundError("no local training examples: the dataset is empty")
+        self.device_type = resolve_device(training.device)  # before any work: `cuda` without one is a config error
         self.adapter = adapter
         self.training = training
         self.assignment = assignment
@@ -124,11 +151,14 @@ class Trainer:
             self.model = wrap_lora(model, adapter, training.lora_rank, training.lora_alpha, seed)
         else:
             self.model = model
+        if training.gradient_checkpointing:
+            enable_gradient_checkpointing(self.model)
+        # everything is built on the CPU (the split reads only held slices there); one move puts it on the device
+        self.model.to(self.device_type)
         self._hooks: list[Any] = []
         self._setup_trainable(num_layers)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=training.lr, weight_decay=0.0)
-        self.device_type = next(self.model.parameters()).device.type
         self.compute_dtype = resolve_dtype(training.dtype, self.device_type)
         # fp16 gradients underflow without loss scaling; bf16 has float32's range and needs none
         self.scaler = (
@@ -141,7 +171,7 @@ class Trainer:
         r = self.training.lora_rank
         for layer in range(num_layers):
             num_e = self.adapter.local_count(self.model, layer)
-            held = torch.zeros(num_e, dtype=torch.bool)
+            held = torch.zeros(num_e, dtype=torch.bool, device=self.device_type)  # gradient masks live with grads
             held[[self.adapter.local_index(self.model, layer, e) for e in self.assignment.held(layer)]] = True
             if self.training.tune == "lora":
                 for wrapper in self.adapter.lora_layers(self.model, layer).values():
@@ -173,7 +203,8 @@ class Trainer:
                     )
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+        """Copies on the CPU (a checkpoint must load on a machine without the training device)."""
+        return {n: p.detach().to("cpu", copy=True) for n, p in self.model.named_parameters() if p.requires_grad}
 
     def _batch(self, step: int, micro: int = 0) -> list[Example]:
         rng = np.random.default_rng([self.seed, step] if micro == 0 else [self.seed, step, micro])
@@ -188,7 +219,7 @@ class Trainer:
         total = 0.0
         for micro in range(accum):
             batch = self._batch(self.step, micro)
-            ids, labels = encode_train(self.tok, batch)
+            ids, labels = (t.to(self.device_type) for t in encode_train(self.tok, batch))
             if self.compute_dtype == torch.float32:
                 loss = self.model(input_ids=ids, labels=labels).loss
             else:  # mixed precision: float32 master weights and optimizer state, low-precision compute
@@ -247,7 +278,7 @@ class Trainer:
         if not path.exists():
             return False
         try:
-            state = torch.load(path, weights_only=True)
+            state = torch.load(path, weights_only=True, map_location="cpu")
         except Exception as exc:
             log.warning("ignoring unreadable checkpoint %s: %s", path, exc)
             return False
@@ -278,7 +309,7 @@ def checkpoint_assignment(workdir: Path) -> Assignment | None:
     if not path.exists():
         return None
     try:
-        state = torch.load(path, weights_only=True, mmap=True)
+        state = torch.load(path, weights_only=True, mmap=True, map_location="cpu")
         return Assignment.from_json(state["assignment"])
     except Exception as exc:
         log.warning("ignoring unreadable checkpoint %s: %s", path, exc)

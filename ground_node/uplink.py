@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import grpc
 
+from ground_node.channel import insecure_channel
 from ground_node.outbox import Outbox, StagedUpdate
 from ground_node.profile import Affinity
 from ground_node.split import Assignment
@@ -70,7 +71,7 @@ class Uplink(threading.Thread):
         self.poll_s = poll_s
         self.call_timeout_s = call_timeout_s
         self.metadata = ((CLUSTER_METADATA_KEY, cluster),)
-        self.channel = grpc.insecure_channel(target)
+        self.channel = insecure_channel(target)  # keepalive: a hard cut ends a call in seconds, not at its deadline
         self.stub = pb_grpc.FederationStub(self.channel)
         self.joined = False
         self.affinity_sent = False

@@ -86,6 +86,8 @@ def write_outputs(lab: LabRun) -> dict[str, Any]:
             "uploads_committed": len(mine),
             "training_steps": reports[cluster].get("steps"),
             "peak_rss_mb": reports[cluster].get("peak_rss_mb"),
+            "peak_gpu_memory_mb": reports[cluster].get("peak_gpu_memory_mb"),  # None unless trained on CUDA
+            "step_time_s": reports[cluster].get("step_time_s"),
             "bytes_downlinked": reports[cluster].get("bytes_downlinked", 0),
             "train_seconds": reports[cluster].get("train_seconds"),
             "idle_seconds": reports[cluster].get("idle_seconds"),

@@ -13,6 +13,7 @@ import grpc
 import numpy as np
 from safetensors.numpy import load as st_load
 
+from ground_node.channel import SERVER_KEEPALIVE_OPTIONS
 from ground_node.outbox import Outbox
 from ground_node.priority import plan_upload, record_acked
 from ground_node.profile import Affinity
@@ -117,7 +118,7 @@ class _ShortContact:
 
 def test_uplink_splits_an_update_a_short_contact_cannot_carry(tmp_path: Path) -> None:
     fake = _Satellite()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), options=SERVER_KEEPALIVE_OPTIONS)
     pb_grpc.add_FederationServicer_to_server(fake, server)
     port = free_port()
     server.add_insecure_port(f"127.0.0.1:{port}")

@@ -156,3 +156,37 @@ def test_constrained_decoding_answers_only_labels(topology: dict[str, Any], tmp_
     assert set(constrained) <= set(LABELS)
     free = greedy_answers(model, tok, tests, 16)
     assert not set(free) <= set(LABELS)  # an untrained model does not spell labels by itself
+
+
+def test_cached_greedy_decoding_equals_recomputing_the_prefix(topology: dict[str, Any], tmp_path: Path) -> None:
+    """Decoding with the KV cache must answer exactly what recomputing the whole prefix each step answers
+    (constrained to the labels, so that an untrained model's answers differ from example to example)."""
+    from ground_node.base import new_model
+    from ground_node.evaluate import greedy_answers, label_trie
+    from ground_node.synthetic import encode_prompts
+    from ground_node.tokenizer import EOS
+
+    _csv(tmp_path / "train.csv")
+    _csv(tmp_path / "test.csv", 20)
+    s = load_settings(_topology(topology, path=str(tmp_path)))
+    tok = tokenizer_for(s.data)
+    torch.manual_seed(1)
+    model, _ = new_model(s)
+    model.eval()
+    with torch.no_grad():
+        for param in model.parameters():  # sharper random logits, so answers depend on the prompt
+            param.mul_(4.0)
+    tests = held_out(s, None)
+    expected = []
+    with torch.no_grad():
+        for ex in tests:
+            ids, node, gen = encode_prompts(tok, [ex]), label_trie(tok, LABELS), list[int]()
+            while gen[-1:] != [EOS]:
+                logits = model(input_ids=ids, use_cache=False).logits[0, -1]
+                nxt = max(node, key=lambda t: float(logits[t]))
+                gen.append(nxt)
+                node = node[nxt]
+                ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
+            expected.append(tok.decode(gen))
+    assert len(set(expected)) > 1
+    assert greedy_answers(model, tok, tests, 16, LABELS) == expected

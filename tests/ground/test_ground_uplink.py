@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from ground_node.agent import AgentOptions, GroundAgent
+from ground_node.channel import SERVER_KEEPALIVE_OPTIONS
 from ground_node.outbox import Outbox
 from ground_node.profile import Affinity
 from protos.emsfl.v1 import federation_pb2 as pb
@@ -105,7 +106,7 @@ class FakeLink:
 @pytest.fixture
 def satellite() -> Iterator[tuple[FakeSatellite, str]]:
     fake = FakeSatellite()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=SERVER_KEEPALIVE_OPTIONS)
     pb_grpc.add_FederationServicer_to_server(fake, server)
     port = free_port()
     server.add_insecure_port(f"127.0.0.1:{port}")

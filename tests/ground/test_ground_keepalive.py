@@ -1,0 +1,124 @@
+"""Ground channels notice a hard cut by keepalive (ground_node/channel.py): a call in flight when every packet
+stops (no FIN, no RST: a TCP proxy that stops forwarding but keeps both sockets open) fails with UNAVAILABLE long
+before its deadline, instead of hanging until DEADLINE_EXCEEDED."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Iterator
+from concurrent import futures
+from typing import Any
+
+import grpc
+import pytest
+
+from ground_node.channel import CLIENT_KEEPALIVE_OPTIONS, SERVER_KEEPALIVE_OPTIONS, insecure_channel
+from protos.emsfl.v1 import federation_pb2 as pb
+from protos.emsfl.v1 import federation_pb2_grpc as pb_grpc
+
+DEADLINE_S = 40.0  # far above keepalive time + timeout (5 s): only keepalive can end the call as UNAVAILABLE
+
+
+class BlackholeProxy:
+    """Forwards TCP between a listening port and `upstream` until `cut()`; then forwards nothing and closes nothing."""
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        self.upstream = upstream
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.cut_event = threading.Event()
+        self.stop_event = threading.Event()
+        self.sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.stop_event.is_set():
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self.upstream)
+            self.sockets += [client, server]
+            for src, dst in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        src.settimeout(0.1)
+        while not self.stop_event.is_set():
+            if self.cut_event.is_set():
+                self.stop_event.wait(0.1)  # a hard cut: bytes stay unread, nothing is closed
+                continue
+            try:
+                data = src.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            if not data:
+                return
+            try:
+                dst.sendall(data)
+            except OSError:
+                return
+
+    def cut(self) -> None:
+        self.cut_event.set()
+
+    def close(self) -> None:
+        self.stop_event.set()
+        self.listener.close()
+        for s in self.sockets:
+            s.close()
+
+
+class SlowSatellite(pb_grpc.FederationServicer):  # type: ignore[misc]
+    """GetStatus answers only when released: a call that stays in flight across the cut."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def GetStatus(self, request: pb.StatusRequest, context: Any) -> pb.StatusReply:
+        self.entered.set()
+        self.release.wait(DEADLINE_S + 5)
+        return pb.StatusReply()
+
+
+@pytest.fixture
+def satellite() -> Iterator[tuple[SlowSatellite, int]]:
+    servicer = SlowSatellite()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), options=SERVER_KEEPALIVE_OPTIONS)
+    pb_grpc.add_FederationServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield servicer, port
+    servicer.release.set()
+    server.stop(0)
+
+
+def test_client_options_ping_often_and_unanswered_pings_end_the_call() -> None:
+    options = dict(CLIENT_KEEPALIVE_OPTIONS)
+    assert options["grpc.keepalive_permit_without_calls"] == 1 and options["grpc.http2.max_pings_without_data"] == 0
+    assert options["grpc.keepalive_time_ms"] + options["grpc.http2.ping_timeout_ms"] <= 10_000
+    # the server permits pings at least as often as the client sends them (else GOAWAY too_many_pings)
+    permitted_ms = dict(SERVER_KEEPALIVE_OPTIONS)["grpc.http2.min_recv_ping_interval_without_data_ms"]
+    assert permitted_ms <= options["grpc.keepalive_time_ms"]
+
+
+def test_hard_cut_fails_the_call_with_unavailable(satellite: tuple[SlowSatellite, int]) -> None:
+    servicer, port = satellite
+    proxy = BlackholeProxy(("127.0.0.1", port))
+    channel = insecure_channel(f"127.0.0.1:{proxy.port}")
+    stub = pb_grpc.FederationStub(channel)
+    try:
+        call = stub.GetStatus.future(pb.StatusRequest(), timeout=DEADLINE_S)
+        assert servicer.entered.wait(10), "the call never reached the server"
+        proxy.cut()
+        with pytest.raises(grpc.RpcError) as info:
+            call.result()
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE, info.value.details()
+    finally:
+        servicer.release.set()
+        channel.close()
+        proxy.close()
