@@ -27,6 +27,8 @@ SERVICE = "emsfl.v1.Federation"
 KEEPALIVE_OPTIONS = [
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 20_000),
+    # grpcio waits for a ping's ACK `grpc.http2.ping_timeout_ms` (60 s by default), whatever keepalive_timeout_ms says
+    ("grpc.http2.ping_timeout_ms", 20_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_recv_ping_interval_without_data_ms", 500),
 ]
