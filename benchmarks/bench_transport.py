@@ -11,8 +11,9 @@ The servers run in a separate process (their own GIL), as the satellite does. MB
 Link (needs root: network namespaces, veth, tc): the real satellite node (`emsfl satellite run`, with its MQTT
 broker and a stand-in orbit service) in one namespace, an uploader in another, joined by a veth pair limited to
 `--link-mbit` by `tbf` (this kernel has no sch_netem). The link is cut once (`ip link set down`) half way through
-an upload of `--link-mib`; the uploader notices by gRPC keepalive, re-offers once the link is back and pushes only
-the missing chunks. `goodput_fraction` = payload bytes / (link rate x seconds the link was up during the transfer);
+an upload of `--link-mib`; the uploader (the ground uplink's keepalive settings, PushChunksWindowed with one
+chunk unanswered at most) notices by gRPC keepalive, re-offers once the link is back and pushes only the missing
+chunks. `goodput_fraction` = payload bytes / (link rate x seconds the link was up during the transfer);
 `resent_chunks_per_cut` = chunk messages the uploader pushed beyond the update's chunk count.
 
 Writes `benchmarks/results/transport.json`.
@@ -43,11 +44,15 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from ground_node.channel import CLIENT_KEEPALIVE_OPTIONS  # noqa: E402
+from protos.window import push_windowed  # noqa: E402
+
 RESULT = ROOT / "benchmarks" / "results" / "transport.json"
 EXPERTS = 16  # one layer; each expert carries two parts of (mib / 32) MiB each
 PARTS = ("down_proj", "gate_up_proj")
 OPTIONS = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
 PUSH_METHOD = "/emsfl.v1.Federation/PushChunks"
+PUSH_WINDOWED_METHOD = "/emsfl.v1.Federation/PushChunksWindowed"
 # Size of the probe for `page_cache_write_MBps`: how fast this machine takes writes into fresh page cache, which
 # every upload's durable store pays. On the lab VM it swings between about 0.25 and 2.5 GB/s: it is slow when the
 # pages are new to the guest (memory freed a few seconds earlier appears to go back to the host).
@@ -200,6 +205,16 @@ def push_call(channel: Any) -> Callable[..., Any]:
 
     call: Callable[..., Any] = channel.stream_unary(
         PUSH_METHOD, request_serializer=None, response_deserializer=pb.PushReply.FromString
+    )
+    return call
+
+
+def push_windowed_call(channel: Any) -> Callable[..., Any]:
+    """PushChunksWindowed taking pre-serialised Chunk messages."""
+    from protos.emsfl.v1 import federation_pb2 as pb
+
+    call: Callable[..., Any] = channel.stream_stream(
+        PUSH_WINDOWED_METHOD, request_serializer=None, response_deserializer=pb.PushProgress.FromString
     )
     return call
 
@@ -416,16 +431,10 @@ clusters:
 satellite: {{keep_versions: 1}}
 """
 # The uploader notices a dead link by gRPC keepalive (a ping unanswered for 3 s) and reconnects quickly after.
-UPLOADER_OPTIONS = [
-    *OPTIONS,
-    ("grpc.keepalive_time_ms", 1_000),
-    ("grpc.keepalive_timeout_ms", 3_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.max_pings_without_data", 0),
-    ("grpc.initial_reconnect_backoff_ms", 250),
-    ("grpc.min_reconnect_backoff_ms", 250),
-    ("grpc.max_reconnect_backoff_ms", 1_000),
-]
+# the ground uplink's channel settings (keepalive notices a hard cut within about 5 s)
+UPLOADER_OPTIONS = [*OPTIONS, *CLIENT_KEEPALIVE_OPTIONS]
+# chunks the uploader sends ahead of the satellite's answers (PushChunksWindowed), as the ground uplink does
+SEND_WINDOW_CHUNKS = 1
 SHAPING = "tbf (no sch_netem in this kernel)"
 
 
@@ -554,7 +563,7 @@ def uploader(workdir: Path, target: str, mib: int, seed: int) -> None:
     md = ((CLUSTER_METADATA_KEY, "c0"),)
     channel = grpc.insecure_channel(target, options=UPLOADER_OPTIONS)
     stub = pb_grpc.FederationStub(channel)
-    push = push_call(channel)
+    push = push_windowed_call(channel)
     stub.Join(pb.JoinRequest(device_id="bench", capacity_experts=EXPERTS, num_examples=1), metadata=md, timeout=30)
     gate = np.ones(EXPERTS, dtype=np.float32).tolist()
     stub.ReportAffinity(pb.AffinityReport(num_tokens=1, num_layers=1, num_experts=EXPERTS, gate=gate), metadata=md)
@@ -580,7 +589,10 @@ def uploader(workdir: Path, target: str, mib: int, seed: int) -> None:
         try:
             reply = stub.OfferUpdate(offer, metadata=md, timeout=5)
             event("offer", missing=len(reply.missing), committed=reply.committed)
-            if reply.committed or push(stream(list(reply.missing)), metadata=md, timeout=600).committed:
+            if reply.committed:
+                break
+            pushed = push_windowed(push, stream(list(reply.missing)), SEND_WINDOW_CHUNKS, metadata=md, timeout=600)
+            if pushed.committed:
                 break
         except grpc.RpcError as exc:
             event("error", code=exc.code().name if hasattr(exc, "code") else "?")
@@ -698,6 +710,7 @@ def run_link(mib: int, mbit: float, cut_s: float) -> dict[str, Any]:
         "link_shaping": SHAPING,
         "link_rate_Mbps": mbit,
         "link_cut_s": cut_s,
+        "send_window_chunks": SEND_WINDOW_CHUNKS,
         "link_no_cut": clean,
         "link_one_cut": one_cut,
         "satellite_counters": counters,
@@ -705,7 +718,8 @@ def run_link(mib: int, mbit: float, cut_s: float) -> dict[str, Any]:
         "link_load_avg_1m_at_end": round(os.getloadavg()[0], 2),
         "link_note": "goodput_fraction = payload bytes / (link rate x seconds the link was up between the first"
         " OfferUpdate and the commit acknowledgement); resent_chunks_per_cut = chunk messages the uploader pushed"
-        " beyond the update's chunk count; satellite_counters cover both uploads",
+        " beyond the update's chunk count (PushChunksWindowed with send_window_chunks unanswered at most);"
+        " satellite_counters cover both uploads",
     }
 
 

@@ -171,9 +171,7 @@ def _text_data(d: Mapping[str, Any], task: str) -> DataSettings:
         if not all(isinstance(v, list) and v for v in labels.values()):
             raise ConfigError("data.cluster_labels: expected {cluster id: [label, ...]} with non-empty lists")
         cluster_labels = {str(k): tuple(str(x) for x in v) for k, v in labels.items()}
-    decoding = field(d, "decoding", str, w, "constrained")
-    if decoding not in ("constrained", "free"):
-        raise ConfigError(f"data.decoding: expected 'constrained' or 'free', got {decoding!r}")
+    decoding = _one_of(d, "decoding", w, ("constrained", "free"))
     return DataSettings(
         task=task,
         domains=(),
@@ -212,15 +210,9 @@ def _warmup(topology: Mapping[str, Any]) -> WarmupSettings:
 def _training(topology: Mapping[str, Any]) -> TrainingSettings:
     s = topology.get("training") or {}
     w = "training"
-    tune = field(s, "tune", str, w, "lora")
-    if tune not in ("lora", "full"):
-        raise ConfigError(f"training.tune: expected 'lora' or 'full', got {tune!r}")
-    split = field(s, "split", str, w, "mask")
-    if split not in ("mask", "frozen"):
-        raise ConfigError(f"training.split: expected 'mask' or 'frozen', got {split!r}")
     return TrainingSettings(
-        tune=tune,
-        split=split,
+        tune=_one_of(s, "tune", w, ("lora", "full")),
+        split=_one_of(s, "split", w, ("mask", "frozen")),
         lora_rank=_pos_int(s, "lora_rank", w, 8),
         lora_alpha=positive(field(s, "lora_alpha", float, w, 16.0), "training.lora_alpha"),
         lr=positive(field(s, "lr", float, w, 0.002), "training.lr"),
@@ -229,10 +221,10 @@ def _training(topology: Mapping[str, Any]) -> TrainingSettings:
         checkpoint_every_steps=_pos_int(s, "checkpoint_every_steps", w, 50),
         profile_examples=_pos_int(s, "profile_examples", w, 256),
         grad_accum=_pos_int(s, "grad_accum", w, 1),
-        dtype=_dtype(s),
+        dtype=_one_of(s, "dtype", w, TRAINING_DTYPES),
         uploads_per_contact=_non_negative_int(s, "uploads_per_contact", w, 1),
         gradient_checkpointing=field(s, "gradient_checkpointing", bool, w, False),
-        device=_device(s),
+        device=_one_of(s, "device", w, TRAINING_DEVICES),
     )
 
 
@@ -244,22 +236,14 @@ def _non_negative_int(mapping: Mapping[str, Any], key: str, where: str, default:
 
 
 TRAINING_DTYPES = ("float32", "bfloat16", "float16")
-
-
-def _dtype(s: Mapping[str, Any]) -> str:
-    value = field(s, "dtype", str, "training", "float32")
-    if value not in TRAINING_DTYPES:
-        raise ConfigError(f"training.dtype: expected one of {list(TRAINING_DTYPES)}, got {value!r}")
-    return value
-
-
 TRAINING_DEVICES = ("auto", "cpu", "cuda")
 
 
-def _device(s: Mapping[str, Any]) -> str:
-    value = field(s, "device", str, "training", "auto")
-    if value not in TRAINING_DEVICES:
-        raise ConfigError(f"training.device: expected one of {list(TRAINING_DEVICES)}, got {value!r}")
+def _one_of(mapping: Mapping[str, Any], key: str, where: str, choices: tuple[str, ...]) -> str:
+    """A string setting that must be one of `choices`; absent, the first choice."""
+    value = field(mapping, key, str, where, choices[0])
+    if value not in choices:
+        raise ConfigError(f"{where}.{key}: expected one of {list(choices)}, got {value!r}")
     return value
 
 

@@ -1,7 +1,7 @@
 """The uplink (DESIGN §3 steps 2-6): a thread that talks to the satellite node whenever the link is up.
 
 Per pass: Join (once), ReportAffinity (once), GetAssignment (polled until ready, then checked each pass),
-then OfferUpdate with the newest unacknowledged staged update and PushChunks of only the missing chunks.
+then OfferUpdate with the newest unacknowledged staged update and PushChunksWindowed of only the missing chunks.
 UNAVAILABLE (the link went down) is expected: the pass ends and the next one resumes the cut upload
 (re-offering the same content hash makes the server answer with only what it still lacks).
 """
@@ -21,6 +21,7 @@ from ground_node.profile import Affinity
 from ground_node.split import Assignment
 from protos.emsfl.v1 import federation_pb2 as pb
 from protos.emsfl.v1 import federation_pb2_grpc as pb_grpc
+from protos.window import push_windowed
 from protos.wire import CHUNK_SIZE, CLUSTER_METADATA_KEY, parse_expert_name, sha256_hex, split_chunks
 
 if TYPE_CHECKING:
@@ -53,6 +54,7 @@ class Uplink(threading.Thread):
         max_uploads_per_contact: int | None = 1,
         call_timeout_s: float = 20.0,
         before_assignment: Callable[[Assignment], None] | None = None,
+        send_window_chunks: int = 1,
     ) -> None:
         super().__init__(name=f"uplink-{cluster}", daemon=True)
         self.cluster = cluster
@@ -70,6 +72,8 @@ class Uplink(threading.Thread):
         self.on_push = on_push  # (content hash, chunk indices about to be pushed, total chunks)
         self.poll_s = poll_s
         self.call_timeout_s = call_timeout_s
+        # chunks sent ahead of the satellite's answers: a hard cut resends at most this many (protos/window.py)
+        self.send_window_chunks = send_window_chunks
         self.metadata = ((CLUSTER_METADATA_KEY, cluster),)
         self.channel = insecure_channel(target)  # keepalive: a hard cut ends a call in seconds, not at its deadline
         self.stub = pb_grpc.FederationStub(self.channel)
@@ -239,7 +243,13 @@ class Uplink(threading.Thread):
                 )
 
         try:
-            pushed = self.stub.PushChunks(stream(), metadata=self.metadata, timeout=max(60.0, self.call_timeout_s))
+            pushed = push_windowed(
+                self.stub.PushChunksWindowed,
+                stream(),
+                self.send_window_chunks,
+                metadata=self.metadata,
+                timeout=max(60.0, self.call_timeout_s),
+            )
         except grpc.RpcError as exc:
             self._maybe_reject(exc, update)
             raise

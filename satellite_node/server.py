@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -14,7 +16,7 @@ from protos.emsfl.v1 import federation_pb2 as pb
 from protos.emsfl.v1 import federation_pb2_grpc as pb_grpc
 from protos.wire import CLUSTER_METADATA_KEY, sha256_hex
 from satellite_node.chunkwire import decode_chunk
-from satellite_node.node import ChunkIn, Offer, SatelliteNode
+from satellite_node.node import ChunkIn, Offer, PushResult, SatelliteNode
 from satellite_node.store import ExpertVersionRow
 from satellite_node.validate import Refusal, Spec
 
@@ -196,9 +198,37 @@ class FederationServicer(pb_grpc.FederationServicer):
             result = self.node.push(cluster, chunks)
         except Refusal as refusal:
             self._refuse(context, cluster, refusal)
-        return pb.PushReply(
-            committed=result.committed, missing=result.missing, versions=[_version_proto(v) for v in result.versions]
-        )
+        return _push_reply(result)
+
+    def PushChunksWindowed(
+        self, request_iterator: Iterator[ChunkIn | pb.Chunk], context: grpc.ServicerContext
+    ) -> Iterator[pb.PushProgress]:
+        """PushChunks that answers each chunk as soon as `node.push` has taken it in, which is when it asks for the
+        next one; the push runs on its own thread so that this handler can stream the answers meanwhile."""
+        cluster = self._caller(context)
+        taken: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+
+        def chunks() -> Iterator[ChunkIn]:
+            for c in request_iterator:
+                chunk = _chunk_in(c)
+                yield chunk
+                taken.put(chunk.index)
+
+        def push() -> PushResult:
+            try:
+                return self.node.push(self.node.admit(cluster), chunks())
+            finally:
+                taken.put(None)
+
+        pushed: Future[PushResult] = Future()
+        threading.Thread(target=_run_into, args=(push, pushed), name="push-windowed", daemon=True).start()
+        while (index := taken.get()) is not None:
+            yield pb.PushProgress(taken_index=index)
+        try:
+            result = pushed.result()
+        except Refusal as refusal:
+            self._refuse(context, cluster, refusal)
+        yield pb.PushProgress(reply=_push_reply(result))
 
     def GetStatus(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> pb.StatusReply:
         cluster = self._caller(context)
@@ -208,6 +238,19 @@ class FederationServicer(pb_grpc.FederationServicer):
         except Refusal as refusal:
             self._refuse(context, cluster, refusal)
         return status_proto(status)
+
+
+def _push_reply(result: PushResult) -> pb.PushReply:
+    return pb.PushReply(
+        committed=result.committed, missing=result.missing, versions=[_version_proto(v) for v in result.versions]
+    )
+
+
+def _run_into(fn: Callable[[], PushResult], future: Future[PushResult]) -> None:
+    try:
+        future.set_result(fn())
+    except BaseException as exc:  # handed to the handler thread, which refuses or re-raises it
+        future.set_exception(exc)
 
 
 def _chunk_in(chunk: ChunkIn | pb.Chunk) -> ChunkIn:
@@ -233,7 +276,7 @@ class _HandlerCapture:
 
 
 def add_federation(servicer: FederationServicer, server: grpc.Server) -> None:
-    """Register the Federation service; PushChunks reads its chunks with the zero-copy `decode_chunk`."""
+    """Register the Federation service; the PushChunks calls read their chunks with the zero-copy `decode_chunk`."""
     capture = _HandlerCapture()
     pb_grpc.add_FederationServicer_to_server(servicer, capture)
     handlers = capture.handlers
@@ -241,6 +284,11 @@ def add_federation(servicer: FederationServicer, server: grpc.Server) -> None:
         raise RuntimeError("the generated Federation stubs did not register their method handlers")
     handlers["PushChunks"] = grpc.stream_unary_rpc_method_handler(
         servicer.PushChunks, request_deserializer=decode_chunk, response_serializer=pb.PushReply.SerializeToString
+    )
+    handlers["PushChunksWindowed"] = grpc.stream_stream_rpc_method_handler(
+        servicer.PushChunksWindowed,
+        request_deserializer=decode_chunk,
+        response_serializer=pb.PushProgress.SerializeToString,
     )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     server.add_registered_method_handlers(SERVICE, handlers)

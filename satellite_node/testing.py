@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from datetime import datetime, timezone
@@ -26,6 +27,7 @@ from protos.clock import EmulatedClock
 from protos.emsfl.v1 import federation_pb2 as pb
 from protos.emsfl.v1 import federation_pb2_grpc as pb_grpc
 from protos.timefmt import to_iso
+from protos.window import push_windowed
 from protos.wire import CHUNK_SIZE, CLUSTER_METADATA_KEY, chunk_hashes, expert_name, sha256_hex, split_chunks
 from satellite_node.manifest import file_sha256
 
@@ -234,27 +236,96 @@ class Client:
         return reply  # type: ignore[no-any-return]
 
     def push(self, blob: bytes, indices: list[int], chunk_size: int = CHUNK_SIZE) -> pb.PushReply:
-        chunks = split_chunks(blob, chunk_size)
-        content_hash = sha256_hex(blob)
-
-        def gen() -> Iterator[pb.Chunk]:
-            for i in indices:
-                data = bytes(chunks[i])
-                yield pb.Chunk(
-                    content_hash=content_hash,
-                    index=i,
-                    total_chunks=len(chunks),
-                    total_size=len(blob),
-                    data=data,
-                    sha256=sha256_hex(data),
-                )
-
-        reply: Any = self.stub.PushChunks(gen(), metadata=self.md)
+        reply: Any = self.stub.PushChunks(chunk_messages(blob, indices, chunk_size), metadata=self.md)
         return reply  # type: ignore[no-any-return]
+
+    def push_windowed(
+        self, blob: bytes, indices: list[int], chunk_size: int = CHUNK_SIZE, window: int = 1, **kwargs: Any
+    ) -> pb.PushReply:
+        messages = chunk_messages(blob, indices, chunk_size)
+        return push_windowed(self.stub.PushChunksWindowed, messages, window, metadata=self.md, **kwargs)
 
     def pull(self, names: list[str]) -> bytes:
         parts = [c.data for c in self.stub.PullTensors(pb.PullRequest(names=names), metadata=self.md)]
         return b"".join(parts)
+
+
+def chunk_messages(blob: bytes, indices: list[int], chunk_size: int = CHUNK_SIZE) -> Iterator[pb.Chunk]:
+    chunks = split_chunks(blob, chunk_size)
+    content_hash = sha256_hex(blob)
+    for i in indices:
+        data = bytes(chunks[i])
+        yield pb.Chunk(
+            content_hash=content_hash,
+            index=i,
+            total_chunks=len(chunks),
+            total_size=len(blob),
+            data=data,
+            sha256=sha256_hex(data),
+        )
+
+
+class CutProxy:
+    """A loopback TCP proxy to `upstream` for fault tests. `cut()` turns every connection open at that moment into a
+    black hole, as when a link drops: bytes stay unread and nothing is closed (no FIN, no RST), while connections
+    made later pass. `rate_Bps` throttles the client-to-upstream direction; `upstream_bytes` counts what it passed."""
+
+    def __init__(self, upstream: tuple[str, int], rate_Bps: float | None = None) -> None:
+        self.upstream = upstream
+        self.rate_Bps = rate_Bps
+        self.upstream_bytes = 0
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self._stop = threading.Event()
+        self._open: list[tuple[threading.Event, socket.socket, socket.socket]] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self.upstream)
+            cut = threading.Event()
+            self._open.append((cut, client, server))
+            threading.Thread(target=self._pump, args=(client, server, cut, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, cut, False), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, cut: threading.Event, upstream: bool) -> None:
+        src.settimeout(0.1)
+        size = 16384 if upstream and self.rate_Bps else 65536
+        while not self._stop.is_set():
+            if cut.is_set():
+                self._stop.wait(0.1)
+                continue
+            try:
+                data = src.recv(size)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            if not data:
+                return
+            if upstream and self.rate_Bps:
+                time.sleep(len(data) / self.rate_Bps)
+            try:
+                dst.sendall(data)
+            except OSError:
+                return
+            if upstream:
+                self.upstream_bytes += len(data)
+
+    def cut(self) -> None:
+        for cut, _, _ in self._open:
+            cut.set()
+
+    def close(self) -> None:
+        self._stop.set()
+        self.listener.close()
+        for _, client, server in self._open:
+            client.close()
+            server.close()
 
 
 class SatelliteProcess:

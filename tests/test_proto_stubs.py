@@ -40,6 +40,7 @@ def test_stub_exposes_every_rpc() -> None:
         "PullTensors",
         "OfferUpdate",
         "PushChunks",
+        "PushChunksWindowed",
         "GetStatus",
         "RequestReassignment",
     }

@@ -4,7 +4,6 @@ before its deadline, instead of hanging until DEADLINE_EXCEEDED."""
 
 from __future__ import annotations
 
-import socket
 import threading
 from collections.abc import Iterator
 from concurrent import futures
@@ -16,60 +15,9 @@ import pytest
 from ground_node.channel import CLIENT_KEEPALIVE_OPTIONS, SERVER_KEEPALIVE_OPTIONS, insecure_channel
 from protos.emsfl.v1 import federation_pb2 as pb
 from protos.emsfl.v1 import federation_pb2_grpc as pb_grpc
+from satellite_node.testing import CutProxy
 
 DEADLINE_S = 40.0  # far above keepalive time + timeout (5 s): only keepalive can end the call as UNAVAILABLE
-
-
-class BlackholeProxy:
-    """Forwards TCP between a listening port and `upstream` until `cut()`; then forwards nothing and closes nothing."""
-
-    def __init__(self, upstream: tuple[str, int]) -> None:
-        self.upstream = upstream
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.cut_event = threading.Event()
-        self.stop_event = threading.Event()
-        self.sockets: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while not self.stop_event.is_set():
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            server = socket.create_connection(self.upstream)
-            self.sockets += [client, server]
-            for src, dst in ((client, server), (server, client)):
-                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
-
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
-        src.settimeout(0.1)
-        while not self.stop_event.is_set():
-            if self.cut_event.is_set():
-                self.stop_event.wait(0.1)  # a hard cut: bytes stay unread, nothing is closed
-                continue
-            try:
-                data = src.recv(65536)
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            if not data:
-                return
-            try:
-                dst.sendall(data)
-            except OSError:
-                return
-
-    def cut(self) -> None:
-        self.cut_event.set()
-
-    def close(self) -> None:
-        self.stop_event.set()
-        self.listener.close()
-        for s in self.sockets:
-            s.close()
 
 
 class SlowSatellite(pb_grpc.FederationServicer):  # type: ignore[misc]
@@ -108,7 +56,7 @@ def test_client_options_ping_often_and_unanswered_pings_end_the_call() -> None:
 
 def test_hard_cut_fails_the_call_with_unavailable(satellite: tuple[SlowSatellite, int]) -> None:
     servicer, port = satellite
-    proxy = BlackholeProxy(("127.0.0.1", port))
+    proxy = CutProxy(("127.0.0.1", port))
     channel = insecure_channel(f"127.0.0.1:{proxy.port}")
     stub = pb_grpc.FederationStub(channel)
     try:

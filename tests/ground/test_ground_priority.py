@@ -84,15 +84,19 @@ class _Satellite(pb_grpc.FederationServicer):  # type: ignore[misc]
         self.total[request.content_hash] = len(request.chunk_hashes)
         return pb.OfferReply(missing=[i for i in range(len(request.chunk_hashes)) if i not in have])
 
-    def PushChunks(self, request_iterator: Iterator[Any], context: Any) -> Any:
+    def PushChunksWindowed(self, request_iterator: Iterator[Any], context: Any) -> Iterator[Any]:
         h = ""
         for chunk in request_iterator:
             h = chunk.content_hash
             self.chunks[h][chunk.index] = chunk.data
+            yield pb.PushProgress(taken_index=chunk.index)
         if len(self.chunks[h]) == self.total[h]:
             self.commits.append(b"".join(self.chunks[h][i] for i in range(self.total[h])))
-            return pb.PushReply(committed=True)
-        return pb.PushReply(missing=[i for i in range(self.total[h]) if i not in self.chunks[h]])
+            yield pb.PushProgress(reply=pb.PushReply(committed=True))
+        else:
+            yield pb.PushProgress(
+                reply=pb.PushReply(missing=[i for i in range(self.total[h]) if i not in self.chunks[h]])
+            )
 
 
 class _ShortContact:

@@ -70,8 +70,8 @@ class FakeSatellite(pb_grpc.FederationServicer):  # type: ignore[misc]
         self.totals[request.content_hash] = len(request.chunk_hashes)
         return pb.OfferReply(missing=[i for i in range(len(request.chunk_hashes)) if i not in have])
 
-    def PushChunks(self, request_iterator: Iterator[Any], context: Any) -> Any:
-        self._gate(context, "PushChunks")
+    def PushChunksWindowed(self, request_iterator: Iterator[Any], context: Any) -> Iterator[Any]:
+        self._gate(context, "PushChunksWindowed")
         content = ""
         for chunk in request_iterator:
             if self.cut_after_chunks is not None and len(self.pushed) >= self.cut_after_chunks:
@@ -81,14 +81,16 @@ class FakeSatellite(pb_grpc.FederationServicer):  # type: ignore[misc]
             content = chunk.content_hash
             self.chunks[content][chunk.index] = chunk.data
             self.pushed.append(chunk.index)
+            yield pb.PushProgress(taken_index=chunk.index)
         have = self.chunks[content]
         missing = [i for i in range(self.totals[content]) if i not in have]
         if not missing:
             blob = b"".join(have[i] for i in range(self.totals[content]))
             assert sha256_hex(blob) == content
             self.committed.add(content)
-            return pb.PushReply(committed=True)
-        return pb.PushReply(missing=missing)
+            yield pb.PushProgress(reply=pb.PushReply(committed=True))
+        else:
+            yield pb.PushProgress(reply=pb.PushReply(missing=missing))
 
 
 class FakeLink:
@@ -193,7 +195,7 @@ def test_updates_of_an_older_assignment_never_go_up(satellite: tuple[FakeSatelli
     up = Uplink(target, "c0", FakeLink(), box, 2, 10, aff)
     up.assignment = Assignment(2, {0: (1,)})
     assert up.upload(stale) is False
-    assert not [n for n, _ in fake.calls if n in ("OfferUpdate", "PushChunks")]
+    assert not [n for n, _ in fake.calls if n in ("OfferUpdate", "PushChunksWindowed")]
     assert stale.content_hash in up._rejected and box._state["inflight"] is None
     fresh = box.stage({"expert/0/1/gate_up_proj": np.ones(4, np.float32)}, 2, 20)
     assert box.pending() == fresh and not stale.path.exists()

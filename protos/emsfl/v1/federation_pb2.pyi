@@ -500,6 +500,34 @@ class PushReply(_message.Message):
 Global___PushReply: _TypeAlias = PushReply  # noqa: Y015
 
 @_typing.final
+class PushProgress(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TAKEN_INDEX_FIELD_NUMBER: _builtins.int
+    REPLY_FIELD_NUMBER: _builtins.int
+    taken_index: _builtins.int
+    """a chunk of this stream the server has taken in (written or already present)"""
+    @_builtins.property
+    def reply(self) -> Global___PushReply:
+        """last message: as PushChunks' reply"""
+
+    def __init__(
+        self,
+        *,
+        taken_index: _builtins.int = ...,
+        reply: Global___PushReply | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "reply", b"reply", "taken_index", b"taken_index"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "reply", b"reply", "taken_index", b"taken_index"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["taken_index", "reply"]  # noqa: Y015
+    _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
+
+Global___PushProgress: _TypeAlias = PushProgress  # noqa: Y015
+
+@_typing.final
 class StatusRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

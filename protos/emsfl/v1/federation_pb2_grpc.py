@@ -64,6 +64,11 @@ class FederationStub:
                 request_serializer=protos_dot_emsfl_dot_v1_dot_federation__pb2.Chunk.SerializeToString,
                 response_deserializer=protos_dot_emsfl_dot_v1_dot_federation__pb2.PushReply.FromString,
                 _registered_method=True)
+        self.PushChunksWindowed = channel.stream_stream(
+                '/emsfl.v1.Federation/PushChunksWindowed',
+                request_serializer=protos_dot_emsfl_dot_v1_dot_federation__pb2.Chunk.SerializeToString,
+                response_deserializer=protos_dot_emsfl_dot_v1_dot_federation__pb2.PushProgress.FromString,
+                _registered_method=True)
         self.GetStatus = channel.unary_unary(
                 '/emsfl.v1.Federation/GetStatus',
                 request_serializer=protos_dot_emsfl_dot_v1_dot_federation__pb2.StatusRequest.SerializeToString,
@@ -122,6 +127,16 @@ class FederationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PushChunksWindowed(self, request_iterator, context):
+        """PushChunks with a send window: each chunk is answered once the server has taken it in (`taken_index`; what
+        a hard cut leaves is recorded, see DESIGN §5.2), then the final `reply`. An uploader that keeps at most W
+        chunks unanswered resends at most W after a cut (W = 1: stop and wait, one round trip per chunk).
+        Served by the satellite node; a gateway serves its devices PushChunks only (a LAN is not cut mid-pass).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetStatus(self, request, context):
         """Global state: clusters, links, assignment, expert versions.
         """
@@ -170,6 +185,11 @@ def add_FederationServicer_to_server(servicer, server):
                     servicer.PushChunks,
                     request_deserializer=protos_dot_emsfl_dot_v1_dot_federation__pb2.Chunk.FromString,
                     response_serializer=protos_dot_emsfl_dot_v1_dot_federation__pb2.PushReply.SerializeToString,
+            ),
+            'PushChunksWindowed': grpc.stream_stream_rpc_method_handler(
+                    servicer.PushChunksWindowed,
+                    request_deserializer=protos_dot_emsfl_dot_v1_dot_federation__pb2.Chunk.FromString,
+                    response_serializer=protos_dot_emsfl_dot_v1_dot_federation__pb2.PushProgress.SerializeToString,
             ),
             'GetStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.GetStatus,
@@ -344,6 +364,33 @@ class Federation:
             '/emsfl.v1.Federation/PushChunks',
             protos_dot_emsfl_dot_v1_dot_federation__pb2.Chunk.SerializeToString,
             protos_dot_emsfl_dot_v1_dot_federation__pb2.PushReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushChunksWindowed(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/emsfl.v1.Federation/PushChunksWindowed',
+            protos_dot_emsfl_dot_v1_dot_federation__pb2.Chunk.SerializeToString,
+            protos_dot_emsfl_dot_v1_dot_federation__pb2.PushProgress.FromString,
             options,
             channel_credentials,
             insecure,

@@ -52,6 +52,12 @@ class FederationStub:
     """Send chunks of an offered update; the update is committed once all chunks are present,
     validated and durably stored, and only then acknowledged.
     """
+    PushChunksWindowed: _grpc.StreamStreamMultiCallable[_federation_pb2.Chunk, _federation_pb2.PushProgress]
+    """PushChunks with a send window: each chunk is answered once the server has taken it in (`taken_index`; what
+    a hard cut leaves is recorded, see DESIGN §5.2), then the final `reply`. An uploader that keeps at most W
+    chunks unanswered resends at most W after a cut (W = 1: stop and wait, one round trip per chunk).
+    Served by the satellite node; a gateway serves its devices PushChunks only (a LAN is not cut mid-pass).
+    """
     GetStatus: _grpc.UnaryUnaryMultiCallable[_federation_pb2.StatusRequest, _federation_pb2.StatusReply]
     """Global state: clusters, links, assignment, expert versions."""
     RequestReassignment: _grpc.UnaryUnaryMultiCallable[_federation_pb2.ReassignRequest, _federation_pb2.Assignment]
@@ -76,6 +82,12 @@ class FederationAsyncStub(FederationStub):
     PushChunks: _aio.StreamUnaryMultiCallable[_federation_pb2.Chunk, _federation_pb2.PushReply]  # type: ignore[assignment]
     """Send chunks of an offered update; the update is committed once all chunks are present,
     validated and durably stored, and only then acknowledged.
+    """
+    PushChunksWindowed: _aio.StreamStreamMultiCallable[_federation_pb2.Chunk, _federation_pb2.PushProgress]  # type: ignore[assignment]
+    """PushChunks with a send window: each chunk is answered once the server has taken it in (`taken_index`; what
+    a hard cut leaves is recorded, see DESIGN §5.2), then the final `reply`. An uploader that keeps at most W
+    chunks unanswered resends at most W after a cut (W = 1: stop and wait, one round trip per chunk).
+    Served by the satellite node; a gateway serves its devices PushChunks only (a LAN is not cut mid-pass).
     """
     GetStatus: _aio.UnaryUnaryMultiCallable[_federation_pb2.StatusRequest, _federation_pb2.StatusReply]  # type: ignore[assignment]
     """Global state: clusters, links, assignment, expert versions."""
@@ -134,6 +146,18 @@ class FederationServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_federation_pb2.PushReply, _abc.Awaitable[_federation_pb2.PushReply]]:
         """Send chunks of an offered update; the update is committed once all chunks are present,
         validated and durably stored, and only then acknowledged.
+        """
+
+    @_abc_1.abstractmethod
+    def PushChunksWindowed(
+        self,
+        request_iterator: _MaybeAsyncIterator[_federation_pb2.Chunk],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_federation_pb2.PushProgress], _abc.AsyncIterator[_federation_pb2.PushProgress]]:
+        """PushChunks with a send window: each chunk is answered once the server has taken it in (`taken_index`; what
+        a hard cut leaves is recorded, see DESIGN §5.2), then the final `reply`. An uploader that keeps at most W
+        chunks unanswered resends at most W after a cut (W = 1: stop and wait, one round trip per chunk).
+        Served by the satellite node; a gateway serves its devices PushChunks only (a LAN is not cut mid-pass).
         """
 
     @_abc_1.abstractmethod
