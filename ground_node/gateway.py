@@ -474,6 +474,13 @@ class GatewayServicer(pb_grpc.FederationServicer):  # type: ignore[misc]
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
         return pb.PushReply(committed=committed, missing=missing)
 
+    def PushChunksWindowed(
+        self, request_iterator: Iterator[pb.Chunk], context: grpc.ServicerContext
+    ) -> Iterator[pb.PushProgress]:
+        # devices push with PushChunks: the send window is for the satellite link, which is cut in mid-pass
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "a gateway takes PushChunks from its devices")
+        raise AssertionError("context.abort returned")
+
     def PullTensors(self, request: pb.PullRequest, context: grpc.ServicerContext) -> Iterator[pb.Chunk]:
         self._device(context)
         blob = self.gw.pull_blob(list(request.names))
