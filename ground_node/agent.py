@@ -14,7 +14,9 @@ import json
 import logging
 import resource
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -278,6 +280,9 @@ class GroundAgent:
                 self.trainer = self._apply(self.trainer, switch, data, tok)
             trainer = self.trainer
             assert trainer is not None
+            if self.budget_spent(trainer.step):
+                self.finish_budget(trainer.step, partial(self._stage, trainer), stop)
+                break
             if bar is None and self.opt.progress:
                 from tqdm import tqdm
 
@@ -302,6 +307,18 @@ class GroundAgent:
             self._stage(trainer)
         if trainer.step % t.checkpoint_every_steps == 0:
             trainer.save_checkpoint(self.workdir)
+
+    def budget_spent(self, step: int) -> bool:
+        budget = self.settings.step_budgets.get(self.cluster)
+        return budget is not None and step >= budget
+
+    def finish_budget(self, step: int, stage: Callable[[], None], stop: threading.Event) -> None:
+        """The step budget is spent: stage the final state (unless this step was staged), then train no more
+        while the uplink delivers it."""
+        if step % self.settings.training.stage_every_steps:
+            stage()
+        self.events.emit("budget_spent", step=step)
+        stop.wait()
 
     def _stage(self, trainer: Trainer) -> None:
         if self._switch_pending():

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -235,11 +236,18 @@ def train_baseline(agent: Any, base: Any, data: Any, state: BaselineState, stop:
             continue
         usage.idle_stop()
         assert current is not None
+        if agent.budget_spent(trainer.step):
+            agent.finish_budget(trainer.step, partial(_stage, agent, trainer, current), stop)
+            break
         loss = usage.timed(trainer.train_step)
         agent.steps = trainer.step
         if trainer.step % agent.opt.train_event_every == 0:
             agent.events.emit("train", step=trainer.step, loss=round(loss, 5), version=current)
         if trainer.step % t.stage_every_steps == 0:
-            update = agent.outbox.stage(trainer.expert_state(), current, trainer.step)
-            agent.events.emit("staged", step=trainer.step, content_hash=update.content_hash, base_version=current)
+            _stage(agent, trainer, current)
     usage.idle_stop()
+
+
+def _stage(agent: Any, trainer: Any, version: int) -> None:
+    update = agent.outbox.stage(trainer.expert_state(), version, trainer.step)
+    agent.events.emit("staged", step=trainer.step, content_hash=update.content_hash, base_version=version)

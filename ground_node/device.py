@@ -37,7 +37,7 @@ from ground_node.train import Trainer, load_expert_state, peak_gpu_memory_mb
 from protos.emsfl.v1 import federation_pb2 as pb
 from protos.emsfl.v1 import federation_pb2_grpc as pb_grpc
 from protos.events import EventLog
-from protos.wire import CHUNK_SIZE, CLUSTER_METADATA_KEY, sha256_hex, split_chunks
+from protos.wire import CHUNK_SIZE, CLUSTER_METADATA_KEY, chunk_messages, sha256_hex, split_chunks
 
 log = logging.getLogger(__name__)
 
@@ -113,17 +113,9 @@ class GatewayClient:
             return True
 
         def stream() -> Iterator[pb.Chunk]:
-            for i in reply.missing:
-                data = bytes(chunks[i])
-                self.bytes_sent += len(data)
-                yield pb.Chunk(
-                    content_hash=content_hash,
-                    index=i,
-                    total_chunks=len(chunks),
-                    total_size=len(blob),
-                    data=data,
-                    sha256=hashes[i],
-                )
+            for message in chunk_messages(blob, reply.missing, hashes=hashes, content_hash=content_hash):
+                self.bytes_sent += len(message.data)
+                yield message
 
         pushed = self.stub.PushChunks(stream(), metadata=self.md, timeout=60)
         return bool(pushed.committed)

@@ -45,17 +45,17 @@ def apply_tensors(
         if parsed is None:
             if not name.startswith("shared/"):
                 raise GroundError(f"{name}: not a manifest name")
-            shared[name[len("shared/") :]] = torch.from_numpy(np.asarray(value, dtype=np.float32))
+            shared[name[len("shared/") :]] = torch.from_numpy(np.array(value, dtype=np.float32))
             continue
         key, part = parsed
         if part in adapter.expert_parts:
-            adapter.insert_expert(model, key.layer, key.expert, {part: torch.from_numpy(np.asarray(value, np.float32))})
+            adapter.insert_expert(model, key.layer, key.expert, {part: torch.from_numpy(np.array(value, np.float32))})
             applied += 1
             continue
         base_part, _, factor = part.partition(".")
         if base_part not in adapter.expert_parts or factor not in ("lora_A", "lora_B"):
             raise GroundError(f"{name}: unknown expert part {part!r}")
-        lora[(key.layer, key.expert, base_part)][factor] = np.asarray(value, dtype=np.float32)
+        lora[(key.layer, key.expert, base_part)][factor] = np.array(value, dtype=np.float32)  # writable for torch
     if shared:
         missing = set(shared) - set(dict(model.named_parameters()))
         if missing:

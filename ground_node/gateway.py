@@ -41,7 +41,7 @@ from ground_node.uplink import Link, Uplink
 from protos.emsfl.v1 import federation_pb2 as pb
 from protos.emsfl.v1 import federation_pb2_grpc as pb_grpc
 from protos.events import EventLog
-from protos.wire import CHUNK_SIZE, CLUSTER_METADATA_KEY, parse_expert_name, sha256_hex, split_chunks
+from protos.wire import CHUNK_SIZE, CLUSTER_METADATA_KEY, chunk_messages, parse_expert_name, sha256_hex
 
 log = logging.getLogger(__name__)
 
@@ -487,18 +487,8 @@ class GatewayServicer(pb_grpc.FederationServicer):  # type: ignore[misc]
         if not blob:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, "no cluster average yet")
         content_hash = sha256_hex(blob)
-        chunks = split_chunks(blob, CHUNK_SIZE)
         start = request.from_index if request.resume_hash == content_hash else 0
-        for i in range(start, len(chunks)):
-            data = bytes(chunks[i])
-            yield pb.Chunk(
-                content_hash=content_hash,
-                index=i,
-                total_chunks=len(chunks),
-                total_size=len(blob),
-                data=data,
-                sha256=sha256_hex(data),
-            )
+        yield from chunk_messages(blob, range(start, -(-len(blob) // CHUNK_SIZE)), content_hash=content_hash)
 
     def GetStatus(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> pb.StatusReply:
         self._device(context)

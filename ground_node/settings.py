@@ -9,6 +9,7 @@ import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from dataclasses import field as dataclass_field
 from typing import Any
 
 from emsfl.config import ConfigError, cluster_ids, field, positive, section
@@ -88,6 +89,9 @@ class Settings:
     data: DataSettings
     warmup: WarmupSettings
     training: TrainingSettings
+    # `clusters[i].max_training_steps`: a cluster stops training there (its final state still goes up); absent:
+    # no limit. Experiments set it so that every strategy trains as many steps as FedAvg's run of the same seed.
+    step_budgets: dict[str, int] = dataclass_field(default_factory=dict)
 
     def cluster_index(self, cluster: str) -> int:
         if cluster not in self.clusters:
@@ -267,8 +271,11 @@ def load_settings(topology: Mapping[str, Any]) -> Settings:
     """Validate the sections the ground role reads; raises ConfigError naming the field."""
     ids = cluster_ids(topology)
     capacities: dict[str, int] = {}
+    step_budgets: dict[str, int] = {}
     for i, cluster in enumerate(topology["clusters"]):
         capacities[ids[i]] = _pos_int(cluster, "capacity_experts", f"clusters[{i}]", 1)
+        if cluster.get("max_training_steps") is not None:
+            step_budgets[ids[i]] = _non_negative_int(cluster, "max_training_steps", f"clusters[{i}]", 0)
     seed = field(topology, "seed", int, "topology", 0)
     data = _data(topology)
     if data.cluster_labels is not None:
@@ -283,6 +290,7 @@ def load_settings(topology: Mapping[str, Any]) -> Settings:
         data=data,
         warmup=_warmup(topology),
         training=_training(topology),
+        step_budgets=step_budgets,
     )
 
 

@@ -22,7 +22,7 @@ from ground_node.split import Assignment
 from protos.emsfl.v1 import federation_pb2 as pb
 from protos.emsfl.v1 import federation_pb2_grpc as pb_grpc
 from protos.window import push_windowed
-from protos.wire import CHUNK_SIZE, CLUSTER_METADATA_KEY, parse_expert_name, sha256_hex, split_chunks
+from protos.wire import CHUNK_SIZE, CLUSTER_METADATA_KEY, chunk_messages, parse_expert_name, sha256_hex, split_chunks
 
 if TYPE_CHECKING:
     from ground_node.baseline import BaselineClient
@@ -229,18 +229,10 @@ class Uplink(threading.Thread):
             self.on_push(update.content_hash, missing, len(chunks))
 
         def stream() -> Iterator[pb.Chunk]:
-            for i in missing:
-                data = bytes(chunks[i])
-                self.bytes_pushed += len(data)
-                self.outbox.add_bytes(len(data))
-                yield pb.Chunk(
-                    content_hash=update.content_hash,
-                    index=i,
-                    total_chunks=len(chunks),
-                    total_size=len(blob),
-                    data=data,
-                    sha256=hashes[i],
-                )
+            for message in chunk_messages(blob, missing, hashes=hashes, content_hash=update.content_hash):
+                self.bytes_pushed += len(message.data)
+                self.outbox.add_bytes(len(message.data))
+                yield message
 
         try:
             pushed = push_windowed(

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+
+from protos.emsfl.v1 import federation_pb2 as pb
 
 CHUNK_SIZE = 1 << 20  # about 1 MiB per chunk, each with its own SHA-256
 CLUSTER_METADATA_KEY = "emsfl-cluster"  # identity on plaintext loopback labs; mTLS replaces it
@@ -54,3 +57,26 @@ def split_chunks(blob: bytes, chunk_size: int = CHUNK_SIZE) -> list[memoryview]:
 
 def chunk_hashes(blob: bytes, chunk_size: int = CHUNK_SIZE) -> list[str]:
     return [sha256_hex(c) for c in split_chunks(blob, chunk_size)]
+
+
+def chunk_messages(
+    blob: bytes,
+    indices: Iterable[int],
+    chunk_size: int = CHUNK_SIZE,
+    hashes: Sequence[str] | None = None,
+    content_hash: str | None = None,
+) -> Iterator[pb.Chunk]:
+    """The `emsfl.v1.Chunk` messages of `blob` at `indices`, made as they are consumed (hashes computed unless
+    given)."""
+    chunks = split_chunks(blob, chunk_size)
+    content_hash = content_hash or sha256_hex(blob)
+    for i in indices:
+        data = bytes(chunks[i])
+        yield pb.Chunk(
+            content_hash=content_hash,
+            index=i,
+            total_chunks=len(chunks),
+            total_size=len(blob),
+            data=data,
+            sha256=hashes[i] if hashes is not None else sha256_hex(data),
+        )

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,7 @@ from protos.emsfl.v1 import federation_pb2 as pb
 from protos.emsfl.v1 import federation_pb2_grpc as pb_grpc
 from protos.timefmt import to_iso
 from protos.window import push_windowed
-from protos.wire import CHUNK_SIZE, CLUSTER_METADATA_KEY, chunk_hashes, expert_name, sha256_hex, split_chunks
+from protos.wire import CHUNK_SIZE, CLUSTER_METADATA_KEY, chunk_hashes, chunk_messages, expert_name, sha256_hex
 from satellite_node.manifest import file_sha256
 
 
@@ -248,21 +248,6 @@ class Client:
     def pull(self, names: list[str]) -> bytes:
         parts = [c.data for c in self.stub.PullTensors(pb.PullRequest(names=names), metadata=self.md)]
         return b"".join(parts)
-
-
-def chunk_messages(blob: bytes, indices: list[int], chunk_size: int = CHUNK_SIZE) -> Iterator[pb.Chunk]:
-    chunks = split_chunks(blob, chunk_size)
-    content_hash = sha256_hex(blob)
-    for i in indices:
-        data = bytes(chunks[i])
-        yield pb.Chunk(
-            content_hash=content_hash,
-            index=i,
-            total_chunks=len(chunks),
-            total_size=len(blob),
-            data=data,
-            sha256=sha256_hex(data),
-        )
 
 
 class CutProxy:

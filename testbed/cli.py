@@ -39,6 +39,11 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--quick", action="store_true", help="one seed, one rate, 45 s per run")
     exp.add_argument("--no-central", action="store_true", help="skip the centralised reference row")
     exp.add_argument(
+        "--free-steps",
+        action="store_true",
+        help="let every strategy train as many steps as its run allows (default: as many as FedAvg's run)",
+    )
+    exp.add_argument(
         "--target-fraction", type=float, default=0.95, help="target = this share of the best final accuracy"
     )
     exp.add_argument("--broker", help="HOST:PORT of a running MQTT broker (default: the embedded one per run)")
@@ -71,6 +76,7 @@ def _experiment(args: argparse.Namespace) -> int:
         cache_dir=args.cache_dir,
         broker=args.broker,
         central=not args.no_central,
+        equal_steps=not args.free_steps,
         target_fraction=args.target_fraction,
     )
     result = run_experiment(opts)

@@ -49,6 +49,9 @@ class ExperimentOptions:
     cache_dir: Path = Path(".cache/emsfl")
     broker: str | None = None
     central: bool = True  # the centralised reference row (one per seed)
+    # every strategy trains, per cluster, as many steps as FedAvg's run of the same seed, rate and lr (FedAvg
+    # runs first): FedAvg idles between rounds, so without this it trains far fewer steps in the same time
+    equal_steps: bool = True
     target_fraction: float = 0.95
 
 
@@ -78,7 +81,8 @@ def plan_runs(opts: ExperimentOptions, topology: dict[str, Any]) -> list[tuple[f
     lrs = opts.lrs or [float((topology.get("training") or {}).get("lr", 0.002))]
     if any(lr <= 0 for lr in lrs) or len(set(lrs)) != len(lrs):
         raise ConfigError(f"--lrs: expected distinct learning rates > 0, got {lrs}")
-    return [(r, s, seed, lr) for r in rates for seed in seeds for s in opts.strategies for lr in lrs]
+    strategies = sorted(opts.strategies, key=lambda s: s != "fedavg") if opts.equal_steps else opts.strategies
+    return [(r, s, seed, lr) for r in rates for seed in seeds for s in strategies for lr in lrs]
 
 
 def choose_lr(
@@ -204,6 +208,7 @@ def run_experiment(opts: ExperimentOptions) -> dict[str, Any]:
     runs: list[dict[str, Any]] = []
     bases: dict[int, tuple[Path, Path]] = {}  # seed -> (topology of its first run, base dir)
     several_lrs = len({lr for *_, lr in grid}) > 1
+    budgets: dict[tuple[float, int, float], dict[str, int]] = {}  # FedAvg's steps per cluster, by (rate, seed, lr)
     for index, (rate, strategy, seed, lr) in enumerate(grid, start=1):
         run_id = f"{_rate_label(rate)}-{strategy}-seed{seed}" + (f"-lr{lr:g}" if several_lrs else "")
         print(f"[experiment] run {index}/{len(grid)}: {run_id}", flush=True)
@@ -212,6 +217,10 @@ def run_experiment(opts: ExperimentOptions) -> dict[str, Any]:
         variant["seed"] = seed
         variant.setdefault("link", {})["rate_bps"] = rate
         variant.setdefault("training", {})["lr"] = lr
+        budget = budgets.get((rate, seed, lr)) if opts.equal_steps and strategy != "fedavg" else None
+        if budget is not None:
+            for cluster in variant["clusters"]:
+                cluster["max_training_steps"] = budget[cluster["id"]]
         path = exp_dir / "topologies" / f"{run_id}.yaml"
         path.write_text(yaml.safe_dump(variant, sort_keys=False), encoding="utf-8")
         started = time.monotonic()
@@ -233,6 +242,10 @@ def run_experiment(opts: ExperimentOptions) -> dict[str, Any]:
             replay_plan, plan_source = exp_dir / "contact_plan.json", run_id
             replay_plan.write_bytes(lab.plan_path.read_bytes())
         bases.setdefault(seed, (path, lab.base_dir))
+        if strategy == "fedavg":
+            budgets[(rate, seed, lr)] = {
+                c: int(v.get("training_steps") or 0) for c, v in summary["per_cluster"].items()
+            }
         searched.setdefault(rate, {}).setdefault(lr, {}).setdefault(strategy, []).append(summary)
         runs.append(
             {
@@ -243,6 +256,7 @@ def run_experiment(opts: ExperimentOptions) -> dict[str, Any]:
                 "lr": lr,
                 "wall_seconds": round(time.monotonic() - started, 1),
                 "plan_sha256": plan_fingerprint(lab.plan_path),
+                "max_training_steps": budget,
             }
         )
 
@@ -285,6 +299,12 @@ def run_experiment(opts: ExperimentOptions) -> dict[str, Any]:
         "link_rate_bps": grid[0][0],
         "quick": opts.quick,
         "duration_wall_s_per_run": duration,
+        "equal_steps": (
+            "per seed, rate and lr, each cluster of every strategy trains at most as many steps as in FedAvg's run "
+            "(`runs[].max_training_steps`)"
+            if opts.equal_steps
+            else None
+        ),
         "lr_search": {"candidates": sorted({lr for *_, lr in grid}), "by_rate": lr_search},
         "contact_plan": {
             "mode": "replay" if replay else "deterministic",

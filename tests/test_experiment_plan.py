@@ -129,3 +129,10 @@ def test_missing_data_set_is_a_clear_error_not_a_traceback(tmp_path: Path, capsy
     assert main([*argv, "--cache-dir", str(tmp_path / "cache")]) == 2
     err = capsys.readouterr().err
     assert "data.path" in err and "absent" in err and "Traceback" not in err
+
+
+def test_fedavg_runs_first_when_steps_are_equalised() -> None:
+    grid = plan_runs(_opts(seeds=[0], strategies=["emsfl", "fedasync", "fedavg"], quick=True), TOPOLOGY)
+    assert [s for _, s, _, _ in grid] == ["fedavg", "emsfl", "fedasync"]
+    free = plan_runs(_opts(seeds=[0], strategies=["emsfl", "fedavg"], quick=True, equal_steps=False), TOPOLOGY)
+    assert [s for _, s, _, _ in free] == ["emsfl", "fedavg"]

@@ -71,6 +71,16 @@ def test_bad_data_config_is_refused(topology: dict[str, Any]) -> None:
         cluster_train(load_settings(topology), "nope")
 
 
+def test_step_budgets_per_cluster(topology: dict[str, Any]) -> None:
+    clusters = [dict(c) for c in topology["clusters"]]
+    clusters[0]["max_training_steps"] = 40
+    s = load_settings(dict(topology, clusters=clusters))
+    assert s.step_budgets == {clusters[0]["id"]: 40}
+    clusters[0]["max_training_steps"] = -1
+    with pytest.raises(ConfigError, match=r"clusters\[0\]\.max_training_steps"):
+        load_settings(dict(topology, clusters=clusters))
+
+
 def test_profile_deterministic_rows_sum_and_coverage(topology: dict[str, Any]) -> None:
     s = load_settings(topology)
     model, adapter = new_model(s)

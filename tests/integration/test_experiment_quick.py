@@ -86,3 +86,19 @@ def test_invariants(comparison: tuple[Path, dict[str, Any]]) -> None:
     assert all(v == 0 for v in checks["uploads_outside_contact"].values())
     assert all(checks["every_run_committed"].values())
     assert checks["emsfl_uplink_below_fedavg"] is True
+
+
+def test_every_strategy_trains_at_most_fedavgs_steps(comparison: tuple[Path, dict[str, Any]]) -> None:
+    exp_dir, result = comparison
+    runs = {r["strategy"]: r for r in result["runs"]}
+    assert result["runs"][0]["strategy"] == "fedavg"  # it runs first: it sets the budgets
+
+    def steps(strategy: str) -> dict[str, int]:
+        summary = json.loads((exp_dir / runs[strategy]["run_id"] / "summary.json").read_text(encoding="utf-8"))
+        return {c: int(v["training_steps"] or 0) for c, v in summary["per_cluster"].items()}
+
+    fedavg = steps("fedavg")
+    assert runs["fedavg"]["max_training_steps"] is None and sum(fedavg.values()) > 0
+    for strategy in ("emsfl", "fedasync"):
+        assert runs[strategy]["max_training_steps"] == fedavg, strategy
+        assert all(n <= fedavg[c] for c, n in steps(strategy).items()), (strategy, steps(strategy), fedavg)
