@@ -14,12 +14,12 @@ import pytest
 
 from protos.emsfl.v1 import federation_pb2 as pb
 from protos.window import push_windowed
+from protos.wire import chunk_messages
 from satellite_node.testing import (
     Client,
     CutProxy,
     OrbitStub,
     SatelliteProcess,
-    chunk_messages,
     encode,
     expert_update,
     wait_until,
@@ -109,3 +109,23 @@ def test_hard_cut_resends_at_most_the_window(satellite: SatelliteProcess, window
         via.close()
         direct.close()
         proxy.close()
+
+
+def test_windowed_push_refuses_bad_chunks_like_pushchunks(satellite: SatelliteProcess) -> None:
+    direct = Client(satellite.target, "c0")
+    wait_until("the link gate opens", lambda: _up(direct), 30)
+    direct.join(4, 100)
+    direct.report(np.ones((2, 4), dtype=np.float32))
+    tensors = expert_update(satellite.base, [(0, 0)], seed=2)
+    blob = encode(tensors)
+    total = len(direct.offer(blob, tensors, 1, CHUNK).missing)
+    (bad,) = chunk_messages(blob, [0], CHUNK)
+    bad.sha256 = "0" * 64
+    try:
+        with pytest.raises(grpc.RpcError) as info:
+            push_windowed(direct.stub.PushChunksWindowed, [bad], 1, metadata=direct.md, timeout=20)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "chunk 0" in (info.value.details() or "") and "SHA-256" in (info.value.details() or "")
+        assert len(direct.offer(blob, tensors, 1, CHUNK).missing) == total  # nothing was kept
+    finally:
+        direct.close()
