@@ -147,6 +147,7 @@ class GroundAgent:
             on_join=self._on_join,
             on_push=self._on_push,
             max_uploads_per_contact=s.training.uploads_per_contact or None,
+            send_window_chunks=s.training.send_window_chunks,
             before_assignment=self._prepare_switch,
         )
         self.uplink.start()

@@ -110,8 +110,10 @@ class Gateway:
         strategy: str = "emsfl",
         round_timeout_s: float = 30.0,
         now: Any = None,
+        send_window_chunks: int = 1,
     ) -> None:
         self.cluster = cluster
+        self.send_window_chunks = send_window_chunks
         self.expected = expected_devices
         self.capacity = capacity
         self.satellite = satellite
@@ -195,6 +197,7 @@ class Gateway:
                 affinity,
                 on_ack=self._on_ack,
                 on_assignment=lambda a: self.events.emit("assigned", version=a.version),
+                send_window_chunks=self.send_window_chunks,
             )
         self.events.emit("profiled", num_tokens=affinity.num_tokens, devices=len(reports))
         self.uplink.start()

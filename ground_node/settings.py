@@ -74,6 +74,9 @@ class TrainingSettings:
     grad_accum: int = 1  # micro-batches of `batch_size` per optimiser step
     dtype: str = "float32"  # compute dtype of training: float32 | bfloat16 | float16 (mixed precision, autocast)
     uploads_per_contact: int = 1  # committed uploads per contact; 0: upload every staged state while the link is up
+    # chunks sent ahead of the satellite's answers (PushChunksWindowed): a hard cut resends at most this many; raise
+    # it where rate x round-trip time approaches a chunk (1 MiB), e.g. 50 Mbit/s at 30 ms RTT (long-RTT field links)
+    send_window_chunks: int = 1
     # recompute each decoder layer in backward instead of keeping its activations (and LoRA's W + dW): less
     # memory for small boards, about one more forward per step
     gradient_checkpointing: bool = False
@@ -227,6 +230,7 @@ def _training(topology: Mapping[str, Any]) -> TrainingSettings:
         grad_accum=_pos_int(s, "grad_accum", w, 1),
         dtype=_one_of(s, "dtype", w, TRAINING_DTYPES),
         uploads_per_contact=_non_negative_int(s, "uploads_per_contact", w, 1),
+        send_window_chunks=_pos_int(s, "send_window_chunks", w, 1),
         gradient_checkpointing=field(s, "gradient_checkpointing", bool, w, False),
         device=_one_of(s, "device", w, TRAINING_DEVICES),
     )

@@ -76,6 +76,10 @@ def test_step_budgets_per_cluster(topology: dict[str, Any]) -> None:
     clusters[0]["max_training_steps"] = 40
     s = load_settings(dict(topology, clusters=clusters))
     assert s.step_budgets == {clusters[0]["id"]: 40}
+    assert s.training.send_window_chunks == 1
+    bad_window = dict(topology, training=dict(topology["training"], send_window_chunks=0))
+    with pytest.raises(ConfigError, match=r"training\.send_window_chunks"):
+        load_settings(bad_window)
     clusters[0]["max_training_steps"] = -1
     with pytest.raises(ConfigError, match=r"clusters\[0\]\.max_training_steps"):
         load_settings(dict(topology, clusters=clusters))
