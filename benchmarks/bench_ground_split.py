@@ -99,7 +99,7 @@ def measure(mode: str, path: Path, layers: int, steps: int, checkpointing: bool)
         assignment = _assignment(layers, NUM_EXPERTS)
         model = load_split(adapter, config, path, None)
         split = "frozen"
-    rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss_loaded = _rss_mb()
     training = TrainingSettings(
         "lora", split, 8, 16.0, 1e-3, 8, 10**9, 10**9, 8, gradient_checkpointing=checkpointing, device="cpu"
     )
@@ -110,7 +110,7 @@ def measure(mode: str, path: Path, layers: int, steps: int, checkpointing: bool)
     step_s = (time.perf_counter() - start) / steps
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in trainer.model.parameters())
-    peak = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    peak = _rss_mb()
     return {
         "mode": mode,
         "gradient_checkpointing": checkpointing,

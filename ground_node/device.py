@@ -37,7 +37,7 @@ from ground_node.train import Trainer, load_expert_state, peak_gpu_memory_mb
 from protos.emsfl.v1 import federation_pb2 as pb
 from protos.emsfl.v1 import federation_pb2_grpc as pb_grpc
 from protos.events import EventLog
-from protos.wire import CHUNK_SIZE, CLUSTER_METADATA_KEY, chunk_messages, sha256_hex, split_chunks
+from protos.wire import CHUNK_SIZE, CLUSTER_METADATA_KEY, chunk_hashes, chunk_messages, sha256_hex
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +94,7 @@ class GatewayClient:
     def upload(self, tensors: dict[str, np.ndarray], assignment_version: int, step: int, base_version: int) -> bool:
         arrays = {n: np.ascontiguousarray(tensors[n], dtype=np.float32) for n in sorted(tensors)}
         blob = st_save(arrays)
-        chunks = split_chunks(blob, CHUNK_SIZE)
-        hashes = [sha256_hex(c) for c in chunks]
+        hashes = chunk_hashes(blob, CHUNK_SIZE)
         content_hash = sha256_hex(blob)
         specs = [pb.TensorSpec(name=n, dtype="F32", shape=list(a.shape)) for n, a in arrays.items()]
         offer = pb.UpdateOffer(

@@ -22,7 +22,7 @@ from ground_node.split import Assignment
 from protos.emsfl.v1 import federation_pb2 as pb
 from protos.emsfl.v1 import federation_pb2_grpc as pb_grpc
 from protos.window import push_windowed
-from protos.wire import CHUNK_SIZE, CLUSTER_METADATA_KEY, chunk_messages, parse_expert_name, sha256_hex, split_chunks
+from protos.wire import CHUNK_SIZE, CLUSTER_METADATA_KEY, chunk_hashes, chunk_messages, parse_expert_name, sha256_hex
 
 if TYPE_CHECKING:
     from ground_node.baseline import BaselineClient
@@ -204,8 +204,7 @@ class Uplink(threading.Thread):
             log.error("outbox blob %s is corrupt; skipping it", update.path)
             self._rejected.add(update.content_hash)
             return False
-        chunks = split_chunks(blob, CHUNK_SIZE)
-        hashes = [sha256_hex(c) for c in chunks]
+        hashes = chunk_hashes(blob, CHUNK_SIZE)
         offer = pb.UpdateOffer(
             content_hash=update.content_hash,
             size_bytes=len(blob),
@@ -226,7 +225,7 @@ class Uplink(threading.Thread):
             return False
         missing = sorted(set(reply.missing))
         if missing and self.on_push is not None:
-            self.on_push(update.content_hash, missing, len(chunks))
+            self.on_push(update.content_hash, missing, len(hashes))
 
         def stream() -> Iterator[pb.Chunk]:
             for message in chunk_messages(blob, missing, hashes=hashes, content_hash=update.content_hash):
