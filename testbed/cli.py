@@ -50,6 +50,16 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--runs-dir", type=Path, default=Path("runs"))
     exp.add_argument("--experiment-id")
     exp.add_argument("--cache-dir", type=Path, default=Path(".cache/emsfl"))
+    gap = sub.add_parser(
+        "merge-gap",
+        help="EMS-FL in one process (no network): each cluster's sub-model against the merged model, on its data",
+    )
+    gap.add_argument("--topology", type=Path, default=DEFAULT_TOPOLOGY)
+    gap.add_argument("--steps", type=int, default=600, help="training steps per cluster (default: 600)")
+    gap.add_argument("--seed", type=int, help="the topology's seed (default: its own)")
+    gap.add_argument("--lr", type=float, help="training.lr (default: the topology's)")
+    gap.add_argument("--out", type=Path, help="also write the JSON report to this file")
+    gap.add_argument("--cache-dir", type=Path, default=Path(".cache/emsfl"))
     return parser
 
 
@@ -90,14 +100,36 @@ def _experiment(args: argparse.Namespace) -> int:
     return 0
 
 
+def _merge_gap(args: argparse.Namespace) -> int:
+    import json
+
+    from emsfl.config import load_topology, positive
+    from testbed.mergegap import merge_gap
+
+    positive(args.steps, "--steps")
+    topology = load_topology(args.topology)
+    if args.seed is not None:
+        topology["seed"] = args.seed
+    if args.lr is not None:
+        positive(args.lr, "--lr")
+        topology.setdefault("training", {})["lr"] = args.lr
+    text = json.dumps(merge_gap(topology, args.cache_dir, args.steps), indent=1)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n", encoding="utf-8")
+    print(text)
+    return 0
+
+
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    if args.command == "experiment":
+    if args.command in ("experiment", "merge-gap"):
+        run = _experiment if args.command == "experiment" else _merge_gap
         try:
-            return _experiment(args)
+            return run(args)
         except (ConfigError, GroundError, RuntimeError, FileExistsError) as exc:
-            print(f"emsfl lab experiment: {exc}", file=sys.stderr)
+            print(f"emsfl lab {args.command}: {exc}", file=sys.stderr)
             return 2
     from testbed.lab import run_lab
     from testbed.outputs import write_outputs

@@ -12,7 +12,6 @@ from ground_node.base import MANIFEST, ensure_base, load_base, read_manifest
 from ground_node.errors import GroundError
 from ground_node.evaluate import accuracy, apply_tensors
 from ground_node.settings import load_settings
-from ground_node.simulate import greedy_assignment
 from ground_node.split import Assignment
 from ground_node.synthetic import cluster_train
 from ground_node.train import Trainer
@@ -114,13 +113,3 @@ def test_apply_lora_equals_peft_merge_and_eval(topology: dict[str, Any], base_di
             base.manifest,
             {"expert/0/1/down_proj.lora_A": uploads["expert/0/1/down_proj.lora_A"]},
         )
-
-
-def test_greedy_assignment_is_disjoint_within_capacity() -> None:
-    rng = np.random.default_rng(0)
-    aff = {c: rng.random((2, 4)) for c in ("a", "b", "c")}
-    result = greedy_assignment(aff, {"a": 2, "b": 1, "c": 2}, {"a": 0.3, "b": 0.3, "c": 0.4})
-    for layer in range(2):
-        owned = [e for c in result for e in result[c].held(layer)]
-        assert len(owned) == len(set(owned)) == 4
-        assert len(result["b"].held(layer)) <= 1
