@@ -4,10 +4,15 @@ It trains the cluster's assigned experts on its own shard of the cluster's data 
 the LAN (never link-gated): after every local round (`training.stage_every_steps` steps) it uploads its expert
 state, waits (at most `round_wait_s`) for the gateway to close the round, pulls the cluster average and goes on
 from it. Its optimizer state stays local and is checkpointed with the step, so a restarted device resumes.
+
+When the satellite re-assigns the cluster, the gateway pulls the gained experts' newest parts and makes them, with
+the kept experts' average, its next version; the device sees the new `assignment_version` at its next sync,
+rebuilds its sub-model (kept experts carry their parts and optimizer moments over) and pulls that version.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import re
 import threading
@@ -20,16 +25,16 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 import torch
-from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
 from emsfl.durable import atomic_write_json
+from ground_node import handover
 from ground_node.agent import peak_rss_mb
 from ground_node.channel import insecure_channel
 from ground_node.data import tokenizer_for, train_examples
 from ground_node.errors import GroundError
 from ground_node.gateway import DEVICE_METADATA_KEY
-from ground_node.profile import coverage_from_probs, profile_base
+from ground_node.profile import Profile, coverage_from_probs, profile_base
 from ground_node.settings import load_settings
 from ground_node.split import Assignment
 from ground_node.submodel import load_base_split
@@ -120,14 +125,9 @@ class GatewayClient:
         return bool(pushed.committed)
 
     def pull(self, names: list[str]) -> dict[str, np.ndarray]:
-        parts = []
-        for chunk in self.stub.PullTensors(pb.PullRequest(names=names), metadata=self.md, timeout=60):
-            if sha256_hex(chunk.data) != chunk.sha256:
-                raise GroundError(f"pulled chunk {chunk.index} is corrupt")
-            parts.append(chunk.data)
-        blob = b"".join(parts)
-        self.bytes_pulled += len(blob)
-        return dict(st_load(blob))
+        tensors, nbytes = handover.pull(self.stub, self.md, names, timeout=60)
+        self.bytes_pulled += nbytes
+        return tensors
 
 
 class DeviceAgent:
@@ -148,6 +148,9 @@ class DeviceAgent:
         self.rounds = 0
         self.base_version = 0
         self.last_loss: float | None = None
+        self.data: list[Any] = []
+        self.tok: Any = None
+        self.profile: Profile | None = None
 
     def _retry(self, call: Any, stop: threading.Event) -> Any:
         """A LAN call, retried while the gateway is not up yet (UNAVAILABLE)."""
@@ -169,7 +172,7 @@ class DeviceAgent:
             raise GroundError(f"device {self.opt.device}: its shard of cluster {self.opt.cluster} is empty")
         self.num_examples = len(data)
         profile = profile_base(self.opt.base_dir, data, tok, s.training.profile_examples)  # streamed
-        affinity, probs, top_k = profile.affinity, profile.probs, profile.top_k
+        affinity = profile.affinity
         self.events.emit("profiled", num_tokens=affinity.num_tokens, shard=self.shard_index)
         md = self.client.md
         stub = self.client.stub
@@ -193,26 +196,36 @@ class DeviceAgent:
         while assignment is None and not stop.is_set():
             reply = self._retry(lambda: stub.GetAssignment(pb.AssignmentRequest(), metadata=md, timeout=10), stop)
             if reply is not None and reply.ready:
-                assignment = Assignment.from_pairs(reply.version, [(la.layer, list(la.experts)) for la in reply.layers])
+                assignment = _from_reply(reply)
             else:
                 stop.wait(0.5)
         if assignment is None:
             return self.report()
-        self.coverage = coverage_from_probs(probs, top_k, assignment)
-        self.events.emit("assigned", version=assignment.version, coverage=round(self.coverage, 4))
-        # only the held experts are read from base.safetensors (split=frozen keeps every expert)
-        model, adapter = load_base_split(self.opt.base_dir, assignment if s.training.split == "mask" else None)
-        trainer = Trainer(model, adapter, s.training, assignment, data, s.seed, tok=tok)
+        self.data, self.tok, self.profile = data, tok, profile
+        self._assigned(assignment)
+        trainer = self._build(assignment)
         if trainer.load_checkpoint(self.workdir):
             log.info("resumed from step %d", trainer.step)
         self._catch_up(trainer, stop)
         try:
-            self._loop(trainer, assignment, stop)
+            trainer = self._loop(trainer, assignment, stop)
         finally:
             if trainer.step > 0:
                 trainer.save_checkpoint(self.workdir)
             self.client.close()
         return self.report()
+
+    def _assigned(self, assignment: Assignment) -> None:
+        assert self.profile is not None
+        self.coverage = coverage_from_probs(self.profile.probs, self.profile.top_k, assignment)
+        self.events.emit("assigned", version=assignment.version, coverage=round(self.coverage, 4))
+
+    def _build(self, assignment: Assignment) -> Trainer:
+        """A trainer on the sub-model of `assignment`: only the held experts are read from base.safetensors
+        (split=frozen keeps every expert)."""
+        s = self.settings
+        model, adapter = load_base_split(self.opt.base_dir, assignment if s.training.split == "mask" else None)
+        return Trainer(model, adapter, s.training, assignment, self.data, s.seed, tok=self.tok)
 
     def _catch_up(self, trainer: Trainer, stop: threading.Event) -> None:
         """A device that (re)joins a cluster whose gateway already averaged starts from the cluster average."""
@@ -227,7 +240,8 @@ class DeviceAgent:
         self.rounds += 1
         self.events.emit("synced", version=version, step=trainer.step)
 
-    def _loop(self, trainer: Trainer, assignment: Assignment, stop: threading.Event) -> None:
+    def _loop(self, trainer: Trainer, assignment: Assignment, stop: threading.Event) -> Trainer:
+        """Train until `stop`; returns the trainer in use then (a re-assignment replaces it)."""
         t = self.settings.training
         while not stop.is_set():
             loss = trainer.train_step()
@@ -236,24 +250,70 @@ class DeviceAgent:
             if trainer.step % self.opt.train_event_every == 0:
                 self.events.emit("train", step=trainer.step, loss=round(loss, 5))
             if trainer.step % t.stage_every_steps == 0:
-                self._sync(trainer, assignment, stop)
+                trainer, assignment = self._sync(trainer, assignment, stop)
             if trainer.step % t.checkpoint_every_steps == 0:
                 trainer.save_checkpoint(self.workdir)
+        return trainer
 
-    def _sync(self, trainer: Trainer, assignment: Assignment, stop: threading.Event) -> None:
+    def _switch(self, old: Trainer, prev: Assignment) -> tuple[Trainer, Assignment]:
+        """The cluster was re-assigned: rebuild the sub-model for the gateway's assignment and start from the
+        gateway's version of it (the kept experts' average, the gained experts' handed-over parts)."""
+        reply = self.client.stub.GetAssignment(pb.AssignmentRequest(), metadata=self.client.md, timeout=10)
+        if not reply.ready:
+            return old, prev
+        new = _from_reply(reply)
+        if new == prev:
+            return old, prev
+        status = self.client.stub.GetStatus(pb.StatusRequest(), metadata=self.client.md, timeout=10)
+        version = int(status.global_version)  # made for `new` (the gateway switches both at once)
+        pulled = self.client.pull(["expert/"]) if version > 0 else {}
+        tensors = handover.only_experts(pulled, set(new.pairs()))
+        gained, lost = handover.diff(prev, new)
+        carry = handover.carry_over(old, set(new.pairs()) - set(gained))
+        del old
+        gc.collect()  # the old sub-model goes before the new one is read
+        trainer = self._build(new)
+        handover.restore(trainer, carry, {layer for layer, _ in gained})
+        load_expert_state(trainer, tensors)
+        self.base_version = version
+        trainer.save_checkpoint(self.workdir)
+        handed = sorted(handover.experts_of(tensors) & set(gained))
+        self.events.emit(
+            "reassigned",
+            old_version=prev.version,
+            new_version=new.version,
+            step=trainer.step,
+            gained=[list(x) for x in gained],
+            lost=[list(x) for x in lost],
+            handed_over=[list(x) for x in handed],
+            handed_over_sha256=handover.tensors_digest(handover.only_experts(tensors, set(handed))),
+        )
+        self._assigned(new)
+        return trainer, new
+
+    def _sync(self, trainer: Trainer, assignment: Assignment, stop: threading.Event) -> tuple[Trainer, Assignment]:
+        def reassigned(status: pb.StatusReply) -> bool:  # a version made for another assignment is not pulled
+            return status.assignment_version not in (0, assignment.version)
+
         try:
+            status = self.client.stub.GetStatus(pb.StatusRequest(), metadata=self.client.md, timeout=10)
+            if reassigned(status):
+                return self._switch(trainer, assignment)
             self.client.upload(trainer.expert_state(), assignment.version, trainer.step, self.base_version)
             self.events.emit("device_upload", step=trainer.step, base_version=self.base_version)
             deadline = time.monotonic() + self.opt.round_wait_s
             while not stop.is_set() and time.monotonic() < deadline:
                 status = self.client.stub.GetStatus(pb.StatusRequest(), metadata=self.client.md, timeout=10)
+                if reassigned(status):
+                    return self._switch(trainer, assignment)
                 if status.global_version > self.base_version:
                     self._pull(trainer, int(status.global_version))
                     self.report()  # the gateway folds the devices' reports into the cluster's
-                    return
+                    break
                 stop.wait(0.1)
         except grpc.RpcError as exc:
             log.warning("sync with the gateway failed (%s); training on", exc.code())
+        return trainer, assignment
 
     def report(self) -> dict[str, Any]:
         report = {
@@ -276,6 +336,10 @@ class DeviceAgent:
 
     def close(self) -> None:
         self.events.close()
+
+
+def _from_reply(reply: pb.Assignment) -> Assignment:
+    return Assignment.from_pairs(reply.version, [(la.layer, list(la.experts)) for la in reply.layers])
 
 
 def _devices_of(topology: dict[str, Any], cluster: str) -> int:

@@ -7,6 +7,9 @@ cluster that talks to the satellite:
 - devices `Join` (data size) and `ReportAffinity`; once every expected device has reported, the gateway joins
   the satellite with the cluster's total data size and reports the token-weighted mean of its devices' affinity;
 - `GetAssignment` answers the satellite's assignment of the cluster (not ready until the satellite solved it);
+- on a re-assignment (before the uplink adopts it) the gateway pulls the newest parts of the experts the cluster
+  gains from the satellite; with the kept experts' average they become its next version, and `GetAssignment` and
+  `GetStatus.assignment_version` switch to the new assignment only then, so a device that sees it finds them;
 - a device uploads its expert state after every local round (`OfferUpdate`/`PushChunks`, `base_version` = the
   gateway round it trained from); a round closes when every device uploaded for it (or `round_timeout_s` after its
   first upload, with the devices that did): the example-weighted average becomes gateway version r+1, which devices
@@ -34,9 +37,12 @@ from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
 from emsfl.durable import atomic_write_json
+from ground_node import handover
 from ground_node.channel import SERVER_KEEPALIVE_OPTIONS
 from ground_node.outbox import Outbox, StagedUpdate
+from ground_node.priority import rebase_acked
 from ground_node.profile import Affinity
+from ground_node.split import Assignment
 from ground_node.uplink import Link, Uplink
 from protos.emsfl.v1 import federation_pb2 as pb
 from protos.emsfl.v1 import federation_pb2_grpc as pb_grpc
@@ -111,9 +117,11 @@ class Gateway:
         round_timeout_s: float = 30.0,
         now: Any = None,
         send_window_chunks: int = 1,
+        uploads_per_contact: int = 1,
     ) -> None:
         self.cluster = cluster
         self.send_window_chunks = send_window_chunks
+        self.uploads_per_contact = uploads_per_contact  # `training.uploads_per_contact`: 0 = no limit
         self.expected = expected_devices
         self.capacity = capacity
         self.satellite = satellite
@@ -132,6 +140,7 @@ class Gateway:
         self.submissions: dict[str, tuple[int, dict[str, np.ndarray], int, int]] = {}  # device -> (base, t, step, av)
         self.round_started: float | None = None
         self.uplink: Uplink | None = None
+        self.current: Assignment | None = None  # what the devices train under: adopted once its hand-over is ready
         self._incoming: dict[tuple[str, str], _Incoming] = {}
         self._committed: dict[str, set[str]] = {}
         self._lock = threading.RLock()
@@ -196,8 +205,10 @@ class Gateway:
                 num_examples,
                 affinity,
                 on_ack=self._on_ack,
+                before_assignment=self._prepare_assignment,
                 on_assignment=lambda a: self.events.emit("assigned", version=a.version),
                 send_window_chunks=self.send_window_chunks,
+                max_uploads_per_contact=self.uploads_per_contact or None,
             )
         self.events.emit("profiled", num_tokens=affinity.num_tokens, devices=len(reports))
         self.uplink.start()
@@ -205,8 +216,51 @@ class Gateway:
     def _on_ack(self, update: StagedUpdate) -> None:
         self.events.emit("upload_acked", content_hash=update.content_hash, bytes=update.size)
 
+    def _prepare_assignment(self, new: Assignment) -> None:
+        """Uplink thread, link up: pull the newest parts of the experts `new` gains; with the kept experts'
+        average they become the next cluster version, which the devices pull when they switch.
+
+        Raises (so the uplink does not adopt `new` yet; the next pass tries again) when the pull fails."""
+        with self._lock:
+            old = self.current
+        if new == old:
+            return
+        assert self.uplink is not None
+        gained, lost = handover.diff(old, new)
+        parts = [str(p["name"]) for p in self.manifest.get("expert_parts", [])]
+        timeout = max(60.0, self.uplink.call_timeout_s)  # a paced pull of full expert weights takes a while
+        tensors, nbytes = handover.fetch_gained(self.uplink.stub, self.uplink.metadata, gained, parts, timeout)
+        if old is not None:  # upload priorities are measured against what the satellite holds now
+            rebase_acked(self.outbox, set(new.pairs()), tensors)
+        with self._lock:
+            version = {**handover.only_experts(self.average or {}, set(new.pairs())), **tensors}
+            self.current = new
+            self.submissions.clear()  # trained under the old assignment: no round of the new one takes them
+            self.round_started = None
+            if version:
+                self._set_average(version)
+        if old is not None:
+            handed = sorted(handover.experts_of(tensors))
+            self.events.emit(
+                "reassigned",
+                old_version=old.version,
+                new_version=new.version,
+                gained=[list(x) for x in gained],
+                lost=[list(x) for x in lost],
+                handed_over=[list(x) for x in handed],
+                handed_over_sha256=handover.tensors_digest(tensors),
+                bytes_pulled=nbytes,
+                cluster_version=self.version,
+            )
+
+    def _set_average(self, tensors: dict[str, np.ndarray]) -> None:
+        """The next cluster version (lock held)."""
+        self.version += 1
+        self.average = tensors
+        self.average_blob = st_save({n: np.ascontiguousarray(tensors[n]) for n in sorted(tensors)})
+
     def assignment(self) -> pb.Assignment:
-        a = self.uplink.assignment if self.uplink is not None else None
+        a = self.current
         if a is None:
             return pb.Assignment(ready=False)
         return pb.Assignment(
@@ -219,7 +273,7 @@ class Gateway:
 
     def check_offer(self, device: str, offer: Any) -> str | None:
         """A refusal message, or None when the offer may go on."""
-        a = self.uplink.assignment if self.uplink is not None else None
+        a = self.current
         if a is None:
             return "no assignment yet"
         if offer.assignment_version != a.version:
@@ -289,7 +343,7 @@ class Gateway:
     def _maybe_close_round(self, timed: bool) -> None:
         with self._lock:
             current = {d: s for d, s in self.submissions.items() if s[0] == self.version}
-            a = self.uplink.assignment if self.uplink is not None else None
+            a = self.current
             if not current or a is None:
                 return
             current = {d: s for d, s in current.items() if s[3] == a.version}
@@ -305,9 +359,7 @@ class Gateway:
             except ValueError as exc:
                 log.warning("round %d: cannot average: %s", self.version, exc)
                 return
-            self.version += 1
-            self.average = avg
-            self.average_blob = st_save({n: np.ascontiguousarray(avg[n]) for n in sorted(avg)})
+            self._set_average(avg)
             for d in current:
                 self.devices[d].rounds += 1
                 del self.submissions[d]
@@ -495,8 +547,9 @@ class GatewayServicer(pb_grpc.FederationServicer):  # type: ignore[misc]
 
     def GetStatus(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> pb.StatusReply:
         self._device(context)
-        a = self.gw.uplink.assignment if self.gw.uplink is not None else None
-        with self.gw._lock:
+        with self.gw._lock:  # the assignment and the version it goes with, read together
+            a = self.gw.current
+            version = self.gw.version
             clusters = [
                 pb.ClusterStatus(cluster_id=d, joined=True, affinity_reported=s.affinity is not None)
                 for d, s in sorted(self.gw.devices.items())
@@ -505,7 +558,7 @@ class GatewayServicer(pb_grpc.FederationServicer):  # type: ignore[misc]
             strategy=self.gw.strategy,
             assignment_version=a.version if a is not None else 0,
             clusters=clusters,
-            global_version=self.gw.version,
+            global_version=version,
         )
 
 

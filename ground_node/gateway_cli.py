@@ -65,6 +65,7 @@ def run_gateway(args: argparse.Namespace, topology: dict[str, Any]) -> int:
         round_timeout_s=args.round_timeout,
         now=view.emulated_now,
         send_window_chunks=settings.training.send_window_chunks,
+        uploads_per_contact=settings.training.uploads_per_contact,
     )
     server, bound = serve(gw, args.listen)
     log.info("gateway of %s serves %d devices on port %d", args.cluster, devices, bound)

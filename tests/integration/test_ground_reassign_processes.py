@@ -202,3 +202,71 @@ def test_reassignment_hands_over_and_the_agent_switches(
         for part in ("gate_up_proj.lora_B", "down_proj.lora_B"):
             b = tensors[f"expert/{layer}/1/{part}"]
             assert np.abs(b).max() <= bound and np.abs(b).max() > 0
+
+
+def test_reassignment_of_a_gateway_cluster_reaches_its_devices(
+    lab: tuple[SatelliteProcess, Path, str], broker: BrokerProcess, tmp_path: Path
+) -> None:
+    """c0 is a gateway and two device processes: the gateway pulls the handed-over parts, the devices switch to
+    them. Regressions: devices kept training the old assignment while the gateway refused their uploads for ever;
+    the gateway ignored `training.uploads_per_contact` (one upload per contact, here one in the whole test)."""
+    from ground_node.handover import tensors_digest
+    from satellite_node.export import commits
+
+    sat, base, topo_text = lab
+    topology = yaml.safe_load(topo_text)
+    topology["clusters"][0]["devices"] = 2
+    topo_path = tmp_path / "topology.yaml"
+    topo_path.write_text(yaml.safe_dump(topology), encoding="utf-8")
+    gw_dir = tmp_path / "gateway"
+    gw_addr = f"127.0.0.1:{free_port()}"
+    ground = [sys.executable, "-m", "emsfl", "ground"]
+    shared = ["--topology", str(topo_path), "--broker", broker.address, "--cluster", "c0", "--base", str(base)]
+    argvs = [[*ground, "gateway", *shared, "--satellite", sat.target, "--listen", gw_addr, "--workdir", str(gw_dir)]]
+    dev_dirs = [tmp_path / f"d{i}" for i in range(2)]
+    for i, d in enumerate(dev_dirs):
+        argvs.append([*ground, "run", *shared, "--gateway", gw_addr, "--device", f"d{i}", "--workdir", str(d)])
+    log = open(tmp_path / "ground.log", "ab")  # noqa: SIM115 - closed at the end
+    repo = Path(__file__).resolve().parents[2]
+    c1 = Client(sat.target, "c1")
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        _wait("the satellite to see c1's link", lambda: _joined(c1), timeout_s=30)
+        c1.report(FIRST)
+        procs = [subprocess.Popen(a, cwd=repo, stdout=log, stderr=subprocess.STDOUT) for a in argvs]
+        _wait("the gateway's first upload", lambda: _of(gw_dir, "upload_acked"))
+        theirs = expert_update(base, HANDED, seed=7)
+        blob = encode(theirs)
+        offer = c1.offer(blob, theirs, 1)
+        assert c1.push(blob, list(offer.missing)).committed
+        c1.report(SECOND)
+        assert c1.reassign("drift").version == 2
+
+        gw_switch = _wait("the gateway's hand-over", lambda: _of(gw_dir, "reassigned"))[0]
+        assert (gw_switch["old_version"], gw_switch["new_version"]) == (1, 2)
+        assert [tuple(x) for x in gw_switch["handed_over"]] == HANDED
+        assert gw_switch["handed_over_sha256"] == tensors_digest(theirs)
+        for d in dev_dirs:
+            switched = _wait(f"{d.name}'s switch", lambda d=d: _of(d, "reassigned"))[0]
+            assert (switched["old_version"], switched["new_version"]) == (1, 2)
+            assert {tuple(x) for x in switched["gained"]} == NEW_SET
+            assert [tuple(x) for x in switched["handed_over"]] == HANDED
+            # the device started the gained experts from exactly what c1 had committed
+            assert switched["handed_over_sha256"] == tensors_digest(theirs)
+        seen = len(_events(gw_dir))
+        _wait("a round of the new assignment", lambda: _of(gw_dir, "round_closed", seen))
+        _wait("its upload", lambda: _of(gw_dir, "upload_acked", seen))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        log.close()
+        c1.close()
+    sat.stop()
+    mine = [c for c in commits(sat.state) if c["cluster"] == "c0"]
+    assert {(la, e) for la, e, _ in mine[-1]["experts"]} == NEW_SET
