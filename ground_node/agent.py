@@ -87,6 +87,7 @@ class GroundAgent:
         self._lock = threading.Lock()
         self.current: Assignment | None = None
         self._pending: Switch | None = None
+        self._handover_pull = handover.ResumablePull()  # a hand-over pull cut by the link resumes at the next pass
         self._switch_ready = threading.Event()
         self.trainer: Trainer | None = None
 
@@ -194,9 +195,10 @@ class GroundAgent:
         gained, _ = handover.diff(held, new)
         timeout = max(60.0, self.uplink.call_timeout_s)  # a paced pull of full expert weights takes a while
         up = self.uplink
-        tensors, nbytes = handover.fetch_gained(up.stub, up.metadata, gained, self.expert_parts, timeout)
-        if nbytes:
-            self.usage.add_downlink(nbytes)
+        tensors = handover.fetch_gained(
+            up.stub, up.metadata, gained, self.expert_parts, timeout, self._handover_pull, self.usage.add_downlink
+        )
+        if tensors:
             self.usage.add_pull()
         if held is not None:  # upload priorities are measured against what the satellite holds now
             rebase_acked(self.outbox, set(new.pairs()), tensors)

@@ -23,13 +23,13 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import numpy as np
 import torch
-from safetensors.numpy import load as st_load
 
 from ground_node.errors import GroundError
+from ground_node.handover import ResumablePull
 from ground_node.split import Assignment
 from ground_node.usage import Usage
 from protos.emsfl.v1 import federation_pb2 as pb
-from protos.wire import expert_name, parse_expert_name, sha256_hex
+from protos.wire import expert_name, parse_expert_name
 
 if TYPE_CHECKING:
     from ground_node.outbox import StagedUpdate
@@ -107,8 +107,7 @@ class BaselineClient:
             for expert in range(int(manifest.num_experts))
             for part in manifest.expert_parts
         ]
-        self._partial_hash = ""
-        self._partial: list[bytes] = []
+        self._puller = ResumablePull()  # a pull cut by the link resumes at the next pass
 
     @staticmethod
     def base_version(update: StagedUpdate) -> int:
@@ -153,35 +152,17 @@ class BaselineClient:
 
     def _pull(self, uplink: Uplink, version: int) -> bool:
         """Pull the trainable expert parts of global version `version`, resuming a cut pull; True when loaded."""
-        request = pb.PullRequest(
-            names=self.names,
-            resume_hash=self._partial_hash,
-            from_index=len(self._partial) if self._partial_hash else 0,
-        )
-        total = -1
         timeout = max(60.0, uplink.call_timeout_s)
-        for chunk in uplink.stub.PullTensors(request, metadata=uplink.metadata, timeout=timeout):
-            if chunk.content_hash != self._partial_hash or chunk.index == 0:
-                self._partial_hash, self._partial = chunk.content_hash, []  # a new blob: start over
-            if chunk.index != len(self._partial) or sha256_hex(chunk.data) != chunk.sha256:
-                self._partial_hash, self._partial = "", []
-                raise GroundError(f"pull: chunk {chunk.index} out of order or corrupt")
-            self._partial.append(bytes(chunk.data))
-            self.usage.add_downlink(len(chunk.data))
-            total = int(chunk.total_chunks)
-        if total < 0 or len(self._partial) != total:
+        pulled = self._puller.fetch(uplink.stub, uplink.metadata, self.names, timeout, self.usage.add_downlink)
+        if pulled is None:
             return False
-        blob = b"".join(self._partial)
-        digest, self._partial_hash, self._partial = self._partial_hash, "", []
-        if sha256_hex(blob) != digest:
-            raise GroundError("pull: the assembled blob does not match its content hash")
         after = uplink.stub.GetStatus(pb.StatusRequest(), metadata=uplink.metadata, timeout=uplink.call_timeout_s)
         if int(after.global_version) != version:
             return False  # a commit landed during the pull: the blob may be newer than `version`
-        tensors = {n: a for n, a in st_load(blob).items() if parse_expert_name(n) is not None}
+        tensors = {n: a for n, a in pulled.items() if parse_expert_name(n) is not None}
         self.usage.add_pull()
         self.state.offer_pulled(PulledModel(version, tensors))
-        log.info("pulled global version %d (%d bytes)", version, len(blob))
+        log.info("pulled global version %d (%d tensors)", version, len(tensors))
         return True
 
 

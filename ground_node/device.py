@@ -125,9 +125,13 @@ class GatewayClient:
         return bool(pushed.committed)
 
     def pull(self, names: list[str]) -> dict[str, np.ndarray]:
-        tensors, nbytes = handover.pull(self.stub, self.md, names, timeout=60)
-        self.bytes_pulled += nbytes
+        tensors = handover.ResumablePull().fetch(self.stub, self.md, names, 60, self._count_pulled)
+        if tensors is None:
+            raise GroundError("pull from the gateway: the stream ended before its last chunk")
         return tensors
+
+    def _count_pulled(self, nbytes: int) -> None:
+        self.bytes_pulled += nbytes
 
 
 class DeviceAgent:

@@ -141,6 +141,7 @@ class Gateway:
         self.round_started: float | None = None
         self.uplink: Uplink | None = None
         self.current: Assignment | None = None  # what the devices train under: adopted once its hand-over is ready
+        self._handover_pull = handover.ResumablePull()
         self._incoming: dict[tuple[str, str], _Incoming] = {}
         self._committed: dict[str, set[str]] = {}
         self._lock = threading.RLock()
@@ -229,7 +230,9 @@ class Gateway:
         gained, lost = handover.diff(old, new)
         parts = [str(p["name"]) for p in self.manifest.get("expert_parts", [])]
         timeout = max(60.0, self.uplink.call_timeout_s)  # a paced pull of full expert weights takes a while
-        tensors, nbytes = handover.fetch_gained(self.uplink.stub, self.uplink.metadata, gained, parts, timeout)
+        pulled: list[int] = []
+        up, puller = self.uplink, self._handover_pull
+        tensors = handover.fetch_gained(up.stub, up.metadata, gained, parts, timeout, puller, pulled.append)
         if old is not None:  # upload priorities are measured against what the satellite holds now
             rebase_acked(self.outbox, set(new.pairs()), tensors)
         with self._lock:
@@ -249,7 +252,7 @@ class Gateway:
                 lost=[list(x) for x in lost],
                 handed_over=[list(x) for x in handed],
                 handed_over_sha256=handover.tensors_digest(tensors),
-                bytes_pulled=nbytes,
+                bytes_pulled=sum(pulled),  # in this pass (a resumed pull got the rest of it earlier)
                 cluster_version=self.version,
             )
 

@@ -1,7 +1,8 @@
 """Re-assignment on the ground (DESIGN §4.2): what changes hands when the satellite moves experts between clusters.
 
 - `fetch_gained` pulls the newest parts (LoRA factors or full weights, as the manifest's `expert_parts` say) of the
-  experts a cluster gained, for those the satellite has a version of; the others start from the base.
+  experts a cluster gained, for those the satellite has a version of; the others start from the base. The pull is a
+  `ResumablePull`: when the link cuts it, the next pass asks only for the chunks still missing.
 - `carry_over` / `restore` move what a cluster keeps from its old trainer to the rebuilt one: the kept experts'
   trained parts and, per fused tensor, the optimizer moments of their slices.
 
@@ -14,7 +15,7 @@ one that gains none (its layer kept or lost experts) continues its kept slices' 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -78,32 +79,70 @@ def versioned_experts(stub: Any, metadata: Any, timeout: float) -> set[Expert]:
     return {(int(x.layer), int(x.expert)) for x in status.experts}
 
 
-def pull(stub: Any, metadata: Any, names: list[str], timeout: float) -> tuple[dict[str, np.ndarray], int]:
-    """(tensors, bytes) of a PullTensors call; every chunk and the whole blob are checked against their hashes."""
-    parts: list[bytes] = []
-    digest = ""
-    for chunk in stub.PullTensors(pb.PullRequest(names=names), metadata=metadata, timeout=timeout):
-        if chunk.index != len(parts) or sha256_hex(chunk.data) != chunk.sha256:
-            raise GroundError(f"hand-over pull: chunk {chunk.index} out of order or corrupt")
-        digest = chunk.content_hash
-        parts.append(bytes(chunk.data))
-    blob = b"".join(parts)
-    if not parts or sha256_hex(blob) != digest:
-        raise GroundError("hand-over pull: the assembled blob does not match its content hash")
-    return dict(st_load(blob)), len(blob)
+class ResumablePull:
+    """A `PullTensors` download that survives cuts: the chunks received stay, and the next `fetch` of the same names
+    asks only for the rest of the same blob (the server starts over, and so does this, when its blob changed).
+
+    Without it a pull longer than a contact would restart at every pass and never finish."""
+
+    def __init__(self) -> None:
+        self.content_hash = ""
+        self.parts: list[bytes] = []
+
+    def fetch(
+        self,
+        stub: Any,
+        metadata: Any,
+        names: list[str],
+        timeout: float,
+        on_bytes: Callable[[int], None] | None = None,
+    ) -> dict[str, np.ndarray] | None:
+        """The tensors, or None when the stream ended before the last chunk; every chunk and the whole blob are
+        checked against their hashes. A cut raises (grpc.RpcError) and keeps what arrived for the next call."""
+        request = pb.PullRequest(
+            names=names, resume_hash=self.content_hash, from_index=len(self.parts) if self.content_hash else 0
+        )
+        total = -1
+        for chunk in stub.PullTensors(request, metadata=metadata, timeout=timeout):
+            if chunk.content_hash != self.content_hash or chunk.index == 0:
+                self.content_hash, self.parts = chunk.content_hash, []  # a new blob: start over
+            if chunk.index != len(self.parts) or sha256_hex(chunk.data) != chunk.sha256:
+                self.content_hash, self.parts = "", []
+                raise GroundError(f"pull: chunk {chunk.index} out of order or corrupt")
+            self.parts.append(bytes(chunk.data))
+            if on_bytes is not None:
+                on_bytes(len(chunk.data))
+            total = int(chunk.total_chunks)
+        if total < 0 or len(self.parts) != total:
+            return None
+        blob = b"".join(self.parts)
+        digest, self.content_hash, self.parts = self.content_hash, "", []
+        if sha256_hex(blob) != digest:
+            raise GroundError("pull: the assembled blob does not match its content hash")
+        return dict(st_load(blob))
 
 
 def fetch_gained(
-    stub: Any, metadata: Any, gained: list[Expert], parts: list[str], timeout: float
-) -> tuple[dict[str, np.ndarray], int]:
-    """(newest parts of the gained experts the satellite has a version of, bytes pulled)."""
+    stub: Any,
+    metadata: Any,
+    gained: list[Expert],
+    parts: list[str],
+    timeout: float,
+    puller: ResumablePull,
+    on_bytes: Callable[[int], None] | None = None,
+) -> dict[str, np.ndarray]:
+    """The newest parts of the gained experts the satellite has a version of (the others start from the base).
+    Raises when the pull is cut or incomplete; `puller` keeps what arrived, so the next call resumes."""
     if not gained:
-        return {}, 0
+        return {}
     versioned = versioned_experts(stub, metadata, timeout)
     names = [expert_name(la, e, p) for la, e in gained if (la, e) in versioned for p in parts]
     if not names:
-        return {}, 0
-    return pull(stub, metadata, names, timeout)
+        return {}
+    tensors = puller.fetch(stub, metadata, names, timeout, on_bytes)
+    if tensors is None:
+        raise GroundError("hand-over pull: the stream ended before its last chunk")
+    return tensors
 
 
 # ---- carrying state over to the rebuilt trainer ------------------------------------------------

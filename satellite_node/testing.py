@@ -111,7 +111,8 @@ class OrbitStub:
         self.bus.publish(topics.CLOCK, "clock", self.clock.to_payload(), retain=True)
         return self
 
-    def set_link(self, cluster: str, up: bool) -> None:
+    def set_link(self, cluster: str, up: bool, rate_bps: float | None = None) -> None:
+        """Publish a link state; `rate_bps` makes the satellite pace the cluster's transfers to that rate."""
         seq = self._seq.get(cluster, 0) + 1
         self._seq[cluster] = seq
         payload: dict[str, Any] = {
@@ -123,6 +124,8 @@ class OrbitStub:
             "since": to_iso(self.clock.now()),
             "until": None,
         }
+        if rate_bps is not None:
+            payload["rate_bps"] = rate_bps
         self.bus.publish(topics.link(cluster), "link", payload, retain=True)
 
     def stop(self) -> None:
