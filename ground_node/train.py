@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -52,7 +53,10 @@ def wrap_lora(model: nn.Module, adapter: FamilyAdapter, rank: int, alpha: float,
         target_modules=[],
         target_parameters=targets,
     )
-    wrapped: nn.Module = get_peft_model(model, config)
+    with warnings.catch_warnings():
+        # PEFT 0.21 reads transformers' deprecated `is_gradient_checkpointing` alias: not ours to fix, only noise
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        wrapped: nn.Module = get_peft_model(model, config)
     return wrapped
 
 
