@@ -237,7 +237,7 @@ class GroundAgent:
         """Training thread: rebuild the sub-model and trainer for a new assignment, persist, report."""
         new = switch.assignment
         prev = old.assignment if old is not None else None
-        gained, lost = handover.diff(prev, new)
+        gained, _ = handover.diff(prev, new)
         handed = handover.experts_of(switch.tensors)
         fresh = set(gained) | handed
         carry = handover.carry_over(old, set(new.pairs()) - fresh) if old is not None else None
@@ -254,16 +254,8 @@ class GroundAgent:
         with self._lock:
             self.current = new
         if prev is not None:
-            self.events.emit(
-                "reassigned",
-                old_version=prev.version,
-                new_version=new.version,
-                step=trainer.step,
-                gained=[list(x) for x in gained],
-                lost=[list(x) for x in lost],
-                handed_over=[list(x) for x in sorted(handed)],
-                handed_over_sha256=handover.tensors_digest(handover.only_experts(trainer.expert_state(), handed)),
-            )
+            loaded = handover.only_experts(trainer.expert_state(), handed)
+            self.events.emit("reassigned", step=trainer.step, **handover.reassigned_event(prev, new, loaded))
         self._emit_assigned(new)
         return trainer
 

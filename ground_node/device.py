@@ -272,7 +272,7 @@ class DeviceAgent:
         version = int(status.global_version)  # made for `new` (the gateway switches both at once)
         pulled = self.client.pull(["expert/"]) if version > 0 else {}
         tensors = handover.only_experts(pulled, set(new.pairs()))
-        gained, lost = handover.diff(prev, new)
+        gained, _ = handover.diff(prev, new)
         carry = handover.carry_over(old, set(new.pairs()) - set(gained))
         del old
         gc.collect()  # the old sub-model goes before the new one is read
@@ -281,17 +281,8 @@ class DeviceAgent:
         load_expert_state(trainer, tensors)
         self.base_version = version
         trainer.save_checkpoint(self.workdir)
-        handed = sorted(handover.experts_of(tensors) & set(gained))
-        self.events.emit(
-            "reassigned",
-            old_version=prev.version,
-            new_version=new.version,
-            step=trainer.step,
-            gained=[list(x) for x in gained],
-            lost=[list(x) for x in lost],
-            handed_over=[list(x) for x in handed],
-            handed_over_sha256=handover.tensors_digest(handover.only_experts(tensors, set(handed))),
-        )
+        handed = handover.only_experts(tensors, set(gained))
+        self.events.emit("reassigned", step=trainer.step, **handover.reassigned_event(prev, new, handed))
         self._assigned(new)
         return trainer, new
 

@@ -227,7 +227,7 @@ class Gateway:
         if new == old:
             return
         assert self.uplink is not None
-        gained, lost = handover.diff(old, new)
+        gained, _ = handover.diff(old, new)
         parts = [str(p["name"]) for p in self.manifest.get("expert_parts", [])]
         timeout = max(60.0, self.uplink.call_timeout_s)  # a paced pull of full expert weights takes a while
         pulled: list[int] = []
@@ -243,17 +243,11 @@ class Gateway:
             if version:
                 self._set_average(version)
         if old is not None:
-            handed = sorted(handover.experts_of(tensors))
             self.events.emit(
                 "reassigned",
-                old_version=old.version,
-                new_version=new.version,
-                gained=[list(x) for x in gained],
-                lost=[list(x) for x in lost],
-                handed_over=[list(x) for x in handed],
-                handed_over_sha256=handover.tensors_digest(tensors),
                 bytes_pulled=sum(pulled),  # in this pass (a resumed pull got the rest of it earlier)
                 cluster_version=self.version,
+                **handover.reassigned_event(old, new, tensors),
             )
 
     def _set_average(self, tensors: dict[str, np.ndarray]) -> None:

@@ -70,6 +70,20 @@ def tensors_digest(tensors: Mapping[str, np.ndarray]) -> str:
     return h.hexdigest()
 
 
+def reassigned_event(old: Assignment, new: Assignment, handed: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """Fields of the `reassigned` event: the versions, the gained and lost experts, and the handed-over experts
+    with the digest of their parts (`handed`: those parts as they went into the model)."""
+    gained, lost = diff(old, new)
+    return {
+        "old_version": old.version,
+        "new_version": new.version,
+        "gained": [list(x) for x in gained],
+        "lost": [list(x) for x in lost],
+        "handed_over": [list(x) for x in sorted(experts_of(handed))],
+        "handed_over_sha256": tensors_digest(handed),
+    }
+
+
 # ---- fetching from the satellite ---------------------------------------------------------------
 
 
