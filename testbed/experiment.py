@@ -328,7 +328,9 @@ def run_experiment(opts: ExperimentOptions) -> dict[str, Any]:
     }
     write_json(exp_dir / "comparison.json", result)
     (exp_dir / "comparison.md").write_text(_markdown(result, summaries), encoding="utf-8")
-    _plot(exp_dir, summaries[grid[0][0]])
+    for rate, per_strategy in summaries.items():  # the first rate's plots keep the plain names
+        suffix = "" if rate == grid[0][0] else f"-{_rate_label(rate)}"
+        _plot(exp_dir, per_strategy, suffix, by_rate[_rate_label(rate)]["target_accuracy"], _rate_label(rate))
     print(f"[experiment] written to {exp_dir} in {result['wall_seconds']:.0f} s", flush=True)
     return result
 
@@ -364,7 +366,7 @@ def _num(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
-def _plot(exp_dir: Path, per_strategy: dict[str, list[dict[str, Any]]]) -> None:
+def _plot(exp_dir: Path, per_strategy: dict[str, list[dict[str, Any]]], suffix: str, target: float, rate: str) -> None:
     def hours(summary: dict[str, Any]) -> list[tuple[float, float]]:
         start = parse_iso(summary["emulated_start"])
         return [
@@ -380,21 +382,25 @@ def _plot(exp_dir: Path, per_strategy: dict[str, list[dict[str, Any]]]) -> None:
             }
         return out
 
+    def png(name: str) -> Path:
+        return exp_dir / f"{name}{suffix}.png"
+
     plots.accuracy_by_strategy(
-        exp_dir / "accuracy_vs_time.png",
+        png("accuracy_vs_time"),
         {s: [hours(r) for r in runs] for s, runs in per_strategy.items()},
-        "Global accuracy against emulated time",
+        f"Global accuracy against emulated time ({rate})",
+        target,
     )
     plots.grouped_bars(
-        exp_dir / "per_cluster_accuracy.png", per_cluster_mean("accuracy"), "accuracy", "Per-cluster accuracy"
+        png("per_cluster_accuracy"), per_cluster_mean("accuracy"), "accuracy", f"Per-cluster accuracy ({rate})"
     )
     uplink = {s: {c: v / 1e6 for c, v in per.items()} for s, per in per_cluster_mean("bytes").items()}
-    plots.grouped_bars(exp_dir / "uplink_bytes.png", uplink, "uplink (MB)", "Uplink bytes per cluster")
+    plots.grouped_bars(png("uplink_bytes"), uplink, "uplink (MB)", f"Uplink bytes per cluster ({rate})")
     plots.grouped_bars(
-        exp_dir / "peak_memory.png", per_cluster_mean("peak_rss_mb"), "peak RSS (MB)", "Device peak memory"
+        png("peak_memory"), per_cluster_mean("peak_rss_mb"), "peak RSS (MB)", f"Device peak memory ({rate})"
     )
     idle = {s: {c: v / 3600.0 for c, v in per.items()} for s, per in per_cluster_mean("idle_seconds").items()}
-    plots.grouped_bars(exp_dir / "idle_waiting.png", idle, "hours", "Time idle waiting for a model")
+    plots.grouped_bars(png("idle_waiting"), idle, "hours", f"Time idle waiting for a model ({rate})")
     emsfl_runs = per_strategy.get("emsfl")
     if emsfl_runs:
         heatmap = emsfl_runs[0]["run_id"]

@@ -84,8 +84,11 @@ def assignment_heatmap(path: Path, owners: list[list[int]], clusters: list[str])
     plt.close(fig)
 
 
-def accuracy_by_strategy(path: Path, curves: dict[str, list[list[tuple[float, float]]]], title: str) -> None:
-    """Global accuracy against emulated hours: one colour per strategy, one line per seed."""
+def accuracy_by_strategy(
+    path: Path, curves: dict[str, list[list[tuple[float, float]]]], title: str, target: float | None = None
+) -> None:
+    """Global accuracy against emulated hours: one colour per strategy, one line per seed, the target dashed.
+    The y axis ends a little above the highest value, so that low accuracies (a hard task, early runs) stay legible."""
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for i, (strategy, runs) in enumerate(curves.items()):
         for j, points in enumerate(runs):
@@ -98,9 +101,12 @@ def accuracy_by_strategy(path: Path, curves: dict[str, list[list[tuple[float, fl
                 markersize=3,
                 label=strategy if j == 0 else None,
             )
+    if target is not None:
+        ax.axhline(target, color="k", linestyle="--", linewidth=1, label=f"target {target:.3f}")
+    highest = max([a for runs in curves.values() for points in runs for _, a in points] + [target or 0.0])
     ax.set_xlabel("emulated time since start (h)")
     ax.set_ylabel("exact-match accuracy (global test set)")
-    ax.set_ylim(0, 1)
+    ax.set_ylim(0, min(1.0, max(0.05, highest * 1.15)))
     ax.grid(alpha=0.3)
     ax.legend()
     ax.set_title(title)
