@@ -155,6 +155,8 @@ class DeviceAgent:
         self.data: list[Any] = []
         self.tok: Any = None
         self.profile: Profile | None = None
+        self.trainer: Trainer | None = None
+        self.assignment: Assignment | None = None
 
     def _retry(self, call: Any, stop: threading.Event) -> Any:
         """A LAN call, retried while the gateway is not up yet (UNAVAILABLE)."""
@@ -207,20 +209,21 @@ class DeviceAgent:
             return self.report()
         self.data, self.tok, self.profile = data, tok, profile
         self._assigned(assignment)
-        trainer = self._build(assignment)
-        if trainer.load_checkpoint(self.workdir):
-            log.info("resumed from step %d", trainer.step)
-        self._catch_up(trainer, stop)
+        self.trainer = self._build(assignment)
+        if self.trainer.load_checkpoint(self.workdir):
+            log.info("resumed from step %d", self.trainer.step)
+        self._catch_up(stop)
         try:
-            trainer = self._loop(trainer, assignment, stop)
+            self._loop(stop)
         finally:
-            if trainer.step > 0:
-                trainer.save_checkpoint(self.workdir)
+            if self.trainer is not None and self.trainer.step > 0:
+                self.trainer.save_checkpoint(self.workdir)
             self.client.close()
         return self.report()
 
     def _assigned(self, assignment: Assignment) -> None:
         assert self.profile is not None
+        self.assignment = assignment
         self.coverage = coverage_from_probs(self.profile.probs, self.profile.top_k, assignment)
         self.events.emit("assigned", version=assignment.version, coverage=round(self.coverage, 4))
 
@@ -231,84 +234,89 @@ class DeviceAgent:
         model, adapter = load_base_split(self.opt.base_dir, assignment if s.training.split == "mask" else None)
         return Trainer(model, adapter, s.training, assignment, self.data, s.seed, tok=self.tok)
 
-    def _catch_up(self, trainer: Trainer, stop: threading.Event) -> None:
+    def _catch_up(self, stop: threading.Event) -> None:
         """A device that (re)joins a cluster whose gateway already averaged starts from the cluster average."""
         status = self._retry(lambda: self.client.stub.GetStatus(pb.StatusRequest(), metadata=self.client.md), stop)
         if status is not None and status.global_version > self.base_version:
-            self._pull(trainer, int(status.global_version))
+            self._pull(int(status.global_version))
 
-    def _pull(self, trainer: Trainer, version: int) -> None:
+    def _pull(self, version: int) -> None:
+        assert self.trainer is not None
         tensors = self.client.pull(["expert/"])
-        load_expert_state(trainer, tensors)
+        load_expert_state(self.trainer, tensors)
         self.base_version = version
         self.rounds += 1
-        self.events.emit("synced", version=version, step=trainer.step)
+        self.events.emit("synced", version=version, step=self.trainer.step)
 
-    def _loop(self, trainer: Trainer, assignment: Assignment, stop: threading.Event) -> Trainer:
-        """Train until `stop`; returns the trainer in use then (a re-assignment replaces it)."""
+    def _loop(self, stop: threading.Event) -> None:
         t = self.settings.training
         while not stop.is_set():
-            loss = trainer.train_step()
-            self.steps = trainer.step
+            assert self.trainer is not None
+            loss = self.trainer.train_step()
+            step = self.trainer.step
+            self.steps = step
             self.last_loss = loss
-            if trainer.step % self.opt.train_event_every == 0:
-                self.events.emit("train", step=trainer.step, loss=round(loss, 5))
-            if trainer.step % t.stage_every_steps == 0:
-                trainer, assignment = self._sync(trainer, assignment, stop)
-            if trainer.step % t.checkpoint_every_steps == 0:
-                trainer.save_checkpoint(self.workdir)
-        return trainer
+            if step % self.opt.train_event_every == 0:
+                self.events.emit("train", step=step, loss=round(loss, 5))
+            if step % t.stage_every_steps == 0:
+                self._sync(stop)  # may switch `self.trainer` to a new assignment
+            if step % t.checkpoint_every_steps == 0:
+                self.trainer.save_checkpoint(self.workdir)
 
-    def _switch(self, old: Trainer, prev: Assignment) -> tuple[Trainer, Assignment]:
+    def _switch(self) -> None:
         """The cluster was re-assigned: rebuild the sub-model for the gateway's assignment and start from the
         gateway's version of it (the kept experts' average, the gained experts' handed-over parts)."""
+        assert self.trainer is not None and self.assignment is not None
+        prev = self.assignment
         reply = self.client.stub.GetAssignment(pb.AssignmentRequest(), metadata=self.client.md, timeout=10)
-        if not reply.ready:
-            return old, prev
+        if not reply.ready or _from_reply(reply) == prev:
+            return
         new = _from_reply(reply)
-        if new == prev:
-            return old, prev
         status = self.client.stub.GetStatus(pb.StatusRequest(), metadata=self.client.md, timeout=10)
         version = int(status.global_version)  # made for `new` (the gateway switches both at once)
         pulled = self.client.pull(["expert/"]) if version > 0 else {}
         tensors = handover.only_experts(pulled, set(new.pairs()))
         gained, _ = handover.diff(prev, new)
-        carry = handover.carry_over(old, set(new.pairs()) - set(gained))
-        del old
+        carry = handover.carry_over(self.trainer, set(new.pairs()) - set(gained))
+        self.trainer = None
         gc.collect()  # the old sub-model goes before the new one is read
         trainer = self._build(new)
         handover.restore(trainer, carry, {layer for layer, _ in gained})
         load_expert_state(trainer, tensors)
+        self.trainer = trainer
         self.base_version = version
         trainer.save_checkpoint(self.workdir)
         handed = handover.only_experts(tensors, set(gained))
         self.events.emit("reassigned", step=trainer.step, **handover.reassigned_event(prev, new, handed))
         self._assigned(new)
-        return trainer, new
 
-    def _sync(self, trainer: Trainer, assignment: Assignment, stop: threading.Event) -> tuple[Trainer, Assignment]:
+    def _sync(self, stop: threading.Event) -> None:
+        trainer, assignment = self.trainer, self.assignment
+        assert trainer is not None and assignment is not None
+
         def reassigned(status: pb.StatusReply) -> bool:  # a version made for another assignment is not pulled
             return status.assignment_version not in (0, assignment.version)
 
         try:
             status = self.client.stub.GetStatus(pb.StatusRequest(), metadata=self.client.md, timeout=10)
             if reassigned(status):
-                return self._switch(trainer, assignment)
+                del trainer  # no reference to the old sub-model may outlive the switch
+                return self._switch()
             self.client.upload(trainer.expert_state(), assignment.version, trainer.step, self.base_version)
             self.events.emit("device_upload", step=trainer.step, base_version=self.base_version)
+            del trainer
             deadline = time.monotonic() + self.opt.round_wait_s
             while not stop.is_set() and time.monotonic() < deadline:
                 status = self.client.stub.GetStatus(pb.StatusRequest(), metadata=self.client.md, timeout=10)
                 if reassigned(status):
-                    return self._switch(trainer, assignment)
+                    return self._switch()
                 if status.global_version > self.base_version:
-                    self._pull(trainer, int(status.global_version))
+                    self._pull(int(status.global_version))
                     self.report()  # the gateway folds the devices' reports into the cluster's
-                    break
+                    return
                 stop.wait(0.1)
         except grpc.RpcError as exc:
             log.warning("sync with the gateway failed (%s); training on", exc.code())
-        return trainer, assignment
 
     def report(self) -> dict[str, Any]:
         report = {
