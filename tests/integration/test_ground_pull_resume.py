@@ -37,7 +37,7 @@ clusters:
   - {id: c0, capacity_experts: 1}
   - {id: c1, capacity_experts: 1}
 """
-RATE_BPS = 32e6  # 4 MB/s: each 1 MiB chunk takes about 0.26 s, time enough to cut the link in between
+RATE_BPS = 16e6  # 2 MB/s: each 1 MiB chunk takes about 0.5 s, time enough to cut the link in between
 PARTS = ["gate_up_proj.lora_A", "gate_up_proj.lora_B", "down_proj.lora_A", "down_proj.lora_B"]
 NAMES = [expert_name(0, 0, p) for p in PARTS]
 
@@ -98,7 +98,18 @@ def _cut_after_first_chunk(lab: Lab, puller: ResumablePull, reader: Client) -> i
         puller.fetch(reader.stub, reader.md, NAMES, 60, on_bytes)
     assert cut.value.code() == grpc.StatusCode.UNAVAILABLE
     lab.link("c0", True)
+    wait_until("the satellite to see c0's link up again", lambda: _link_up(reader), 30)
     return sum(got)
+
+
+def _link_up(client: Client) -> bool:
+    try:
+        client.status()  # link-gated, like every call of a cluster
+    except grpc.RpcError as exc:
+        if exc.code() != grpc.StatusCode.UNAVAILABLE:
+            raise
+        return False
+    return True
 
 
 def test_a_pull_cut_by_the_link_resumes_and_restarts_only_for_a_new_blob(lab: Lab) -> None:
