@@ -302,6 +302,9 @@ class DeviceAgent:
             if reassigned(status):
                 del trainer  # no reference to the old sub-model may outlive the switch
                 return self._switch()
+            if status.global_version < self.base_version:  # a gateway that lost its state counts rounds anew
+                log.warning("gateway version went back to %d; following it", status.global_version)
+                self.base_version = int(status.global_version)
             self.client.upload(trainer.expert_state(), assignment.version, trainer.step, self.base_version)
             self.events.emit("device_upload", step=trainer.step, base_version=self.base_version)
             del trainer

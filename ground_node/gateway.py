@@ -16,6 +16,9 @@ cluster that talks to the satellite:
   fetch with `PullTensors` (`GetStatus.global_version` tells them), and is staged in the gateway's outbox, from
   where the uplink sends it to the satellite at the next contact (resumable, link-aware, as a single node does).
 
+Its version, assignment and latest average are on disk (`gateway.json`, `average.safetensors`) before a device can
+see them, so a gateway restarted after `kill -9` goes on where it stopped: its devices' rounds still match.
+
 No torch: the gateway only moves and averages numpy arrays.
 """
 
@@ -36,7 +39,7 @@ import numpy as np
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
-from emsfl.durable import atomic_write_json
+from emsfl.durable import atomic_write_bytes, atomic_write_json
 from ground_node import handover
 from ground_node.channel import SERVER_KEEPALIVE_OPTIONS
 from ground_node.outbox import Outbox, StagedUpdate
@@ -52,6 +55,8 @@ from protos.wire import CHUNK_SIZE, CLUSTER_METADATA_KEY, chunk_messages, parse_
 log = logging.getLogger(__name__)
 
 DEVICE_METADATA_KEY = "emsfl-device"
+STATE = "gateway.json"  # version and assignment, so that a restarted gateway goes on where it stopped
+AVERAGE = "average.safetensors"  # the cluster average of that version
 MAX_MESSAGE_BYTES = 64 << 20
 
 
@@ -147,6 +152,7 @@ class Gateway:
         self._lock = threading.RLock()
         self._halt = threading.Event()
         self._ticker = threading.Thread(target=self._tick_loop, name=f"gateway-{cluster}", daemon=True)
+        self._restore()
 
     # ---- lifecycle ------------------------------------------------------------------------------
 
@@ -179,12 +185,14 @@ class Gateway:
             state = self.devices.setdefault(device, DeviceState(device))
             state.num_examples = int(num_examples)
             state.capabilities.update(capabilities)
+            self._persist()
         self.events.emit("device_joined", device=device, num_examples=int(num_examples))
 
     def report_affinity(self, device: str, affinity: Affinity) -> tuple[int, int]:
         with self._lock:
             self.devices.setdefault(device, DeviceState(device)).affinity = affinity
             reported = sum(1 for d in self.devices.values() if d.affinity is not None)
+            self._persist()
         self._maybe_start_uplink()
         return reported, self.expected
 
@@ -242,6 +250,8 @@ class Gateway:
             self.round_started = None
             if version:
                 self._set_average(version)
+            else:
+                self._persist()
         if old is not None:
             self.events.emit(
                 "reassigned",
@@ -251,10 +261,43 @@ class Gateway:
             )
 
     def _set_average(self, tensors: dict[str, np.ndarray]) -> None:
-        """The next cluster version (lock held)."""
+        """The next cluster version (lock held), on disk before any device can pull it."""
         self.version += 1
         self.average = tensors
         self.average_blob = st_save({n: np.ascontiguousarray(tensors[n]) for n in sorted(tensors)})
+        atomic_write_bytes(self.workdir / AVERAGE, self.average_blob)
+        self._persist()
+
+    def _persist(self) -> None:
+        """Devices, assignment and version (lock held). A restarted gateway goes on from them: it starts its uplink
+        without waiting for devices that joined long ago, its devices' rounds still match its version, and it does
+        not hand over again what it already holds."""
+        devices = {
+            d: {"num_examples": s.num_examples, "affinity": _affinity_json(s.affinity)} for d, s in self.devices.items()
+        }
+        state = {
+            "version": self.version,
+            "assignment": self.current.to_json() if self.current else None,
+            "devices": devices,
+        }
+        atomic_write_json(self.workdir / STATE, state)
+
+    def _restore(self) -> None:
+        state_path, average_path = self.workdir / STATE, self.workdir / AVERAGE
+        if not state_path.exists():
+            return
+        state = json.loads(state_path.read_text(encoding="utf-8"))
+        self.version = int(state["version"])
+        if state.get("assignment"):
+            self.current = Assignment.from_json(state["assignment"])
+        for d, saved in state.get("devices", {}).items():
+            device = self.devices.setdefault(d, DeviceState(d))
+            device.num_examples = int(saved["num_examples"])
+            device.affinity = _affinity_from_json(saved.get("affinity"))
+        if average_path.exists():
+            self.average_blob = average_path.read_bytes()
+            self.average = dict(st_load(self.average_blob))
+        log.info("gateway of %s resumes at version %d", self.cluster, self.version)
 
     def assignment(self) -> pb.Assignment:
         a = self.current
@@ -429,6 +472,20 @@ class Gateway:
         }
         atomic_write_json(self.workdir / "report.json", report)
         return report
+
+
+def _affinity_json(affinity: Affinity | None) -> dict[str, Any] | None:
+    if affinity is None:
+        return None
+    return {"gate": affinity.gate.tolist(), "freq": affinity.freq.tolist(), "num_tokens": affinity.num_tokens}
+
+
+def _affinity_from_json(saved: dict[str, Any] | None) -> Affinity | None:
+    if saved is None:
+        return None
+    return Affinity(
+        np.asarray(saved["gate"], np.float32), np.asarray(saved["freq"], np.float32), int(saved["num_tokens"])
+    )
 
 
 def _peak_rss_mb() -> float:

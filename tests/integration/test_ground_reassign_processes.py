@@ -208,8 +208,9 @@ def test_reassignment_of_a_gateway_cluster_reaches_its_devices(
     lab: tuple[SatelliteProcess, Path, str], broker: BrokerProcess, tmp_path: Path
 ) -> None:
     """c0 is a gateway and two device processes: the gateway pulls the handed-over parts, the devices switch to
-    them. Regressions: devices kept training the old assignment while the gateway refused their uploads for ever;
-    the gateway ignored `training.uploads_per_contact` (one upload per contact, here one in the whole test)."""
+    them; then a `kill -9` of the gateway. Regressions: devices kept training the old assignment while the gateway
+    refused their uploads for ever; the gateway ignored `training.uploads_per_contact` (one upload per contact, here
+    one in the whole test); a restarted gateway counted its rounds from 0, so no round of its devices ever closed."""
     from ground_node.handover import tensors_digest
     from satellite_node.export import commits
 
@@ -256,6 +257,17 @@ def test_reassignment_of_a_gateway_cluster_reaches_its_devices(
         seen = len(_events(gw_dir))
         _wait("a round of the new assignment", lambda: _of(gw_dir, "round_closed", seen))
         _wait("its upload", lambda: _of(gw_dir, "upload_acked", seen))
+
+        # kill -9 the gateway: restarted, it goes on from its version and assignment, and its devices' rounds close
+        procs[0].send_signal(signal.SIGKILL)
+        procs[0].wait()
+        last = max(e["version"] for e in _of(gw_dir, "round_closed"))
+        seen = len(_events(gw_dir))
+        procs[0] = subprocess.Popen(argvs[0], cwd=repo, stdout=log, stderr=subprocess.STDOUT)
+        resumed = _wait("a round after the restart", lambda: _of(gw_dir, "round_closed", seen))[0]
+        assert resumed["version"] == last + 1
+        _wait("an upload after the restart", lambda: _of(gw_dir, "upload_acked", seen))
+        assert not _of(gw_dir, "reassigned", seen)  # nothing handed over again
     finally:
         for p in procs:
             if p.poll() is None:
