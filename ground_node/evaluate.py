@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -104,6 +105,14 @@ def _allowed_mask(nodes: Sequence[Trie | None], vocab: int) -> torch.Tensor:
     return mask
 
 
+def cache_keyword(model: nn.Module) -> str:
+    """The KV cache's name in `forward` and its output: `cache` from transformers 5.24 (which deprecates
+    `past_key_values`), `past_key_values` before (where an unknown `cache=` is silently ignored: wrong logits)."""
+    unwrap: Any = getattr(model, "get_base_model", None)  # a PEFT model: the HF model inside
+    inner: Any = unwrap() if unwrap is not None else model
+    return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
+
+
 @torch.no_grad()
 def greedy_answers(
     model: nn.Module, tok: Tokenizer, examples: Sequence[Example], max_new: int, choices: Sequence[str] | None = None
@@ -114,6 +123,7 @@ def greedy_answers(
     one of them: the model still generates the label token by token, it just cannot spell a non-label.
     """
     trie = label_trie(tok, choices) if choices else None
+    cache_kw = cache_keyword(model)
     device = next(model.parameters()).device  # prompts go where the model is (training.device)
     groups: dict[int, list[int]] = defaultdict(list)
     for i, ex in enumerate(examples):
@@ -129,8 +139,8 @@ def greedy_answers(
             out: list[torch.Tensor] = []
             past: Any = None  # the KV cache: each step feeds only the new token (no padding, so positions follow)
             for _ in range(max_new):
-                step = model(input_ids=ids, past_key_values=past, use_cache=True)
-                past, logits = step.past_key_values, step.logits[:, -1]
+                step = model(input_ids=ids, use_cache=True, **{cache_kw: past})
+                past, logits = step.get(cache_kw), step.logits[:, -1]
                 if trie is not None:
                     allowed = _allowed_mask(nodes, logits.shape[-1]).to(device)
                     logits = logits.masked_fill(~allowed, float("-inf"))
