@@ -269,9 +269,9 @@ class DeviceAgent:
         assert self.trainer is not None and self.assignment is not None
         prev = self.assignment
         reply = self.client.stub.GetAssignment(pb.AssignmentRequest(), metadata=self.client.md, timeout=10)
-        if not reply.ready or _from_reply(reply) == prev:
+        new = _from_reply(reply) if reply.ready else prev
+        if new == prev:
             return
-        new = _from_reply(reply)
         status = self.client.stub.GetStatus(pb.StatusRequest(), metadata=self.client.md, timeout=10)
         version = int(status.global_version)  # made for `new` (the gateway switches both at once)
         pulled = self.client.pull(["expert/"]) if version > 0 else {}

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -155,6 +155,16 @@ class FakeLinks:
         return None if self.rate_bps is None else self.rate_bps * self.scale / 8.0
 
 
+def _unless_unavailable(call: Callable[[], Any]) -> bool:
+    try:
+        call()
+    except grpc.RpcError as exc:
+        if exc.code() != grpc.StatusCode.UNAVAILABLE:
+            raise
+        return False
+    return True
+
+
 class Client:
     """A minimal Federation client of one cluster: plaintext with identity in metadata, or mutual TLS
     (`tls=(ca_pem, cert_pem, key_pem)`, identity from the certificate; `cluster` then only goes into metadata,
@@ -189,6 +199,14 @@ class Client:
             pb.JoinRequest(device_id="dev0", capacity_experts=capacity, num_examples=num_examples), metadata=self.md
         )
         return reply  # type: ignore[no-any-return]
+
+    def try_join(self, capacity: int, num_examples: int) -> bool:
+        """`join`, False while the satellite refuses with UNAVAILABLE (not up yet, or the link is down)."""
+        return _unless_unavailable(lambda: self.join(capacity, num_examples))
+
+    def link_up(self) -> bool:
+        """Whether a link-gated call goes through: the satellite is up and sees this cluster's link up."""
+        return _unless_unavailable(self.status)
 
     def report(self, gate: np.ndarray, num_tokens: int = 100) -> pb.AffinityAck:
         layers, experts = gate.shape

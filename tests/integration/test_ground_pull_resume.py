@@ -67,16 +67,6 @@ def lab(broker: BrokerProcess, tmp_path: Path) -> Iterator[Lab]:
         sat.kill()
 
 
-def _joined(client: Client) -> bool:
-    try:
-        client.join(1, 1000)
-    except grpc.RpcError as exc:
-        if exc.code() != grpc.StatusCode.UNAVAILABLE:
-            raise
-        return False
-    return True
-
-
 def _commit(owner: Client, base: Path, seed: int) -> dict[str, np.ndarray]:
     tensors = expert_update(base, [(0, 0)], seed=seed)
     blob = encode(tensors)
@@ -98,24 +88,14 @@ def _cut_after_first_chunk(lab: Lab, puller: ResumablePull, reader: Client) -> i
         puller.fetch(reader.stub, reader.md, NAMES, 60, on_bytes)
     assert cut.value.code() == grpc.StatusCode.UNAVAILABLE
     lab.link("c0", True)
-    wait_until("the satellite to see c0's link up again", lambda: _link_up(reader), 30)
+    wait_until("the satellite to see c0's link up again", reader.link_up, 30)
     return sum(got)
-
-
-def _link_up(client: Client) -> bool:
-    try:
-        client.status()  # link-gated, like every call of a cluster
-    except grpc.RpcError as exc:
-        if exc.code() != grpc.StatusCode.UNAVAILABLE:
-            raise
-        return False
-    return True
 
 
 def test_a_pull_cut_by_the_link_resumes_and_restarts_only_for_a_new_blob(lab: Lab) -> None:
     c0, c1 = Client(lab.sat.target, "c0"), Client(lab.sat.target, "c1")
     try:
-        wait_until("the satellite", lambda: _joined(c0) and _joined(c1), 30)
+        wait_until("the satellite", lambda: c0.try_join(1, 1000) and c1.try_join(1, 1000), 30)
         c0.report(np.array([[0.0, 1.0]], np.float32))
         c1.report(np.array([[1.0, 0.0]], np.float32))  # c1 owns expert 0
         first = _commit(c1, lab.base, seed=3)

@@ -17,7 +17,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import grpc
 import numpy as np
 import pytest
 import torch
@@ -76,16 +75,6 @@ def _wait(what: str, check: Any, timeout_s: float = 120.0) -> Any:
     return wait_until(what, check, timeout_s)
 
 
-def _joined(client: Client) -> bool:
-    try:
-        client.join(2, 1_000_000)
-    except grpc.RpcError as exc:
-        if exc.code() != grpc.StatusCode.UNAVAILABLE:
-            raise
-        return False
-    return True
-
-
 def _of(workdir: Path, kind: str, since: int = 0) -> list[dict[str, Any]]:
     return [e for e in _events(workdir)[since:] if e["event"] == kind]
 
@@ -134,7 +123,8 @@ def test_reassignment_hands_over_and_the_agent_switches(
     c1 = Client(sat.target, "c1")
     agent: subprocess.Popen[bytes] | None = None
     try:
-        _wait("the satellite to see c1's link", lambda: _joined(c1), timeout_s=30)  # its weight decides the affinity
+        # c1's large data weight makes its affinity decide the assignment
+        _wait("the satellite to see c1's link", lambda: c1.try_join(2, 1_000_000), timeout_s=30)
         c1.report(FIRST)
         agent = start()
         # ---- version 1: c0 trains and uploads experts 2 and 3; c1 commits a version of expert 0 -----------
@@ -232,7 +222,7 @@ def test_reassignment_of_a_gateway_cluster_reaches_its_devices(
     c1 = Client(sat.target, "c1")
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        _wait("the satellite to see c1's link", lambda: _joined(c1), timeout_s=30)
+        _wait("the satellite to see c1's link", lambda: c1.try_join(2, 1_000_000), timeout_s=30)
         c1.report(FIRST)
         procs = [subprocess.Popen(a, cwd=repo, stdout=log, stderr=subprocess.STDOUT) for a in argvs]
         _wait("the gateway's first upload", lambda: _of(gw_dir, "upload_acked"))

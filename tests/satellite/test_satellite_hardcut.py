@@ -41,14 +41,6 @@ clusters:
 pytestmark = pytest.mark.slow
 
 
-def _up(client: Client) -> bool:
-    try:
-        client.status()
-    except grpc.RpcError:
-        return False
-    return True
-
-
 @pytest.fixture
 def satellite(broker: BrokerProcess, tmp_path: Path) -> Iterator[SatelliteProcess]:
     base = write_tiny_base(tmp_path / "base", hidden=64, inter=64, rank=8)
@@ -66,7 +58,7 @@ def satellite(broker: BrokerProcess, tmp_path: Path) -> Iterator[SatelliteProces
 @pytest.mark.parametrize("window", [1, 4])
 def test_hard_cut_resends_at_most_the_window(satellite: SatelliteProcess, window: int) -> None:
     direct = Client(satellite.target, "c0")
-    wait_until("the link gate opens", lambda: _up(direct), 30)
+    wait_until("the link gate opens", direct.link_up, 30)
     direct.join(4, 100)
     direct.report(np.ones((2, 4), dtype=np.float32))
     assert direct.assignment().ready
@@ -113,7 +105,7 @@ def test_hard_cut_resends_at_most_the_window(satellite: SatelliteProcess, window
 
 def test_windowed_push_refuses_bad_chunks_like_pushchunks(satellite: SatelliteProcess) -> None:
     direct = Client(satellite.target, "c0")
-    wait_until("the link gate opens", lambda: _up(direct), 30)
+    wait_until("the link gate opens", direct.link_up, 30)
     direct.join(4, 100)
     direct.report(np.ones((2, 4), dtype=np.float32))
     tensors = expert_update(satellite.base, [(0, 0)], seed=2)
