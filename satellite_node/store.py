@@ -1,4 +1,4 @@
-"""Durable, versioned state of the satellite node (DESIGN §5.5).
+"""Durable, versioned state of the satellite node (ARCHITECTURE §5.5).
 
 `<state>/state.sqlite` holds the small facts (clusters, affinities, assignment versions, expert versions,
 commits, uploads and which chunks arrived, FedAvg round buffers, global versions); `<state>/blobs/<sha256>.safetensors`
