@@ -1,4 +1,4 @@
-"""Affinity profiling (DESIGN §4.1) and routing coverage (§4.3) through the routers of the full model.
+"""Affinity profiling (ARCHITECTURE §4.1) and routing coverage (§4.3) through the routers of the full model.
 
 `profile_base` streams the base model from its `base.safetensors` one decoder layer at a time
 (`ground_node.stream`), so profiling before the assignment never holds more than one layer's experts;

@@ -51,7 +51,7 @@ class Links(Protocol):
 
 
 def wall_rate_bytes(links: Any, cluster: str) -> float | None:
-    """Bytes per wall second the cluster's link may carry (DESIGN §5.4: rate_bps x clock scale / 8); None: unpaced.
+    """Bytes per wall second the link may carry (ARCHITECTURE §5.4: rate_bps x clock scale / 8); None: unpaced.
 
     Read from the link payload's `rate_bps` and the clock's `scale` (a `LinkView`), or from a `wall_rate_bytes`
     method of the links object (tests)."""
@@ -106,7 +106,7 @@ class NodeConfig:
     affinity: str = "gate"
     max_update_bytes: int = 4 << 30
     strategy_options: Mapping[str, Any] = field(default_factory=dict)  # satellite.<strategy> of the topology
-    pace: bool = True  # satellite.pace: transfers paced to the link budget (DESIGN §5.4)
+    pace: bool = True  # satellite.pace: transfers paced to the link budget (ARCHITECTURE §5.4)
 
 
 @dataclass(frozen=True)

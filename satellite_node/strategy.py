@@ -1,4 +1,4 @@
-"""Aggregation strategies: what an accepted update does to the global expert state (DESIGN §4.5).
+"""Aggregation strategies: what an accepted update does to the global expert state (ARCHITECTURE §4.5).
 
 One interface, chosen by the topology's `strategy`:
 - `emsfl`: owners are unique; the owner's newest upload replaces each of its experts (no rounds, no averaging).

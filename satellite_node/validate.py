@@ -1,4 +1,4 @@
-"""Checks an update must pass before anything is acknowledged (DESIGN §5.2).
+"""Checks an update must pass before anything is acknowledged (ARCHITECTURE §5.2).
 
 Transport-free: a refusal is a `Refusal` carrying the gRPC status code the server answers with,
 and a message naming the tensor and the problem.

@@ -1,4 +1,4 @@
-"""FedAvg and FedAsync behind the strategy interface, driven in-process (DESIGN §4.5, docs/STRATEGIES.md)."""
+"""FedAvg and FedAsync behind the strategy interface, driven in-process (ARCHITECTURE §4.5, docs/STRATEGIES.md)."""
 
 from __future__ import annotations
 
