@@ -1,4 +1,4 @@
-"""`emsfl ground ...`: run | warmup | eval | profile | train | export. Errors print one line and exit 2."""
+"""`emsfl ground ...`: run | warmup | eval | profile | train | export | convert. Errors print one line and exit 2."""
 
 from __future__ import annotations
 
@@ -105,6 +105,11 @@ def main(argv: list[str]) -> int:
     try:
         if args.command == "export":
             print(json.dumps(_export(args)))
+            return 0
+        if args.command == "convert":
+            from ground_node.convert import convert_command
+
+            print(json.dumps(convert_command(args, progress=sys.stderr.isatty())))
             return 0
         topology = load_topology(args.topology)
         if args.command == "profile":
@@ -276,3 +281,6 @@ def _extra_commands(sub: Any) -> None:
     ex.add_argument("--tensors", default=None, help="manifest-named safetensors (uploads, LoRA or full)")
     ex.add_argument("--submodel", action="store_true", help="only the experts named in --tensors")
     ex.add_argument("--out", required=True)
+    from ground_node.convert import add_convert_command
+
+    add_convert_command(sub)

@@ -1,4 +1,4 @@
-"""Encode, decode and validate the MQTT payloads of DESIGN §5.3 against `protos/mqtt/*.schema.json`.
+"""Encode, decode and validate the MQTT payloads of ARCHITECTURE §5.3 against `protos/mqtt/*.schema.json`.
 
 Publishers call `encode`, subscribers call `decode`; both raise `PayloadError` naming the field.
 """

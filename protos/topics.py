@@ -1,4 +1,4 @@
-"""MQTT topic names of DESIGN §5.3 (topic root `emsfl/v1`)."""
+"""MQTT topic names of ARCHITECTURE §5.3 (topic root `emsfl/v1`)."""
 
 from __future__ import annotations
 
