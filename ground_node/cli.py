@@ -72,14 +72,31 @@ def _run(args: argparse.Namespace, topology: dict[str, Any]) -> int:
         progress=sys.stderr.isatty(),
     )
     agent = GroundAgent(options, view, now=view.emulated_now)
+    live = threading.Thread(target=_announce_live, args=(bus, agent, args.cluster, stop), daemon=True)
     try:
         bus.start()
         bus.announce({"cluster": args.cluster})
+        live.start()
         agent.run(stop)
     finally:
+        stop.set()
+        if live.is_alive():
+            live.join(5)  # its last announce must not follow (and undo) the offline status below
         agent.close()
         bus.stop()
     return 0
+
+
+LIVE_STATUS_EVERY_S = 2.0
+
+
+def _announce_live(bus: Any, agent: Any, cluster: str, stop: threading.Event) -> None:
+    """Republish the node's retained status with its live figures (steps, uploads, memory) every few seconds."""
+    while not stop.wait(LIVE_STATUS_EVERY_S):
+        try:
+            bus.announce({"cluster": cluster, **agent.live()})
+        except Exception:  # a display feed must never stop training
+            logging.getLogger("ground_node").exception("live status failed")
 
 
 def main(argv: list[str]) -> int:

@@ -16,7 +16,7 @@ from jsonschema import Draft202012Validator, FormatChecker
 from protos.timefmt import parse_iso
 
 SCHEMA_DIR = Path(__file__).resolve().parent / "mqtt"
-KINDS = ("clock", "link", "contacts", "status", "cmd", "cmd_reply")
+KINDS = ("clock", "link", "contacts", "status", "cmd", "cmd_reply", "satellites")
 
 
 class PayloadError(ValueError):

@@ -6,6 +6,8 @@ ROOT = "emsfl/v1"
 CLOCK = f"{ROOT}/clock"
 ORBIT_STATUS = f"{ROOT}/orbit/status"
 ORBIT_CMD = f"{ROOT}/orbit/cmd"
+ORBIT_CMD_REPLY = f"{ROOT}/orbit/cmd/reply"
+ORBIT_SATELLITES = f"{ROOT}/orbit/satellites"  # sub-satellite points for displays
 
 
 def link(cluster: str) -> str:

@@ -17,7 +17,6 @@ KNOWN_CYCLES: set[frozenset[str]] = {
     frozenset({"ground_node.uplink", "ground_node.baseline"}),
 }
 KNOWN_LONG_MODULES = {
-    "satellite_node/node.py",
     "ground_node/gateway.py",
     "ground_node/family.py",
 }
@@ -144,3 +143,16 @@ def test_design_references_point_into_the_repository() -> None:
         if "DESIGN §" in text or "DESIGN.md" in text or "DESIGN-DELTAS" in text:
             offenders.append(rel)
     assert not offenders, f"references to a design file outside the repository (use ARCHITECTURE §): {offenders}"
+
+
+def test_satellite_core_is_free_of_grpc() -> None:
+    """Refusals are plain kinds; only the adapter (`server.py`) maps them to gRPC status codes."""
+    core = ("node", "strategy", "validate", "assignment", "manifest", "store")
+    for name, path in _modules().items():
+        if name.startswith("satellite_node.") and name.split(".")[1] in core:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Import):
+                    assert all(a.name.split(".")[0] != "grpc" for a in node.names), f"{name} imports grpc"
+                elif isinstance(node, ast.ImportFrom) and node.module:
+                    assert node.module.split(".")[0] != "grpc", f"{name} imports grpc"
