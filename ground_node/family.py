@@ -284,7 +284,7 @@ def route_held(
 
     `scoring="softmax"` (OLMoE, Mixtral, Qwen-MoE) with `softmax_over="all"`: weights are the full model's softmax
     probabilities of the chosen experts (optionally renormalised over the top-k), so a token whose top-k experts
-    are all held is computed exactly as in the full model. `softmax_over="held"` (DESIGN §4.3): the unheld
+    are all held is computed exactly as in the full model. `softmax_over="held"` (ARCHITECTURE §4.3): the unheld
     experts' logits are masked before the softmax, so the held experts' weights sum to one as in a model that
     has only them (the same as `all` wherever the top-k weights are renormalised, e.g. Mixtral).
     `scoring="topk_softmax"` (GPT-OSS): softmax over the top-k logits (the same under both).

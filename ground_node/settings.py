@@ -95,7 +95,7 @@ class TrainingSettings:
     # memory for small boards, about one more forward per step
     gradient_checkpointing: bool = False
     device: str = "auto"  # auto (cuda where available, else cpu) | cpu | cuda
-    # split=mask: `held` masks the unheld experts' logits before the softmax (DESIGN §4.3); `all` takes the held
+    # split=mask: `held` masks the unheld experts' logits before the softmax (ARCHITECTURE §4.3); `all` takes the held
     # experts' probabilities from the softmax over every expert (the full model's; the behaviour before)
     router_softmax: str = "held"
 

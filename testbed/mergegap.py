@@ -69,7 +69,7 @@ def answer_loss(model: torch.nn.Module, examples: Sequence[Example], tok: Tokeni
 
 def merge_gap(topology: dict[str, Any], cache_dir: Path, steps: int) -> dict[str, Any]:
     """The report for the topology's `training.router_softmax`, with the other routing's figures under
-    `other_router_softmax` (split=mask only: DESIGN §4.3's masked softmax against the full model's)."""
+    `other_router_softmax` (split=mask only: ARCHITECTURE §4.3's masked softmax against the full model's)."""
     started = time.monotonic()
     topology = copy.deepcopy(topology)
     settings = load_settings(topology)

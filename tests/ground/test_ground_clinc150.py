@@ -147,7 +147,7 @@ def test_masked_softmax_renormalises_over_held_experts() -> None:
     full = torch.softmax(logits, dim=-1)
     assert torch.allclose(w_all, full.gather(-1, idx_all))  # today's: the full model's probabilities
     masked = torch.softmax(logits.masked_fill(~held, float("-inf")), dim=-1)
-    assert torch.allclose(w_held, masked.gather(-1, idx_held))  # DESIGN §4.3: a softmax over the held experts
+    assert torch.allclose(w_held, masked.gather(-1, idx_held))  # ARCHITECTURE §4.3: a softmax over the held experts
     assert bool((w_held > w_all).all())
     # where the top-k weights are renormalised (Mixtral), both give the same weights
     _, n_held, _ = route_held(logits, held, 2, "softmax", norm_topk=True, softmax_over="held")
