@@ -13,6 +13,7 @@ from dataclasses import field as dataclass_field
 from typing import Any
 
 from emsfl.config import ConfigError, cluster_ids, field, positive, section
+from emsfl.datadir import default_data_path
 
 KNOWN_DOMAINS = ("copy", "reverse", "sort", "add")
 TEXT_TASKS = ("csv", "jsonl", "banking77", "hf_disk")
@@ -165,7 +166,7 @@ def _data(topology: Mapping[str, Any]) -> DataSettings:
 
 def _text_data(d: Mapping[str, Any], task: str) -> DataSettings:
     w = "data"
-    default_path = "/work/shared/data/banking77" if task == "banking77" else None
+    default_path = default_data_path("banking77") if task == "banking77" else None
     path = field(d, "path", str, w, default_path)
     if not path:
         raise ConfigError(f"data.path: required for data.task={task!r}")
