@@ -1,8 +1,9 @@
 """No tracked file names a path of one particular machine (a developer's home, a checkout, a shared folder).
 
 Data comes from the topology (relative to the repository root) or from `$EMSFL_DATA_DIR` (emsfl/datadir.py).
-Allowed are the documented system paths below: where a deployed node keeps its files, OS locations, and
-paths inside the containers the project builds.
+System paths (/usr, /etc, /opt/emsfl where a deployed node keeps its files, ...), web routes and paths inside
+the project's containers are fine; paths under the roots where machines keep homes, checkouts and shared
+folders are not, but for the documented exceptions below.
 """
 
 from __future__ import annotations
@@ -16,34 +17,44 @@ import pytest
 from emsfl.datadir import DATA_DIR_ENV, REPO_ROOT, data_root
 
 # An absolute path: a slash at a token boundary, a first component, and at least one more component.
-ABSOLUTE = re.compile(r"(?:^|(?<=[\s\"'`(=,\[{<>|;]))(/[A-Za-z_][\w.@+-]*(?:/[\w.@+{}*$-]+)+)")
+ABSOLUTE = re.compile(r"(?:^|(?<=[\s\"'`(=,\[{>|;]))(/[A-Za-z_][\w.@+-]*(?:/[\w.@+{}*$-]+)+)")
+# First components under which machines keep homes, checkouts and shared folders (Linux, macOS, CI runners).
+# Other absolute-looking strings are web routes (/api/stream) or gRPC methods, not files.
+MACHINE_ROOTS = {
+    "home",
+    "Users",
+    "root",
+    "work",
+    "workspace",
+    "workspaces",
+    "mnt",
+    "media",
+    "tmp",
+    "scratch",
+    "data",
+    "shared",
+    "private",
+    "Volumes",
+    "nfs",
+    "gpfs",
+    "lustre",
+    "builds",
+    "runner",
+    "content",
+    "kaggle",
+}
 
-SYSTEM_PREFIXES = (
-    "/usr/",
-    "/etc/",
-    "/bin/",
-    "/sbin/",
-    "/lib/",
-    "/dev/",
-    "/proc/",
-    "/sys/",
-    "/run/",
-    "/var/",
-    "/opt/",  # the deployed layout (/opt/emsfl, deploy/roles/emsfl_defaults) and tools installed there
-    "/srv/",  # a wheelhouse on the controller, as the README's example
-    "/mosquitto/",  # inside the eclipse-mosquitto container (deploy/docker)
-    "/home/{user}",  # the throwaway SSH user's home that tests/deploy creates on the test host
-)
+# Under those roots, documented exceptions: the throwaway SSH user's home that tests/deploy creates on the test host.
+DOCUMENTED = ("/home/{user}",)
 SCRATCH_ON_TARGET = ("deploy/",)  # /tmp there is the provisioned host's scratch space
 
 
 def _allowed(path: str, file: str) -> bool:
-    first = path.split("/")[1]
-    if "." in first:  # a gRPC method (/emsfl.v1.Federation/Join), not a file
+    if path.split("/")[1] not in MACHINE_ROOTS:  # a system path, a route or an RPC method
         return True
     if path.startswith("/tmp/") and file.startswith(SCRATCH_ON_TARGET):
         return True
-    return path.startswith(SYSTEM_PREFIXES)
+    return path.startswith(DOCUMENTED)
 
 
 def machine_paths(text: str, file: str) -> list[str]:
