@@ -290,8 +290,9 @@ def _tls_files(args: argparse.Namespace) -> Any:
 
 
 def _status(state: Path, as_json: bool) -> int:
-    from satellite_node.node import status_dict
+    from satellite_node.status import status_dict
     from satellite_node.store import Store
+    from satellite_node.strategy import STRATEGIES, make_strategy
 
     try:
         store = Store(state, create=False)
@@ -299,7 +300,9 @@ def _status(state: Path, as_json: bool) -> int:
         print(f"emsfl satellite: --state: {exc}", file=sys.stderr)
         return 2
     with store:
-        status = status_dict(store, str(store.get_meta("strategy", "?")), store.get_meta("clusters", []))
+        name = store.get_meta("strategy")
+        strategy = make_strategy(name) if name in STRATEGIES else None
+        status = status_dict(store, strategy, store.get_meta("clusters", []))
     if as_json:
         print(json.dumps(status, indent=2))
         return 0
