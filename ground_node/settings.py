@@ -13,11 +13,12 @@ from dataclasses import field as dataclass_field
 from typing import Any
 
 from emsfl.config import ConfigError, cluster_ids, field, positive, section
+from emsfl.datadir import default_data_path
 
 KNOWN_DOMAINS = ("copy", "reverse", "sort", "add")
 TEXT_TASKS = ("csv", "jsonl", "banking77", "clinc150", "hf_disk")
-# the shared data sets (../shared/data, relative to the repository root) that a task reads by default
-DEFAULT_PATHS = {"banking77": "/work/shared/data/banking77", "clinc150": "../shared/data/clinc150"}
+# the shared data sets a task reads by default: under $EMSFL_DATA_DIR, else ../shared/data (emsfl/datadir.py)
+SHARED_DATA_TASKS = ("banking77", "clinc150")
 
 
 @dataclass(frozen=True)
@@ -197,7 +198,8 @@ def _data(topology: Mapping[str, Any]) -> DataSettings:
 
 def _text_data(d: Mapping[str, Any], task: str, topology: Mapping[str, Any]) -> DataSettings:
     w = "data"
-    path = field(d, "path", str, w, DEFAULT_PATHS.get(task))
+    default_path = default_data_path(task) if task in SHARED_DATA_TASKS else None
+    path = field(d, "path", str, w, default_path)
     if not path:
         raise ConfigError(f"data.path: required for data.task={task!r}")
     alpha = field(d, "alpha", float, w, None)
