@@ -44,7 +44,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from ground_node.channel import CLIENT_KEEPALIVE_OPTIONS  # noqa: E402
+from protos.channel import CLIENT_KEEPALIVE_OPTIONS  # noqa: E402
 from protos.window import push_windowed  # noqa: E402
 
 RESULT = ROOT / "benchmarks" / "results" / "transport.json"

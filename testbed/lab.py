@@ -158,7 +158,18 @@ def run_lab(opts: LabOptions) -> LabRun:
 
     satellite = RoleProcess(
         "satellite",
-        ["satellite", "run", *common, "--listen", sat_addr, "--state", str(lab.state_dir), "--base", str(base_dir)],
+        [
+            "satellite",
+            "run",
+            *common,
+            "--listen",
+            sat_addr,
+            "--state",
+            str(lab.state_dir),
+            "--base",
+            str(base_dir),
+            "--insecure",  # the plaintext loopback profile, said out loud
+        ],
         logs / "satellite.log",
     )
     grounds = [

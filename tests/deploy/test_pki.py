@@ -101,10 +101,13 @@ def test_a_leaf_of_another_ca_does_not_verify(ca_dir: Path, tmp_path: Path) -> N
     [
         (["issue", "--name", "x", "--role", "client"], "no CA in"),
         (["issue", "--name", "../evil", "--role", "client"], "not a valid name"),
-        (["issue", "--name", "ok", "--role", "server", "--cluster", "c0"], "only client certificates"),
+        (
+            ["issue", "--name", "ok", "--role", "server", "--cluster", "c0"],
+            "a server certificate carries no cluster id",
+        ),
         (["issue", "--name", "ok", "--role", "client", "--cluster", "c 0"], "--cluster"),
         (["issue", "--name", "ok", "--role", "server", "--san", "bad host!"], "neither an IP"),
-        (["issue", "--name", "ok", "--role", "client", "--san", "h.lab"], "only server certificates"),
+        (["issue", "--name", "ok", "--role", "client", "--san", "h.lab"], "only server and gateway certificates"),
         (["issue", "--name", "ok", "--role", "client", "--days", "0"], "--days"),
         (["rotate", "--name", "missing"], "no certificate missing.crt"),
     ],
