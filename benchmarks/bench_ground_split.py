@@ -1,4 +1,4 @@
-"""Peak memory of training a cluster's sub-model vs the whole model (DESIGN §4.3, `split=mask`).
+"""Peak memory of training a cluster's sub-model vs the whole model (ARCHITECTURE §4.3, `split=mask`).
 
 A random OLMoE whose parameters are mostly experts (16 per layer, 32 layers: 3 GB of expert weights, float32) is written
 once as a manifest-named safetensors file. Then, each in its own subprocess (so peak RSS is its own):

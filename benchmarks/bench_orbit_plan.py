@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from orbit_service.constellation import WalkerSpec, walker_satellites
 from orbit_service.contacts import satellite_contacts
-from orbit_service.fast import WORKERS, fast_contact_table
+from orbit_service.ephemeris import WORKERS
+from orbit_service.fast import fast_contact_table
 from orbit_service.plan import build_plan
 from orbit_service.sites import GroundSite
 

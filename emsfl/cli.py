@@ -16,6 +16,7 @@ ROLES: dict[str, tuple[str, str]] = {
     "ground": ("ground_node.cli", "a ground node: profiling, training and uplink of its cluster's experts"),
     "pki": ("emsfl.pki", "certificates for MQTT and gRPC TLS: init-ca, issue, rotate, show"),
     "lab": ("testbed.cli", "run a whole testbed locally (embedded broker, every role as a process)"),
+    "dashboard": ("testbed.dashboard.cli", "watch a running testbed live in the browser (read-only by default)"),
 }
 
 

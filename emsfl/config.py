@@ -1,4 +1,4 @@
-"""Reading the topology file (DESIGN §6): YAML in, clear errors out.
+"""Reading the topology file (ARCHITECTURE §6): YAML in, clear errors out.
 
 Each role validates its own section; these helpers make every error name the field.
 """

@@ -1,4 +1,4 @@
-"""`emsfl pki`: the testbed's certificate authority (DESIGN §7).
+"""`emsfl pki`: the testbed's certificate authority (ARCHITECTURE §7).
 
 One directory holds the CA (`ca.crt`, `ca.key`) and every leaf (`<name>.crt`, `<name>.key`). Keys are ECDSA P-256,
 written with mode 0600; certificates are PEM.
@@ -438,7 +438,9 @@ def verify(directory: Path, name: str) -> x509.Certificate:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="emsfl pki", description="certificates for MQTT and gRPC TLS (DESIGN §7)")
+    parser = argparse.ArgumentParser(
+        prog="emsfl pki", description="certificates for MQTT and gRPC TLS (ARCHITECTURE §7)"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("init-ca", help="create the CA (ca.crt, ca.key) in DIR")
     p.add_argument("--dir", required=True, type=Path)

@@ -1,1 +1,1 @@
-"""The ground role: MoE family adapters and splitting, data, affinity profiling, trainer, uplink (DESIGN §2)."""
+"""The ground role: MoE family adapters and splitting, data, affinity profiling, trainer, uplink (ARCHITECTURE §2)."""

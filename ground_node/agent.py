@@ -81,6 +81,7 @@ class GroundAgent:
         self.coverage: float | None = None
         self.num_examples = 0
         self.steps = 0
+        self.uploads_staged = 0  # staged in this process (the dashboard's figure; the outbox keeps only the newest)
         self.uplink: Uplink | None = None
         self.usage = Usage(now)  # train/idle seconds, downlinked bytes (report.json)
         self.baseline: Any = None  # ground_node.baseline.BaselineState under fedavg / fedasync
@@ -324,6 +325,7 @@ class GroundAgent:
             return  # the assignment changes before the next step: nothing more goes up under the old one
         version = trainer.assignment.version
         update = self.outbox.stage(trainer.expert_state(), version, trainer.step)
+        self.uploads_staged += 1
         self.events.emit("staged", step=trainer.step, content_hash=update.content_hash, assignment_version=version)
 
     def report(self) -> dict[str, Any]:
@@ -342,6 +344,23 @@ class GroundAgent:
         }
         atomic_write_json(self.workdir / "report.json", report)
         return report
+
+    def live(self) -> dict[str, Any]:
+        """What the node's status topic carries while it runs (the dashboard's cluster panel); read-only,
+        safe from another thread."""
+        with self._lock:
+            current = self.current
+        return {
+            "steps": self.steps,
+            "uploads_staged": self.uploads_staged,
+            "uploads_acked": len(self.outbox.acked()),
+            "bytes_uplinked": self.outbox.bytes_uplinked,
+            "bytes_downlinked": self.usage.bytes_downlinked,
+            "peak_rss_mb": peak_rss_mb(),
+            "peak_gpu_memory_mb": peak_gpu_memory_mb(),
+            "assignment_version": None if current is None else current.version,
+            "experts": None if current is None else [[layer, list(current.held(layer))] for layer in current.layers],
+        }
 
     def close(self) -> None:
         self.events.close()

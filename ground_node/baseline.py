@@ -1,4 +1,4 @@
-"""Ground-side clients of the baselines FedAvg and FedAsync (docs/STRATEGIES.md, DESIGN §4.5).
+"""Ground-side clients of the baselines FedAvg and FedAsync (docs/STRATEGIES.md, ARCHITECTURE §4.5).
 
 With `strategy: fedavg` or `fedasync` (learnt from `JoinReply.strategy`) a cluster trains the **whole model**:
 LoRA (or full slices) on every expert of every layer, no split, no affinity and no assignment. It uploads every

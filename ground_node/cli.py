@@ -1,4 +1,4 @@
-"""`emsfl ground ...`: run | warmup | eval | profile | train | export. Errors print one line and exit 2."""
+"""`emsfl ground ...`: run | warmup | eval | profile | train | export | convert. Errors print one line and exit 2."""
 
 from __future__ import annotations
 
@@ -77,14 +77,31 @@ def _run(args: argparse.Namespace, topology: dict[str, Any]) -> int:
         tls=tls,
     )
     agent = GroundAgent(options, view, now=view.emulated_now)
+    live = threading.Thread(target=_announce_live, args=(bus, agent, args.cluster, stop), daemon=True)
     try:
         bus.start()
         bus.announce({"cluster": args.cluster})
+        live.start()
         agent.run(stop)
     finally:
+        stop.set()
+        if live.is_alive():
+            live.join(5)  # its last announce must not follow (and undo) the offline status below
         agent.close()
         bus.stop()
     return 0
+
+
+LIVE_STATUS_EVERY_S = 2.0
+
+
+def _announce_live(bus: Any, agent: Any, cluster: str, stop: threading.Event) -> None:
+    """Republish the node's retained status with its live figures (steps, uploads, memory) every few seconds."""
+    while not stop.wait(LIVE_STATUS_EVERY_S):
+        try:
+            bus.announce({"cluster": cluster, **agent.live()})
+        except Exception:  # a display feed must never stop training
+            logging.getLogger("ground_node").exception("live status failed")
 
 
 def main(argv: list[str]) -> int:
@@ -93,6 +110,11 @@ def main(argv: list[str]) -> int:
     try:
         if args.command == "export":
             print(json.dumps(_export(args)))
+            return 0
+        if args.command == "convert":
+            from ground_node.convert import convert_command
+
+            print(json.dumps(convert_command(args, progress=sys.stderr.isatty())))
             return 0
         topology = load_topology(args.topology)
         if args.command == "profile":
@@ -265,3 +287,6 @@ def _extra_commands(sub: Any) -> None:
     ex.add_argument("--tensors", default=None, help="manifest-named safetensors (uploads, LoRA or full)")
     ex.add_argument("--submodel", action="store_true", help="only the experts named in --tensors")
     ex.add_argument("--out", required=True)
+    from ground_node.convert import add_convert_command
+
+    add_convert_command(sub)

@@ -2,12 +2,15 @@
 
 Text tasks (`data.task`): `csv` (header with `data.text_field` and `data.label_field` columns), `jsonl` (one
 object per line: text/label fields, or instruction data `instruction` [+ `input`] -> `output`), `banking77`
-(`<path>/train.csv` and `<path>/test.csv`, header `text,category`) and `hf_disk` (a `datasets.save_to_disk`
+(`<path>/train.csv` and `<path>/test.csv`, header `text,category`), `clinc150` (the same files, plus `domains.json`
+for clusters by domain: `clusters[].domains`) and `hf_disk` (a `datasets.save_to_disk`
 directory, read with `load_from_disk`; needs the `datasets` package). Each example becomes `prompt = text + "="`
-and `answer = label`; the model must generate the label string, scored by exact match.
+(or, with `data.prompt: chat`, the text as the user turn of the tokenizer's chat template) and `answer = label`;
+the model must generate the label string, scored by exact match.
 
-Partitioning across clusters: explicit label sets (`data.cluster_labels`), Dirichlet label skew
-(`data.alpha`: per label, shares over clusters drawn from Dir(alpha)), or IID (neither). Seeded and deterministic.
+Partitioning across clusters: by domain (`clusters[].domains`), explicit label sets (`data.cluster_labels`),
+Dirichlet label skew (`data.alpha`: per label, shares over clusters drawn from Dir(alpha)), or IID (neither).
+Seeded and deterministic.
 """
 
 from __future__ import annotations
@@ -31,15 +34,34 @@ from ground_node.synthetic import (
     max_seq_len,
     warmup_examples,
 )
-from ground_node.tokenizer import ByteTokenizer, CharTokenizer, Tokenizer
+from ground_node.tokenizer import ByteTokenizer, CharTokenizer, HFTokenizer, Tokenizer
 
 
 def is_text(data: DataSettings) -> bool:
     return data.task != "synthetic"
 
 
+_TOKENIZERS: dict[tuple[str, bool, str], HFTokenizer] = {}
+
+
 def tokenizer_for(data: DataSettings) -> Tokenizer:
-    return ByteTokenizer() if is_text(data) else CharTokenizer()
+    """The task's tokenizer: characters (synthetic), bytes (text), or the checkpoint's (`data.tokenizer`)."""
+    if not is_text(data):
+        return CharTokenizer()
+    if data.tokenizer_path is None:
+        return ByteTokenizer()
+    from ground_node.textwarm import resolve_path
+
+    path = resolve_path(data.tokenizer_path, "data.tokenizer (model.checkpoint)")
+    key = (str(path), data.prompt == "chat", data.instruction)
+    if key not in _TOKENIZERS:
+        if not (path / "tokenizer.json").exists():
+            raise GroundError(f"data.tokenizer: {path} has no tokenizer.json (model.checkpoint must hold one)")
+        try:
+            _TOKENIZERS[key] = HFTokenizer(str(path), chat=key[1], instruction=data.instruction)
+        except ValueError as exc:
+            raise GroundError(f"data.tokenizer: {exc}") from exc
+    return _TOKENIZERS[key]
 
 
 def _example(text: str, label: str, data: DataSettings, where: str) -> Example:
@@ -47,7 +69,7 @@ def _example(text: str, label: str, data: DataSettings, where: str) -> Example:
     if not text or not label:
         raise GroundError(f"{where}: empty text or label")
     raw = text.encode("utf-8")[: data.max_chars].decode("utf-8", errors="ignore")
-    return Example(label, f"{raw}=", label)
+    return Example(label, raw if data.prompt == "chat" else f"{raw}=", label)  # chat: the query is the user turn
 
 
 def read_csv(path: Path, data: DataSettings) -> list[Example]:
@@ -124,7 +146,7 @@ def _file(data: DataSettings, split: str) -> Path:
     from ground_node.textwarm import resolve_path
 
     path = resolve_path(data.path or "", "data.path")
-    if data.task == "banking77" or (path.is_dir() and data.task in ("csv", "jsonl")):
+    if data.task in ("banking77", "clinc150") or (path.is_dir() and data.task in ("csv", "jsonl")):
         path = path / f"{split}.{'jsonl' if data.task == 'jsonl' else 'csv'}"
     elif split == "test":
         if data.test_path is None:
@@ -155,6 +177,34 @@ def read_split(data: DataSettings, split: str) -> list[Example]:
     return _CACHE[key]
 
 
+def domain_labels(data: DataSettings) -> dict[str, list[str]]:
+    """`<data.path>/domains.json`: {domain: [label, ...]} (CLINC150 ships one)."""
+    from ground_node.textwarm import resolve_path
+
+    path = resolve_path(data.path or "", "data.path") / "domains.json"
+    try:
+        domains = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise GroundError(f"clusters[].domains: cannot read {path}: {exc}") from exc
+    if not isinstance(domains, dict) or not all(isinstance(v, list) for v in domains.values()):
+        raise GroundError(f"{path}: expected {{domain: [label, ...]}}")
+    return {str(k): [str(x) for x in v] for k, v in domains.items()}
+
+
+def labels_of_domains(data: DataSettings) -> dict[str, tuple[str, ...]]:
+    """Each cluster's labels: every label of its domains (`clusters[].domains`)."""
+    domains = domain_labels(data)
+    out: dict[str, tuple[str, ...]] = {}
+    for cluster, names in (data.cluster_domains or {}).items():
+        unknown = [d for d in names if d not in domains]
+        if unknown:
+            raise GroundError(
+                f"clusters[].domains: cluster {cluster!r} names unknown domains {unknown} (known: {sorted(domains)})"
+            )
+        out[cluster] = tuple(lab for d in names for lab in domains[d])
+    return out
+
+
 def partition(labels: list[str], clusters: tuple[str, ...], data: DataSettings, seed: int) -> dict[str, list[int]]:
     """Indices of examples per cluster: explicit label sets, Dirichlet label skew, or IID round robin."""
     rng = np.random.default_rng([seed, 77])
@@ -162,9 +212,12 @@ def partition(labels: list[str], clusters: tuple[str, ...], data: DataSettings, 
     for i, lab in enumerate(labels):
         by_label[lab].append(i)
     out: dict[str, list[int]] = {c: [] for c in clusters}
-    if data.cluster_labels is not None:
+    cluster_labels = data.cluster_labels
+    if data.cluster_domains is not None:
+        cluster_labels = labels_of_domains(data)
+    if cluster_labels is not None:
         for c in clusters:
-            for lab in data.cluster_labels.get(c, ()):
+            for lab in cluster_labels.get(c, ()):
                 if lab not in by_label:
                     raise GroundError(f"data.cluster_labels: label {lab!r} of cluster {c!r} is not in the dataset")
                 out[c].extend(by_label[lab])
@@ -238,7 +291,8 @@ def max_new_tokens(settings: Settings) -> int:
     if not is_text(settings.data):
         return max_answer_len(settings.data) + 1
     labels = {r.answer for r in read_split(settings.data, "train")}
-    return max(len(lab.encode("utf-8")) for lab in labels) + 1
+    tok = tokenizer_for(settings.data)
+    return max(len(tok.encode(lab)) for lab in labels) + 1
 
 
 def max_positions(settings: Settings) -> int:

@@ -19,7 +19,7 @@ from ground_node.errors import GroundError
 from ground_node.family import FamilyAdapter
 from ground_node.settings import load_settings, resolve_device
 from ground_node.synthetic import Example, encode_prompts
-from ground_node.tokenizer import EOS, CharTokenizer, Tokenizer
+from ground_node.tokenizer import CharTokenizer, Tokenizer
 from protos.wire import parse_expert_name
 
 
@@ -89,7 +89,7 @@ def label_trie(tok: Tokenizer, choices: Sequence[str]) -> Trie:
     root: Trie = {}
     for label in choices:
         node = root
-        for tid in [*tok.encode(label), EOS]:
+        for tid in [*tok.encode(label), tok.eos_id]:
             node = node.setdefault(tid, {})
     return root
 
@@ -123,11 +123,12 @@ def greedy_answers(
     one of them: the model still generates the label token by token, it just cannot spell a non-label.
     """
     trie = label_trie(tok, choices) if choices else None
+    eos = tok.eos_id
     cache_kw = cache_keyword(model)
     device = next(model.parameters()).device  # prompts go where the model is (training.device)
     groups: dict[int, list[int]] = defaultdict(list)
     for i, ex in enumerate(examples):
-        groups[len(tok.encode(ex.prompt))].append(i)  # token count: bytes, not characters, for text tasks
+        groups[len(tok.encode_prompt(ex.prompt))].append(i)  # token count, as the tokenizer starts the prompt
     answers = [""] * len(examples)
     model.eval()
     for idxs in groups.values():
@@ -147,14 +148,14 @@ def greedy_answers(
                 nxt = logits.argmax(dim=-1)
                 out.append(nxt)
                 if trie is not None:
-                    nodes = [None if n is None or t == EOS else n[t] for n, t in zip(nodes, nxt.tolist(), strict=True)]
-                done |= nxt == EOS
+                    nodes = [None if n is None or t == eos else n[t] for n, t in zip(nodes, nxt.tolist(), strict=True)]
+                done |= nxt == eos
                 if bool(done.all()):
                     break
                 ids = nxt[:, None]
             gen = torch.stack(out, dim=1).tolist()
             for row, i in enumerate(chunk):
-                answers[i] = tok.decode(gen[row]) if EOS in gen[row] else "\x00"  # no EOS: never an exact match
+                answers[i] = tok.decode(gen[row]) if eos in gen[row] else "\x00"  # no EOS: never an exact match
     return answers
 
 

@@ -1,4 +1,4 @@
-"""MoE family adapters: build or load a model, map HF names to manifest names (DESIGN §5.1) and back,
+"""MoE family adapters: build or load a model, map HF names to manifest names (ARCHITECTURE §5.1) and back,
 and cut per-expert slices out of fused expert tensors and PEFT LoRA factors.
 
 The `FamilyAdapter` interface is family-agnostic; `HFMoEAdapter` implements it for transformers 5 MoE classes

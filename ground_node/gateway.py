@@ -1,4 +1,4 @@
-"""The cluster gateway (DESIGN §3 step 5): the devices of one cluster train, the gateway averages them.
+"""The cluster gateway (ARCHITECTURE §3 step 5): the devices of one cluster train, the gateway averages them.
 
 The gateway serves the same `Federation` service to its devices over the terrestrial LAN (never link-gated;
 devices name themselves with the `emsfl-cluster` metadata key plus `emsfl-device` on a plaintext loopback lab; under

@@ -77,9 +77,11 @@ def run_gateway(args: argparse.Namespace, topology: dict[str, Any], tls: TlsFile
     try:
         bus.start()
         gw.start()
-        bus.announce({"cluster": args.cluster, "gateway": args.listen, "devices": str(devices)})
+        detail = {"cluster": args.cluster, "gateway": args.listen}
+        bus.announce({**detail, "devices": str(devices)})
         while not stop.wait(1.0):
-            gw.report()
+            report = gw.report()  # also the status topic's live figures (the dashboard's cluster panel)
+            bus.announce({**detail, **report, "device_count": devices})
     finally:
         server.stop(2)
         gw.stop()

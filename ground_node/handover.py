@@ -1,4 +1,4 @@
-"""Re-assignment on the ground (DESIGN §4.2): what changes hands when the satellite moves experts between clusters.
+"""Re-assignment on the ground (ARCHITECTURE §4.2): what changes hands when experts move between clusters.
 
 - `fetch_gained` pulls the newest parts (LoRA factors or full weights, as the manifest's `expert_parts` say) of the
   experts a cluster gained, for those the satellite has a version of; the others start from the base. The pull is a

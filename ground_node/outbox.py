@@ -1,4 +1,4 @@
-"""Staged updates on disk (DESIGN §4.4, §5.5): the newest expert state, ready to go up at the next contact.
+"""Staged updates on disk (ARCHITECTURE §4.4, §5.5): the newest expert state, ready to go up at the next contact.
 
 Layout: `<dir>/<content_hash>.safetensors` blobs and `<dir>/state.json`
 ({"newest": {hash, file, size, assignment_version, step}, "acked": [hash...], "bytes_uplinked"}).

@@ -1,4 +1,4 @@
-"""Uplink priority (DESIGN §3 step 6): when the rest of a contact cannot carry the whole newest update, its experts
+"""Uplink priority (ARCHITECTURE §3 step 6): when a contact cannot carry the whole newest update, its experts
 go up in priority order, the largest change since their last acknowledged state first, as separate smaller
 updates (the satellite accepts any subset of a cluster's experts under `emsfl`); the rest follows at the next pass.
 

@@ -1,4 +1,4 @@
-"""Affinity profiling (DESIGN §4.1) and routing coverage (§4.3) through the routers of the full model.
+"""Affinity profiling (ARCHITECTURE §4.1) and routing coverage (§4.3) through the routers of the full model.
 
 `profile_base` streams the base model from its `base.safetensors` one decoder layer at a time
 (`ground_node.stream`), so profiling before the assignment never holds more than one layer's experts;
@@ -19,7 +19,7 @@ from torch import nn
 from ground_node.family import FamilyAdapter
 from ground_node.split import Assignment
 from ground_node.synthetic import Example, encode_train
-from ground_node.tokenizer import PAD, Tokenizer
+from ground_node.tokenizer import Tokenizer
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ def router_probs(
         for h in handles:
             h.remove()
         model.train(was_training)
-    return _probs(captured, batches)
+    return _probs(captured, batches, tok.pad_id)
 
 
 def _batches(examples: Sequence[Example], tok: Tokenizer, batch_size: int) -> list[torch.Tensor]:
@@ -72,9 +72,9 @@ def _capture_logits(into: list[torch.Tensor]) -> Any:
     return hook
 
 
-def _probs(captured: dict[int, list[torch.Tensor]], batches: list[torch.Tensor]) -> list[torch.Tensor]:
+def _probs(captured: dict[int, list[torch.Tensor]], batches: list[torch.Tensor], pad_id: int) -> list[torch.Tensor]:
     """Per layer, the softmax of the captured logits over the non-pad tokens (batches in order)."""
-    mask = torch.cat([(ids != PAD).reshape(-1) for ids in batches])
+    mask = torch.cat([(ids != pad_id).reshape(-1) for ids in batches])
     return [torch.softmax(torch.cat(captured[la])[mask], dim=-1) for la in sorted(captured)]
 
 
@@ -101,7 +101,7 @@ def stream_router_probs(
             return adapter.router(model, index).register_forward_hook(_capture_logits(captured[index]))
 
         run_layers(model, adapter, tensors, batches, on_layer=hook_router)
-    return _probs(captured, batches)
+    return _probs(captured, batches, tok.pad_id)
 
 
 def affinity_from_probs(probs: list[torch.Tensor], top_k: int) -> Affinity:

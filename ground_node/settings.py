@@ -15,7 +15,9 @@ from typing import Any
 from emsfl.config import ConfigError, cluster_ids, field, positive, section
 
 KNOWN_DOMAINS = ("copy", "reverse", "sort", "add")
-TEXT_TASKS = ("csv", "jsonl", "banking77", "hf_disk")
+TEXT_TASKS = ("csv", "jsonl", "banking77", "clinc150", "hf_disk")
+# the shared data sets (../shared/data, relative to the repository root) that a task reads by default
+DEFAULT_PATHS = {"banking77": "/work/shared/data/banking77", "clinc150": "../shared/data/clinc150"}
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,12 @@ class DataSettings:
     max_chars: int = 96  # prompt text is truncated to this many bytes
     test_examples: int = 400  # size of the (seeded) global test sample
     decoding: str = "constrained"  # constrained: greedy over the label set's trie; free: unconstrained greedy
+    # `data.tokenizer: checkpoint`: the HF tokenizer of `model.checkpoint` (its path here); None: byte-level
+    tokenizer_path: str | None = None
+    prompt: str = "plain"  # plain: text + "=" after BOS; chat: the tokenizer's chat template (user turn)
+    instruction: str = ""  # chat: the system turn before the query
+    # clusters by domain (`clusters[].domains`): each cluster gets every label of its domains (`domains.json`)
+    cluster_domains: dict[str, tuple[str, ...]] | None = None
 
 
 @dataclass(frozen=True)
@@ -134,7 +142,7 @@ def _data(topology: Mapping[str, Any]) -> DataSettings:
     w = "data"
     task = field(d, "task", str, w, "synthetic")
     if task in TEXT_TASKS:
-        return _text_data(d, task)
+        return _text_data(d, task, topology)
     if task != "synthetic":
         raise ConfigError(f"data.task: expected 'synthetic' or one of {list(TEXT_TASKS)}, got {task!r}")
     domains = field(d, "domains", list, w, list(KNOWN_DOMAINS))
@@ -163,10 +171,9 @@ def _data(topology: Mapping[str, Any]) -> DataSettings:
     )
 
 
-def _text_data(d: Mapping[str, Any], task: str) -> DataSettings:
+def _text_data(d: Mapping[str, Any], task: str, topology: Mapping[str, Any]) -> DataSettings:
     w = "data"
-    default_path = "/work/shared/data/banking77" if task == "banking77" else None
-    path = field(d, "path", str, w, default_path)
+    path = field(d, "path", str, w, DEFAULT_PATHS.get(task))
     if not path:
         raise ConfigError(f"data.path: required for data.task={task!r}")
     alpha = field(d, "alpha", float, w, None)
@@ -179,6 +186,17 @@ def _text_data(d: Mapping[str, Any], task: str) -> DataSettings:
             raise ConfigError("data.cluster_labels: expected {cluster id: [label, ...]} with non-empty lists")
         cluster_labels = {str(k): tuple(str(x) for x in v) for k, v in labels.items()}
     decoding = _one_of(d, "decoding", w, ("constrained", "free"))
+    tokenizer_path = None
+    if _one_of(d, "tokenizer", w, ("byte", "checkpoint")) == "checkpoint":
+        tokenizer_path = (topology.get("model") or {}).get("checkpoint")
+        if not tokenizer_path:
+            raise ConfigError("data.tokenizer: 'checkpoint' needs model.checkpoint (a directory with tokenizer.json)")
+    prompt = _one_of(d, "prompt", w, ("plain", "chat"))
+    if prompt == "chat" and tokenizer_path is None:
+        raise ConfigError("data.prompt: 'chat' needs data.tokenizer: checkpoint (a tokenizer with a chat template)")
+    cluster_domains = _cluster_domains(topology)
+    if cluster_domains is not None and (labels is not None or alpha is not None):
+        raise ConfigError("clusters[].domains: give clusters by domain, or data.cluster_labels, or data.alpha; not two")
     return DataSettings(
         task=task,
         domains=(),
@@ -196,7 +214,32 @@ def _text_data(d: Mapping[str, Any], task: str) -> DataSettings:
         max_chars=_pos_int(d, "max_chars", w, 96),
         test_examples=_pos_int(d, "test_examples", w, 400),
         decoding=decoding,
+        tokenizer_path=tokenizer_path,
+        prompt=prompt,
+        instruction=field(d, "instruction", str, w, ""),
+        cluster_domains=cluster_domains,
     )
+
+
+def _cluster_domains(topology: Mapping[str, Any]) -> dict[str, tuple[str, ...]] | None:
+    """`clusters[i].domains` (lists of domain names) by cluster id; None when no cluster names domains."""
+    out: dict[str, tuple[str, ...]] = {}
+    for i, cluster in enumerate(topology.get("clusters") or []):
+        domains = cluster.get("domains") if isinstance(cluster, Mapping) else None
+        if domains is None:
+            continue
+        if not isinstance(domains, list) or not domains or not all(isinstance(x, str) for x in domains):
+            raise ConfigError(f"clusters[{i}].domains: expected a non-empty list of domain names")
+        out[str(cluster.get("id"))] = tuple(domains)
+    if not out:
+        return None
+    seen: dict[str, str] = {}
+    for cid, domains in out.items():
+        for dom in domains:
+            if dom in seen:
+                raise ConfigError(f"clusters[].domains: domain {dom!r} is given to both {seen[dom]!r} and {cid!r}")
+            seen[dom] = cid
+    return out
 
 
 def _warmup(topology: Mapping[str, Any]) -> WarmupSettings:
@@ -299,6 +342,8 @@ def load_settings(topology: Mapping[str, Any]) -> Settings:
 
 
 _TEXT_ONLY = ("path", "test_path", "text_field", "label_field", "alpha", "cluster_labels", "max_chars", "test_examples")
+# later optional fields: left out at their defaults, so existing bases keep their keys
+_DATA_DEFAULTS: dict[str, Any] = {"tokenizer_path": None, "prompt": "plain", "instruction": "", "cluster_domains": None}
 
 
 def _data_key(data: DataSettings) -> dict[str, Any]:
@@ -307,7 +352,7 @@ def _data_key(data: DataSettings) -> dict[str, Any]:
     if data.task == "synthetic":  # keys of text tasks do not change a synthetic base's key
         for key in _TEXT_ONLY:
             body.pop(key, None)
-    return body
+    return {k: v for k, v in body.items() if not (k in _DATA_DEFAULTS and v == _DATA_DEFAULTS[k])}
 
 
 _WARMUP_DEFAULTS = {("text_path", None), ("text_window", 96)}

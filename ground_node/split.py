@@ -1,4 +1,4 @@
-"""Model splitting (DESIGN §4.3): a cluster's assignment and the routing restriction to its held experts."""
+"""Model splitting (ARCHITECTURE §4.3): a cluster's assignment and the routing restriction to its held experts."""
 
 from __future__ import annotations
 

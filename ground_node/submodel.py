@@ -1,4 +1,4 @@
-"""Physical sub-models (DESIGN §4.3, `split=mask`): only the shared weights plus the cluster's experts.
+"""Physical sub-models (ARCHITECTURE §4.3, `split=mask`): only the shared weights plus the cluster's experts.
 
 A split layer's fused expert tensors hold only its held experts (local order = ascending global id); its router
 holds only their rows as its parameter, with `held_index` (local -> global) and `to_local` (global -> local)

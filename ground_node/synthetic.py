@@ -17,7 +17,6 @@ import torch
 
 from emsfl.config import ConfigError
 from ground_node.settings import DataSettings, Settings
-from ground_node.tokenizer import BOS, EOS, PAD
 
 PREFIX = {"copy": "C", "reverse": "R", "sort": "S", "add": "A"}
 LETTERS = "abcdefghijklmnop"
@@ -113,12 +112,12 @@ def encode_train(tok: Any, examples: Sequence[Example]) -> tuple[torch.Tensor, t
         raise ValueError("cannot encode an empty batch")
     rows, labels = [], []
     for ex in examples:
-        prompt = [BOS, *tok.encode(ex.prompt)]
-        answer = [*tok.encode(ex.answer), EOS]
+        prompt = tok.encode_prompt(ex.prompt)
+        answer = [*tok.encode(ex.answer), tok.eos_id]
         rows.append(prompt + answer)
         labels.append([-100] * len(prompt) + answer)
     width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), PAD, dtype=torch.long)
+    ids = torch.full((len(rows), width), tok.pad_id, dtype=torch.long)
     lab = torch.full((len(rows), width), -100, dtype=torch.long)
     for i, (r, la) in enumerate(zip(rows, labels, strict=True)):
         ids[i, : len(r)] = torch.tensor(r)
@@ -127,8 +126,8 @@ def encode_train(tok: Any, examples: Sequence[Example]) -> tuple[torch.Tensor, t
 
 
 def encode_prompts(tok: Any, examples: Sequence[Example]) -> torch.Tensor:
-    """Prompts of equal length (callers group by length), BOS first."""
-    rows = [[BOS, *tok.encode(ex.prompt)] for ex in examples]
+    """Prompts of equal length (callers group by length), as the tokenizer starts them (BOS, or a chat turn)."""
+    rows = [tok.encode_prompt(ex.prompt) for ex in examples]
     if len({len(r) for r in rows}) != 1:
         raise ValueError("encode_prompts needs prompts of one length")
     return torch.tensor(rows, dtype=torch.long)

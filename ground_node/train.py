@@ -1,4 +1,4 @@
-"""Local learning (DESIGN §4.4): the held experts only, as PEFT LoRA adapters or full slices; resumable.
+"""Local learning (ARCHITECTURE §4.4): the held experts only, as PEFT LoRA adapters or full slices; resumable.
 
 Router and shared weights are frozen. Gradients of unheld experts' slices are zeroed by hooks (with AdamW and
 no weight decay they never move), so the update carries exactly the held experts' state.

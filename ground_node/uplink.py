@@ -1,4 +1,4 @@
-"""The uplink (DESIGN §3 steps 2-6): a thread that talks to the satellite node whenever the link is up.
+"""The uplink (ARCHITECTURE §3 steps 2-6): a thread that talks to the satellite node whenever the link is up.
 
 Per pass: Join (once), ReportAffinity (once), GetAssignment (polled until ready, then checked each pass),
 then OfferUpdate with the newest unacknowledged staged update and PushChunksWindowed of only the missing chunks.
@@ -89,7 +89,7 @@ class Uplink(threading.Thread):
         self.assigned = threading.Event()
         # set (by on_join) when the satellite runs a baseline strategy: its passes replace affinity/assignment
         self.baseline: BaselineClient | None = None
-        # DESIGN §3 step 6: at every contact the newest state goes up once (not again at every staging while the
+        # ARCHITECTURE §3 step 6: at every contact the newest state goes up once (not again at every staging while the
         # link stays up, which would multiply the uplink bytes); None: no limit. Contacts are told apart by `since`.
         self.max_uploads_per_contact = max_uploads_per_contact
         self._acks_in_contact: dict[str, int] = {}

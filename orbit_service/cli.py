@@ -31,6 +31,7 @@ from orbit_service.link import link_model_from
 from orbit_service.plan import Plan, build_plan, contacts_csv, contacts_json, load_plan, plan_dict, plan_from_topology
 from orbit_service.publisher import OrbitPublisher
 from orbit_service.sites import load_sites_csv, sites_from_topology
+from orbit_service.subpoints import SubpointPublisher
 from protos import topics
 from protos.bus import Bus
 from protos.clock import EmulatedClock
@@ -71,6 +72,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--replay", help="drive the links from a recorded plan (a --plan-out file) instead of orbits")
     run.add_argument("--method", choices=("fast", "reference"), default="fast", help="contact finder (default: fast)")
     add_tls_flags(run)  # MQTT over TLS with this certificate (the orbit service dials no gRPC)
+    run.add_argument(
+        "--subpoints-every-s",
+        type=float,
+        default=1.0,
+        help="publish sub-satellite points on emsfl/v1/orbit/satellites this often, wall s (0: never; default 1)",
+    )
 
     override = sub.add_parser("override", help="send an operator command to a running orbit service")
     override.add_argument("--broker", required=True, help="MQTT broker HOST:PORT")
@@ -216,6 +223,8 @@ def _command_run(args: argparse.Namespace) -> int:
         raise ConfigError(f"link.contacts_published: must be >= 1, got {contacts_published}")
     host, port = parse_host_port(args.broker, "--broker")
     tls = resolve_tls(args, topology, args.topology, grpc_role=False)
+    if args.subpoints_every_s < 0:
+        raise ConfigError(f"--subpoints-every-s: must be >= 0 (0: never), got {args.subpoints_every_s!r}")
 
     def make_plan() -> Plan:
         if args.replay:
@@ -254,12 +263,17 @@ def _command_run(args: argparse.Namespace) -> int:
     clock = EmulatedClock(epoch_utc=plan.start_utc, wall_ref_unix=time.time(), scale=scale)
     publisher = OrbitPublisher(plan, bus, clock, model, contacts_published, events)
     listener = CommandListener(host, port, publisher, make_plan, events)
+    subpoints = SubpointPublisher(bus, publisher, args.subpoints_every_s) if args.subpoints_every_s > 0 else None
     try:
         publisher.start()
         listener.start()
+        if subpoints is not None:
+            subpoints.start()
         while not stop.wait(0.5):  # a timed wait keeps the main thread responsive to signals
             pass
     finally:
+        if subpoints is not None:
+            subpoints.stop()
         listener.stop()
         publisher.stop()
         bus.stop()

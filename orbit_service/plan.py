@@ -21,7 +21,8 @@ from numpy.typing import NDArray
 from emsfl.config import ConfigError
 from orbit_service.constellation import satellites_from_topology
 from orbit_service.contacts import Contact, Handover, Window, check_interval, round_ms, site_contacts
-from orbit_service.fast import ContactTable, Ephemeris, SiteFrame, fast_contact_table, parallel_map
+from orbit_service.ephemeris import Ephemeris, SiteFrame, parallel_map
+from orbit_service.fast import ContactTable, fast_contact_table
 from orbit_service.selection import (
     DEFAULT_POLICY,
     DEFAULT_STEP_S,

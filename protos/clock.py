@@ -1,4 +1,4 @@
-"""Emulated time from the retained `emsfl/v1/clock` message (DESIGN §5.4).
+"""Emulated time from the retained `emsfl/v1/clock` message (ARCHITECTURE §5.4).
 
 No tick stream: every process turns its own wall clock into emulated UTC with this.
 """

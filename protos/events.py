@@ -1,4 +1,4 @@
-"""Run events (DESIGN §8): JSON lines, one object per line, appended and flushed at once so that a
+"""Run events (ARCHITECTURE §8): JSON lines, one object per line, appended and flushed at once so that a
 killed process loses nothing it logged. Every role writes the same shape:
 `{"t": emulated UTC or null, "wall": Unix s, "role", "id", "event", ...fields}`.
 """

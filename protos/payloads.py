@@ -1,4 +1,4 @@
-"""Encode, decode and validate the MQTT payloads of DESIGN §5.3 against `protos/mqtt/*.schema.json`.
+"""Encode, decode and validate the MQTT payloads of ARCHITECTURE §5.3 against `protos/mqtt/*.schema.json`.
 
 Publishers call `encode`, subscribers call `decode`; both raise `PayloadError` naming the field.
 """
@@ -16,7 +16,7 @@ from jsonschema import Draft202012Validator, FormatChecker
 from protos.timefmt import parse_iso
 
 SCHEMA_DIR = Path(__file__).resolve().parent / "mqtt"
-KINDS = ("clock", "link", "contacts", "status", "cmd", "cmd_reply")
+KINDS = ("clock", "link", "contacts", "status", "cmd", "cmd_reply", "satellites")
 
 
 class PayloadError(ValueError):

@@ -1,4 +1,4 @@
-"""MQTT topic names of DESIGN §5.3 (topic root `emsfl/v1`)."""
+"""MQTT topic names of ARCHITECTURE §5.3 (topic root `emsfl/v1`)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ ROOT = "emsfl/v1"
 CLOCK = f"{ROOT}/clock"
 ORBIT_STATUS = f"{ROOT}/orbit/status"
 ORBIT_CMD = f"{ROOT}/orbit/cmd"
+ORBIT_CMD_REPLY = f"{ROOT}/orbit/cmd/reply"
+ORBIT_SATELLITES = f"{ROOT}/orbit/satellites"  # sub-satellite points for displays
 
 
 def link(cluster: str) -> str:

@@ -1,4 +1,4 @@
-"""Wire helpers shared by every role: manifest names (DESIGN §5.1) and content-addressed chunks (§5.2).
+"""Wire helpers shared by every role: manifest names (ARCHITECTURE §5.1) and content-addressed chunks (§5.2).
 
 No torch here: the satellite node sees tensors as numpy arrays in safetensors blobs.
 """

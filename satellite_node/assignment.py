@@ -1,4 +1,4 @@
-"""Exact expert assignment of DESIGN §4.2.
+"""Exact expert assignment of ARCHITECTURE §4.2.
 
 Per layer l: choose disjoint S_c with |S_c| <= K_c maximising sum_c w_c * sum_{e in S_c} A_c[l, e],
 w_c = n_c / sum n. Each cluster c contributes K_c identical "slots"; an expert (row) matched to a slot

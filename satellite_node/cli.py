@@ -22,7 +22,7 @@ log = logging.getLogger("satellite_node")
 
 
 class _JsonFormatter(logging.Formatter):
-    """Structured logs (DESIGN §8): one JSON object per line on stderr."""
+    """Structured logs (ARCHITECTURE §8): one JSON object per line on stderr."""
 
     def format(self, record: logging.LogRecord) -> str:
         body: dict[str, Any] = {

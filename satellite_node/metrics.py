@@ -1,4 +1,4 @@
-"""Prometheus metrics of the satellite node (DESIGN §8); `satellite run --metrics-port` serves them.
+"""Prometheus metrics of the satellite node (ARCHITECTURE §8); `satellite run --metrics-port` serves them.
 
 Each node has its own registry, so several in-process nodes (tests) never collide.
 """

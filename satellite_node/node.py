@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
-import grpc
 import numpy as np
 from safetensors.numpy import save as st_save
 
@@ -31,6 +30,7 @@ from satellite_node.store import AffinityRow, ClusterRow, ExpertVersionRow, Roun
 from satellite_node.strategy import AcceptedUpdate, Effect, Strategy, make_strategy
 from satellite_node.validate import (
     Refusal,
+    RefusalCode,
     Spec,
     check_ownership,
     check_specs,
@@ -51,7 +51,7 @@ class Links(Protocol):
 
 
 def wall_rate_bytes(links: Any, cluster: str) -> float | None:
-    """Bytes per wall second the cluster's link may carry (DESIGN §5.4: rate_bps x clock scale / 8); None: unpaced.
+    """Bytes per wall second the link may carry (ARCHITECTURE §5.4: rate_bps x clock scale / 8); None: unpaced.
 
     Read from the link payload's `rate_bps` and the clock's `scale` (a `LinkView`), or from a `wall_rate_bytes`
     method of the links object (tests)."""
@@ -106,7 +106,7 @@ class NodeConfig:
     affinity: str = "gate"
     max_update_bytes: int = 4 << 30
     strategy_options: Mapping[str, Any] = field(default_factory=dict)  # satellite.<strategy> of the topology
-    pace: bool = True  # satellite.pace: transfers paced to the link budget (DESIGN §5.4)
+    pace: bool = True  # satellite.pace: transfers paced to the link budget (ARCHITECTURE §5.4)
 
 
 @dataclass(frozen=True)
@@ -200,7 +200,7 @@ class _ChunkSink:
 
     def add(self, index: int, data: bytes | memoryview) -> None:
         if self.superseded:
-            raise Refusal(grpc.StatusCode.ABORTED, "a newer stream or offer of this update took over from this one")
+            raise Refusal(RefusalCode.ABORTED, "a newer stream or offer of this update took over from this one")
         if self.deferred:
             self.next_index = index + 1
         self._pending.append(self._pool.submit(self._write, index, data))
@@ -397,7 +397,7 @@ class SatelliteNode:
     def _now(self) -> datetime:
         now = self.links.emulated_now()
         if now is None:  # the gate already refuses without a clock; this guards the commit path
-            raise Refusal(grpc.StatusCode.UNAVAILABLE, "no emulated clock received yet")
+            raise Refusal(RefusalCode.UNAVAILABLE, "no emulated clock received yet")
         return now
 
     # identity and the link gate
@@ -405,16 +405,16 @@ class SatelliteNode:
     def admit(self, cluster: str | None) -> str:
         """The caller's cluster if it may be served now, else a Refusal (no state change)."""
         if not cluster:
-            raise Refusal(grpc.StatusCode.UNAUTHENTICATED, "no cluster identity on the call")
+            raise Refusal(RefusalCode.UNAUTHENTICATED, "no cluster identity on the call")
         if cluster not in self.config.clusters:
-            raise Refusal(grpc.StatusCode.PERMISSION_DENIED, f"cluster {cluster!r} is not in the topology")
+            raise Refusal(RefusalCode.PERMISSION_DENIED, f"cluster {cluster!r} is not in the topology")
         self.gate(cluster)
         self.tick()
         return cluster
 
     def gate(self, cluster: str) -> None:
         if not self.links.is_up(cluster):
-            raise Refusal(grpc.StatusCode.UNAVAILABLE, self.links.down_reason(cluster), "link_down")
+            raise Refusal(RefusalCode.UNAVAILABLE, self.links.down_reason(cluster), "link_down")
 
     def refused(self, cluster: str | None, refusal: Refusal) -> None:
         self.metrics.refused(refusal)
@@ -476,7 +476,7 @@ class SatelliteNode:
             )
         with self._lock:
             if cluster not in self.store.clusters():
-                raise Refusal(grpc.StatusCode.FAILED_PRECONDITION, "join before reporting affinity")
+                raise Refusal(RefusalCode.FAILED_PRECONDITION, "join before reporting affinity")
             now = self.links.emulated_now()
             self.store.put_affinity(
                 AffinityRow(cluster, num_tokens, m.num_layers, m.num_experts, gate_m, freq_m),
@@ -522,7 +522,7 @@ class SatelliteNode:
         (the hand-over: the new owner pulls those parameters and continues from them, never from the base)."""
         if not self.strategy.requires_ownership:
             raise Refusal(
-                grpc.StatusCode.FAILED_PRECONDITION,
+                RefusalCode.FAILED_PRECONDITION,
                 f"strategy {self.strategy.name} trains the whole model: there is no assignment to change",
             )
         if len(reason) > 500:
@@ -530,7 +530,7 @@ class SatelliteNode:
         with self._lock:
             reported = self.store.affinities()
             if self.store.assignment_version() == 0 or not set(self.config.clusters) <= set(reported):
-                raise Refusal(grpc.StatusCode.FAILED_PRECONDITION, "no assignment yet: every cluster must report first")
+                raise Refusal(RefusalCode.FAILED_PRECONDITION, "no assignment yet: every cluster must report first")
             version = self._solve(reported, reason or "requested", cluster)
             return version, self.handed_over(cluster, version)
 
@@ -647,11 +647,11 @@ class SatelliteNode:
                     upload = self.store.get_upload(chunk.content_hash)
                     if upload is None:
                         raise Refusal(
-                            grpc.StatusCode.FAILED_PRECONDITION, f"update {chunk.content_hash[:16]}: offer it first"
+                            RefusalCode.FAILED_PRECONDITION, f"update {chunk.content_hash[:16]}: offer it first"
                         )
                     if upload.cluster != cluster:
                         raise Refusal(
-                            grpc.StatusCode.PERMISSION_DENIED,
+                            RefusalCode.PERMISSION_DENIED,
                             f"update {chunk.content_hash[:16]} was offered by another cluster",
                         )
                     self._take_over(upload.content_hash, cluster)  # first: what an older stream wrote counts
@@ -694,7 +694,7 @@ class SatelliteNode:
             raise invalid("PushChunks carried no chunk")
         digest = None
         if sink is not None and sink.superseded:
-            raise Refusal(grpc.StatusCode.ABORTED, "a newer stream or offer of this update took over from this one")
+            raise Refusal(RefusalCode.ABORTED, "a newer stream or offer of this update took over from this one")
         if sink is not None and sink.was_deferred:
             if sink.bad_content:
                 raise invalid(f"update {upload.content_hash[:16]}: the chunks do not hash to the offered content_hash")
@@ -753,7 +753,7 @@ class SatelliteNode:
             try:
                 return self._validate_and_commit(cluster, upload, digest, now)
             except Refusal as refusal:
-                if refusal.code != grpc.StatusCode.UNAVAILABLE:
+                if refusal.code != RefusalCode.UNAVAILABLE:
                     # The content itself is refused: it can never commit, so its chunks go and the upload is back
                     # to "offered, nothing received" (as before the push). A cut link keeps them for the next pass.
                     self.store.reset_upload(h)

@@ -18,7 +18,7 @@ from protos.wire import CLUSTER_METADATA_KEY, sha256_hex
 from satellite_node.chunkwire import decode_chunk
 from satellite_node.node import ChunkIn, Offer, PushResult, SatelliteNode
 from satellite_node.store import ExpertVersionRow
-from satellite_node.validate import Refusal, Spec
+from satellite_node.validate import Refusal, RefusalCode, Spec
 
 SERVICE = "emsfl.v1.Federation"
 CLUSTER_OU = "cluster"  # `emsfl pki issue --role client --cluster c0`: O=emsfl, OU=cluster, CN=c0
@@ -68,7 +68,7 @@ class FederationServicer(pb_grpc.FederationServicer):
 
     def _refuse(self, context: grpc.ServicerContext, cluster: str | None, refusal: Refusal) -> NoReturn:
         self.node.refused(cluster, refusal)
-        context.abort(refusal.code, refusal.message)
+        context.abort(grpc.StatusCode[refusal.code.name], refusal.message)
         raise AssertionError("context.abort returned")  # abort always raises
 
     def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
@@ -138,9 +138,7 @@ class FederationServicer(pb_grpc.FederationServicer):
         total = len(blob.chunks)
         for index in range(start, total):
             if not self.node.links.is_up(cluster):
-                self._refuse(
-                    context, cluster, Refusal(grpc.StatusCode.UNAVAILABLE, self.node.links.down_reason(cluster))
-                )
+                self._refuse(context, cluster, Refusal(RefusalCode.UNAVAILABLE, self.node.links.down_reason(cluster)))
             data = bytes(blob.chunks[index])
             self.node.pacer.pace(cluster, len(data))
             yield pb.Chunk(

@@ -1,4 +1,4 @@
-"""Aggregation strategies: what an accepted update does to the global expert state (DESIGN §4.5).
+"""Aggregation strategies: what an accepted update does to the global expert state (ARCHITECTURE §4.5).
 
 One interface, chosen by the topology's `strategy`:
 - `emsfl`: owners are unique; the owner's newest upload replaces each of its experts (no rounds, no averaging).
@@ -19,11 +19,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import grpc
 import numpy as np
 
 from protos.wire import ExpertKey
-from satellite_node.validate import Refusal
+from satellite_node.validate import Refusal, RefusalCode
 
 
 @dataclass(frozen=True)
@@ -100,7 +99,7 @@ class AggregationContext(StrategyContext, Protocol):
 
 
 def _stale(message: str) -> Refusal:
-    return Refusal(grpc.StatusCode.FAILED_PRECONDITION, message)
+    return Refusal(RefusalCode.FAILED_PRECONDITION, message)
 
 
 class Strategy(ABC):

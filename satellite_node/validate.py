@@ -1,7 +1,7 @@
-"""Checks an update must pass before anything is acknowledged (DESIGN §5.2).
+"""Checks an update must pass before anything is acknowledged (ARCHITECTURE §5.2).
 
-Transport-free: a refusal is a `Refusal` carrying the gRPC status code the server answers with,
-and a message naming the tensor and the problem.
+Transport-free: a refusal is a `Refusal` carrying a plain `RefusalCode` (named like the gRPC status that
+`server.py` answers with) and a message naming the tensor and the problem.
 """
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any
 
-import grpc
 import numpy as np
 
 from protos.wire import ExpertKey, parse_expert_name
@@ -20,10 +20,22 @@ from satellite_node.manifest import DTYPES, Manifest, dtype_name
 MAX_HEADER_BYTES = 100 << 20
 
 
-class Refusal(Exception):
-    """A refused call; changes no state. `code` is what the gRPC layer answers."""
+class RefusalCode(str, Enum):
+    """Why a call is refused (ARCHITECTURE §5.2). The names are the gRPC status codes `server.py` maps them to,
+    so that events and clients read the same word; the core itself knows nothing of gRPC."""
 
-    def __init__(self, code: grpc.StatusCode, message: str, kind: str = "") -> None:
+    UNAVAILABLE = "UNAVAILABLE"  # not now: link down, no clock yet
+    INVALID_ARGUMENT = "INVALID_ARGUMENT"  # bad input: do not retry the same bytes
+    PERMISSION_DENIED = "PERMISSION_DENIED"  # not yours
+    FAILED_PRECONDITION = "FAILED_PRECONDITION"  # out of order: stale version, closed round, offer first
+    ABORTED = "ABORTED"  # a newer stream or offer took over
+    UNAUTHENTICATED = "UNAUTHENTICATED"  # no identity
+
+
+class Refusal(Exception):
+    """A refused call; changes no state."""
+
+    def __init__(self, code: RefusalCode, message: str, kind: str = "") -> None:
         super().__init__(message)
         self.code = code
         self.message = message
@@ -34,7 +46,7 @@ class Refusal(Exception):
 
 
 def invalid(message: str) -> Refusal:
-    return Refusal(grpc.StatusCode.INVALID_ARGUMENT, message)
+    return Refusal(RefusalCode.INVALID_ARGUMENT, message)
 
 
 @dataclass(frozen=True)
@@ -93,10 +105,10 @@ def check_ownership(
     if not requires_ownership:
         return
     if owners is None or current_version <= 0:
-        raise Refusal(grpc.StatusCode.FAILED_PRECONDITION, "no assignment has been solved yet")
+        raise Refusal(RefusalCode.FAILED_PRECONDITION, "no assignment has been solved yet")
     if offered_version != current_version:
         raise Refusal(
-            grpc.StatusCode.FAILED_PRECONDITION,
+            RefusalCode.FAILED_PRECONDITION,
             f"update made under assignment version {offered_version}, current version is {current_version}",
         )
     for key in experts:
@@ -104,7 +116,7 @@ def check_ownership(
         if owner != cluster:
             held = f"owned by {owner!r}" if owner else "owned by no cluster"
             raise Refusal(
-                grpc.StatusCode.PERMISSION_DENIED,
+                RefusalCode.PERMISSION_DENIED,
                 f"expert/{key.layer}/{key.expert}: {held} under assignment version {current_version},"
                 f" not by {cluster!r}",
             )

@@ -2,9 +2,9 @@
 
 The lab starts exactly the commands a deployment runs (`emsfl orbit|satellite|ground run`), waits for
 them to come up, lets the emulated clock run for a bounded wall time, stops everything in order, and
-writes `runs/<run-id>/` (DESIGN §8). Loopback only; plaintext (said out loud: the satellite runs `--insecure`) unless
-`tls` (`emsfl lab up --tls`): then a throwaway CA in the run directory, Mosquitto with TLS and the deployed ACL, and
-mutual TLS on every gRPC hop (testbed/labtls.py).
+writes `runs/<run-id>/` (ARCHITECTURE §8). Loopback only; plaintext (said out loud: the satellite runs
+`--insecure`) unless `tls` (`emsfl lab up --tls`): then a throwaway CA in the run directory, Mosquitto with TLS and
+the deployed ACL, and mutual TLS on every gRPC hop (testbed/labtls.py).
 """
 
 from __future__ import annotations
@@ -222,7 +222,7 @@ def run_lab(opts: LabOptions) -> LabRun:
         if _devices(topology, c) == 1
     ]
     device_names: set[str] = set()
-    for c in clusters:  # a cluster of several devices: one gateway + one process per device (DESIGN §3 step 5)
+    for c in clusters:  # a cluster of several devices: one gateway + one process per device (ARCHITECTURE §3 step 5)
         if (n := _devices(topology, c)) == 1:
             continue
         gw_addr = f"127.0.0.1:{free_port()}"

@@ -1,4 +1,4 @@
-"""PNG plots of a run (DESIGN §8). Agg backend: no display needed."""
+"""PNG plots of a run (ARCHITECTURE §8). Agg backend: no display needed."""
 
 from __future__ import annotations
 

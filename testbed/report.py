@@ -1,4 +1,4 @@
-"""Run outputs (DESIGN §8): merged events and the figures of `summary.json`, computed from what each role wrote.
+"""Run outputs (ARCHITECTURE §8): merged events and the figures of `summary.json`, computed from what each role wrote.
 
 `uploads_outside_contact` is checked here, against the orbit service's contact windows, not taken from
 the uploader or the satellite.

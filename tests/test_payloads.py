@@ -1,4 +1,4 @@
-"""MQTT payload schemas (DESIGN §5.3): valid messages pass, each kind of invalid one is refused by name."""
+"""MQTT payload schemas (ARCHITECTURE §5.3): valid messages pass, each kind of invalid one is refused by name."""
 
 from __future__ import annotations
 

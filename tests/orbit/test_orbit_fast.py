@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from orbit_service import fast, selection
+from orbit_service import ephemeris, selection
 from orbit_service.constellation import EARTH_RADIUS_KM, MU_KM3_S2, WalkerSpec, walker_satellites
 from orbit_service.contacts import Contact, round_ms, satellite_contacts
 from orbit_service.fast import fast_contacts
@@ -202,9 +202,9 @@ def test_plan_is_the_same_on_one_or_two_threads(monkeypatch: pytest.MonkeyPatch)
     sats = walker_satellites(WalkerSpec(53.0, 550.0, 6, 8, 1), START)
     sites = {f"c{i}": GroundSite(f"s{i}", 10.0 * i - 30.0, 20.0 * i, 0.0, 10.0) for i in range(5)}
     end = START + timedelta(hours=3)
-    monkeypatch.setattr(fast, "WORKERS", 2)
+    monkeypatch.setattr(ephemeris, "WORKERS", 2)
     two = build_plan(sites, sats, START, end)
-    monkeypatch.setattr(fast, "WORKERS", 1)
+    monkeypatch.setattr(ephemeris, "WORKERS", 1)
     one = build_plan(sites, sats, START, end)
     assert two.windows == one.windows
     assert [two.contacts[k] for k in sites] == [one.contacts[k] for k in sites]

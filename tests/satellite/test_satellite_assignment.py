@@ -1,4 +1,4 @@
-"""The assignment of DESIGN §4.2 is exact: compared with brute force on small random instances."""
+"""The assignment of ARCHITECTURE §4.2 is exact: compared with brute force on small random instances."""
 
 from __future__ import annotations
 

@@ -11,7 +11,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
-import grpc
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -23,7 +22,7 @@ from satellite_node.manifest import load_manifest
 from satellite_node.node import ChunkIn, NodeConfig, Offer, SatelliteNode
 from satellite_node.store import DB_FILE, Store
 from satellite_node.testing import FakeLinks, encode, expert_update, write_tiny_base
-from satellite_node.validate import Refusal, Spec, specs_of
+from satellite_node.validate import Refusal, RefusalCode, Spec, specs_of
 
 CHUNK = 256
 MINE = [(0, 0), (1, 1)]  # c0 owns experts 0 and 1 of both layers; c1 owns 2 and 3
@@ -179,11 +178,11 @@ def _inf(base: Path) -> dict[str, np.ndarray]:
 
 
 INVALID, DENIED, STALE = (
-    grpc.StatusCode.INVALID_ARGUMENT,
-    grpc.StatusCode.PERMISSION_DENIED,
-    grpc.StatusCode.FAILED_PRECONDITION,
+    RefusalCode.INVALID_ARGUMENT,
+    RefusalCode.PERMISSION_DENIED,
+    RefusalCode.FAILED_PRECONDITION,
 )
-CASES: list[tuple[str, Case, grpc.StatusCode]] = [
+CASES: list[tuple[str, Case, RefusalCode]] = [
     ("wrong shape", _offer(lambda t, b: {**t, "expert/0/0/down_proj.lora_A": np.zeros((3, 6), np.float32)}), INVALID),
     ("wrong dtype", _offer(lambda t, b: {**t, "expert/0/0/down_proj.lora_A": np.zeros((2, 6), np.float16)}), INVALID),
     ("NaN", _commit_of(_nan), INVALID),
@@ -238,7 +237,7 @@ CASES: list[tuple[str, Case, grpc.StatusCode]] = [
     ),
     ("empty push stream", lambda env: lambda: env[0].push("c0", []), INVALID),
     ("unknown cluster", lambda env: lambda: env[0].admit("c9"), DENIED),
-    ("no identity", lambda env: lambda: env[0].admit(None), grpc.StatusCode.UNAUTHENTICATED),
+    ("no identity", lambda env: lambda: env[0].admit(None), RefusalCode.UNAUTHENTICATED),
     (
         "another cluster's upload",
         lambda env: (lambda c: lambda: env[0].push("c1", [c]))(
@@ -253,9 +252,7 @@ CASES: list[tuple[str, Case, grpc.StatusCode]] = [
 
 
 @pytest.mark.parametrize(("case", "prepare", "code"), CASES, ids=[c[0] for c in CASES])
-def test_malformed_request_refused_without_state_change(
-    env: Env, case: str, prepare: Case, code: grpc.StatusCode
-) -> None:
+def test_malformed_request_refused_without_state_change(env: Env, case: str, prepare: Case, code: RefusalCode) -> None:
     act = prepare(env)
     node = env[0]
     before = snapshot(node.store.dir)
@@ -328,7 +325,7 @@ def test_random_sequences_lose_nothing_acknowledged(ops: list[tuple[str, str, in
                     done = result.committed
             except Refusal as refusal:
                 if kind == "foreign":
-                    assert refusal.code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAVAILABLE)
+                    assert refusal.code in (RefusalCode.PERMISSION_DENIED, RefusalCode.UNAVAILABLE)
                 continue
             assert kind != "foreign", "a foreign expert was accepted"
             if done and offer.content_hash not in acked_hashes:

@@ -1,4 +1,4 @@
-"""Link budget (DESIGN §5.4): transfers are paced to rate_bps x clock scale, so they cost emulated time.
+"""Link budget (ARCHITECTURE §5.4): transfers are paced to rate_bps x clock scale, so they cost emulated time.
 
 Only lower bounds on wall time are asserted (a busy machine may be slower, never faster)."""
 

@@ -1,4 +1,4 @@
-"""FedAvg and FedAsync behind the strategy interface, driven in-process (DESIGN §4.5, docs/STRATEGIES.md)."""
+"""FedAvg and FedAsync behind the strategy interface, driven in-process (ARCHITECTURE §4.5, docs/STRATEGIES.md)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import grpc
 import numpy as np
 import pytest
 from safetensors.numpy import load as st_load
@@ -19,7 +18,7 @@ from satellite_node.node import ChunkIn, NodeConfig, Offer, PushResult, Satellit
 from satellite_node.store import Store
 from satellite_node.strategy import FedAsyncStrategy
 from satellite_node.testing import FakeLinks, encode, expert_update, write_tiny_base
-from satellite_node.validate import Refusal, specs_of
+from satellite_node.validate import Refusal, RefusalCode, specs_of
 
 CHUNK = 512
 ALL = [(layer, e) for layer in range(2) for e in range(4)]
@@ -46,7 +45,7 @@ def upload(node: SatelliteNode, cluster: str, tensors: dict[str, np.ndarray], ba
     return node.push(cluster, [ChunkIn(h, i, bytes(c), sha256_hex(c)) for i, c in enumerate(split_chunks(blob, CHUNK))])
 
 
-def code(call: Any) -> grpc.StatusCode:
+def code(call: Any) -> RefusalCode:
     with pytest.raises(Refusal) as info:
         call()
     return info.value.code
@@ -64,10 +63,10 @@ def test_fedavg_round_closes_when_all_uploaded(fedavg: tuple[SatelliteNode, Fake
     updates = {c: expert_update(base, ALL, seed=i + 1) for i, c in enumerate(EXAMPLES)}
     assert node.global_version() == 0 and node.status()["global_version"] == 0
     # ownership plays no part, but the whole model must come up
-    assert code(lambda: upload(node, "c0", expert_update(base, [(0, 0)]), 0)) == grpc.StatusCode.INVALID_ARGUMENT
+    assert code(lambda: upload(node, "c0", expert_update(base, [(0, 0)]), 0)) == RefusalCode.INVALID_ARGUMENT
     assert upload(node, "c0", updates["c0"], 0).versions == []  # buffered: the round is still open
-    assert code(lambda: upload(node, "c0", expert_update(base, ALL, seed=9), 0)) == grpc.StatusCode.FAILED_PRECONDITION
-    assert code(lambda: upload(node, "c1", updates["c1"], 1)) == grpc.StatusCode.FAILED_PRECONDITION  # future round
+    assert code(lambda: upload(node, "c0", expert_update(base, ALL, seed=9), 0)) == RefusalCode.FAILED_PRECONDITION
+    assert code(lambda: upload(node, "c1", updates["c1"], 1)) == RefusalCode.FAILED_PRECONDITION  # future round
     assert node.status()["round_uploaded"] == ["c0"]
     assert upload(node, "c1", updates["c1"], 0).versions == []
     closing = upload(node, "c2", updates["c2"], 0)
@@ -79,7 +78,7 @@ def test_fedavg_round_closes_when_all_uploaded(fedavg: tuple[SatelliteNode, Fake
         want = sum(EXAMPLES[c] * updates[c][name].astype(np.float64) for c in EXAMPLES) / sum(EXAMPLES.values())
         np.testing.assert_allclose(pulled[name], want, rtol=1e-6)
     # a late upload for round 0 is refused; round 1 trains from version 1
-    assert code(lambda: upload(node, "c0", expert_update(base, ALL, seed=7), 0)) == grpc.StatusCode.FAILED_PRECONDITION
+    assert code(lambda: upload(node, "c0", expert_update(base, ALL, seed=7), 0)) == RefusalCode.FAILED_PRECONDITION
     assert upload(node, "c0", expert_update(base, ALL, seed=7), 1).versions == []
     assert [c["experts"] for c in export.commits(node.store.dir)][:2] == [[], []]
     node.store.check_integrity()
@@ -119,7 +118,7 @@ def test_fedasync_mixing_and_staleness(tmp_path: Path) -> None:
         x = 0.4 * x + 0.6 * second[name]
         x = 0.7 * x + 0.3 * third[name]
         np.testing.assert_allclose(glob[name], x, rtol=1e-5, atol=1e-6)
-    assert code(lambda: upload(node, "c0", expert_update(base, ALL, seed=8), 9)) == grpc.StatusCode.FAILED_PRECONDITION
+    assert code(lambda: upload(node, "c0", expert_update(base, ALL, seed=8), 9)) == RefusalCode.FAILED_PRECONDITION
     assert FedAsyncStrategy(0.5, 0.5).mixing_weight(3) == pytest.approx(0.25)
     status = node.status()
     assert status["strategy"] == "fedasync" and status["global_version"] == 3
@@ -129,5 +128,5 @@ def test_fedasync_mixing_and_staleness(tmp_path: Path) -> None:
 
 def test_emsfl_refuses_reassignment_for_whole_model_strategies(tmp_path: Path) -> None:
     node, _, _ = make(tmp_path, "fedasync")
-    assert code(lambda: node.reassign("c0", "")) == grpc.StatusCode.FAILED_PRECONDITION
+    assert code(lambda: node.reassign("c0", "")) == RefusalCode.FAILED_PRECONDITION
     node.store.close()

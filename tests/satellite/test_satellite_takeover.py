@@ -8,7 +8,6 @@ import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import grpc
 import numpy as np
 import pytest
 
@@ -17,7 +16,7 @@ from satellite_node.manifest import load_manifest
 from satellite_node.node import ChunkIn, NodeConfig, Offer, SatelliteNode
 from satellite_node.store import Store
 from satellite_node.testing import FakeLinks, encode, expert_update, write_tiny_base
-from satellite_node.validate import Refusal, specs_of
+from satellite_node.validate import Refusal, RefusalCode, specs_of
 
 CHUNK = 512
 
@@ -122,7 +121,7 @@ def test_new_stream_takes_over_and_the_old_one_cannot_write(node: tuple[Satellit
     zombie.release()
     thread.join(10)
     assert len(errors) == 1
-    assert isinstance(errors[0], Refusal) and errors[0].code == grpc.StatusCode.ABORTED
+    assert isinstance(errors[0], Refusal) and errors[0].code == RefusalCode.ABORTED
     sat.store.check_integrity()
     assert sat.store.read_blob(offer.content_hash) == blob
 

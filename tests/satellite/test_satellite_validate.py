@@ -7,7 +7,6 @@ from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
-import grpc
 import numpy as np
 import pytest
 
@@ -16,7 +15,7 @@ from satellite_node.manifest import load_manifest
 from satellite_node.node import ChunkIn, NodeConfig, Offer, SatelliteNode
 from satellite_node.store import DB_FILE, Store
 from satellite_node.testing import encode, expert_update, write_tiny_base
-from satellite_node.validate import Refusal, specs_of, validate_update
+from satellite_node.validate import Refusal, RefusalCode, specs_of, validate_update
 
 CHUNK = 256
 
@@ -90,52 +89,52 @@ def _drop(name: str) -> Mutation:
 
 
 # (case, mutation of a valid c0 update of experts (0,0) and (1,1), offered version, expected code)
-OFFER_CASES: list[tuple[str, Mutation, int, grpc.StatusCode]] = [
+OFFER_CASES: list[tuple[str, Mutation, int, RefusalCode]] = [
     (
         "wrong shape",
         _set("expert/0/0/down_proj.lora_A", np.zeros((3, 6), np.float32)),
         1,
-        grpc.StatusCode.INVALID_ARGUMENT,
+        RefusalCode.INVALID_ARGUMENT,
     ),
     (
         "wrong dtype",
         _set("expert/0/0/down_proj.lora_A", np.zeros((2, 6), np.float64)),
         1,
-        grpc.StatusCode.INVALID_ARGUMENT,
+        RefusalCode.INVALID_ARGUMENT,
     ),
     (
         "unknown name",
         _set("shared/embed_tokens.weight", np.zeros((16, 8), np.float32)),
         1,
-        grpc.StatusCode.INVALID_ARGUMENT,
+        RefusalCode.INVALID_ARGUMENT,
     ),
     (
         "unknown part",
         _set("expert/0/0/up_proj.lora_A", np.zeros((2, 8), np.float32)),
         1,
-        grpc.StatusCode.INVALID_ARGUMENT,
+        RefusalCode.INVALID_ARGUMENT,
     ),
     (
         "layer out of range",
         _set("expert/5/0/down_proj.lora_A", np.zeros((2, 6), np.float32)),
         1,
-        grpc.StatusCode.INVALID_ARGUMENT,
+        RefusalCode.INVALID_ARGUMENT,
     ),
-    ("missing part", _drop("expert/1/1/gate_up_proj.lora_B"), 1, grpc.StatusCode.INVALID_ARGUMENT),
+    ("missing part", _drop("expert/1/1/gate_up_proj.lora_B"), 1, RefusalCode.INVALID_ARGUMENT),
     (
         "foreign expert",
         lambda t, base: {**t, **expert_update(base, [(0, 2)], seed=9)},
         1,
-        grpc.StatusCode.PERMISSION_DENIED,
+        RefusalCode.PERMISSION_DENIED,
     ),
-    ("stale assignment version", lambda t, base: t, 0, grpc.StatusCode.FAILED_PRECONDITION),
-    ("future assignment version", lambda t, base: t, 2, grpc.StatusCode.FAILED_PRECONDITION),
+    ("stale assignment version", lambda t, base: t, 0, RefusalCode.FAILED_PRECONDITION),
+    ("future assignment version", lambda t, base: t, 2, RefusalCode.FAILED_PRECONDITION),
 ]
 
 
 @pytest.mark.parametrize(("case", "mutate", "version", "code"), OFFER_CASES, ids=[c[0] for c in OFFER_CASES])
 def test_offer_refusals(
-    setup: tuple[SatelliteNode, FakeLinks, Path], case: str, mutate: Mutation, version: int, code: grpc.StatusCode
+    setup: tuple[SatelliteNode, FakeLinks, Path], case: str, mutate: Mutation, version: int, code: RefusalCode
 ) -> None:
     node, _, base = setup
     tensors = mutate(expert_update(base, [(0, 0), (1, 1)]), base)
@@ -161,7 +160,7 @@ def test_non_finite_refused_at_commit(setup: tuple[SatelliteNode, FakeLinks, Pat
     versions = node.store.newest_versions()
     with pytest.raises(Refusal) as info:
         push_all(node, "c0", blob)
-    assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.code == RefusalCode.INVALID_ARGUMENT
     assert "expert/0/0/down_proj.lora_B" in info.value.message
     assert node.store.newest_versions() == versions and node.store.commits() == []
     assert not any(node.store.blobs.iterdir())
@@ -177,7 +176,7 @@ def test_lying_blob_refused(setup: tuple[SatelliteNode, FakeLinks, Path]) -> Non
     node.offer("c0", lying)
     with pytest.raises(Refusal) as info:
         push_all(node, "c0", smuggled)
-    assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.code == RefusalCode.INVALID_ARGUMENT
     assert node.store.commits() == []
 
 
@@ -194,24 +193,24 @@ def test_bad_chunks(setup: tuple[SatelliteNode, FakeLinks, Path]) -> None:
     ):
         with pytest.raises(Refusal) as info:
             node.push("c0", [chunk])
-        assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert info.value.code == RefusalCode.INVALID_ARGUMENT
     assert node.store.received_chunks(h) == set()
     with pytest.raises(Refusal) as info:
         node.push("c1", [ChunkIn(h, 0, data, sha256_hex(data))])
-    assert info.value.code == grpc.StatusCode.PERMISSION_DENIED
+    assert info.value.code == RefusalCode.PERMISSION_DENIED
     with pytest.raises(Refusal) as info:
         node.push("c0", [ChunkIn("ab" * 32, 0, data, sha256_hex(data))])
-    assert info.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert info.value.code == RefusalCode.FAILED_PRECONDITION
 
 
 def test_gate_and_identity(setup: tuple[SatelliteNode, FakeLinks, Path]) -> None:
     node, links, base = setup
     with pytest.raises(Refusal) as info:
         node.admit("c9")
-    assert info.value.code == grpc.StatusCode.PERMISSION_DENIED
+    assert info.value.code == RefusalCode.PERMISSION_DENIED
     with pytest.raises(Refusal) as info:
         node.admit(None)
-    assert info.value.code == grpc.StatusCode.UNAUTHENTICATED
+    assert info.value.code == RefusalCode.UNAUTHENTICATED
     assert node.admit("c0") == "c0"
     # the link drops after the last chunk arrived but before the commit: chunks stay, nothing commits
     offer, blob = offer_of(expert_update(base, [(0, 0)]))
@@ -225,7 +224,7 @@ def test_gate_and_identity(setup: tuple[SatelliteNode, FakeLinks, Path]) -> None
 
     with pytest.raises(Refusal) as info:
         node.push("c0", cut_after_last())
-    assert info.value.code == grpc.StatusCode.UNAVAILABLE
+    assert info.value.code == RefusalCode.UNAVAILABLE
     assert node.store.commits() == []
     assert node.store.received_chunks(h) == set(range(len(chunks)))
     links.down.clear()
@@ -236,10 +235,10 @@ def test_gate_and_identity(setup: tuple[SatelliteNode, FakeLinks, Path]) -> None
 def test_affinity_checks(setup: tuple[SatelliteNode, FakeLinks, Path]) -> None:
     node, _, _ = setup
     for gate, code in (
-        ([0.1] * 7, grpc.StatusCode.INVALID_ARGUMENT),
-        ([0.1] * 7 + [float("nan")], grpc.StatusCode.INVALID_ARGUMENT),
-        ([0.1] * 7 + [-0.1], grpc.StatusCode.INVALID_ARGUMENT),
-        ([], grpc.StatusCode.INVALID_ARGUMENT),
+        ([0.1] * 7, RefusalCode.INVALID_ARGUMENT),
+        ([0.1] * 7 + [float("nan")], RefusalCode.INVALID_ARGUMENT),
+        ([0.1] * 7 + [-0.1], RefusalCode.INVALID_ARGUMENT),
+        ([], RefusalCode.INVALID_ARGUMENT),
     ):
         with pytest.raises(Refusal) as info:
             node.report_affinity("c0", 10, 2, 4, gate, [])

@@ -92,14 +92,14 @@ class FederationServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ReportAffinity(self, request, context):
-        """Router statistics of the cluster's local data (DESIGN §4.1).
+        """Router statistics of the cluster's local data (ARCHITECTURE §4.1).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetAssignment(self, request, context):
-        """The cluster's current expert assignment (DESIGN §4.2); `ready` is false until it is solved.
+        """The cluster's current expert assignment (ARCHITECTURE §4.2); `ready` is false until it is solved.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -129,7 +129,7 @@ class FederationServicer:
 
     def PushChunksWindowed(self, request_iterator, context):
         """PushChunks with a send window: each chunk is answered once the server has taken it in (`taken_index`; what
-        a hard cut leaves is recorded, see DESIGN §5.2), then the final `reply`. An uploader that keeps at most W
+        a hard cut leaves is recorded, see ARCHITECTURE §5.2), then the final `reply`. An uploader that keeps at most W
         chunks unanswered resends at most W after a cut (W = 1: stop and wait, one round trip per chunk).
         Served by the satellite node; a gateway serves its devices PushChunks only (a LAN is not cut mid-pass).
         """
@@ -145,7 +145,7 @@ class FederationServicer:
         raise NotImplementedError('Method not implemented!')
 
     def RequestReassignment(self, request, context):
-        """Ask for a new assignment from the newest affinity reports (DESIGN §4.2; strategy emsfl only).
+        """Ask for a new assignment from the newest affinity reports (ARCHITECTURE §4.2; strategy emsfl only).
         Answers with the caller's assignment under the new version; experts that changed owner are
         handed over with their newest parameters (listed in `handed_over`, fetched through PullTensors).
         """

@@ -1,0 +1,159 @@
+"""The house rules of docs/ARCHITECTURE.md §2, checked on the source: no import cycle, no oversized module,
+no role importing another, and no reference to a design file outside the repository."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("emsfl", "ground_node", "satellite_node", "orbit_service", "protos", "testbed")
+ROLES = ("ground_node", "satellite_node", "orbit_service")
+MAX_LINES = 600
+
+# Known debts (docs/ARCHITECTURE.md §11): these lists may only shrink. A fixed entry must be removed here.
+KNOWN_CYCLES: set[frozenset[str]] = {
+    frozenset({"ground_node.uplink", "ground_node.baseline"}),
+}
+KNOWN_LONG_MODULES = {
+    "satellite_node/node.py",
+    "ground_node/gateway.py",
+    "ground_node/family.py",
+}
+
+
+def _modules() -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    for package in PACKAGES:
+        for path in (ROOT / package).rglob("*.py"):
+            if "_pb2" in path.name:
+                continue  # generated gRPC stubs
+            rel = path.relative_to(ROOT).with_suffix("")
+            parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
+            found[".".join(parts)] = path
+    return found
+
+
+def _imports(path: Path, modules: dict[str, Path]) -> set[str]:
+    """Project modules imported anywhere in the file (a lazy import inside a function is still an edge)."""
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+        out.update(name for name in names if name in modules)
+    return out
+
+
+def _graph() -> dict[str, set[str]]:
+    modules = _modules()
+    return {name: _imports(path, modules) - {name} for name, path in modules.items()}
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[frozenset[str]]:
+    """Strongly connected components of more than one module (Tarjan, iterative)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[frozenset[str]] = []
+    counter = 0
+    for root in graph:
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = counter
+        counter += 1
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, edges = work[-1]
+            advanced = False
+            for nxt in edges:
+                if nxt not in index:
+                    index[nxt] = low[nxt] = counter
+                    counter += 1
+                    stack.append(nxt)
+                    on_stack.add(nxt)
+                    work.append((nxt, iter(sorted(graph[nxt]))))
+                    advanced = True
+                    break
+                if nxt in on_stack:
+                    low[node] = min(low[node], index[nxt])
+            if advanced:
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                component = set()
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    component.add(member)
+                    if member == node:
+                        break
+                if len(component) > 1:
+                    found.append(frozenset(component))
+    return found
+
+
+def test_cycle_finder_finds_a_cycle() -> None:
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert _cycles(graph) == [frozenset({"a", "b", "c"})]
+
+
+def test_no_new_import_cycle() -> None:
+    cycles = set(_cycles(_graph()))
+    new = cycles - KNOWN_CYCLES
+    assert not new, f"import cycles: {[sorted(c) for c in new]}"
+    fixed = KNOWN_CYCLES - cycles
+    assert not fixed, f"fixed cycles still listed in KNOWN_CYCLES, remove them: {[sorted(c) for c in fixed]}"
+
+
+def test_roles_never_import_one_another() -> None:
+    for name, imported in _graph().items():
+        role = name.split(".")[0]
+        if role not in ROLES:
+            continue
+        foreign = {m for m in imported if m.split(".")[0] in ROLES and m.split(".")[0] != role}
+        assert not foreign, f"{name} imports another role: {sorted(foreign)}"
+
+
+def test_no_hand_written_module_over_600_lines() -> None:
+    long = {
+        str(path.relative_to(ROOT))
+        for path in _modules().values()
+        if len(path.read_text(encoding="utf-8").splitlines()) > MAX_LINES
+    }
+    assert long <= KNOWN_LONG_MODULES, f"modules over {MAX_LINES} lines: {sorted(long - KNOWN_LONG_MODULES)}"
+    fixed = KNOWN_LONG_MODULES - long
+    assert not fixed, f"no longer over {MAX_LINES} lines, remove from KNOWN_LONG_MODULES: {sorted(fixed)}"
+
+
+def test_design_references_point_into_the_repository() -> None:
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    offenders = []
+    for rel in tracked:
+        if not rel.endswith((".py", ".md", ".yaml", ".yml", ".j2", ".toml")) or rel == "tests/test_architecture.py":
+            continue
+        text = (ROOT / rel).read_text(encoding="utf-8", errors="replace")
+        if "DESIGN §" in text or "DESIGN.md" in text or "DESIGN-DELTAS" in text:
+            offenders.append(rel)
+    assert not offenders, f"references to a design file outside the repository (use ARCHITECTURE §): {offenders}"
+
+
+def test_satellite_core_is_free_of_grpc() -> None:
+    """Refusals are plain kinds; only the adapter (`server.py`) maps them to gRPC status codes."""
+    core = ("node", "strategy", "validate", "assignment", "manifest", "store")
+    for name, path in _modules().items():
+        if name.startswith("satellite_node.") and name.split(".")[1] in core:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Import):
+                    assert all(a.name.split(".")[0] != "grpc" for a in node.names), f"{name} imports grpc"
+                elif isinstance(node, ast.ImportFrom) and node.module:
+                    assert node.module.split(".")[0] != "grpc", f"{name} imports grpc"
