@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH := torch==2.13.0
 
-.PHONY: lab test lint bench setup setup-dev protos clean
+.PHONY: lab lab-tls test lint bench setup setup-dev protos clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ setup-dev: $(VENV)/.installed-dev
 
 lab: setup
 	$(BIN)/emsfl lab up
+
+# The same lab with mutual TLS on every hop (throwaway CA in the run directory; needs mosquitto).
+lab-tls: setup
+	$(BIN)/emsfl lab up --tls
 
 test: setup-dev
 	$(BIN)/ruff check .
