@@ -290,9 +290,8 @@ def _tls_files(args: argparse.Namespace) -> Any:
 
 
 def _status(state: Path, as_json: bool) -> int:
-    from satellite_node.status import status_dict
+    from satellite_node.status import stored_status
     from satellite_node.store import Store
-    from satellite_node.strategy import STRATEGIES, make_strategy
 
     try:
         store = Store(state, create=False)
@@ -300,9 +299,7 @@ def _status(state: Path, as_json: bool) -> int:
         print(f"emsfl satellite: --state: {exc}", file=sys.stderr)
         return 2
     with store:
-        name = store.get_meta("strategy")
-        strategy = make_strategy(name) if name in STRATEGIES else None
-        status = status_dict(store, strategy, store.get_meta("clusters", []))
+        status = stored_status(store)
     if as_json:
         print(json.dumps(status, indent=2))
         return 0
