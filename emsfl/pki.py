@@ -466,6 +466,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--days", type=positive_int, default=DEFAULT_LEAF_DAYS)
     p = sub.add_parser("show", help="list the leaves in DIR: role, cluster, SANs, expiry, chain check")
     p.add_argument("--dir", required=True, type=Path)
+    p = sub.add_parser("issue-inventory", help="every certificate an Ansible inventory needs (CA too), in one go")
+    p.add_argument("--dir", required=True, type=Path)
+    p.add_argument("--inventory", required=True, type=Path, help="a YAML inventory (deploy/inventory/*.yml)")
+    p.add_argument("--days", type=positive_int, default=DEFAULT_LEAF_DAYS)
     return parser
 
 
@@ -480,6 +484,11 @@ def main(argv: list[str]) -> int:
             )
             print(cert_path)
             print(key_path)
+        elif args.command == "issue-inventory":
+            from emsfl.pki_inventory import issue_inventory
+
+            for line in issue_inventory(args.dir, args.inventory, args.days):
+                print(line)
         elif args.command == "rotate":
             for path in rotate(args.dir, leaf_names(args.dir) if args.all else args.name, args.days):
                 print(path)
