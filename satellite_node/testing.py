@@ -100,8 +100,10 @@ def encode(tensors: Mapping[str, np.ndarray]) -> bytes:
 class OrbitStub:
     """Publishes what the orbit service would (retained): its presence, the clock, link states."""
 
-    def __init__(self, host: str, port: int, scale: float = 1.0, epoch: datetime | None = None) -> None:
-        self.bus = Bus(host, port, role="orbit", node_id="orbit", status_topic=topics.ORBIT_STATUS)
+    def __init__(
+        self, host: str, port: int, scale: float = 1.0, epoch: datetime | None = None, tls: TlsFiles | None = None
+    ) -> None:
+        self.bus = Bus(host, port, role="orbit", node_id="orbit", status_topic=topics.ORBIT_STATUS, tls=tls)
         self.clock = EmulatedClock(epoch or datetime(2026, 3, 20, 6, 0, tzinfo=timezone.utc), time.time(), scale)
         self._seq: dict[str, int] = {}
 
