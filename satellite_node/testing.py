@@ -156,6 +156,15 @@ class FakeLinks:
         return None if self.rate_bps is None else self.rate_bps * self.scale / 8.0
 
 
+def code_of(call: Callable[[], object]) -> grpc.StatusCode | None:
+    """The gRPC status code `call` fails with, None when it succeeds."""
+    try:
+        call()
+    except grpc.RpcError as exc:
+        return exc.code()  # type: ignore[no-any-return]
+    return None
+
+
 def _unless_unavailable(call: Callable[[], Any]) -> bool:
     try:
         call()
