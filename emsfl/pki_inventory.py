@@ -1,4 +1,4 @@
-"""`emsfl pki issue-inventory`: every certificate an Ansible inventory (deploy/inventory/*.yml) needs, in one command.
+"""What `emsfl pki issue-inventory` issues: every certificate an Ansible inventory (deploy/inventory/*.yml) needs.
 
 Names are the ones deploy/site.yml copies to each host (`emsfl_cert_name`):
 - `broker` and `satellite`: server certificates whose SANs are the host's `ansible_host` and inventory name (the
@@ -6,7 +6,7 @@ Names are the ones deploy/site.yml copies to each host (`emsfl_cert_name`):
 - `orbit`: a service client certificate;
 - each ground host: a cluster client certificate named after the host (or its `emsfl_cert_name`), for its
   `emsfl_cluster`.
-Leaves that exist already are kept (rotate them with `emsfl pki rotate`); the CA is created when missing.
+`emsfl.pki.issue_inventory` issues them; leaves that exist already are kept (rotate them with `emsfl pki rotate`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ from typing import Any
 
 import yaml
 
-from emsfl import pki
+
+class InventoryError(ValueError):
+    """An inventory that cannot be read or names a ground host without its cluster."""
 
 
 def _walk(group: Mapping[str, Any], name: str, hosts: dict[str, dict[str, Any]], groups: dict[str, set[str]]) -> None:
@@ -36,11 +38,11 @@ def read_inventory(path: Path) -> tuple[dict[str, dict[str, Any]], dict[str, set
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as exc:
-        raise pki.PkiError(f"--inventory: cannot read {path}: {exc.strerror}") from exc
+        raise InventoryError(f"--inventory: cannot read {path}: {exc.strerror}") from exc
     except yaml.YAMLError as exc:
-        raise pki.PkiError(f"--inventory: {path} is not valid YAML: {exc}") from exc
+        raise InventoryError(f"--inventory: {path} is not valid YAML: {exc}") from exc
     if not isinstance(data, dict) or not isinstance(data.get("all"), dict):
-        raise pki.PkiError(f"--inventory: {path} is not a YAML inventory with an `all` group")
+        raise InventoryError(f"--inventory: {path} is not a YAML inventory with an `all` group")
     hosts: dict[str, dict[str, Any]] = {}
     groups: dict[str, set[str]] = {}
     _walk(data["all"], "all", hosts, groups)
@@ -70,26 +72,9 @@ def plan(path: Path) -> list[dict[str, Any]]:
         host_vars = hosts[host]
         cluster = host_vars.get("emsfl_cluster")
         if not cluster:
-            raise pki.PkiError(f"--inventory: ground host {host} has no emsfl_cluster")
+            raise InventoryError(f"--inventory: ground host {host} has no emsfl_cluster")
         name = str(host_vars.get("emsfl_cert_name") or host)
         leaves.append({"name": name, "role": "client", "cluster": str(cluster)})
     if not leaves:
-        raise pki.PkiError(f"--inventory: {path} names no broker, satellite, orbit or ground host")
+        raise InventoryError(f"--inventory: {path} names no broker, satellite, orbit or ground host")
     return leaves
-
-
-def issue_inventory(directory: Path, inventory: Path, days: int = pki.DEFAULT_LEAF_DAYS) -> list[str]:
-    """Issue what `inventory` needs into `directory` (CA first when missing); returns one line per leaf."""
-    leaves = plan(inventory)
-    if not (directory / pki.CA_CERT).exists():
-        pki.init_ca(directory)
-    lines = []
-    for leaf in leaves:
-        if (directory / f"{leaf['name']}.crt").exists():
-            lines.append(f"{leaf['name']}: kept (exists)")
-            continue
-        pki.issue(directory, leaf["name"], leaf["role"], leaf.get("cluster"), leaf.get("sans", ()), days)
-        lines.append(
-            f"{leaf['name']}: issued {leaf['role']}" + (f" cluster={leaf['cluster']}" if "cluster" in leaf else "")
-        )
-    return lines
