@@ -8,7 +8,7 @@ TORCH := torch==2.13.0
 # `make lab TORCH_INDEX=https://download.pytorch.org/whl/cpu` gets the CPU build instead of the CUDA one (gigabytes).
 TORCH_INDEX ?=
 
-.PHONY: lab test lint bench setup setup-dev protos clean
+.PHONY: lab lab-tls test lint bench setup setup-dev protos clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ setup-dev: $(VENV)/.installed-dev
 
 lab: setup
 	$(BIN)/emsfl lab up
+
+# The same lab with mutual TLS on every hop (throwaway CA in the run directory; needs mosquitto).
+lab-tls: setup
+	$(BIN)/emsfl lab up --tls
 
 test: setup-dev
 	$(BIN)/ruff check .

@@ -15,6 +15,8 @@ from emsfl import logs
 from emsfl.config import ConfigError, load_topology, parse_host_port
 from emsfl.errors import OneLineParser, positive_int
 from ground_node.errors import GroundError
+from protos.tls import add_tls_flags, mqtt_tls
+from protos.tls import resolve as resolve_tls
 
 BASE_HELP = "base directory written by `emsfl ground warmup` (must match --topology)"
 WORKDIR_HELP = "this node's working directory: checkpoints, staged updates, report.json (created if absent)"
@@ -33,6 +35,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--gateway", default=None, help="a device of a multi-device cluster: its gateway's HOST:PORT")
     run.add_argument("--device", default=None, help="this device's id in its cluster (with --gateway), e.g. d0")
     run.add_argument("--shard", type=int, default=None, help="data shard index (default: the device id's number)")
+    add_tls_flags(run)
     _gateway_command(sub)
     warm = sub.add_parser("warmup", help="build the base directory")
     warm.add_argument("--topology", required=True)
@@ -52,10 +55,11 @@ def _run(args: argparse.Namespace, topology: dict[str, Any]) -> int:
     from protos.linkview import LinkView
 
     host, port = parse_host_port(args.broker, "--broker")
+    tls = resolve_tls(args, topology, args.topology)
     if args.gateway is not None or args.device is not None:
         from ground_node.gateway_cli import run_device
 
-        return run_device(args, topology)
+        return run_device(args, topology, tls)
     if args.satellite is None:
         raise ConfigError("--satellite: required (or --gateway and --device for a device of a multi-device cluster)")
     parse_host_port(args.satellite, "--satellite")
@@ -66,7 +70,7 @@ def _run(args: argparse.Namespace, topology: dict[str, Any]) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    bus = Bus(host, port, role="ground", node_id=args.cluster)
+    bus = Bus(host, port, role="ground", node_id=args.cluster, tls=mqtt_tls(topology, tls))
     view = LinkView(bus, clusters=[args.cluster])
     options = AgentOptions(
         topology=topology,
@@ -75,6 +79,7 @@ def _run(args: argparse.Namespace, topology: dict[str, Any]) -> int:
         base_dir=Path(args.base),
         satellite=args.satellite,
         progress=sys.stderr.isatty(),
+        tls=tls,
     )
     agent = GroundAgent(options, view, now=view.emulated_now)
     live = threading.Thread(target=_announce_live, args=(bus, agent, args.cluster, stop), daemon=True)
@@ -130,7 +135,7 @@ def main(argv: list[str]) -> int:
         if args.command == "gateway":
             from ground_node.gateway_cli import run_gateway
 
-            return run_gateway(args, topology)
+            return run_gateway(args, topology, resolve_tls(args, topology, args.topology))
         if args.command == "warmup":
             from ground_node.base import build_base
 
@@ -307,6 +312,7 @@ def _gateway_command(sub: Any) -> None:
     gw.add_argument("--workdir", required=True, help=WORKDIR_HELP)
     gw.add_argument("--base", required=True, help="base directory (only its manifest.json is read)")
     gw.add_argument("--round-timeout", type=float, default=30.0, help="wall s a round waits for late devices")
+    add_tls_flags(gw, serves=True)
 
 
 def _extra_commands(sub: Any) -> None:

@@ -21,14 +21,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.numpy import load as st_load
 
 from ground_node.errors import GroundError
 from ground_node.family import lora_a_slice, lora_b_slice
 from ground_node.split import Assignment
 from ground_node.train import Trainer, load_expert_state
+from protos.client import ResumablePull
 from protos.emsfl.v1 import federation_pb2 as pb
-from protos.wire import expert_name, parse_expert_name, sha256_hex
+from protos.wire import expert_name, parse_expert_name
 
 Expert = tuple[int, int]  # (layer, expert), global ids
 
@@ -91,49 +91,6 @@ def versioned_experts(stub: Any, metadata: Any, timeout: float) -> set[Expert]:
     """Experts the satellite holds a committed version of (GetStatus)."""
     status = stub.GetStatus(pb.StatusRequest(), metadata=metadata, timeout=timeout)
     return {(int(x.layer), int(x.expert)) for x in status.experts}
-
-
-class ResumablePull:
-    """A `PullTensors` download that survives cuts: the chunks received stay, and the next `fetch` of the same names
-    asks only for the rest of the same blob (the server starts over, and so does this, when its blob changed).
-
-    Without it a pull longer than a contact would restart at every pass and never finish."""
-
-    def __init__(self) -> None:
-        self.content_hash = ""
-        self.parts: list[bytes] = []
-
-    def fetch(
-        self,
-        stub: Any,
-        metadata: Any,
-        names: list[str],
-        timeout: float,
-        on_bytes: Callable[[int], None] | None = None,
-    ) -> dict[str, np.ndarray] | None:
-        """The tensors, or None when the stream ended before the last chunk; every chunk and the whole blob are
-        checked against their hashes. A cut raises (grpc.RpcError) and keeps what arrived for the next call."""
-        request = pb.PullRequest(
-            names=names, resume_hash=self.content_hash, from_index=len(self.parts) if self.content_hash else 0
-        )
-        total = -1
-        for chunk in stub.PullTensors(request, metadata=metadata, timeout=timeout):
-            if chunk.content_hash != self.content_hash or chunk.index == 0:
-                self.content_hash, self.parts = chunk.content_hash, []  # a new blob: start over
-            if chunk.index != len(self.parts) or sha256_hex(chunk.data) != chunk.sha256:
-                self.content_hash, self.parts = "", []
-                raise GroundError(f"pull: chunk {chunk.index} out of order or corrupt")
-            self.parts.append(bytes(chunk.data))
-            if on_bytes is not None:
-                on_bytes(len(chunk.data))
-            total = int(chunk.total_chunks)
-        if total < 0 or len(self.parts) != total:
-            return None
-        blob = b"".join(self.parts)
-        digest, self.content_hash, self.parts = self.content_hash, "", []
-        if sha256_hex(blob) != digest:
-            raise GroundError("pull: the assembled blob does not match its content hash")
-        return dict(st_load(blob))
 
 
 def fetch_gained(

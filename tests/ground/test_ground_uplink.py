@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from ground_node.agent import AgentOptions, GroundAgent
-from ground_node.channel import SERVER_KEEPALIVE_OPTIONS
 from ground_node.outbox import Outbox
 from ground_node.profile import Affinity
+from protos.channel import SERVER_KEEPALIVE_OPTIONS
 from protos.emsfl.v1 import federation_pb2 as pb
 from protos.emsfl.v1 import federation_pb2_grpc as pb_grpc
 from protos.events import read_events

@@ -50,7 +50,7 @@ class Satellite:
     def start(self) -> None:
         argv = [sys.executable, "-m", "emsfl", "satellite", "run", "--topology", str(self.topology)]
         argv += ["--broker", f"{self.broker.host}:{self.broker.port}", "--listen", self.target]
-        argv += ["--state", str(self.state), "--base", str(self.base)]
+        argv += ["--state", str(self.state), "--base", str(self.base), "--insecure"]
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ})
         wait_for_port("127.0.0.1", self.port, timeout_s=30)
