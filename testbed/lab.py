@@ -177,7 +177,10 @@ def run_lab(opts: LabOptions) -> LabRun:
         (run_dir / "logs").mkdir(parents=True, exist_ok=True)
         embedded.start()
         broker_addr = embedded.address
-        _progress(f"[lab] embedded amqtt broker on {broker_addr} (loopback, no TLS)")
+        _progress(f"[lab] embedded amqtt broker on {broker_addr} (loopback, no TLS)", final=True)
+    watch_host, watch_port = parse_host_port(broker_addr, "broker")
+    # kept on screen (final): the port is free-picked per run, so this is the command that works for this run
+    _progress(f"[lab] watch it: mosquitto_sub -h {watch_host} -p {watch_port} -v -t 'emsfl/v1/#'", final=True)
     sat_addr = f"127.0.0.1:{opts.satellite_port or free_port()}"
     logs = run_dir / "logs"
     common = ["--topology", str(topology_path), "--broker", broker_addr]
