@@ -11,7 +11,7 @@ import numpy as np
 from protos.timefmt import to_iso
 from satellite_node.admission import Links
 from satellite_node.store import Store
-from satellite_node.strategy import Strategy
+from satellite_node.strategy import STRATEGIES, Strategy, make_strategy
 from satellite_node.validate import (
     parse_safetensors,
 )
@@ -87,3 +87,11 @@ def status_dict(
         "experts": experts,
         "emulated_now": None if now is None else to_iso(now),
     }
+
+
+def stored_status(store: Store) -> dict[str, Any]:
+    """`status_dict` of a state directory read on its own (`emsfl satellite status`, the dashboard), with the
+    strategy and clusters the node recorded there."""
+    name = store.get_meta("strategy")
+    strategy = make_strategy(name) if name in STRATEGIES else None
+    return status_dict(store, strategy, store.get_meta("clusters", []))
