@@ -23,6 +23,8 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--runs-dir", type=Path, default=Path("runs"))
     up.add_argument("--run-id", help="name of the run directory (default: a UTC timestamp)")
     up.add_argument("--cache-dir", type=Path, default=Path(".cache/emsfl"), help="where base models are cached")
+    up.add_argument("--no-dashboard", action="store_true", help="do not start `emsfl dashboard` for this run")
+    up.add_argument("--dashboard-port", type=int, default=8765, help="loopback port of the dashboard (default: 8765)")
     exp = sub.add_parser("experiment", help="run the lab once per strategy, seed and link rate; compare them")
     exp.add_argument("--topology", type=Path, default=DEFAULT_TOPOLOGY)
     exp.add_argument("--strategies", default="emsfl,fedavg,fedasync", help="comma-separated (default: all three)")
@@ -131,8 +133,12 @@ def main(argv: list[str]) -> int:
         except (ConfigError, GroundError, RuntimeError, FileExistsError) as exc:
             print(f"emsfl lab {args.command}: {exc}", file=sys.stderr)
             return 2
-    from testbed.lab import run_lab
+    from testbed.lab import run_lab, stop_dashboard
     from testbed.outputs import write_outputs
+
+    if not args.no_dashboard and not 0 < args.dashboard_port < 65536:
+        print(f"emsfl lab: --dashboard-port: expected a port 1..65535, got {args.dashboard_port}", file=sys.stderr)
+        return 2
 
     opts = LabOptions(
         topology_path=args.topology,
@@ -141,13 +147,19 @@ def main(argv: list[str]) -> int:
         runs_dir=args.runs_dir,
         run_id=args.run_id,
         cache_dir=args.cache_dir,
+        dashboard_port=None if args.no_dashboard else args.dashboard_port,
     )
     try:
         lab = run_lab(opts)
     except (ConfigError, GroundError, RuntimeError, FileExistsError) as exc:
         print(f"emsfl lab: {exc}", file=sys.stderr)
         return 2
-    summary = write_outputs(lab)
+    try:
+        if lab.dashboard is not None:
+            print("[lab] evaluating: the dashboard shows each accuracy point as it comes")
+        summary = write_outputs(lab)
+    finally:
+        stop_dashboard(lab)
     print(f"[lab] run written to {lab.run_dir}")
     for key in ("link_up_events", "uploads_committed", "uploads_outside_contact", "bytes_uplinked"):
         print(f"  {key:<24} {summary[key]}")

@@ -1,0 +1,234 @@
+"""The dashboard in a real headless Chromium (Selenium, Debian's chromium-driver) watching a short lab run of real
+processes on Mosquitto: the page follows the orbit's link states, the satellite's commits and the constellation,
+with no console error and no request to any host but its own.
+
+One lab run serves every test of the module (module-scoped fixture). Screenshots go to $EMSFL_SCREENSHOT_DIR
+(docs/img/ for the README) or the test's temporary directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from protos.events import read_events
+from protos.timefmt import parse_iso
+from testbed.broker import BrokerProcess, free_port, wait_for_port
+from testbed.dashboard import probe
+from testbed.lab import DEFAULT_TOPOLOGY, LabOptions, LabRun, run_lab, stop_dashboard
+
+pytestmark = pytest.mark.slow
+
+if probe.find_chromium() is None:
+    if os.environ.get("CI") == "true":
+        pytest.fail("CI=true but chromium/chromedriver are missing: .ci/run installs chromium chromium-driver")
+    pytest.skip("no chromium/chromedriver here (apt-get install chromium chromium-driver)", allow_module_level=True)
+
+LAB_SECONDS = 45.0
+
+
+@dataclass
+class Watched:
+    lab: LabRun
+    url: str
+    samples: probe.PageSamples
+    console_errors: list[dict[str, Any]]
+    urls: list[str]
+    csp_reports: list[Any]
+    final: dict[str, Any]
+    shots: list[Path] = field(default_factory=list)
+
+
+def _run_lab_in_thread(opts: LabOptions) -> tuple[threading.Thread, dict[str, Any]]:
+    out: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            out["lab"] = run_lab(opts)
+        except BaseException as exc:  # re-raised in the test thread
+            out["error"] = exc
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread, out
+
+
+@pytest.fixture(scope="module")
+def watched(tmp_path_factory: pytest.TempPathFactory, module_broker: BrokerProcess) -> Watched:
+    from testbed.outputs import write_outputs
+
+    tmp = tmp_path_factory.mktemp("dashboard-lab")
+    shots_dir = Path(os.environ.get("EMSFL_SCREENSHOT_DIR") or tmp / "shots")
+    shots_dir.mkdir(parents=True, exist_ok=True)
+    topology: dict[str, Any] = yaml.safe_load(DEFAULT_TOPOLOGY.read_text(encoding="utf-8"))
+    topology["data"]["train_per_cluster"] = 1500
+    topology["data"]["test_per_domain"] = 50
+    topology["warmup"]["steps"] = 200
+    topology["lab"]["eval_points"] = 3
+    path = tmp / "topology.yaml"
+    path.write_text(yaml.safe_dump(topology), encoding="utf-8")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    opts = LabOptions(
+        topology_path=path,
+        broker=module_broker.address,
+        duration_wall_s=LAB_SECONDS,
+        runs_dir=tmp / "runs",
+        run_id="dash",
+        cache_dir=tmp / "cache",
+        dashboard_port=port,
+    )
+    thread, result = _run_lab_in_thread(opts)
+    deadline = time.monotonic() + 600
+    while thread.is_alive() and time.monotonic() < deadline:  # the base model warms up first
+        try:
+            wait_for_port("127.0.0.1", port, 1.0)
+            break
+        except TimeoutError:
+            continue
+    driver = probe.new_driver(tmp / "chromium-profile")
+    shots: list[Path] = []
+    try:
+        driver.get_log("performance")  # drop what the browser did before it opened the page
+        driver.get(url + "/")
+        probe.wait_for(driver, "window.emsfl && window.emsfl.snapshots > 0", 60, "its first snapshot")
+        poller = probe.PagePoller(driver, every_s=0.5)
+        poller.start()
+        while thread.is_alive():
+            thread.join(1.0)
+            last = poller.result.samples[-1] if poller.result.samples else {}
+            if not shots and last.get("commits", "0") not in ("0", "") and last.get("serving"):
+                with poller.lock:  # a moment with a commit and a serving link: the README's picture
+                    driver.save_screenshot(str(shots_dir / "dashboard-lab.png"))
+                shots.append(shots_dir / "dashboard-lab.png")
+        if "error" in result:
+            raise result["error"]
+        lab: LabRun = result["lab"]
+        write_outputs(lab)  # the accuracy points appear on the page as they are evaluated
+        with poller.lock:
+            probe.wait_for(driver, "document.querySelectorAll('#accuracy circle').length >= 2", 60, "accuracy points")
+            driver.save_screenshot(str(shots_dir / "dashboard-lab-end.png"))
+        shots.append(shots_dir / "dashboard-lab-end.png")
+        samples = poller.stop()
+        final = driver.execute_script(
+            """return {
+              steps: Array.from(document.querySelectorAll('#clusters td.steps')).map((td) => td.textContent),
+              memory: Array.from(document.querySelectorAll('#clusters td.memory')).map((td) => td.textContent),
+              assignment: Array.from(document.querySelectorAll('#clusters td.assignment')).map((td) => td.textContent),
+              heatmap: document.querySelectorAll('#heatmap rect[data-owner]:not([data-owner=""])').length,
+              accuracy: document.querySelectorAll('#accuracy circle').length,
+              strategy: document.getElementById('strategy').textContent,
+            };"""
+        )
+        errors = probe.console_errors(driver)
+        urls = probe.requested_urls(driver)
+        with urllib.request.urlopen(url + "/api/csp-reports", timeout=10) as resp:
+            csp_reports = json.loads(resp.read())
+    finally:
+        driver.quit()
+        if "lab" in result:
+            stop_dashboard(result["lab"])
+        thread.join(60)
+    return Watched(lab, url, samples, errors, urls, csp_reports, final, shots)
+
+
+def _plan_windows(lab: LabRun) -> dict[str, list[tuple[datetime, datetime]]]:
+    plan = json.loads(lab.plan_path.read_text(encoding="utf-8"))
+    return {c: [(parse_iso(w["start"]), parse_iso(w["end"])) for w in ws] for c, ws in plan["windows"].items()}
+
+
+def _planned_up(windows: list[tuple[datetime, datetime]], at: datetime) -> bool:
+    return any(start <= at < end for start, end in windows)
+
+
+def _link_events(lab: LabRun) -> list[dict[str, Any]]:
+    return [e for e in read_events(lab.orbit_events_path) if e.get("event") in ("link_up", "link_down", "handover")]
+
+
+def test_every_link_event_reaches_the_page_with_its_state(watched: Watched) -> None:
+    events = _link_events(watched.lab)
+    rendered = watched.samples.rendered
+    watching_from = min(float(r["wall"]) for r in rendered.values())
+    seen = [e for e in events if float(e["wall"]) >= watching_from]
+    assert seen, "no link event while the page was open"
+    for e in seen:
+        shown = rendered.get(f"{e['cluster']}:{e['seq']}")
+        assert shown is not None, f"the page never showed {e}"
+        assert shown["state"] == ("down" if e["event"] == "link_down" else "up"), (e, shown)
+    delays = probe.link_event_delays(events, rendered)
+    print(f"event_to_dom: n={len(delays)} p95={probe.p95(delays)} s, first render {watched.samples.first_render_ms} ms")
+
+
+def test_link_states_flip_in_step_with_the_published_windows(watched: Watched) -> None:
+    windows = _plan_windows(watched.lab)
+    events = _link_events(watched.lab)
+    scale = float(watched.lab.topology["clock"]["scale"])
+    first = events[0]  # the initial states: emulated t at wall time `wall` (no pause or scale change in this run)
+    t0, wall0 = parse_iso(first["t"]), float(first["wall"])
+    # A sample may lag a transition by the page's own delay (measured) and the poll period: those are skipped.
+    delays = probe.link_event_delays(events, watched.samples.rendered)
+    band_s = max(delays, default=0.0) + 0.6
+    edges = {c: [t for w in ws for t in w] for c, ws in windows.items()}
+    checked: dict[str, set[str]] = {c: set() for c in windows}
+    for sample in watched.samples.samples:
+        at = t0 + timedelta(seconds=(float(sample["wall"]) - wall0) * scale)
+        for cluster, row in sample["rows"].items():
+            if row["state"] not in ("up", "down"):
+                continue
+            if any(abs((at - edge).total_seconds()) <= band_s * scale for edge in edges[cluster]):
+                continue
+            planned = "up" if _planned_up(windows[cluster], at) else "down"
+            assert row["state"] == planned, f"{cluster} shown {row['state']} at {at}, plan says {planned}"
+            checked[cluster].add(planned)
+    for cluster, states in checked.items():
+        assert states == {"up", "down"}, f"{cluster}: the page was only seen {states} outside transitions"
+
+
+def test_commit_counter_rises_with_the_satellite_commits(watched: Watched) -> None:
+    from satellite_node.export import commits
+
+    shown = [int(s["commits"]) for s in watched.samples.samples if s["commits"].isdigit()]
+    assert shown == sorted(shown), "the commit counter went down"
+    assert shown[-1] > shown[0] and shown[-1] >= 1
+    assert shown[-1] == len(commits(watched.lab.state_dir))
+
+
+def test_satellites_move_on_the_map(watched: Watched) -> None:
+    with_sats = [s["sats"] for s in watched.samples.samples if s["sats"]]
+    assert len(with_sats[0]) == 12  # the local topology's 3 x 4 Walker shell
+    moved = [sat for sat, xy in with_sats[0].items() if with_sats[-1].get(sat) != xy]
+    assert len(moved) == 12
+    assert any(s["serving"] for s in watched.samples.samples), "no serving-link line while links were up"
+
+
+def test_panels_show_training_assignment_and_accuracy(watched: Watched) -> None:
+    final = watched.final
+    assert all(s.isdigit() and int(s) > 0 for s in final["steps"]), final["steps"]
+    assert all(m.endswith("MB") for m in final["memory"]), final["memory"]
+    assert all(a.startswith("v") and "L0:" in a for a in final["assignment"]), final["assignment"]
+    from satellite_node.node import status_dict
+    from satellite_node.store import Store
+
+    with Store(watched.lab.state_dir, create=False) as store:
+        assignment = status_dict(store, "emsfl", [])["assignment"]
+    owned = sum(len(experts) for per_layer in assignment.values() for _, experts in per_layer)
+    assert final["heatmap"] == owned > 0
+    assert final["strategy"] == "emsfl" and final["accuracy"] >= 2
+
+
+def test_no_console_error_and_no_foreign_request(watched: Watched) -> None:
+    assert watched.console_errors == []
+    assert any(u.endswith("/api/stream") for u in watched.urls)
+    assert probe.foreign_requests(watched.urls, watched.url) == []
+    assert watched.csp_reports == []
+    assert all(p.is_file() and p.stat().st_size > 10_000 for p in watched.shots)
