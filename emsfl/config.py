@@ -11,10 +11,12 @@ from typing import Any, TypeVar
 
 import yaml
 
+from emsfl.errors import UserError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A bad configuration value; the message names the field."""
 
 
@@ -27,10 +29,17 @@ def load_topology(path: str | Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        raise ConfigError(f"{path}: not valid YAML{_yaml_where(exc)}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the topology must be a YAML mapping")
     return data
+
+
+def _yaml_where(exc: yaml.YAMLError) -> str:
+    """`, line L column C: problem` on one line (PyYAML's own message spans several, with a caret)."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    return f" at line {mark.line + 1} column {mark.column + 1}: {problem}" if mark is not None else f": {problem}"
 
 
 def section(config: Mapping[str, Any], name: str) -> dict[str, Any]:

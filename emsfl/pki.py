@@ -35,6 +35,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from emsfl.errors import OneLineParser, UserError, positive_int
+
 CA_CERT = "ca.crt"
 CA_KEY = "ca.key"
 ORGANIZATION = "emsfl"
@@ -53,7 +55,7 @@ _HOST = re.compile(
 )
 
 
-class PkiError(ValueError):
+class PkiError(UserError):
     """A PKI operation that cannot be done; the message says why and what to do."""
 
 
@@ -371,14 +373,12 @@ def verify(directory: Path, name: str) -> x509.Certificate:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="emsfl pki", description="certificates for MQTT and gRPC TLS (ARCHITECTURE §7)"
-    )
+    parser = OneLineParser(prog="emsfl pki", description="certificates for MQTT and gRPC TLS (ARCHITECTURE §7)")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("init-ca", help="create the CA (ca.crt, ca.key) in DIR")
     p.add_argument("--dir", required=True, type=Path)
     p.add_argument("--name", default="emsfl-ca", help="CA common name")
-    p.add_argument("--days", type=int, default=DEFAULT_CA_DAYS)
+    p.add_argument("--days", type=positive_int, default=DEFAULT_CA_DAYS)
     p.add_argument("--force", action="store_true", help="replace an existing CA")
     p = sub.add_parser("issue", help="issue a server or client certificate signed by the CA in DIR")
     p.add_argument("--dir", required=True, type=Path)
@@ -386,14 +386,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--role", required=True, choices=ROLES)
     p.add_argument("--cluster", help="cluster id carried by a client certificate (subject OU=cluster, CN=ID)")
     p.add_argument("--san", action="append", default=[], metavar="HOST", help="server DNS name or IP (repeatable)")
-    p.add_argument("--days", type=int, default=DEFAULT_LEAF_DAYS)
+    p.add_argument("--days", type=positive_int, default=DEFAULT_LEAF_DAYS)
     p.add_argument("--force", action="store_true", help="overwrite an existing leaf of that name")
     p = sub.add_parser("rotate", help="re-issue leaves with fresh keys, keeping the CA, subjects and SANs")
     p.add_argument("--dir", required=True, type=Path)
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--name", action="append", default=[], help="leaf to rotate (repeatable)")
     group.add_argument("--all", action="store_true", help="every leaf in DIR")
-    p.add_argument("--days", type=int, default=DEFAULT_LEAF_DAYS)
+    p.add_argument("--days", type=positive_int, default=DEFAULT_LEAF_DAYS)
     p = sub.add_parser("show", help="list the leaves in DIR: role, cluster, SANs, expiry, chain check")
     p.add_argument("--dir", required=True, type=Path)
     return parser
@@ -412,6 +412,8 @@ def main(argv: list[str]) -> int:
             for path in rotate(args.dir, leaf_names(args.dir) if args.all else args.name, args.days):
                 print(path)
         else:
+            if not (args.dir / CA_CERT).is_file():  # a wrong --dir must not look like an empty one
+                raise PkiError(f"--dir: {args.dir}: no {CA_CERT} there (create one with `emsfl pki init-ca`)")
             for name in leaf_names(args.dir):
                 leaf = read_leaf(args.dir, name)
                 verify(args.dir, name)

@@ -28,6 +28,7 @@ from ground_node.errors import GroundError
 from ground_node.family import FamilyAdapter, get_adapter
 from ground_node.settings import Settings, cache_key, load_settings, resolve_device
 from ground_node.synthetic import encode_train
+from ground_node.tokenizer import HFTokenizer
 from protos.wire import sha256_hex
 
 log = logging.getLogger(__name__)
@@ -44,9 +45,22 @@ class Base:
     path: Path
 
 
-def new_model(settings: Settings) -> tuple[nn.Module, FamilyAdapter]:
+def ensure_converted(settings: Settings, progress: bool = False) -> Path:
+    """`model.checkpoint`, built by upcycling (`model.convert`) unless it holds the same conversion already."""
+    from ground_node.convert import ConvertOptions, convert
+
+    m = settings.model
+    assert m.checkpoint is not None and m.convert is not None
+    opts = ConvertOptions(num_experts=m.num_experts, top_k=m.top_k, **m.convert)
+    convert(opts, Path(m.checkpoint), progress)
+    return Path(m.checkpoint)
+
+
+def new_model(settings: Settings, progress: bool = False) -> tuple[nn.Module, FamilyAdapter]:
     """The configured model before warm-up: a checkpoint if `model.checkpoint` is set, else random (seeded)."""
     adapter = get_adapter(settings.model.family)
+    if settings.model.checkpoint and settings.model.convert is not None:
+        ensure_converted(settings, progress)
     tok = tokenizer_for(settings.data)
     if settings.model.checkpoint:
         return adapter.load(Path(settings.model.checkpoint), settings.model, tok.vocab_size), adapter
@@ -154,7 +168,7 @@ def build_base(topology: Mapping[str, Any], out: Path, progress: bool = False) -
     tmp.mkdir()
     try:
         start = time.monotonic()
-        model, adapter = new_model(settings)
+        model, adapter = new_model(settings, progress)
         losses: list[float] = []
         if not settings.model.checkpoint:
             losses = warm_up(model, settings, progress)
@@ -166,6 +180,9 @@ def build_base(topology: Mapping[str, Any], out: Path, progress: bool = False) -
             "task": settings.data.task,
         }
         write_base(model, adapter, settings, tmp, extra)
+        tok = tokenizer_for(settings.data)
+        if isinstance(tok, HFTokenizer):  # the base directory is complete: AutoTokenizer loads it too
+            tok.save_pretrained(tmp)
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())

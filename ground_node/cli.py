@@ -11,30 +11,35 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from emsfl import logs
 from emsfl.config import ConfigError, load_topology, parse_host_port
+from emsfl.errors import OneLineParser, positive_int
 from ground_node.errors import GroundError
+
+BASE_HELP = "base directory written by `emsfl ground warmup` (must match --topology)"
+WORKDIR_HELP = "this node's working directory: checkpoints, staged updates, report.json (created if absent)"
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="emsfl ground", description="a ground node of EMS-FL")
+    parser = OneLineParser(prog="emsfl ground", description="a ground node of EMS-FL")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="profile, follow the link, train the assigned experts and upload them")
     run.add_argument("--topology", required=True)
     run.add_argument("--broker", required=True, help="MQTT broker HOST:PORT")
     run.add_argument("--satellite", default=None, help="satellite node gRPC HOST:PORT (required without --gateway)")
     run.add_argument("--cluster", required=True)
-    run.add_argument("--workdir", required=True)
-    run.add_argument("--base", required=True, help="base directory (emsfl ground warmup)")
+    run.add_argument("--workdir", required=True, help=WORKDIR_HELP)
+    run.add_argument("--base", required=True, help=BASE_HELP)
     run.add_argument("--gateway", default=None, help="a device of a multi-device cluster: its gateway's HOST:PORT")
     run.add_argument("--device", default=None, help="this device's id in its cluster (with --gateway), e.g. d0")
     run.add_argument("--shard", type=int, default=None, help="data shard index (default: the device id's number)")
     _gateway_command(sub)
     warm = sub.add_parser("warmup", help="build the base directory")
     warm.add_argument("--topology", required=True)
-    warm.add_argument("--out", required=True)
+    warm.add_argument("--out", required=True, help="base directory to write (kept if it already holds this base)")
     ev = sub.add_parser("eval", help="exact-match accuracy of base (+ uploaded tensors)")
     ev.add_argument("--topology", required=True)
-    ev.add_argument("--base", required=True)
+    ev.add_argument("--base", required=True, help=BASE_HELP)
     ev.add_argument("--tensors", default=None, help="a safetensors file of manifest-named tensors")
     ev.add_argument("--cluster", default=None, help="evaluate on this cluster's test mix (default: global test set)")
     _extra_commands(sub)
@@ -101,7 +106,7 @@ def _announce_live(bus: Any, agent: Any, cluster: str, stop: threading.Event) ->
 
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format='{"level":"%(levelname)s","logger":"%(name)s","msg":"%(message)s"}')
+    logs.setup('{"level":"%(levelname)s","logger":"%(name)s","msg":"%(message)s"}', service=args.command in SERVICES)
     try:
         if args.command == "export":
             print(json.dumps(_export(args)))
@@ -112,6 +117,8 @@ def main(argv: list[str]) -> int:
             print(json.dumps(convert_command(args, progress=sys.stderr.isatty())))
             return 0
         topology = load_topology(args.topology)
+        if args.command in ("profile", "train", "eval", "run", "gateway"):
+            _check_offline(args, topology)
         if args.command == "profile":
             print(json.dumps(_profile(args, topology)))
             return 0
@@ -130,19 +137,58 @@ def main(argv: list[str]) -> int:
             out = build_base(topology, Path(args.out), progress=sys.stderr.isatty())
             print(json.dumps({"base": str(out)}))
             return 0
+        tensors = _load_tensors(args.tensors) if args.tensors else None
         from ground_node.evaluate import accuracy
 
-        tensors = None
-        if args.tensors:
-            from safetensors.numpy import load_file
-
-            tensors = load_file(args.tensors)
         acc = accuracy(Path(args.base), tensors, topology, args.cluster)
         print(json.dumps({"accuracy": acc, "cluster": args.cluster}))
         return 0
     except (ConfigError, GroundError, ConnectionError, OSError) as exc:
         print(f"emsfl ground: {exc}", file=sys.stderr)
         return 2
+
+
+SERVICES = ("run", "gateway")  # long-running: INFO logs by default (emsfl.logs)
+
+
+def _check_offline(args: argparse.Namespace, topology: dict[str, Any]) -> None:
+    """Everything an offline command can check before it loads a model or writes a file."""
+    from ground_node.basecheck import check_base
+    from ground_node.settings import load_settings
+
+    settings = load_settings(topology)
+    if args.cluster is not None and args.cluster not in settings.clusters:
+        have = ", ".join(settings.clusters)
+        raise ConfigError(f"--cluster: no cluster {args.cluster!r} in the topology (have: {have})")
+    check_base(Path(args.base), settings)
+    if getattr(args, "experts", None):
+        cap, m = settings.capacities[args.cluster], settings.model
+        for layer, experts in _experts_arg(args.experts):
+            if len(set(experts)) > cap:
+                raise GroundError(
+                    f"--experts: layer {layer} lists {len(set(experts))} experts, more than cluster {args.cluster}'s"
+                    f" capacity_experts={cap}"
+                )
+            if not 0 <= layer < m.num_layers:
+                raise GroundError(f"--experts: layer {layer} does not exist (model.num_layers={m.num_layers})")
+            bad = [e for e in experts if not 0 <= e < m.num_experts]
+            if bad:
+                raise GroundError(
+                    f"--experts: expert {bad[0]} does not exist in layer {layer} (model.num_experts={m.num_experts})"
+                )
+
+
+def _load_tensors(path: str) -> dict[str, Any]:
+    """A safetensors file (`--tensors`); a missing or corrupt one is a GroundError naming the flag."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    try:
+        return load_file(path)
+    except FileNotFoundError:
+        raise GroundError(f"--tensors: {path}: no such file") from None
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise GroundError(f"--tensors: {path} is not a readable safetensors file ({exc})") from None
 
 
 def _experts_arg(text: str) -> list[tuple[int, list[int]]]:
@@ -180,6 +226,7 @@ def _profile(args: argparse.Namespace, topology: dict[str, Any]) -> dict[str, An
 
 def _train(args: argparse.Namespace, topology: dict[str, Any]) -> dict[str, Any]:
     """Offline training (no satellite): the given experts, or the cluster's top-affinity experts."""
+    import math
     import time
 
     from emsfl.durable import atomic_write_json
@@ -222,7 +269,7 @@ def _train(args: argparse.Namespace, topology: dict[str, Any]) -> dict[str, Any]
         "cluster": args.cluster,
         "steps": trainer.step,
         "resumed": resumed,
-        "loss": trainer.last_loss,
+        "loss": trainer.last_loss if math.isfinite(trainer.last_loss) else None,  # no step this call: no loss
         "experts": assignment.to_json()["layers"],
         "coverage": coverage_from_probs(probs, top_k, assignment),
         "staged": str(update.path),
@@ -238,13 +285,11 @@ def _train(args: argparse.Namespace, topology: dict[str, Any]) -> dict[str, Any]
 def _export(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
+    from ground_node.base import read_manifest
     from ground_node.export import check_onnx, export_model, providers
 
-    tensors = None
-    if args.tensors:
-        from safetensors.numpy import load_file
-
-        tensors = load_file(args.tensors)
+    read_manifest(Path(args.base))  # a missing or foreign --base named before the exporter starts
+    tensors = _load_tensors(args.tensors) if args.tensors else None
     module, summary = export_model(Path(args.base), tensors, Path(args.out), submodel=args.submodel)
     ids = torch.randint(3, 40, (2, 11), generator=torch.Generator().manual_seed(0))
     summary["max_abs_diff"] = check_onnx(Path(args.out), module, ids)
@@ -259,7 +304,7 @@ def _gateway_command(sub: Any) -> None:
     gw.add_argument("--satellite", required=True, help="satellite node gRPC HOST:PORT")
     gw.add_argument("--cluster", required=True)
     gw.add_argument("--listen", required=True, help="HOST:PORT the devices reach the gateway at")
-    gw.add_argument("--workdir", required=True)
+    gw.add_argument("--workdir", required=True, help=WORKDIR_HELP)
     gw.add_argument("--base", required=True, help="base directory (only its manifest.json is read)")
     gw.add_argument("--round-timeout", type=float, default=30.0, help="wall s a round waits for late devices")
 
@@ -267,17 +312,19 @@ def _gateway_command(sub: Any) -> None:
 def _extra_commands(sub: Any) -> None:
     prof = sub.add_parser("profile", help="affinity of the cluster's local data (gate, freq, top experts)")
     prof.add_argument("--topology", required=True)
-    prof.add_argument("--base", required=True)
+    prof.add_argument("--base", required=True, help=BASE_HELP)
     prof.add_argument("--cluster", required=True)
     tr = sub.add_parser("train", help="offline training of the cluster's experts (no satellite)")
     tr.add_argument("--topology", required=True)
-    tr.add_argument("--base", required=True)
+    tr.add_argument("--base", required=True, help=BASE_HELP)
     tr.add_argument("--cluster", required=True)
-    tr.add_argument("--workdir", required=True)
-    tr.add_argument("--steps", type=int, default=100)
+    tr.add_argument("--workdir", required=True, help=WORKDIR_HELP + "; training resumes from its checkpoint")
+    tr.add_argument(
+        "--steps", type=positive_int, default=100, help="train until this many steps in total (>= 1, default: 100)"
+    )
     tr.add_argument("--experts", default=None, help="LAYER:E,E;LAYER:E (default: top-affinity up to capacity)")
     ex = sub.add_parser("export", help="ONNX export of the global model or (--submodel) the cluster's sub-model")
-    ex.add_argument("--base", required=True)
+    ex.add_argument("--base", required=True, help=BASE_HELP)
     ex.add_argument("--tensors", default=None, help="manifest-named safetensors (uploads, LoRA or full)")
     ex.add_argument("--submodel", action="store_true", help="only the experts named in --tensors")
     ex.add_argument("--out", required=True)

@@ -165,7 +165,7 @@ def read_split(data: DataSettings, split: str) -> list[Example]:
     key = (
         json.dumps([data.task, data.path, data.test_path, data.text_field, data.label_field]),
         split,
-        str(data.max_chars),
+        f"{data.max_chars}/{data.prompt}",
     )
     if key not in _CACHE:
         if data.task == "hf_disk":

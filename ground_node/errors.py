@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from emsfl.errors import UserError
 
-class GroundError(ValueError):
+
+class GroundError(UserError):
     """Bad input to the ground role (a checkpoint of another family, an impossible assignment, ...)."""

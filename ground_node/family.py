@@ -138,9 +138,14 @@ class FamilyAdapter(ABC):
     def to_manifest(self, hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """HF state dict -> manifest-named tensors (fused expert tensors split per expert), float32."""
         out: dict[str, torch.Tensor] = {}
+        seen: set[tuple[int, tuple[int, ...]]] = set()
         for hf_name, tensor in hf_state.items():
             split = self.split_hf_name(hf_name)
             if split is None:
+                tied = (tensor.data_ptr(), tuple(tensor.shape))
+                if tied in seen:  # a tied weight (lm_head = embed_tokens): stored once, under its first name
+                    continue
+                seen.add(tied)
                 out[shared_name(hf_name)] = tensor.detach().float().contiguous()
                 continue
             layer, part = split
@@ -263,16 +268,30 @@ class FamilyAdapter(ABC):
 # ---- routing restricted to held experts ---------------------------------------------------------
 
 
+ROUTER_SOFTMAX = ("held", "all")
+
+
 def route_held(
-    logits: torch.Tensor, held: torch.Tensor, top_k: int, scoring: str, norm_topk: bool, n_held: int | None = None
+    logits: torch.Tensor,
+    held: torch.Tensor,
+    top_k: int,
+    scoring: str,
+    norm_topk: bool,
+    n_held: int | None = None,
+    softmax_over: str = "all",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(masked logits, top-k weights, global top-k indices) with unheld experts never selected.
 
-    `scoring="softmax"` (OLMoE, Mixtral, Qwen-MoE): weights are the full model's softmax probabilities of the
-    chosen experts (optionally renormalised over the top-k), so a token whose top-k experts are all held is
-    computed exactly as in the full model. `scoring="topk_softmax"` (GPT-OSS): softmax over the top-k logits.
+    `scoring="softmax"` (OLMoE, Mixtral, Qwen-MoE) with `softmax_over="all"`: weights are the full model's softmax
+    probabilities of the chosen experts (optionally renormalised over the top-k), so a token whose top-k experts
+    are all held is computed exactly as in the full model. `softmax_over="held"` (ARCHITECTURE §4.3): the unheld
+    experts' logits are masked before the softmax, so the held experts' weights sum to one as in a model that
+    has only them (the same as `all` wherever the top-k weights are renormalised, e.g. Mixtral).
+    `scoring="topk_softmax"` (GPT-OSS): softmax over the top-k logits (the same under both).
     With fewer than k held experts, fewer are chosen; with none, no expert is chosen (zero-width top-k).
     """
+    if softmax_over not in ROUTER_SOFTMAX:
+        raise GroundError(f"training.router_softmax: expected one of {list(ROUTER_SOFTMAX)}, got {softmax_over!r}")
     if n_held is None:
         n_held = int(held.sum())
     k = min(top_k, n_held)
@@ -284,7 +303,7 @@ def route_held(
     if scoring == "topk_softmax":
         weights = nn.functional.softmax(top_logit, dim=1, dtype=top_logit.dtype)
         return masked, weights, top_index
-    probs = nn.functional.softmax(logits, dtype=torch.float, dim=-1)
+    probs = nn.functional.softmax(masked if softmax_over == "held" else logits, dtype=torch.float, dim=-1)
     top_value = probs.gather(-1, top_index)
     if norm_topk:
         top_value = top_value / top_value.sum(dim=-1, keepdim=True)
@@ -308,6 +327,7 @@ class HeldRouterMixin:
     norm_topk: bool
     k_route: int
     n_held: int
+    softmax_over: str  # training.router_softmax (held | all); absent: all
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         module: Any = self
@@ -325,8 +345,9 @@ class HeldRouterMixin:
             if rest is not None:
                 rest_logits = nn.functional.linear(hidden_states, rest, module._buffers.get("rest_bias"))
                 logits[:, module._buffers["rest_index"]] = rest_logits
+        softmax_over = getattr(self, "softmax_over", "all")
         masked, weights, index = route_held(
-            logits, self.held_mask, self.k_route, self.scoring, self.norm_topk, self.n_held
+            logits, self.held_mask, self.k_route, self.scoring, self.norm_topk, self.n_held, softmax_over
         )
         if self.physical:
             index = self.to_local[index]
@@ -334,6 +355,18 @@ class HeldRouterMixin:
 
 
 _HELD_CLASSES: dict[type, type] = {}
+
+
+def set_router_softmax(model: nn.Module, adapter: FamilyAdapter, softmax_over: str) -> None:
+    """`training.router_softmax` on every restricted router of a model (a router that routes to every expert,
+    e.g. under `split=frozen`, is not restricted and ignores it)."""
+    if softmax_over not in ROUTER_SOFTMAX:
+        raise GroundError(f"training.router_softmax: expected one of {list(ROUTER_SOFTMAX)}, got {softmax_over!r}")
+    num_layers, _, _ = adapter.dims(model)
+    for layer in range(num_layers):
+        router: Any = adapter.router(model, layer)
+        if isinstance(router, HeldRouterMixin):
+            router.softmax_over = softmax_over
 
 
 def held_router_class(base: type) -> type:

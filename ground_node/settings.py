@@ -13,11 +13,12 @@ from dataclasses import field as dataclass_field
 from typing import Any
 
 from emsfl.config import ConfigError, cluster_ids, field, positive, section
+from emsfl.datadir import default_data_path
 
 KNOWN_DOMAINS = ("copy", "reverse", "sort", "add")
 TEXT_TASKS = ("csv", "jsonl", "banking77", "clinc150", "hf_disk")
-# the shared data sets (../shared/data, relative to the repository root) that a task reads by default
-DEFAULT_PATHS = {"banking77": "/work/shared/data/banking77", "clinc150": "../shared/data/clinc150"}
+# the shared data sets a task reads by default: under $EMSFL_DATA_DIR, else ../shared/data (emsfl/datadir.py)
+SHARED_DATA_TASKS = ("banking77", "clinc150")
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,12 @@ class ModelSettings:
     hidden_size: int
     intermediate_size: int
     num_attention_heads: int
+    # `model.convert`: build `model.checkpoint` on first use with `emsfl ground convert` (source, router_init,
+    # text_path, kmeans_tokens, seed; experts and top-k are model.num_experts and model.top_k)
+    convert: dict[str, Any] | None = None
+
+
+CONVERT_KEYS = ("source", "router_init", "text_path", "kmeans_tokens", "seed")
 
 
 @dataclass(frozen=True)
@@ -89,6 +96,9 @@ class TrainingSettings:
     # memory for small boards, about one more forward per step
     gradient_checkpointing: bool = False
     device: str = "auto"  # auto (cuda where available, else cpu) | cpu | cuda
+    # split=mask: `held` masks the unheld experts' logits before the softmax (ARCHITECTURE §4.3); `all` takes the held
+    # experts' probabilities from the softmax over every expert (the full model's; the behaviour before)
+    router_softmax: str = "held"
 
 
 @dataclass(frozen=True)
@@ -129,12 +139,27 @@ def _model(topology: Mapping[str, Any]) -> ModelSettings:
         hidden_size=_pos_int(m, "hidden_size", w, 64),
         intermediate_size=_pos_int(m, "intermediate_size", w, 96),
         num_attention_heads=_pos_int(m, "num_attention_heads", w, 4),
+        convert=_convert(m),
     )
     if settings.top_k > settings.num_experts:
         raise ConfigError(f"model.top_k: {settings.top_k} exceeds model.num_experts={settings.num_experts}")
     if settings.hidden_size % settings.num_attention_heads:
         raise ConfigError("model.num_attention_heads: must divide model.hidden_size")
     return settings
+
+
+def _convert(m: Mapping[str, Any]) -> dict[str, Any] | None:
+    convert = field(m, "convert", dict, "model", None)
+    if convert is None:
+        return None
+    unknown = sorted(set(convert) - set(CONVERT_KEYS))
+    if unknown:
+        raise ConfigError(f"model.convert: unknown keys {unknown} (known: {list(CONVERT_KEYS)})")
+    if not m.get("checkpoint"):
+        raise ConfigError("model.convert: needs model.checkpoint (the directory the conversion is written to)")
+    if m.get("family", "olmoe") != "mixtral":
+        raise ConfigError("model.convert: upcycling writes a Mixtral model; set model.family: mixtral")
+    return dict(convert)
 
 
 def _data(topology: Mapping[str, Any]) -> DataSettings:
@@ -173,7 +198,8 @@ def _data(topology: Mapping[str, Any]) -> DataSettings:
 
 def _text_data(d: Mapping[str, Any], task: str, topology: Mapping[str, Any]) -> DataSettings:
     w = "data"
-    path = field(d, "path", str, w, DEFAULT_PATHS.get(task))
+    default_path = default_data_path(task) if task in SHARED_DATA_TASKS else None
+    path = field(d, "path", str, w, default_path)
     if not path:
         raise ConfigError(f"data.path: required for data.task={task!r}")
     alpha = field(d, "alpha", float, w, None)
@@ -208,7 +234,7 @@ def _text_data(d: Mapping[str, Any], task: str, topology: Mapping[str, Any]) -> 
         path=path,
         test_path=field(d, "test_path", str, w, None),
         text_field=field(d, "text_field", str, w, "text"),
-        label_field=field(d, "label_field", str, w, "category" if task == "banking77" else "label"),
+        label_field=field(d, "label_field", str, w, "category" if task in ("banking77", "clinc150") else "label"),
         alpha=alpha,
         cluster_labels=cluster_labels,
         max_chars=_pos_int(d, "max_chars", w, 96),
@@ -276,6 +302,7 @@ def _training(topology: Mapping[str, Any]) -> TrainingSettings:
         send_window_chunks=_pos_int(s, "send_window_chunks", w, 1),
         gradient_checkpointing=field(s, "gradient_checkpointing", bool, w, False),
         device=_one_of(s, "device", w, TRAINING_DEVICES),
+        router_softmax=_one_of(s, "router_softmax", w, ("held", "all")),
     )
 
 
@@ -362,7 +389,7 @@ def cache_key(settings: Settings) -> str:
     """Hash of what determines the base model: model, data, warmup, training and the seed."""
     body = {
         "seed": settings.seed,
-        "model": asdict(settings.model),
+        "model": {k: v for k, v in asdict(settings.model).items() if not (k == "convert" and v is None)},
         "data": _data_key(settings.data),
         # fields at their defaults are left out, so adding an optional field keeps existing bases' keys
         "warmup": {k: v for k, v in asdict(settings.warmup).items() if (k, v) not in _WARMUP_DEFAULTS},

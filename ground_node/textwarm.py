@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from emsfl.datadir import DATA_DIR_ENV
 from ground_node.errors import GroundError
 from ground_node.synthetic import Example
 
@@ -27,7 +28,7 @@ def resolve_path(text: str, what: str) -> Path:
     tried = [str(path)] if path.is_absolute() else [str(Path.cwd() / path), str(REPO_ROOT / path)]
     raise GroundError(
         f"{what}: {text} does not exist (tried {', '.join(tried)}); the shared data sets live in ../shared/data "
-        "next to the repository (see ../shared/data/README.md)"
+        f"next to the repository, or under ${DATA_DIR_ENV} (see ../shared/data/README.md)"
     )
 
 

@@ -8,6 +8,7 @@ prompt starts generation from: BOS + text, or the chat template's user turn and 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 PAD, BOS, EOS = 0, 1, 2
 ALPHABET = "abcdefghijklmnopqrstuvwxyzACRS0123456789:=+"
@@ -119,6 +120,9 @@ class HFTokenizer:
         if self.eos_id in ids:
             ids = ids[: ids.index(self.eos_id)]
         return str(self._tok.decode(ids, skip_special_tokens=True))
+
+    def save_pretrained(self, out: Path) -> None:
+        self._tok.save_pretrained(str(out))
 
     def encode_prompt(self, text: str) -> list[int]:
         if not self.chat:

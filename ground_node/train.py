@@ -19,7 +19,7 @@ from torch import nn
 
 from emsfl.durable import fsync_dir
 from ground_node.errors import GroundError
-from ground_node.family import FamilyAdapter
+from ground_node.family import FamilyAdapter, set_router_softmax
 from ground_node.settings import TrainingSettings, resolve_device
 from ground_node.split import Assignment, apply_split
 from ground_node.synthetic import Example, encode_train
@@ -149,6 +149,7 @@ class Trainer:
                         )
             else:
                 split_model(model, adapter, assignment)  # drop the unheld experts
+            set_router_softmax(model, adapter, training.router_softmax)
         else:
             apply_split(model, adapter, assignment, training.split)
         if training.tune == "lora":

@@ -83,7 +83,12 @@ def _parser() -> argparse.ArgumentParser:
     link = verbs.add_parser("link", help="force a cluster's link up or down (auto: back to the plan)")
     link.add_argument("--cluster", required=True)
     link.add_argument("--state", required=True, choices=("up", "down", "auto"))
-    link.add_argument("--duration-s", type=float, help="emulated seconds (default: until --state auto)")
+    link.add_argument(
+        "--duration-s",
+        type=float,
+        help="how long the override holds, in emulated seconds (the orbit clock's, i.e. wall seconds x clock.scale;"
+        " default: until --state auto)",
+    )
     link.add_argument("--delay-s", type=float, help="one-way delay while forced up")
     link.add_argument("--rate-bps", type=float, help="rate while forced up")
     link.add_argument("--loss", type=float, help="loss fraction while forced up")
@@ -190,7 +195,11 @@ def _command_plan(args: argparse.Namespace) -> int:
     if topology is not None:
         satellites = satellites_from_topology(topology, start, base_dir=Path(args.topology).parent)
     elif args.walker:
-        satellites = walker_satellites(parse_walker_spec(args.walker), start)
+        try:
+            spec = parse_walker_spec(args.walker)
+        except ConfigError as exc:
+            raise ConfigError(f"--walker: {exc}") from None
+        satellites = walker_satellites(spec, start)
     elif args.omm:
         satellites = load_omm_file(args.omm)
     else:

@@ -12,7 +12,7 @@ checks it against the generated parser.
 
 from __future__ import annotations
 
-from satellite_node.node import ChunkIn
+from satellite_node.uploads import ChunkIn
 
 _U32 = 0xFFFFFFFF
 _U64 = 0xFFFFFFFFFFFFFFFF

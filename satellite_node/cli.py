@@ -121,6 +121,15 @@ def read_config(topology: dict[str, Any]) -> SatelliteConfig:
     return SatelliteConfig(clusters, strategy, affinity, options, keep, pace, ttl)
 
 
+def check_base_model(manifest: Any, topology: dict[str, Any], base: str) -> None:
+    """The base (--base) must be the topology's model: a mismatch is named before any state is written."""
+    model = topology.get("model") or {}
+    for key in ("family", "num_layers", "num_experts", "top_k"):
+        want, have = model.get(key), getattr(manifest, key)
+        if want is not None and want != have:
+            raise ConfigError(f"--base: {base} has {key}={have!r} but the topology's model.{key} is {want!r}")
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> Any:  # one line and exit 2, as every emsfl command does
         print(f"emsfl satellite: {message}", file=sys.stderr)
@@ -149,7 +158,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (0.0.0.0)")
     status = sub.add_parser("status", help="print clusters, assignment and expert versions of a state directory")
-    status.add_argument("--state", required=True)
+    status.add_argument("--state", required=True, help="the satellite node's state directory (satellite run --state)")
     status.add_argument("--json", action="store_true", help="JSON instead of a table")
     return parser
 
@@ -175,10 +184,12 @@ def _run(args: argparse.Namespace) -> int:
     from satellite_node.store import Store
 
     try:
-        config = read_config(load_topology(args.topology))
+        topology = load_topology(args.topology)
+        config = read_config(topology)
         broker_host, broker_port = parse_host_port(args.broker, "--broker")
         parse_host_port(args.listen, "--listen")
         manifest = load_manifest(args.base)
+        check_base_model(manifest, topology, args.base)
         tls = _tls_files(args)
         if args.metrics_port is not None and not 0 < args.metrics_port < 65536:
             raise ConfigError(f"--metrics-port: {args.metrics_port} is not a port")
@@ -279,7 +290,7 @@ def _tls_files(args: argparse.Namespace) -> Any:
 
 
 def _status(state: Path, as_json: bool) -> int:
-    from satellite_node.node import status_dict
+    from satellite_node.status import stored_status
     from satellite_node.store import Store
 
     try:
@@ -288,7 +299,7 @@ def _status(state: Path, as_json: bool) -> int:
         print(f"emsfl satellite: --state: {exc}", file=sys.stderr)
         return 2
     with store:
-        status = status_dict(store, str(store.get_meta("strategy", "?")), store.get_meta("clusters", []))
+        status = stored_status(store)
     if as_json:
         print(json.dumps(status, indent=2))
         return 0

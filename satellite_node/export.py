@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from satellite_node.manifest import load_base_tensors
-from satellite_node.node import global_state
+from satellite_node.status import global_state
 from satellite_node.store import Store
 
 

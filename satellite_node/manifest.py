@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import load_file
 
+from emsfl.errors import UserError
 from protos.emsfl.v1 import federation_pb2
 
 MANIFEST_FILE = "manifest.json"
@@ -38,7 +39,7 @@ def dtype_name(dtype: np.dtype[Any]) -> str:
     return str(dtype)
 
 
-class ManifestError(ValueError):
+class ManifestError(UserError):
     """A base directory that cannot be served; the message names the file and field."""
 
 

@@ -6,16 +6,13 @@ state comes in through the `Links` protocol (a `protos.linkview.LinkView` in pro
 
 from __future__ import annotations
 
-import hashlib
 import re
 import threading
 import time
-from collections import deque
 from collections.abc import Iterable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 from safetensors.numpy import save as st_save
@@ -23,15 +20,18 @@ from safetensors.numpy import save as st_save
 from protos.events import EventLog
 from protos.timefmt import to_iso
 from protos.wire import CHUNK_SIZE, ExpertKey, sha256_hex, split_chunks
+from satellite_node.admission import Links, Pacer
 from satellite_node.assignment import AFFINITY_KINDS, owners, solve_assignment
+from satellite_node.context import NodeContext
 from satellite_node.manifest import Manifest, load_base_tensors
 from satellite_node.metrics import Metrics
+from satellite_node.status import global_state, status_dict
 from satellite_node.store import AffinityRow, ClusterRow, ExpertVersionRow, RoundUpload, Store, UploadRow
 from satellite_node.strategy import AcceptedUpdate, Effect, Strategy, make_strategy
+from satellite_node.uploads import ChunkIn, ChunkSink, Offer, PullBlob, PushResult
 from satellite_node.validate import (
     Refusal,
     RefusalCode,
-    Spec,
     check_ownership,
     check_specs,
     invalid,
@@ -44,61 +44,6 @@ _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 MAX_CHUNK_SIZE = 16 << 20
 
 
-class Links(Protocol):
-    def is_up(self, cluster: str) -> bool: ...
-    def down_reason(self, cluster: str) -> str: ...
-    def emulated_now(self) -> datetime | None: ...
-
-
-def wall_rate_bytes(links: Any, cluster: str) -> float | None:
-    """Bytes per wall second the link may carry (ARCHITECTURE §5.4: rate_bps x clock scale / 8); None: unpaced.
-
-    Read from the link payload's `rate_bps` and the clock's `scale` (a `LinkView`), or from a `wall_rate_bytes`
-    method of the links object (tests)."""
-    own = getattr(links, "wall_rate_bytes", None)
-    if callable(own):
-        value = own(cluster)
-        return None if value is None else float(value)
-    link_of = getattr(links, "link", None)
-    clock = getattr(links, "clock", None)
-    if not callable(link_of) or clock is None:
-        return None
-    link = link_of(cluster)
-    rate = None if link is None else link.get("rate_bps")
-    if not rate or rate <= 0:
-        return None
-    return float(rate) * float(clock.scale) / 8.0
-
-
-class Pacer:
-    """Paces transfers of each cluster to its link budget: a transfer of n bytes occupies the link n / rate
-    wall seconds; back-to-back transfers queue behind each other (a virtual-finish-time token bucket)."""
-
-    def __init__(self, links: Any, enabled: bool = True) -> None:
-        self.links = links
-        self.enabled = enabled
-        self._lock = threading.Lock()
-        self._free_at: dict[str, float] = {}
-
-    def pace(self, cluster: str, nbytes: int) -> float:
-        """Block until `nbytes` fit the budget; returns the seconds slept."""
-        if not self.enabled or nbytes <= 0:
-            return 0.0
-        rate = wall_rate_bytes(self.links, cluster)
-        if rate is None:
-            return 0.0
-        with self._lock:
-            now = time.monotonic()
-            start = max(now, self._free_at.get(cluster, 0.0))
-            done = start + nbytes / rate
-            self._free_at[cluster] = done
-        delay = done - time.monotonic()
-        if delay > 0:
-            time.sleep(delay)
-            return delay
-        return 0.0
-
-
 @dataclass(frozen=True)
 class NodeConfig:
     clusters: Mapping[str, int | None]  # topology cluster id -> its configured capacity_experts (None: not given)
@@ -107,224 +52,6 @@ class NodeConfig:
     max_update_bytes: int = 4 << 30
     strategy_options: Mapping[str, Any] = field(default_factory=dict)  # satellite.<strategy> of the topology
     pace: bool = True  # satellite.pace: transfers paced to the link budget (ARCHITECTURE §5.4)
-
-
-@dataclass(frozen=True)
-class Offer:
-    content_hash: str
-    size_bytes: int
-    chunk_size: int
-    chunk_hashes: tuple[str, ...]
-    tensors: tuple[Spec, ...]
-    assignment_version: int
-    local_step: int = 0
-    base_version: int = 0  # fedavg: the round; fedasync: the global version trained from
-
-
-@dataclass(frozen=True)
-class ChunkIn:
-    content_hash: str
-    index: int
-    data: bytes | memoryview  # a view into the received message on the gRPC path (satellite_node/chunkwire.py)
-    sha256: str
-    total_chunks: int = 0
-    total_size: int = 0
-
-
-@dataclass(frozen=True)
-class PushResult:
-    committed: bool
-    missing: list[int] = field(default_factory=list)
-    versions: list[ExpertVersionRow] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class PullBlob:
-    content_hash: str
-    size: int
-    chunks: list[memoryview]
-
-
-class _ChunkSink:
-    """Writes the chunks of one PushChunks stream on a helper thread, so that receiving the next chunk overlaps
-    writing this one (pwrite and hashlib release the GIL).
-
-    `deferred`: the stream started the upload at chunk 0; while its chunks come in order their data is hashed only
-    into the running content hash. `close(complete=True)` records them all if that hash is the content hash (else
-    nothing: the content is refused, `bad_content`); `close(complete=False)` first verifies each written chunk
-    against its offered hash and records only those that match (`bad_chunks` lists the others).
-
-    `supersede()` (another thread): a newer stream or offer of the same update takes over, e.g. after a hard cut
-    that this stream's handler has not noticed yet. The chunks that already arrived are written, verified and
-    recorded at once, so that the resumed upload sends only what is really missing; nothing is written after."""
-
-    MAX_QUEUED = 16
-    # Start writing back every this many bytes on another thread, so that the fsync before the record (and the
-    # acknowledgement) finds little left to write; durability still rests on that final fsync alone.
-    SYNC_AHEAD_BYTES = 32 << 20
-
-    def __init__(self, store: Store, upload: UploadRow, deferred: bool) -> None:
-        self.store = store
-        self.upload = upload
-        self.writer = store.chunk_writer(upload)
-        self.deferred = deferred
-        self.was_deferred = deferred
-        self.running: Any = hashlib.sha256() if deferred else None  # chunks 0..next_index-1
-        self.next_index = 0
-        self.digest: str | None = None
-        self.bad_content = False
-        self.bad_chunks: list[int] = []
-        self.superseded = False
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chunk-sink")
-        self._pending: deque[Future[None]] = deque()
-        self._write_lock = threading.Lock()  # held by each write: once `superseded` is set, nothing is written
-        self._record_lock = threading.Lock()  # the writer's record (verify, flush, finish) has one user at a time
-        self._finished = False
-        self._unsynced = 0
-        self._syncer: ThreadPoolExecutor | None = None  # started by the first SYNC_AHEAD_BYTES
-        self._sync: Future[None] | None = None
-
-    def _write(self, index: int, data: bytes | memoryview) -> None:
-        with self._write_lock:
-            if self.superseded:
-                return
-            self.writer.write(index, data)
-        if self.running is not None:
-            self.running.update(data)
-        self._unsynced += len(data)
-        if self._unsynced >= self.SYNC_AHEAD_BYTES and (self._sync is None or self._sync.done()):
-            self._unsynced = 0
-            if self._syncer is None:
-                self._syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chunk-sync")
-            self._sync = self._syncer.submit(self.writer.sync_ahead)
-
-    def add(self, index: int, data: bytes | memoryview) -> None:
-        if self.superseded:
-            raise Refusal(RefusalCode.ABORTED, "a newer stream or offer of this update took over from this one")
-        if self.deferred:
-            self.next_index = index + 1
-        self._pending.append(self._pool.submit(self._write, index, data))
-        while len(self._pending) > self.MAX_QUEUED:
-            self._pending.popleft().result()
-
-    def _wait(self) -> None:
-        while self._pending:
-            self._pending.popleft().result()
-
-    def flush(self) -> None:
-        """Wait for the queued writes, fsync, record them (a chunk is on record only once it is on disk)."""
-        self._wait()
-        with self._record_lock:
-            if not self._finished:
-                self.writer.flush()
-
-    def verify_now(self) -> None:
-        """Leave deferred mode: check the chunks written so far one by one (dropping bad ones from the record)."""
-        self._wait()
-        with self._record_lock:
-            if not self._finished:
-                self._verify_written()
-        self.deferred = False
-        self.running = None
-
-    def _verify_written(self) -> None:
-        good: list[int] = []
-        for index in self.writer.pending:
-            data = self.store.read_chunk(self.upload, index)
-            if data is not None and sha256_hex(data) == self.upload.chunk_hashes[index]:
-                good.append(index)
-            else:
-                self.bad_chunks.append(index)
-        self.writer.pending = good
-
-    def _finish(self, complete: bool) -> None:
-        """Verify (if deferred), fsync and record what was written; once, by `close` or `supersede`."""
-        with self._record_lock:
-            if self._finished:
-                return
-            self._finished = True
-            if self.deferred and complete and not self.superseded:
-                digest = self.running.hexdigest()
-                if digest == self.upload.content_hash:
-                    self.digest = digest
-                else:
-                    self.bad_content = True
-                    self.writer.pending = []
-            elif self.deferred:
-                self._verify_written()
-            self.writer.flush()
-
-    def supersede(self) -> None:
-        try:  # on the writer thread, after the chunks that already arrived: they are kept
-            self._pool.submit(self._mark_superseded).result()
-        except RuntimeError:  # the stream is closing: its writer takes no more work
-            self._mark_superseded()
-        self._finish(complete=False)
-
-    def _mark_superseded(self) -> None:
-        with self._write_lock:
-            self.superseded = True
-
-    def close(self, complete: bool) -> None:
-        try:
-            self._wait()
-            self._finish(complete)
-        finally:
-            self._pool.shutdown(wait=True)
-            if self._syncer is not None:
-                self._syncer.shutdown(wait=True)
-            self.writer.close()
-        if self.superseded:
-            return  # the stream that took over owns the upload now
-        if (self.bad_content or self.bad_chunks) and not self.store.received_chunks(self.upload.content_hash):
-            self.store.reset_upload(self.upload.content_hash)  # nothing of it on record: no trace either
-
-
-class _Context:
-    """`StrategyContext` / `AggregationContext` over the store, the base tensors and the topology."""
-
-    def __init__(self, node: SatelliteNode) -> None:
-        self.node = node
-        self.store = node.store
-
-    def current_version(self, key: ExpertKey) -> int:
-        return self.store.current_version(key)
-
-    def read_expert(self, key: ExpertKey) -> dict[str, np.ndarray] | None:
-        return self.store.read_expert(key)
-
-    def put_tensors(self, tensors: Mapping[str, np.ndarray]) -> str:
-        return self.store.put_tensors(tensors)
-
-    def global_version(self) -> int:
-        return self.store.global_version()
-
-    def round_uploads(self, round_: int) -> list[tuple[str, str, float]]:
-        return [(r.cluster, r.content_hash, r.weight) for r in self.store.round_uploads(round_)]
-
-    def read_tensors(self, content_hash: str) -> Mapping[str, np.ndarray]:
-        return parse_safetensors(self.store.map_blob(content_hash))
-
-    def base_expert(self, key: ExpertKey) -> dict[str, np.ndarray]:
-        prefix = f"expert/{key.layer}/{key.expert}/"
-        return {n: a for n, a in self.node.base_tensors().items() if n.startswith(prefix)}
-
-    def cluster_weight(self, cluster: str) -> float:
-        row = self.store.clusters().get(cluster)
-        return float(row.num_examples) if row is not None else 0.0
-
-    def round_opened(self, round_: int) -> float | None:
-        if round_ == 0:
-            value = self.store.get_meta("round0_opened")
-            return None if value is None else float(value)
-        return self.store.global_version_time(round_)
-
-    def all_experts(self) -> list[ExpertKey]:
-        m = self.node.manifest
-        return [ExpertKey(layer, e) for layer in range(m.num_layers) for e in range(m.num_experts)]
-
-    def clusters(self) -> list[str]:
-        return list(self.node.config.clusters)
 
 
 class SatelliteNode:
@@ -349,12 +76,12 @@ class SatelliteNode:
         self.metrics = metrics or Metrics(enabled=False)
         self.strategy: Strategy = make_strategy(config.strategy, config.strategy_options)
         self.pacer = Pacer(links, config.pace)
-        self._ctx = _Context(self)
+        self._ctx = NodeContext(store, manifest, self.base_tensors, list(config.clusters))
         # Serialises every state change (joins, assignment, offers, commits); chunk writes run outside it.
         self._lock = threading.RLock()
         self._base: dict[str, np.ndarray] | None = None
         self._pull_cache: tuple[tuple[Any, ...], PullBlob] | None = None
-        self._streams: dict[str, _ChunkSink] = {}  # content hash -> the PushChunks stream writing it
+        self._streams: dict[str, ChunkSink] = {}  # content hash -> the PushChunks stream writing it
         self._streams_lock = threading.Lock()
         self._maybe_solve()
 
@@ -369,7 +96,7 @@ class SatelliteNode:
     def tick(self) -> None:
         """Time-driven work: open FedAvg round 0 once a clock is known; close a round whose deadline passed."""
         now = self.links.emulated_now()
-        if now is None or self.strategy.name == "emsfl":
+        if now is None or not self.strategy.clocked:
             return
         with self._lock:
             if self.store.get_meta("round0_opened") is None:
@@ -635,7 +362,7 @@ class SatelliteNode:
         """
         upload: UploadRow | None = None
         received: set[int] = set()
-        sink: _ChunkSink | None = None
+        sink: ChunkSink | None = None
         unflushed = 0
         ended = False
         try:
@@ -707,9 +434,9 @@ class SatelliteNode:
             return PushResult(False, missing)
         return self._commit(cluster, upload, digest)
 
-    def _start_stream(self, upload: UploadRow, deferred: bool) -> _ChunkSink:
+    def _start_stream(self, upload: UploadRow, deferred: bool) -> ChunkSink:
         """A sink for a new PushChunks stream of `upload`; it supersedes any stream of the same update."""
-        sink = _ChunkSink(self.store, upload, deferred=deferred)
+        sink = ChunkSink(self.store, upload, deferred=deferred)
         with self._streams_lock:
             racing = self._streams.get(upload.content_hash)
             self._streams[upload.content_hash] = sink
@@ -845,78 +572,8 @@ class SatelliteNode:
         return result
 
     def status(self) -> dict[str, Any]:
-        return status_dict(self.store, self.strategy.name, self.config.clusters, self.links)
+        return status_dict(self.store, self.strategy, self.config.clusters, self.links)
 
     def global_version(self) -> int:
-        """What a client must pull: fedavg the open round (= newest averaged model), fedasync the newest mix,
-        emsfl the number of commits (each expert carries its own version)."""
-        if self.strategy.name == "emsfl":
-            return self.store.commit_count()
-        return self.store.global_version()
-
-
-def global_state(store: Store, base: Mapping[str, np.ndarray], at_unix: float | None = None) -> dict[str, np.ndarray]:
-    """Base tensors plus, for every expert, the parts of its newest version (committed at or before `at_unix`)."""
-    tensors = dict(base)
-    blobs: dict[str, dict[str, np.ndarray]] = {}
-    for key, row in sorted(store.newest_versions(at_unix).items(), key=lambda kv: (kv[0].layer, kv[0].expert)):
-        if row.source_hash not in blobs:
-            blobs[row.source_hash] = parse_safetensors(store.map_blob(row.source_hash))
-        prefix = f"expert/{key.layer}/{key.expert}/"
-        tensors.update({n: a for n, a in blobs[row.source_hash].items() if n.startswith(prefix)})
-    return tensors
-
-
-def status_dict(store: Store, strategy: str, clusters: Iterable[str], links: Links | None = None) -> dict[str, Any]:
-    """Clusters, assignment and expert versions as plain data (GetStatus and `emsfl satellite status`)."""
-    joined = store.clusters()
-    reported = store.affinities()
-    version = store.assignment_version()
-    table = store.owners(version) or {}
-    stats = store.commit_stats()
-    names = list(dict.fromkeys([*clusters, *joined]))
-    now = links.emulated_now() if links is not None else None
-    out_clusters = []
-    for c in names:
-        owned = sum(1 for owner in table.values() if owner == c)
-        uploads, nbytes = stats.get(c, (0, 0))
-        out_clusters.append(
-            {
-                "cluster_id": c,
-                "link_up": bool(links.is_up(c)) if links is not None else None,
-                "joined": c in joined,
-                "affinity_reported": c in reported,
-                "experts_owned": owned,
-                "uploads_committed": uploads,
-                "bytes_received": nbytes,
-                "capacity_experts": joined[c].capacity if c in joined else None,
-                "num_examples": joined[c].num_examples if c in joined else None,
-            }
-        )
-    assignment: dict[str, list[list[Any]]] = {}
-    for (layer, expert), owner in sorted(table.items()):
-        per_layer = assignment.setdefault(owner, [])
-        while len(per_layer) <= layer:
-            per_layer.append([len(per_layer), []])
-        per_layer[layer][1].append(expert)
-    experts = [
-        {"layer": k.layer, "expert": k.expert, "version": r.version, "owner": r.owner, "committed_at": r.t}
-        for k, r in sorted(store.newest_versions().items(), key=lambda kv: (kv[0].layer, kv[0].expert))
-    ]
-    global_version = store.commit_count() if strategy == "emsfl" else store.global_version()
-    round_uploaded = [r.cluster for r in store.round_uploads(global_version)] if strategy == "fedavg" else []
-    history = [
-        {"version": a.version, "committed_at": a.t, "reason": a.reason, "requested_by": a.requested_by}
-        for a in store.assignment_history()
-    ]
-    return {
-        "strategy": strategy,
-        "global_version": global_version,
-        "round_uploaded": round_uploaded,
-        "assignment_history": history,
-        "assignment_version": version,
-        "assignment": assignment,
-        "clusters": out_clusters,
-        "experts": experts,
-        "emulated_now": None if now is None else to_iso(now),
-    }
+        """What a client must pull (the strategy says what counts as a new global model)."""
+        return self.strategy.global_version(self.store.commit_count(), self.store.global_version())

@@ -16,8 +16,9 @@ from protos.emsfl.v1 import federation_pb2 as pb
 from protos.emsfl.v1 import federation_pb2_grpc as pb_grpc
 from protos.wire import CLUSTER_METADATA_KEY, sha256_hex
 from satellite_node.chunkwire import decode_chunk
-from satellite_node.node import ChunkIn, Offer, PushResult, SatelliteNode
+from satellite_node.node import SatelliteNode
 from satellite_node.store import ExpertVersionRow
+from satellite_node.uploads import ChunkIn, Offer, PushResult
 from satellite_node.validate import Refusal, RefusalCode, Spec
 
 MAX_MESSAGE_BYTES = 32 << 20  # a chunk of up to 16 MiB plus framing

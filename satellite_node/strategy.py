@@ -107,6 +107,12 @@ class Strategy(ABC):
     # EMS-FL: each cluster may upload only the experts it owns; FedAvg/FedAsync train the whole model.
     requires_ownership: bool = True
     whole_model: bool = False
+    clocked: bool = True  # time alone may change the global model (round deadlines): the node ticks it
+    has_rounds: bool = False  # status lists which clusters uploaded the open round
+
+    def global_version(self, commits: int, aggregated: int) -> int:
+        """What a client must pull: by default the newest aggregated model (`aggregated` global versions)."""
+        return aggregated
 
     def check_base(self, ctx: Any, cluster: str, base_version: int) -> None:
         """Refuse (FAILED_PRECONDITION) an update trained from a version this strategy cannot take."""
@@ -126,6 +132,11 @@ class EmsflStrategy(Strategy):
 
     name = "emsfl"
     requires_ownership = True
+    clocked = False
+
+    def global_version(self, commits: int, aggregated: int) -> int:
+        """Every expert carries its own version: a client's view changes with every commit."""
+        return commits
 
     def apply(self, ctx: Any, update: AcceptedUpdate) -> Effect:
         return Effect(
@@ -152,6 +163,7 @@ class FedAvgStrategy(Strategy):
     """Synchronous rounds; round r trains from global version r and its average becomes global version r + 1."""
 
     name = "fedavg"
+    has_rounds = True
     requires_ownership = False
     whole_model = True
 

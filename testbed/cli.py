@@ -3,23 +3,24 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 from typing import Any
 
+from emsfl import logs
 from emsfl.config import ConfigError
+from emsfl.errors import OneLineParser, positive_float, positive_int
 from ground_node.errors import GroundError
 from testbed.lab import DEFAULT_TOPOLOGY, LabOptions
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="emsfl lab", description=__doc__)
+    parser = OneLineParser(prog="emsfl lab", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="start every role as a process, run for a bounded time, write runs/<run-id>/")
     up.add_argument("--topology", type=Path, default=DEFAULT_TOPOLOGY, help="topology YAML (default: the local lab)")
     up.add_argument("--broker", help="HOST:PORT of a running MQTT broker (default: start the embedded amqtt)")
-    up.add_argument("--duration-s", type=float, help="wall seconds to run (default: lab.duration_wall_s)")
+    up.add_argument("--duration-s", type=positive_float, help="wall seconds to run (default: lab.duration_wall_s)")
     up.add_argument("--runs-dir", type=Path, default=Path("runs"))
     up.add_argument("--run-id", help="name of the run directory (default: a UTC timestamp)")
     up.add_argument("--cache-dir", type=Path, default=Path(".cache/emsfl"), help="where base models are cached")
@@ -36,7 +37,9 @@ def _parser() -> argparse.ArgumentParser:
         "--lrs", help="comma-separated learning rates, searched alike for every strategy (default: training.lr)"
     )
     exp.add_argument(
-        "--duration-s", type=float, help="wall seconds per run (default: lab.experiment_duration_wall_s, else 75)"
+        "--duration-s",
+        type=positive_float,
+        help="wall seconds per run (default: lab.experiment_duration_wall_s, else 75)",
     )
     exp.add_argument("--quick", action="store_true", help="one seed, one rate, 45 s per run")
     exp.add_argument("--no-central", action="store_true", help="skip the centralised reference row")
@@ -57,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
         help="EMS-FL in one process (no network): each cluster's sub-model against the merged model, on its data",
     )
     gap.add_argument("--topology", type=Path, default=DEFAULT_TOPOLOGY)
-    gap.add_argument("--steps", type=int, default=600, help="training steps per cluster (default: 600)")
+    gap.add_argument("--steps", type=positive_int, default=600, help="training steps per cluster (default: 600)")
     gap.add_argument("--seed", type=int, help="the topology's seed (default: its own)")
     gap.add_argument("--lr", type=float, help="training.lr (default: the topology's)")
     gap.add_argument("--out", type=Path, help="also write the JSON report to this file")
@@ -74,6 +77,9 @@ def _csv(text: str, kind: type, what: str) -> list[Any]:
 
 def _experiment(args: argparse.Namespace) -> int:
     from testbed.experiment import ExperimentOptions, run_experiment
+
+    if not 0 < args.target_fraction <= 1:
+        raise ConfigError(f"--target-fraction: expected a share in (0, 1], got {args.target_fraction}")
 
     opts = ExperimentOptions(
         topology_path=args.topology,
@@ -125,7 +131,7 @@ def _merge_gap(args: argparse.Namespace) -> int:
 
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logs.setup("%(asctime)s %(name)s %(levelname)s %(message)s", service=True)
     if args.command in ("experiment", "merge-gap"):
         run = _experiment if args.command == "experiment" else _merge_gap
         try:

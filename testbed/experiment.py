@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from emsfl.config import ConfigError, load_topology
+from emsfl.datadir import repo_relative
 from protos.timefmt import parse_iso
 from testbed import plots
 from testbed.compare import claims, compare, markdown_table, spread_of
@@ -293,7 +294,7 @@ def run_experiment(opts: ExperimentOptions) -> dict[str, Any]:
     result: dict[str, Any] = {
         "experiment_id": experiment_id,
         "task": topology.get("data", {}).get("task", "synthetic"),
-        "topology": str(opts.topology_path),
+        "topology": repo_relative(opts.topology_path),  # no path of this machine in a committed result
         "seeds": sorted({seed for _, _, seed, _ in grid}),
         "rates_bps": sorted(summaries),
         "link_rate_bps": grid[0][0],

@@ -11,11 +11,16 @@ EMS-FL's premise is that a cluster's tokens route to its own experts. Where they
 token mostly through experts that other clusters trained on other data: `merged_accuracy` falls far below
 `local_accuracy`, and `merged_answer_loss` rises above `local_answer_loss`. This isolates that effect from the
 link, the clock and the baselines.
+
+Under `split=mask` the federation runs twice, once per `training.router_softmax` (the topology's first, the other
+under `other_router_softmax`): the held experts' logits masked before the softmax, or their probabilities taken
+from the full model's softmax. Families that renormalise the top-k weights (Mixtral) route identically under both.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,7 +33,7 @@ from ground_node.base import ensure_base, load_base
 from ground_node.data import label_choices, max_new_tokens, test_examples, tokenizer_for, train_examples
 from ground_node.evaluate import exact_match, model_with_tensors
 from ground_node.profile import coverage_from_probs, profile_affinity
-from ground_node.settings import load_settings
+from ground_node.settings import TrainingSettings, load_settings
 from ground_node.split import Assignment
 from ground_node.synthetic import Example, encode_train
 from ground_node.tokenizer import Tokenizer
@@ -63,6 +68,8 @@ def answer_loss(model: torch.nn.Module, examples: Sequence[Example], tok: Tokeni
 
 
 def merge_gap(topology: dict[str, Any], cache_dir: Path, steps: int) -> dict[str, Any]:
+    """The report for the topology's `training.router_softmax`, with the other routing's figures under
+    `other_router_softmax` (split=mask only: ARCHITECTURE §4.3's masked softmax against the full model's)."""
     started = time.monotonic()
     topology = copy.deepcopy(topology)
     settings = load_settings(topology)
@@ -90,42 +97,70 @@ def merge_gap(topology: dict[str, Any], cache_dir: Path, steps: int) -> dict[str
     solved = solve_assignment(gates, settings.capacities, {c: len(data[c]) for c in settings.clusters})
     assignment = {c: Assignment.from_pairs(1, list(enumerate(solved[c]))) for c in settings.clusters}
     stacked = np.stack([gates[c] for c in settings.clusters])
-    clusters: dict[str, dict[str, Any]] = {}
-    uploads: dict[str, np.ndarray] = {}
-    for c in settings.clusters:
-        model = load_base(base_dir).model
-        trainer = Trainer(model, base.adapter, settings.training, assignment[c], data[c], settings.seed, tok)
-        losses = [trainer.train_step() for _ in range(steps)]
-        uploads.update(trainer.expert_state())
-        clusters[c] = {
-            "experts": assignment[c].to_json()["layers"],
-            "routing_coverage": round(coverage_from_probs(probs[c], top_k, assignment[c]), 4),
-            "all_top_k_held_share": round(all_top_k_held_share(probs[c], top_k, assignment[c]), 4),
-            "loss_first": round(float(np.mean(losses[:10])), 4) if losses else None,
-            "loss_last": round(float(np.mean(losses[-10:])), 4) if losses else None,
-            "base_accuracy": score(base.model, c),
-            "local_accuracy": score(trainer.model, c),
-            "local_answer_loss": loss(trainer.model, c),
+    base_scores = {c: score(base.model, c) for c in settings.clusters}
+
+    def federate(training: TrainingSettings) -> tuple[dict[str, dict[str, Any]], float]:
+        """Every cluster's sub-model trained `steps` steps, then the merged model: (per cluster, global acc)."""
+        clusters: dict[str, dict[str, Any]] = {}
+        uploads: dict[str, np.ndarray] = {}
+        for c in settings.clusters:
+            model = load_base(base_dir).model
+            trainer = Trainer(model, base.adapter, training, assignment[c], data[c], settings.seed, tok)
+            losses = [trainer.train_step() for _ in range(steps)]
+            uploads.update(trainer.expert_state())
+            clusters[c] = {
+                "experts": assignment[c].to_json()["layers"],
+                "routing_coverage": round(coverage_from_probs(probs[c], top_k, assignment[c]), 4),
+                "all_top_k_held_share": round(all_top_k_held_share(probs[c], top_k, assignment[c]), 4),
+                "loss_first": round(float(np.mean(losses[:10])), 4) if losses else None,
+                "loss_last": round(float(np.mean(losses[-10:])), 4) if losses else None,
+                "base_accuracy": base_scores[c],
+                "local_accuracy": score(trainer.model, c),
+                "local_answer_loss": loss(trainer.model, c),
+            }
+            del trainer
+        merged = model_with_tensors(base_dir, uploads).model
+        for c in settings.clusters:
+            clusters[c]["merged_accuracy"] = score(merged, c)
+            clusters[c]["merged_answer_loss"] = loss(merged, c)
+        return clusters, score(merged, None)
+
+    def means(clusters: dict[str, dict[str, Any]]) -> dict[str, float]:
+        return {
+            f"mean_{k}": round(float(np.mean([v[k] for v in clusters.values()])), 4)
+            for k in ("local_accuracy", "merged_accuracy")
         }
-        del trainer
-    merged = model_with_tensors(base_dir, uploads).model
-    for c in settings.clusters:
-        clusters[c]["merged_accuracy"] = score(merged, c)
-        clusters[c]["merged_answer_loss"] = loss(merged, c)
+
+    clusters, merged_global = federate(settings.training)
+    other: dict[str, Any] | None = None
+    if settings.training.split == "mask":
+        mode = "all" if settings.training.router_softmax == "held" else "held"
+        other_clusters, other_global = federate(dataclasses.replace(settings.training, router_softmax=mode))
+        other = {
+            "router_softmax": mode,
+            "merged_accuracy_global": other_global,
+            **means(other_clusters),
+            "clusters": {
+                c: {k: v[k] for k in ("loss_last", "local_accuracy", "merged_accuracy")}
+                for c, v in other_clusters.items()
+            },
+        }
     return {
         "topology": topology.get("name"),
         "task": settings.data.task,
+        "family": base.adapter.name,
         "seed": settings.seed,
         "steps_per_cluster": steps,
         "lr": settings.training.lr,
         "split": settings.training.split,
+        "router_softmax": settings.training.router_softmax if settings.training.split == "mask" else None,
         "tune": settings.training.tune,
         # largest difference between two clusters' mean router probability of one expert (any layer)
         "affinity_max_gap": round(float((stacked.max(axis=0) - stacked.min(axis=0)).max()), 4),
         "base_accuracy_global": score(base.model, None),
-        "merged_accuracy_global": score(merged, None),
-        "mean_local_accuracy": round(float(np.mean([v["local_accuracy"] for v in clusters.values()])), 4),
-        "mean_merged_accuracy": round(float(np.mean([v["merged_accuracy"] for v in clusters.values()])), 4),
+        "merged_accuracy_global": merged_global,
+        **means(clusters),
         "clusters": clusters,
+        "other_router_softmax": other,
         "wall_s": round(time.monotonic() - started, 1),
     }

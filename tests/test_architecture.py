@@ -17,7 +17,6 @@ KNOWN_CYCLES: set[frozenset[str]] = {
     frozenset({"ground_node.uplink", "ground_node.baseline"}),
 }
 KNOWN_LONG_MODULES = {
-    "satellite_node/node.py",
     "ground_node/gateway.py",
     "ground_node/family.py",
 }

@@ -140,7 +140,7 @@ class SatelliteState:
         self._store: Any = None
 
     def read(self) -> dict[str, Any] | None:
-        from satellite_node.node import status_dict
+        from satellite_node.status import stored_status
         from satellite_node.store import DB_FILE, Store
 
         if self._store is None:
@@ -148,7 +148,7 @@ class SatelliteState:
                 return None  # the satellite node has not started yet
             self._store = Store(self.state_dir, create=False)
         store = self._store
-        return status_dict(store, str(store.get_meta("strategy", "?")), store.get_meta("clusters", []))
+        return stored_status(store)
 
     def close(self) -> None:
         if self._store is not None:

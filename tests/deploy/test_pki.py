@@ -131,10 +131,11 @@ def test_existing_ca_and_leaf_are_not_overwritten(ca_dir: Path, capsys: pytest.C
         pki.issue(ca_dir, "orbit", "client")
 
 
-def test_unknown_role_is_an_argparse_error(ca_dir: Path) -> None:
-    with pytest.raises(SystemExit) as exc:
-        emsfl_main(["pki", "issue", "--dir", str(ca_dir), "--name", "x", "--role", "admin"])
-    assert exc.value.code == 2
+def test_unknown_role_is_an_argparse_error(ca_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert emsfl_main(["pki", "issue", "--dir", str(ca_dir), "--name", "x", "--role", "admin"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "emsfl pki issue: argument --role: invalid choice: 'admin' (choose from 'server', 'client')"
+    ]
 
 
 def test_show_lists_every_leaf(ca_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:

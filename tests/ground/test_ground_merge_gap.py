@@ -25,6 +25,10 @@ def test_merge_gap_reports_disjoint_experts_and_accuracies(topology: dict[str, A
         assert row["all_top_k_held_share"] <= row["routing_coverage"] + 1e-9
     assert len(owned) == 2 * 4  # 3 clusters x 2 slots >= 4 experts: every expert of both layers has an owner
     assert report["steps_per_cluster"] == 3
+    assert report["router_softmax"] == "held"  # the default: ARCHITECTURE §4.3
+    other = report["other_router_softmax"]
+    assert other["router_softmax"] == "all" and set(other["clusters"]) == set(report["clusters"])
+    assert 0.0 <= other["mean_merged_accuracy"] <= 1.0
 
 
 def test_merge_gap_is_zero_for_one_cluster_holding_every_expert(topology: dict[str, Any], base_dir: Path) -> None:

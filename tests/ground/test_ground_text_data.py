@@ -11,13 +11,14 @@ import pytest
 import torch
 
 from emsfl.config import ConfigError
+from emsfl.datadir import data_root
 from ground_node.data import partition, read_split, tokenizer_for, train_examples
 from ground_node.data import test_examples as held_out
 from ground_node.errors import GroundError
 from ground_node.settings import load_settings
 from ground_node.tokenizer import ByteTokenizer
 
-BANKING = Path("/work/shared/data/banking77")
+BANKING = data_root() / "banking77"  # $EMSFL_DATA_DIR, else ../shared/data next to the repository
 LABELS = ["card_arrival", "top_up", "refund", "pin"]
 
 

@@ -19,9 +19,10 @@ from hypothesis import strategies as st
 from protos.wire import ExpertKey, chunk_hashes, sha256_hex, split_chunks
 from satellite_node import export
 from satellite_node.manifest import load_manifest
-from satellite_node.node import ChunkIn, NodeConfig, Offer, SatelliteNode
+from satellite_node.node import NodeConfig, SatelliteNode
 from satellite_node.store import DB_FILE, Store
 from satellite_node.testing import FakeLinks, encode, expert_update, write_tiny_base
+from satellite_node.uploads import ChunkIn, Offer
 from satellite_node.validate import Refusal, RefusalCode, Spec, specs_of
 
 CHUNK = 256

@@ -10,10 +10,12 @@ from pathlib import Path
 import numpy as np
 
 from protos.wire import chunk_hashes, sha256_hex, split_chunks
+from satellite_node.admission import Pacer, wall_rate_bytes
 from satellite_node.manifest import load_manifest
-from satellite_node.node import ChunkIn, NodeConfig, Offer, Pacer, SatelliteNode, wall_rate_bytes
+from satellite_node.node import NodeConfig, SatelliteNode
 from satellite_node.store import Store
 from satellite_node.testing import FakeLinks, encode, expert_update, write_tiny_base
+from satellite_node.uploads import ChunkIn, Offer
 from satellite_node.validate import specs_of
 
 

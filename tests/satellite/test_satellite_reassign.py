@@ -15,10 +15,11 @@ from protos.wire import ExpertKey, chunk_hashes, sha256_hex, split_chunks
 from satellite_node import export
 from satellite_node.manifest import load_manifest
 from satellite_node.metrics import Metrics
-from satellite_node.node import ChunkIn, NodeConfig, Offer, SatelliteNode
+from satellite_node.node import NodeConfig, SatelliteNode
 from satellite_node.server import make_server
 from satellite_node.store import Store
 from satellite_node.testing import Client, FakeLinks, encode, expert_update, write_tiny_base
+from satellite_node.uploads import ChunkIn, Offer
 from satellite_node.validate import specs_of
 from testbed.broker import free_port
 

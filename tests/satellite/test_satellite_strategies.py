@@ -14,10 +14,11 @@ from safetensors.numpy import load as st_load
 from protos.wire import chunk_hashes, sha256_hex, split_chunks
 from satellite_node import export
 from satellite_node.manifest import load_manifest
-from satellite_node.node import ChunkIn, NodeConfig, Offer, PushResult, SatelliteNode
+from satellite_node.node import NodeConfig, SatelliteNode
 from satellite_node.store import Store
 from satellite_node.strategy import FedAsyncStrategy
 from satellite_node.testing import FakeLinks, encode, expert_update, write_tiny_base
+from satellite_node.uploads import ChunkIn, Offer, PushResult
 from satellite_node.validate import Refusal, RefusalCode, specs_of
 
 CHUNK = 512

@@ -13,9 +13,10 @@ import pytest
 
 from protos.wire import chunk_hashes, sha256_hex, split_chunks
 from satellite_node.manifest import load_manifest
-from satellite_node.node import ChunkIn, NodeConfig, Offer, SatelliteNode
+from satellite_node.node import NodeConfig, SatelliteNode
 from satellite_node.store import Store
 from satellite_node.testing import FakeLinks, encode, expert_update, write_tiny_base
+from satellite_node.uploads import ChunkIn, Offer
 from satellite_node.validate import Refusal, RefusalCode, specs_of
 
 CHUNK = 512
