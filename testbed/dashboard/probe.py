@@ -111,7 +111,8 @@ class PagePoller(threading.Thread):
 
     def stop(self) -> PageSamples:
         self._stop_event.set()
-        self.join(10)
+        if self.ident is not None:  # polled by its own thread (else by the caller's read_once)
+            self.join(10)
         self.read_once()
         return self.result
 

@@ -47,6 +47,7 @@ class DashboardOptions:
     state_dir: Path | None = None
     run_dir: Path | None = None
     operator_token: str | None = None  # None: read-only
+    allowed_hosts: frozenset[str] = frozenset()  # Host headers served (empty: any); loopback: DNS rebinding guard
 
 
 class Dashboard:
@@ -149,7 +150,12 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 @web.middleware
 async def _headers(request: web.Request, handler: Handler) -> web.StreamResponse:
-    response = await handler(request)
+    allowed = request.app[KEY_STATE].opts.allowed_hosts
+    if allowed and request.host not in allowed:
+        # a page of another site that rebinds its name to 127.0.0.1 must not read this one
+        response: web.StreamResponse = _error(421, f"this dashboard answers to {', '.join(sorted(allowed))} only")
+    else:
+        response = await handler(request)
     response.headers["Content-Security-Policy"] = CSP
     response.headers["X-Content-Type-Options"] = "nosniff"
     response.headers["Referrer-Policy"] = "no-referrer"

@@ -13,7 +13,7 @@ import os
 import threading
 import time
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,7 @@ if probe.find_chromium() is None:
         pytest.fail("CI=true but chromium/chromedriver are missing: .ci/run installs chromium chromium-driver")
     pytest.skip("no chromium/chromedriver here (apt-get install chromium chromium-driver)", allow_module_level=True)
 
-LAB_SECONDS = 45.0
+LAB_SECONDS = 40.0
 
 
 @dataclass
@@ -46,21 +46,53 @@ class Watched:
     urls: list[str]
     csp_reports: list[Any]
     final: dict[str, Any]
-    shots: list[Path] = field(default_factory=list)
+    shots: list[Path]
 
 
-def _run_lab_in_thread(opts: LabOptions) -> tuple[threading.Thread, dict[str, Any]]:
-    out: dict[str, Any] = {}
+class BrowserWatcher(threading.Thread):
+    """Opens the page once the dashboard listens and reads it twice a second; takes the README's screenshot at the
+    first moment with a commit and a serving link. The lab itself runs in the test's main thread (its role
+    processes die with the thread that started them)."""
 
-    def target() -> None:
+    def __init__(self, url: str, port: int, profile: Path, shot: Path) -> None:
+        super().__init__(daemon=True)
+        self.url, self.port, self.profile, self.shot = url, port, profile, shot
+        self.driver: Any = None
+        self.poller: probe.PagePoller | None = None
+        self.error: BaseException | None = None
+        self.shot_taken = False
+        self.done = threading.Event()
+
+    def run(self) -> None:
         try:
-            out["lab"] = run_lab(opts)
-        except BaseException as exc:  # re-raised in the test thread
-            out["error"] = exc
+            deadline = time.monotonic() + 600
+            while not self.done.is_set():  # the base model warms up before the dashboard starts
+                try:
+                    wait_for_port("127.0.0.1", self.port, 1.0)
+                    break
+                except TimeoutError:
+                    if time.monotonic() > deadline:
+                        raise
+            self.driver = probe.new_driver(self.profile)
+            self.driver.get_log("performance")  # drop what the browser did before it opened the page
+            self.driver.get(self.url + "/")
+            probe.wait_for(self.driver, "window.emsfl && window.emsfl.snapshots > 0", 60, "its first snapshot")
+            self.poller = probe.PagePoller(self.driver)
+            while not self.done.wait(0.5):
+                last = self.poller.read_once()
+                if not self.shot_taken and last["commits"] not in ("0", "") and last["serving"]:
+                    self.driver.save_screenshot(str(self.shot))
+                    self.shot_taken = True
+        except BaseException as exc:  # re-raised in the test's thread
+            self.error = exc
 
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    return thread, out
+    def finish(self) -> probe.PageSamples:
+        self.done.set()
+        self.join(60)
+        if self.error is not None:
+            raise self.error
+        assert self.poller is not None
+        return self.poller.stop()
 
 
 @pytest.fixture(scope="module")
@@ -71,9 +103,10 @@ def watched(tmp_path_factory: pytest.TempPathFactory, module_broker: BrokerProce
     shots_dir = Path(os.environ.get("EMSFL_SCREENSHOT_DIR") or tmp / "shots")
     shots_dir.mkdir(parents=True, exist_ok=True)
     topology: dict[str, Any] = yaml.safe_load(DEFAULT_TOPOLOGY.read_text(encoding="utf-8"))
-    topology["data"]["train_per_cluster"] = 1500
-    topology["data"]["test_per_domain"] = 50
-    topology["warmup"]["steps"] = 200
+    # small: the page, not the model, is under test (the warm-up dominates the module's time)
+    topology["data"]["train_per_cluster"] = 800
+    topology["data"]["test_per_domain"] = 25
+    topology["warmup"]["steps"] = 30
     topology["lab"]["eval_points"] = 3
     path = tmp / "topology.yaml"
     path.write_text(yaml.safe_dump(topology), encoding="utf-8")
@@ -88,38 +121,16 @@ def watched(tmp_path_factory: pytest.TempPathFactory, module_broker: BrokerProce
         cache_dir=tmp / "cache",
         dashboard_port=port,
     )
-    thread, result = _run_lab_in_thread(opts)
-    deadline = time.monotonic() + 600
-    while thread.is_alive() and time.monotonic() < deadline:  # the base model warms up first
-        try:
-            wait_for_port("127.0.0.1", port, 1.0)
-            break
-        except TimeoutError:
-            continue
-    driver = probe.new_driver(tmp / "chromium-profile")
-    shots: list[Path] = []
+    watcher = BrowserWatcher(url, port, tmp / "chromium-profile", shots_dir / "dashboard-lab.png")
+    watcher.start()
+    lab: LabRun | None = None
     try:
-        driver.get_log("performance")  # drop what the browser did before it opened the page
-        driver.get(url + "/")
-        probe.wait_for(driver, "window.emsfl && window.emsfl.snapshots > 0", 60, "its first snapshot")
-        poller = probe.PagePoller(driver, every_s=0.5)
-        poller.start()
-        while thread.is_alive():
-            thread.join(1.0)
-            last = poller.result.samples[-1] if poller.result.samples else {}
-            if not shots and last.get("commits", "0") not in ("0", "") and last.get("serving"):
-                with poller.lock:  # a moment with a commit and a serving link: the README's picture
-                    driver.save_screenshot(str(shots_dir / "dashboard-lab.png"))
-                shots.append(shots_dir / "dashboard-lab.png")
-        if "error" in result:
-            raise result["error"]
-        lab: LabRun = result["lab"]
+        lab = run_lab(opts)
         write_outputs(lab)  # the accuracy points appear on the page as they are evaluated
-        with poller.lock:
-            probe.wait_for(driver, "document.querySelectorAll('#accuracy circle').length >= 2", 60, "accuracy points")
-            driver.save_screenshot(str(shots_dir / "dashboard-lab-end.png"))
-        shots.append(shots_dir / "dashboard-lab-end.png")
-        samples = poller.stop()
+        driver = watcher.driver
+        probe.wait_for(driver, "document.querySelectorAll('#accuracy circle').length >= 2", 60, "accuracy points")
+        samples = watcher.finish()
+        driver.save_screenshot(str(shots_dir / "dashboard-lab-end.png"))
         final = driver.execute_script(
             """return {
               steps: Array.from(document.querySelectorAll('#clusters td.steps')).map((td) => td.textContent),
@@ -135,10 +146,13 @@ def watched(tmp_path_factory: pytest.TempPathFactory, module_broker: BrokerProce
         with urllib.request.urlopen(url + "/api/csp-reports", timeout=10) as resp:
             csp_reports = json.loads(resp.read())
     finally:
-        driver.quit()
-        if "lab" in result:
-            stop_dashboard(result["lab"])
-        thread.join(60)
+        watcher.done.set()
+        watcher.join(60)
+        if watcher.driver is not None:
+            watcher.driver.quit()
+        if lab is not None:
+            stop_dashboard(lab)
+    shots = [shots_dir / "dashboard-lab.png", shots_dir / "dashboard-lab-end.png"]
     return Watched(lab, url, samples, errors, urls, csp_reports, final, shots)
 
 
@@ -161,10 +175,13 @@ def test_every_link_event_reaches_the_page_with_its_state(watched: Watched) -> N
     watching_from = min(float(r["wall"]) for r in rendered.values())
     seen = [e for e in events if float(e["wall"]) >= watching_from]
     assert seen, "no link event while the page was open"
+    flips: dict[str, set[str]] = {c: set() for c in watched.lab.ground_dirs}
     for e in seen:
         shown = rendered.get(f"{e['cluster']}:{e['seq']}")
         assert shown is not None, f"the page never showed {e}"
         assert shown["state"] == ("down" if e["event"] == "link_down" else "up"), (e, shown)
+        flips[e["cluster"]].add(shown["state"])
+    assert all(states == {"up", "down"} for states in flips.values()), flips
     delays = probe.link_event_delays(events, rendered)
     print(f"event_to_dom: n={len(delays)} p95={probe.p95(delays)} s, first render {watched.samples.first_render_ms} ms")
 
@@ -190,8 +207,9 @@ def test_link_states_flip_in_step_with_the_published_windows(watched: Watched) -
             planned = "up" if _planned_up(windows[cluster], at) else "down"
             assert row["state"] == planned, f"{cluster} shown {row['state']} at {at}, plan says {planned}"
             checked[cluster].add(planned)
-    for cluster, states in checked.items():
-        assert states == {"up", "down"}, f"{cluster}: the page was only seen {states} outside transitions"
+    # every cluster was checked; short passes (a few wall tenths at x240) may lie wholly in the skipped bands
+    assert all(checked.values()), checked
+    assert any("up" in states for states in checked.values()), checked
 
 
 def test_commit_counter_rises_with_the_satellite_commits(watched: Watched) -> None:
@@ -216,11 +234,13 @@ def test_panels_show_training_assignment_and_accuracy(watched: Watched) -> None:
     assert all(s.isdigit() and int(s) > 0 for s in final["steps"]), final["steps"]
     assert all(m.endswith("MB") for m in final["memory"]), final["memory"]
     assert all(a.startswith("v") and "L0:" in a for a in final["assignment"]), final["assignment"]
-    from satellite_node.node import status_dict
-    from satellite_node.store import Store
+    from testbed.dashboard.sources import SatelliteState
 
-    with Store(watched.lab.state_dir, create=False) as store:
-        assignment = status_dict(store, "emsfl", [])["assignment"]
+    status = SatelliteState(watched.lab.state_dir)
+    try:
+        assignment = (status.read() or {})["assignment"]
+    finally:
+        status.close()
     owned = sum(len(experts) for per_layer in assignment.values() for _, experts in per_layer)
     assert final["heatmap"] == owned > 0
     assert final["strategy"] == "emsfl" and final["accuracy"] >= 2
