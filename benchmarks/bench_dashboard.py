@@ -72,7 +72,9 @@ def _case(clusters: int, seconds: float, tmp: Path, shots: Path | None) -> dict[
             for _ in range(3):  # fresh loads with the run's state in place
                 driver.get("about:blank")
                 driver.get(url)
-                first_render_ms.append(float(probe.wait_for(driver, "window.emsfl && window.emsfl.firstRenderMs", 60, "a render")))
+                first_render_ms.append(
+                    float(probe.wait_for(driver, "window.emsfl && window.emsfl.firstRenderMs", 60, "a render"))
+                )
             errors = probe.console_errors(driver)
         finally:
             if orbit is not None:

@@ -133,13 +133,23 @@ def console_errors(driver: Any) -> list[dict[str, Any]]:
     return [e for e in driver.get_log("browser") if e.get("level") == "SEVERE"]
 
 
+BROWSER_UI_SCHEMES = ("chrome", "chrome-untrusted", "devtools")
+
+
 def requested_urls(driver: Any) -> list[str]:
-    """Every URL the page asked the network for (Chromium's performance log: Network.requestWillBeSent)."""
+    """Every URL a web page asked the network for (Chromium's performance log: Network.requestWillBeSent).
+
+    Requests of the browser's own UI documents (its new-tab page, loading while the test opens ours) are left out:
+    they are Chromium's, not a page's."""
     urls = []
     for entry in driver.get_log("performance"):
         message = json.loads(entry["message"])["message"]
-        if message.get("method") == "Network.requestWillBeSent":
-            urls.append(str(message["params"]["request"]["url"]))
+        if message.get("method") != "Network.requestWillBeSent":
+            continue
+        params = message["params"]
+        if urlsplit(str(params.get("documentURL", ""))).scheme in BROWSER_UI_SCHEMES:
+            continue
+        urls.append(str(params["request"]["url"]))
     return urls
 
 
