@@ -4,6 +4,8 @@ Throughput (loopback, measured in the same run):
 - `upload_MBps`: end to end, a 256 MiB update: serialise (safetensors), chunk, hash (content and chunk SHA-256),
   OfferUpdate, PushChunks over gRPC, server-side verification (chunk hashes, content hash, safetensors layout,
   names, shapes, dtypes, finite values, ownership), durable store (fsync) and commit;
+- `upload_tls_MBps`: the same upload over mutual TLS (`emsfl pki` certificates, ECDSA P-256; the channel and server
+  credentials every role uses, protos/channel.py), to a second port of the same satellite node;
 - `grpc_raw_MBps`: the same bytes streamed over bare gRPC (1 MiB messages, no protobuf, the server drops them);
 - `tcp_raw_MBps`: the same bytes over a raw TCP socket.
 The servers run in a separate process (their own GIL), as the satellite does. MB = 10^6 bytes.
@@ -44,13 +46,14 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from ground_node.channel import CLIENT_KEEPALIVE_OPTIONS  # noqa: E402
+from protos.channel import MESSAGE_OPTIONS, open_channel  # noqa: E402
+from protos.tls import TlsFiles  # noqa: E402
 from protos.window import push_windowed  # noqa: E402
 
 RESULT = ROOT / "benchmarks" / "results" / "transport.json"
 EXPERTS = 16  # one layer; each expert carries two parts of (mib / 32) MiB each
 PARTS = ("down_proj", "gate_up_proj")
-OPTIONS = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
+OPTIONS = MESSAGE_OPTIONS
 PUSH_METHOD = "/emsfl.v1.Federation/PushChunks"
 PUSH_WINDOWED_METHOD = "/emsfl.v1.Federation/PushChunksWindowed"
 # Size of the probe for `page_cache_write_MBps`: how fast this machine takes writes into fresh page cache, which
@@ -249,6 +252,7 @@ def serve(workdir: Path, portfile: Path) -> None:
     node.join("c0", "bench", EXPERTS, 1)
     node.report_affinity("c0", 1, 1, EXPERTS, np.ones(EXPERTS), [])
     server, port = make_server(node, "127.0.0.1:0")
+    tls_server, tls_port = make_server(node, "127.0.0.1:0", tls=bench_tls(workdir, "satellite"))
 
     def drain(requests: Iterator[bytes], context: Any) -> bytes:
         total = 0
@@ -264,10 +268,23 @@ def serve(workdir: Path, portfile: Path) -> None:
     listener = socket.create_server(("127.0.0.1", 0))
     threading.Thread(target=_tcp_sink, args=(listener,), daemon=True).start()
     server.start()
+    tls_server.start()
     raw.start()
-    ports = {"upload": port, "grpc": raw_port, "tcp": listener.getsockname()[1]}
+    ports = {"upload": port, "upload_tls": tls_port, "grpc": raw_port, "tcp": listener.getsockname()[1]}
     portfile.write_text(json.dumps(ports), encoding="utf-8")
     threading.Event().wait()
+
+
+def bench_tls(workdir: Path, name: str) -> TlsFiles:
+    """The TLS files of `name` (satellite: server for 127.0.0.1; c0: the cluster's client), issued once per run."""
+    from emsfl import pki
+
+    d = workdir / "pki"
+    if not (d / pki.CA_CERT).exists():
+        pki.init_ca(d, days=1)
+        pki.issue(d, "satellite", "server", sans=["127.0.0.1"], days=1)
+        pki.issue(d, "c0", "client", cluster="c0", days=1)
+    return TlsFiles(ca=d / pki.CA_CERT, cert=d / f"{name}.crt", key=d / f"{name}.key")
 
 
 def _tcp_sink(listener: socket.socket) -> None:
@@ -288,16 +305,16 @@ def _tcp_sink(listener: socket.socket) -> None:
 # throughput on loopback: the client
 
 
-def upload_once(target: str, tensors: dict[str, Any], chunk: int, pool: ThreadPoolExecutor) -> dict[str, float]:
-    """One end-to-end upload; returns its phases and total in seconds."""
-    import grpc
-
+def upload_once(
+    target: str, tensors: dict[str, Any], chunk: int, pool: ThreadPoolExecutor, tls: TlsFiles | None = None
+) -> dict[str, float]:
+    """One end-to-end upload (over mutual TLS with `tls`); returns its phases and total in seconds."""
     from protos.emsfl.v1 import federation_pb2 as pb
     from protos.emsfl.v1 import federation_pb2_grpc as pb_grpc
     from protos.wire import CLUSTER_METADATA_KEY
 
     md = ((CLUSTER_METADATA_KEY, "c0"),)
-    with grpc.insecure_channel(target, options=OPTIONS) as channel:
+    with open_channel(target, tls) as channel:  # what every role dials with (caps, keepalive, credentials)
         stub = pb_grpc.FederationStub(channel)
         stub.GetStatus(pb.StatusRequest(), metadata=md)  # connected before the clock starts
         push = push_call(channel)
@@ -376,8 +393,9 @@ def run_throughput(mib: int, repeat: int, chunk: int) -> dict[str, Any]:
         page_cache_MBps = page_cache_write_MBps(workdir, PROBE_BYTES)
         write_base(workdir / "base", mib)
         server, ports = _start_server(workdir)
-        runs: dict[str, list[float]] = {"upload": [], "grpc_raw": [], "tcp_raw": []}
+        runs: dict[str, list[float]] = {"upload": [], "upload_tls": [], "grpc_raw": [], "tcp_raw": []}
         phases: list[dict[str, float]] = []
+        client_tls = bench_tls(workdir, "c0")
         size = 0
         try:
             with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
@@ -388,6 +406,9 @@ def run_throughput(mib: int, repeat: int, chunk: int) -> dict[str, Any]:
                     size = int(phase.pop("bytes"))
                     runs["upload"].append(size / phase["total_s"] / 1e6)
                     phases.append({k: round(v, 3) for k, v in phase.items()})
+                    tensors = make_tensors(mib, seed=1000 + r)  # fresh again: the TLS upload is a new update too
+                    tls_phase = upload_once(f"127.0.0.1:{ports['upload_tls']}", tensors, chunk, pool, client_tls)
+                    runs["upload_tls"].append(int(tls_phase.pop("bytes")) / tls_phase["total_s"] / 1e6)
                     blob = serialise_and_hash(tensors, chunk, pool).blob
                     del tensors
                     runs["grpc_raw"].append(size / grpc_raw_s(f"127.0.0.1:{ports['grpc']}", blob, chunk) / 1e6)
@@ -403,6 +424,10 @@ def run_throughput(mib: int, repeat: int, chunk: int) -> dict[str, Any]:
         "grpc_raw_MBps": round(max(runs["grpc_raw"]), 1),
         "tcp_raw_MBps": round(max(runs["tcp_raw"]), 1),
         "upload_median_MBps": round(sorted(runs["upload"])[len(runs["upload"]) // 2], 1),
+        # the same upload over mutual TLS, measured in the same runs (interleaved with the plaintext ones)
+        "upload_tls_MBps": round(max(runs["upload_tls"]), 1),
+        "upload_tls_median_MBps": round(sorted(runs["upload_tls"])[len(runs["upload_tls"]) // 2], 1),
+        "tls_cost_fraction": round(1 - max(runs["upload_tls"]) / max(runs["upload"]), 3),
         # the satellite side alone: OfferUpdate reply to the commit acknowledgement (receive, verify, store, commit)
         "push_and_commit_MBps": round(max(size / p["push_and_commit_s"] for p in phases) / 1e6, 1),
         "runs_MBps": {k: [round(x, 1) for x in v] for k, v in runs.items()},
@@ -430,9 +455,6 @@ clusters:
   - {{id: c0, capacity_experts: {EXPERTS}}}
 satellite: {{keep_versions: 1}}
 """
-# The uploader notices a dead link by gRPC keepalive (a ping unanswered for 3 s) and reconnects quickly after.
-# the ground uplink's channel settings (keepalive notices a hard cut within about 5 s)
-UPLOADER_OPTIONS = [*OPTIONS, *CLIENT_KEEPALIVE_OPTIONS]
 # chunks the uploader sends ahead of the satellite's answers (PushChunksWindowed), as the ground uplink does
 SEND_WINDOW_CHUNKS = 1
 SHAPING = "tbf (no sch_netem in this kernel)"
@@ -561,7 +583,7 @@ def uploader(workdir: Path, target: str, mib: int, seed: int) -> None:
     from protos.wire import CLUSTER_METADATA_KEY
 
     md = ((CLUSTER_METADATA_KEY, "c0"),)
-    channel = grpc.insecure_channel(target, options=UPLOADER_OPTIONS)
+    channel = open_channel(target, None)  # the ground uplink's settings (protos/channel.py)
     stub = pb_grpc.FederationStub(channel)
     push = push_windowed_call(channel)
     stub.Join(pb.JoinRequest(device_id="bench", capacity_experts=EXPERTS, num_examples=1), metadata=md, timeout=30)

@@ -37,3 +37,16 @@ def repo_relative(path: str | Path) -> str:
         return str(resolved.relative_to(REPO_ROOT))
     except ValueError:
         return str(path)
+
+
+def candidates(text: str) -> list[Path]:
+    """Where a topology's data path may be, in order: a `../shared/data/...` path under `$EMSFL_DATA_DIR` when it is
+    set; the path as given (absolute, or relative to the working directory); relative to the repository root."""
+    path = Path(text).expanduser()
+    if path.is_absolute():
+        return [path]
+    out = []
+    prefix = DEFAULT_DATA_DIR + "/"
+    if os.environ.get(DATA_DIR_ENV) and text.startswith(prefix):
+        out.append(data_root() / text[len(prefix) :])
+    return [*out, path, REPO_ROOT / path]

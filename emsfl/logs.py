@@ -28,6 +28,14 @@ def level_for(service: bool) -> int:
     return steps[min(2, verbosity() + (1 if service else 0))]
 
 
+# Libraries whose warnings are noise for a user of a one-shot command (the ONNX exporter warns that torchvision,
+# which the project does not use, is absent); shown again with -v.
+NOISY = ("torch.onnx",)
+
+
 def setup(fmt: str, *, service: bool) -> None:
     """Configure the root logger on stderr (once; a second call keeps the first set-up's handlers)."""
     logging.basicConfig(level=level_for(service), format=fmt, stream=sys.stderr)
+    if not service and verbosity() == 0:
+        for name in NOISY:
+            logging.getLogger(name).setLevel(logging.ERROR)

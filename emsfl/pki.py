@@ -12,6 +12,11 @@ Subject scheme (what the satellite node and the broker read):
 - server certificate (`--role server`): `OU=server, CN=<name>`, SANs from `--san` (DNS names or IP addresses;
   default: the name itself), extended key usages serverAuth and clientAuth (a server is also a client of the
   broker, so one certificate per host serves both).
+- gateway certificate (`--role gateway --cluster c0 --san HOST`): a cluster's client certificate (`OU=cluster,
+  CN=c0`, its URI SANs) that also serves its devices: the `--san` host names and serverAuth as well.
+- device certificate (`--role device --cluster c0 --device d0`): `OU=device, CN=c0.d0`, URI SANs
+  `urn:emsfl:cluster:c0`, `urn:emsfl:device:d0` and the node; its gateway reads the device's identity from it, and
+  the satellite, which reads a cluster only from `OU=cluster`, refuses it (a device talks to its gateway only).
 
 `rotate` re-issues leaves with fresh keys and the same subject, SANs and role, signed by the same CA (the old files are
 kept under `old/`), so peers that trust `ca.crt` need no change.
@@ -20,6 +25,7 @@ kept under `old/`), so peers that trust `ca.crt` need no change.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import ipaddress
 import os
@@ -43,9 +49,11 @@ ORGANIZATION = "emsfl"
 CLUSTER_OU = "cluster"
 SERVICE_OU = "service"
 SERVER_OU = "server"
+DEVICE_OU = "device"
 CLUSTER_URI = "urn:emsfl:cluster:"
+DEVICE_URI = "urn:emsfl:device:"
 NODE_URI = "urn:emsfl:node:"
-ROLES = ("server", "client")
+ROLES = ("server", "client", "gateway", "device")
 DEFAULT_CA_DAYS = 3650
 DEFAULT_LEAF_DAYS = 825
 
@@ -67,6 +75,7 @@ class Leaf:
     role: str
     cluster: str | None
     common_name: str
+    device: str | None
     sans: tuple[str, ...]
     not_after: dt.datetime
 
@@ -199,6 +208,7 @@ def issue(
     sans: Sequence[str] = (),
     days: int = DEFAULT_LEAF_DAYS,
     force: bool = False,
+    device: str | None = None,
 ) -> tuple[Path, Path]:
     """Issue `<name>.crt` / `<name>.key` signed by the CA in `directory`; returns (cert path, key path)."""
     _check_name(name, "--name")
@@ -206,10 +216,18 @@ def issue(
         raise PkiError(f"--role: expected one of {', '.join(ROLES)}, got {role!r}")
     if cluster is not None:
         _check_name(cluster, "--cluster")
-        if role != "client":
-            raise PkiError("--cluster: only client certificates carry a cluster id")
-    if sans and role != "server":
-        raise PkiError("--san: only server certificates carry host names")
+        if role == "server":
+            raise PkiError("--cluster: a server certificate carries no cluster id (a gateway's: --role gateway)")
+    elif role in ("gateway", "device"):
+        raise PkiError(f"--cluster: required for a {role} certificate")
+    if device is not None:
+        _check_name(device, "--device")
+        if role != "device":
+            raise PkiError("--device: only device certificates carry a device id (--role device)")
+    elif role == "device":
+        raise PkiError("--device: required for a device certificate")
+    if sans and role not in ("server", "gateway"):
+        raise PkiError("--san: only server and gateway certificates carry host names")
     days = _days(days)
     ca_cert, ca_key = _load_ca(directory)
     cert_path, key_path = directory / f"{name}.crt", directory / f"{name}.key"
@@ -222,6 +240,15 @@ def issue(
         ou, cn = SERVER_OU, name
         general_names = [_san(s) for s in (sans or [name])]
         usages = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+    elif role == "device":
+        assert cluster is not None and device is not None
+        ou, cn = DEVICE_OU, f"{cluster}.{device}"
+        general_names = [
+            x509.UniformResourceIdentifier(CLUSTER_URI + cluster),
+            x509.UniformResourceIdentifier(DEVICE_URI + device),
+            x509.UniformResourceIdentifier(NODE_URI + name),
+        ]
+        usages = [ExtendedKeyUsageOID.CLIENT_AUTH]
     elif cluster is not None:
         ou, cn = CLUSTER_OU, cluster
         general_names = [
@@ -229,6 +256,9 @@ def issue(
             x509.UniformResourceIdentifier(NODE_URI + name),
         ]
         usages = [ExtendedKeyUsageOID.CLIENT_AUTH]
+        if role == "gateway":  # it serves its devices too
+            general_names += [_san(s) for s in (sans or [name])]
+            usages = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
     else:
         ou, cn = SERVICE_OU, name
         general_names = [x509.UniformResourceIdentifier(NODE_URI + name)]
@@ -292,6 +322,30 @@ def cluster_id_from_pem(pem: bytes) -> str | None:
     return cluster_id(x509.load_pem_x509_certificate(pem))
 
 
+def _uris(cert: x509.Certificate, prefix: str) -> list[str]:
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    return [u[len(prefix) :] for u in san.get_values_for_type(x509.UniformResourceIdentifier) if u.startswith(prefix)]
+
+
+def device_id(cert: x509.Certificate) -> tuple[str, str] | None:
+    """(cluster, device) of a device certificate (OU `device`, one cluster URI and one device URI), else None."""
+    ous = [a.value for a in cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)]
+    clusters, devices = _uris(cert, CLUSTER_URI), _uris(cert, DEVICE_URI)
+    if ous != [DEVICE_OU] or len(clusters) != 1 or len(devices) != 1:
+        return None
+    return clusters[0], devices[0]
+
+
+def device_id_from_pem(pem: bytes) -> tuple[str, str] | None:
+    try:
+        return device_id(x509.load_pem_x509_certificate(pem))
+    except ValueError:
+        return None
+
+
 def read_leaf(directory: Path, name: str) -> Leaf:
     path = directory / f"{name}.crt"
     try:
@@ -302,7 +356,18 @@ def read_leaf(directory: Path, name: str) -> Leaf:
         raise PkiError(f"{path}: not a PEM certificate: {exc}") from exc
     ous = [a.value for a in cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)]
     cns = [a.value for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
-    role = "server" if ous == [SERVER_OU] else "client"
+    usages: list[x509.ObjectIdentifier] = []
+    with contextlib.suppress(x509.ExtensionNotFound):
+        usages = list(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
+    if ous == [SERVER_OU]:
+        role = "server"
+    elif ous == [DEVICE_OU]:
+        role = "device"
+    elif ous == [CLUSTER_OU] and ExtendedKeyUsageOID.SERVER_AUTH in usages:
+        role = "gateway"
+    else:
+        role = "client"
+    identity = device_id(cert)
     try:
         san_ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
@@ -314,8 +379,9 @@ def read_leaf(directory: Path, name: str) -> Leaf:
     return Leaf(
         name=name,
         role=role,
-        cluster=cluster_id(cert),
+        cluster=identity[0] if identity else cluster_id(cert),
         common_name=str(cns[0]) if cns else "",
+        device=identity[1] if identity else None,
         sans=sans,
         not_after=cert.not_valid_after_utc,
     )
@@ -345,8 +411,9 @@ def rotate(directory: Path, names: Sequence[str], days: int = DEFAULT_LEAF_DAYS)
             leaf.name,
             leaf.role,
             cluster=leaf.cluster,
-            sans=leaf.sans if leaf.role == "server" else (),
+            sans=leaf.sans if leaf.role in ("server", "gateway") else (),
             days=days,
+            device=leaf.device,
         )
         issued.append(cert_path)
     return issued
@@ -372,6 +439,28 @@ def verify(directory: Path, name: str) -> x509.Certificate:
     return cert
 
 
+def issue_inventory(directory: Path, inventory: Path, days: int = DEFAULT_LEAF_DAYS) -> list[str]:
+    """Issue what `inventory` needs (emsfl/pki_inventory.py) into `directory`, the CA first when missing; leaves
+    that exist are kept. One line per leaf."""
+    from emsfl.pki_inventory import InventoryError, plan
+
+    try:
+        leaves = plan(inventory)
+    except InventoryError as exc:
+        raise PkiError(str(exc)) from exc
+    if not (directory / CA_CERT).exists():
+        init_ca(directory)
+    lines = []
+    for leaf in leaves:
+        if (directory / f"{leaf['name']}.crt").exists():
+            lines.append(f"{leaf['name']}: kept (exists)")
+            continue
+        issue(directory, leaf["name"], leaf["role"], leaf.get("cluster"), leaf.get("sans", ()), days)
+        cluster = f" cluster={leaf['cluster']}" if "cluster" in leaf else ""
+        lines.append(f"{leaf['name']}: issued {leaf['role']}{cluster}")
+    return lines
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="emsfl pki", description="certificates for MQTT and gRPC TLS (ARCHITECTURE §7)")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -384,8 +473,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", required=True, type=Path)
     p.add_argument("--name", required=True, help="file name of the leaf (NAME.crt, NAME.key)")
     p.add_argument("--role", required=True, choices=ROLES)
-    p.add_argument("--cluster", help="cluster id carried by a client certificate (subject OU=cluster, CN=ID)")
-    p.add_argument("--san", action="append", default=[], metavar="HOST", help="server DNS name or IP (repeatable)")
+    p.add_argument("--cluster", help="cluster id of a client, gateway or device certificate (OU=cluster, CN=ID)")
+    p.add_argument("--device", help="device id of a device certificate (--role device, with --cluster)")
+    p.add_argument(
+        "--san", action="append", default=[], metavar="HOST", help="server or gateway DNS name or IP (repeatable)"
+    )
     p.add_argument("--days", type=positive_int, default=DEFAULT_LEAF_DAYS)
     p.add_argument("--force", action="store_true", help="overwrite an existing leaf of that name")
     p = sub.add_parser("rotate", help="re-issue leaves with fresh keys, keeping the CA, subjects and SANs")
@@ -396,6 +488,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--days", type=positive_int, default=DEFAULT_LEAF_DAYS)
     p = sub.add_parser("show", help="list the leaves in DIR: role, cluster, SANs, expiry, chain check")
     p.add_argument("--dir", required=True, type=Path)
+    p = sub.add_parser("issue-inventory", help="every certificate an Ansible inventory needs (CA too), in one go")
+    p.add_argument("--dir", required=True, type=Path)
+    p.add_argument("--inventory", required=True, type=Path, help="a YAML inventory (deploy/inventory/*.yml)")
+    p.add_argument("--days", type=positive_int, default=DEFAULT_LEAF_DAYS)
     return parser
 
 
@@ -405,9 +501,14 @@ def main(argv: list[str]) -> int:
         if args.command == "init-ca":
             print(init_ca(args.dir, args.name, args.days, args.force))
         elif args.command == "issue":
-            cert_path, key_path = issue(args.dir, args.name, args.role, args.cluster, args.san, args.days, args.force)
+            cert_path, key_path = issue(
+                args.dir, args.name, args.role, args.cluster, args.san, args.days, args.force, args.device
+            )
             print(cert_path)
             print(key_path)
+        elif args.command == "issue-inventory":
+            for line in issue_inventory(args.dir, args.inventory, args.days):
+                print(line)
         elif args.command == "rotate":
             for path in rotate(args.dir, leaf_names(args.dir) if args.all else args.name, args.days):
                 print(path)
@@ -418,6 +519,7 @@ def main(argv: list[str]) -> int:
                 leaf = read_leaf(args.dir, name)
                 verify(args.dir, name)
                 cluster = f" cluster={leaf.cluster}" if leaf.cluster else ""
+                cluster += f" device={leaf.device}" if leaf.device else ""
                 sans = f" sans={','.join(leaf.sans)}" if leaf.sans else ""
                 print(f"{name}: {leaf.role} cn={leaf.common_name}{cluster}{sans} until={leaf.not_after:%Y-%m-%d} ok")
     except PkiError as exc:

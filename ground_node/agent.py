@@ -23,20 +23,22 @@ from typing import Any
 import torch
 
 from emsfl.durable import atomic_write_json
-from ground_node import handover
+from ground_node import carryover, handover
 from ground_node.base import load_base, read_manifest
 from ground_node.data import tokenizer_for, train_examples
 from ground_node.handover import Switch
 from ground_node.outbox import Outbox, StagedUpdate
 from ground_node.priority import rebase_acked
 from ground_node.profile import Profile, coverage_from_probs, profile_base
+from ground_node.records import Assignment
 from ground_node.settings import load_settings
-from ground_node.split import Assignment
 from ground_node.submodel import load_base_split
 from ground_node.train import Trainer, checkpoint_assignment, load_expert_state, peak_gpu_memory_mb
 from ground_node.uplink import Link, Uplink
 from ground_node.usage import Usage
+from protos.client import ResumablePull
 from protos.events import EventLog
+from protos.tls import TlsFiles
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,7 @@ class AgentOptions:
     base_dir: Path
     satellite: str
     progress: bool = False
+    tls: TlsFiles | None = None  # mutual TLS to the satellite (protos/tls.py)
     train_event_every: int = 25
 
 
@@ -88,7 +91,7 @@ class GroundAgent:
         self._lock = threading.Lock()
         self.current: Assignment | None = None
         self._pending: Switch | None = None
-        self._handover_pull = handover.ResumablePull()  # a hand-over pull cut by the link resumes at the next pass
+        self._handover_pull = ResumablePull()  # a hand-over pull cut by the link resumes at the next pass
         self._switch_ready = threading.Event()
         self.trainer: Trainer | None = None
 
@@ -96,9 +99,9 @@ class GroundAgent:
         """The satellite names the strategy: under a baseline the uplink's passes follow docs/STRATEGIES.md."""
         from ground_node.baseline import BASELINES, BaselineClient, BaselineState
 
-        if reply.strategy in BASELINES and self.uplink is not None and self.uplink.client is None:
+        if reply.strategy in BASELINES and self.uplink is not None and self.uplink.baseline is None:
             self.baseline = BaselineState(reply.strategy, int(reply.global_version))
-            self.uplink.client = BaselineClient(self.baseline, reply.manifest, self.usage)
+            self.uplink.baseline = BaselineClient(self.baseline, reply.manifest, self.usage)
             self.events.emit("joined", strategy=reply.strategy, global_version=int(reply.global_version))
 
     def _on_ack(self, update: StagedUpdate) -> None:
@@ -151,6 +154,7 @@ class GroundAgent:
             max_uploads_per_contact=s.training.uploads_per_contact or None,
             send_window_chunks=s.training.send_window_chunks,
             before_assignment=self._prepare_switch,
+            tls=self.opt.tls,
         )
         self.uplink.start()
         try:
@@ -241,13 +245,13 @@ class GroundAgent:
         gained, _ = handover.diff(prev, new)
         handed = handover.experts_of(switch.tensors)
         fresh = set(gained) | handed
-        carry = handover.carry_over(old, set(new.pairs()) - fresh) if old is not None else None
+        carry = carryover.carry_over(old, set(new.pairs()) - fresh) if old is not None else None
         del old
         self.trainer = None
         gc.collect()  # the old sub-model goes before the new one is read
         trainer = self._build(new, data, tok)
         if carry is not None:
-            handover.restore(trainer, carry, {layer for layer, _ in fresh})
+            carryover.restore(trainer, carry, {layer for layer, _ in fresh})
         load_expert_state(trainer, switch.tensors)
         # checkpoint first, then the assignment (see _resumed_assignment)
         trainer.save_checkpoint(self.workdir)

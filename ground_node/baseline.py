@@ -25,10 +25,9 @@ import numpy as np
 import torch
 
 from ground_node.errors import GroundError
-from ground_node.handover import ResumablePull
-from ground_node.split import Assignment
+from ground_node.records import Assignment
 from ground_node.usage import Usage
-from protos.emsfl.v1 import federation_pb2 as pb
+from protos.client import ResumablePull
 from protos.wire import expert_name, parse_expert_name
 
 if TYPE_CHECKING:
@@ -116,7 +115,7 @@ class BaselineClient:
 
     def run_pass(self, uplink: Uplink) -> bool:
         st = self.state
-        status = uplink.stub.GetStatus(pb.StatusRequest(), metadata=uplink.metadata, timeout=uplink.call_timeout_s)
+        status = uplink.client.status()
         version = int(status.global_version)
         link_of = getattr(uplink.link, "link", None)
         payload = link_of(uplink.cluster) if callable(link_of) else None
@@ -156,7 +155,7 @@ class BaselineClient:
         pulled = self._puller.fetch(uplink.stub, uplink.metadata, self.names, timeout, self.usage.add_downlink)
         if pulled is None:
             return False
-        after = uplink.stub.GetStatus(pb.StatusRequest(), metadata=uplink.metadata, timeout=uplink.call_timeout_s)
+        after = uplink.client.status()
         if int(after.global_version) != version:
             return False  # a commit landed during the pull: the blob may be newer than `version`
         tensors = {n: a for n, a in pulled.items() if parse_expert_name(n) is not None}

@@ -15,6 +15,8 @@ from emsfl import logs
 from emsfl.config import ConfigError, load_topology, parse_host_port
 from emsfl.errors import OneLineParser, positive_int
 from ground_node.errors import GroundError
+from protos.tls import add_tls_flags, mqtt_tls
+from protos.tls import resolve as resolve_tls
 
 BASE_HELP = "base directory written by `emsfl ground warmup` (must match --topology)"
 WORKDIR_HELP = "this node's working directory: checkpoints, staged updates, report.json (created if absent)"
@@ -33,6 +35,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--gateway", default=None, help="a device of a multi-device cluster: its gateway's HOST:PORT")
     run.add_argument("--device", default=None, help="this device's id in its cluster (with --gateway), e.g. d0")
     run.add_argument("--shard", type=int, default=None, help="data shard index (default: the device id's number)")
+    add_tls_flags(run)
     _gateway_command(sub)
     warm = sub.add_parser("warmup", help="build the base directory")
     warm.add_argument("--topology", required=True)
@@ -52,10 +55,11 @@ def _run(args: argparse.Namespace, topology: dict[str, Any]) -> int:
     from protos.linkview import LinkView
 
     host, port = parse_host_port(args.broker, "--broker")
+    tls = resolve_tls(args, topology, args.topology)
     if args.gateway is not None or args.device is not None:
         from ground_node.gateway_cli import run_device
 
-        return run_device(args, topology)
+        return run_device(args, topology, tls)
     if args.satellite is None:
         raise ConfigError("--satellite: required (or --gateway and --device for a device of a multi-device cluster)")
     parse_host_port(args.satellite, "--satellite")
@@ -66,7 +70,7 @@ def _run(args: argparse.Namespace, topology: dict[str, Any]) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    bus = Bus(host, port, role="ground", node_id=args.cluster)
+    bus = Bus(host, port, role="ground", node_id=args.cluster, tls=mqtt_tls(topology, tls))
     view = LinkView(bus, clusters=[args.cluster])
     options = AgentOptions(
         topology=topology,
@@ -75,6 +79,7 @@ def _run(args: argparse.Namespace, topology: dict[str, Any]) -> int:
         base_dir=Path(args.base),
         satellite=args.satellite,
         progress=sys.stderr.isatty(),
+        tls=tls,
     )
     agent = GroundAgent(options, view, now=view.emulated_now)
     live = threading.Thread(target=_announce_live, args=(bus, agent, args.cluster, stop), daemon=True)
@@ -112,7 +117,7 @@ def main(argv: list[str]) -> int:
             print(json.dumps(_export(args)))
             return 0
         if args.command == "convert":
-            from ground_node.convert import convert_command
+            from ground_node.convert_options import convert_command
 
             print(json.dumps(convert_command(args, progress=sys.stderr.isatty())))
             return 0
@@ -130,7 +135,7 @@ def main(argv: list[str]) -> int:
         if args.command == "gateway":
             from ground_node.gateway_cli import run_gateway
 
-            return run_gateway(args, topology)
+            return run_gateway(args, topology, resolve_tls(args, topology, args.topology))
         if args.command == "warmup":
             from ground_node.base import build_base
 
@@ -234,8 +239,8 @@ def _train(args: argparse.Namespace, topology: dict[str, Any]) -> dict[str, Any]
     from ground_node.data import tokenizer_for, train_examples
     from ground_node.outbox import Outbox
     from ground_node.profile import coverage_from_probs, profile_base
+    from ground_node.records import Assignment
     from ground_node.settings import load_settings
-    from ground_node.split import Assignment
     from ground_node.submodel import load_base_split
     from ground_node.train import Trainer, peak_gpu_memory_mb
 
@@ -307,6 +312,7 @@ def _gateway_command(sub: Any) -> None:
     gw.add_argument("--workdir", required=True, help=WORKDIR_HELP)
     gw.add_argument("--base", required=True, help="base directory (only its manifest.json is read)")
     gw.add_argument("--round-timeout", type=float, default=30.0, help="wall s a round waits for late devices")
+    add_tls_flags(gw, serves=True)
 
 
 def _extra_commands(sub: Any) -> None:
@@ -328,6 +334,6 @@ def _extra_commands(sub: Any) -> None:
     ex.add_argument("--tensors", default=None, help="manifest-named safetensors (uploads, LoRA or full)")
     ex.add_argument("--submodel", action="store_true", help="only the experts named in --tensors")
     ex.add_argument("--out", required=True)
-    from ground_node.convert import add_convert_command
+    from ground_node.convert_options import add_convert_command
 
     add_convert_command(sub)

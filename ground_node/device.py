@@ -17,7 +17,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -28,21 +28,20 @@ import torch
 from safetensors.numpy import save as st_save
 
 from emsfl.durable import atomic_write_json
-from ground_node import handover
+from ground_node import carryover, handover
 from ground_node.agent import peak_rss_mb
-from ground_node.channel import insecure_channel
 from ground_node.data import tokenizer_for, train_examples
 from ground_node.errors import GroundError
-from ground_node.gateway import DEVICE_METADATA_KEY
 from ground_node.profile import Profile, coverage_from_probs, profile_base
+from ground_node.records import Assignment
 from ground_node.settings import load_settings
-from ground_node.split import Assignment
 from ground_node.submodel import load_base_split
 from ground_node.train import Trainer, load_expert_state, peak_gpu_memory_mb
+from protos.client import FederationClient, offer_message, tensor_specs
 from protos.emsfl.v1 import federation_pb2 as pb
-from protos.emsfl.v1 import federation_pb2_grpc as pb_grpc
 from protos.events import EventLog
-from protos.wire import CHUNK_SIZE, CLUSTER_METADATA_KEY, chunk_hashes, chunk_messages, sha256_hex
+from protos.tls import TlsFiles
+from protos.wire import CHUNK_SIZE
 
 log = logging.getLogger(__name__)
 
@@ -77,61 +76,24 @@ class DeviceOptions:
     workdir: Path
     base_dir: Path
     shard: int | None = None
+    tls: TlsFiles | None = None  # mutual TLS to the gateway: the device's identity is its certificate
     round_wait_s: float = 30.0
     train_event_every: int = 25
 
 
-class GatewayClient:
-    """Federation calls of one device to its gateway (cluster + device id in metadata)."""
+def upload_state(client: FederationClient, tensors: dict[str, np.ndarray], version: int, step: int, base: int) -> bool:
+    """A device's expert state to its gateway (offer, then PushChunks of what it lacks); True once committed."""
+    arrays = {n: np.ascontiguousarray(tensors[n], dtype=np.float32) for n in sorted(tensors)}
+    blob = st_save(arrays)
+    offer = offer_message(blob, tensor_specs(arrays), version, CHUNK_SIZE, local_step=step, base_version=base)
+    return bool(client.upload(blob, offer, timeout_s=20, push_timeout_s=60).committed)
 
-    def __init__(self, target: str, cluster: str, device: str) -> None:
-        self.channel = insecure_channel(
-            target, options=[("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
-        )
-        self.stub = pb_grpc.FederationStub(self.channel)
-        self.md = ((CLUSTER_METADATA_KEY, cluster), (DEVICE_METADATA_KEY, device))
-        self.bytes_sent = 0
-        self.bytes_pulled = 0
 
-    def close(self) -> None:
-        self.channel.close()
-
-    def upload(self, tensors: dict[str, np.ndarray], assignment_version: int, step: int, base_version: int) -> bool:
-        arrays = {n: np.ascontiguousarray(tensors[n], dtype=np.float32) for n in sorted(tensors)}
-        blob = st_save(arrays)
-        hashes = chunk_hashes(blob, CHUNK_SIZE)
-        content_hash = sha256_hex(blob)
-        specs = [pb.TensorSpec(name=n, dtype="F32", shape=list(a.shape)) for n, a in arrays.items()]
-        offer = pb.UpdateOffer(
-            content_hash=content_hash,
-            size_bytes=len(blob),
-            chunk_size=CHUNK_SIZE,
-            chunk_hashes=hashes,
-            tensors=specs,
-            assignment_version=assignment_version,
-            local_step=step,
-            base_version=base_version,
-        )
-        reply = self.stub.OfferUpdate(offer, metadata=self.md, timeout=20)
-        if reply.committed:
-            return True
-
-        def stream() -> Iterator[pb.Chunk]:
-            for message in chunk_messages(blob, reply.missing, hashes=hashes, content_hash=content_hash):
-                self.bytes_sent += len(message.data)
-                yield message
-
-        pushed = self.stub.PushChunks(stream(), metadata=self.md, timeout=60)
-        return bool(pushed.committed)
-
-    def pull(self, names: list[str]) -> dict[str, np.ndarray]:
-        tensors = handover.ResumablePull().fetch(self.stub, self.md, names, 60, self._count_pulled)
-        if tensors is None:
-            raise GroundError("pull from the gateway: the stream ended before its last chunk")
-        return tensors
-
-    def _count_pulled(self, nbytes: int) -> None:
-        self.bytes_pulled += nbytes
+def pull_state(client: FederationClient, names: list[str]) -> dict[str, np.ndarray]:
+    tensors = client.pull_tensors(names, timeout_s=60)
+    if tensors is None:
+        raise GroundError("pull from the gateway: the stream ended before its last chunk")
+    return tensors
 
 
 class DeviceAgent:
@@ -145,7 +107,7 @@ class DeviceAgent:
         self.workdir = Path(options.workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.events = EventLog(self.workdir / "events.jsonl", "ground", f"{options.cluster}/{options.device}", now)
-        self.client = GatewayClient(options.gateway, options.cluster, options.device)
+        self.client = FederationClient(options.gateway, options.cluster, tls=options.tls, device=options.device)
         self.coverage: float | None = None
         self.num_examples = 0
         self.steps = 0
@@ -180,27 +142,18 @@ class DeviceAgent:
         profile = profile_base(self.opt.base_dir, data, tok, s.training.profile_examples)  # streamed
         affinity = profile.affinity
         self.events.emit("profiled", num_tokens=affinity.num_tokens, shard=self.shard_index)
-        md = self.client.md
-        stub = self.client.stub
-        join = pb.JoinRequest(
-            device_id=self.opt.device,
-            capacity_experts=s.capacities[self.opt.cluster],
-            num_examples=self.num_examples,
-            capabilities={"shard": str(self.shard_index)},
-        )
-        if self._retry(lambda: stub.Join(join, metadata=md, timeout=10), stop) is None:
+        client = self.client
+        capacity, shard_caps = s.capacities[self.opt.cluster], {"shard": str(self.shard_index)}
+
+        def join() -> pb.JoinReply:
+            return client.join(capacity, self.num_examples, self.opt.device, shard_caps, timeout_s=10)
+
+        if self._retry(join, stop) is None:
             return self.report()
-        report = pb.AffinityReport(
-            num_tokens=affinity.num_tokens,
-            num_layers=affinity.gate.shape[0],
-            num_experts=affinity.gate.shape[1],
-            gate=[float(x) for x in affinity.gate.reshape(-1)],
-            freq=[float(x) for x in affinity.freq.reshape(-1)],
-        )
-        self._retry(lambda: stub.ReportAffinity(report, metadata=md, timeout=10), stop)
+        self._retry(lambda: client.report_affinity(affinity.gate, affinity.freq, affinity.num_tokens, 10), stop)
         assignment: Assignment | None = None
         while assignment is None and not stop.is_set():
-            reply = self._retry(lambda: stub.GetAssignment(pb.AssignmentRequest(), metadata=md, timeout=10), stop)
+            reply = self._retry(lambda: client.assignment(timeout_s=10), stop)
             if reply is not None and reply.ready:
                 assignment = _from_reply(reply)
             else:
@@ -236,13 +189,13 @@ class DeviceAgent:
 
     def _catch_up(self, stop: threading.Event) -> None:
         """A device that (re)joins a cluster whose gateway already averaged starts from the cluster average."""
-        status = self._retry(lambda: self.client.stub.GetStatus(pb.StatusRequest(), metadata=self.client.md), stop)
+        status = self._retry(self.client.status, stop)
         if status is not None and status.global_version > self.base_version:
             self._pull(int(status.global_version))
 
     def _pull(self, version: int) -> None:
         assert self.trainer is not None
-        tensors = self.client.pull(["expert/"])
+        tensors = pull_state(self.client, ["expert/"])
         load_expert_state(self.trainer, tensors)
         self.base_version = version
         self.rounds += 1
@@ -268,20 +221,20 @@ class DeviceAgent:
         gateway's version of it (the kept experts' average, the gained experts' handed-over parts)."""
         assert self.trainer is not None and self.assignment is not None
         prev = self.assignment
-        reply = self.client.stub.GetAssignment(pb.AssignmentRequest(), metadata=self.client.md, timeout=10)
+        reply = self.client.assignment(timeout_s=10)
         new = _from_reply(reply) if reply.ready else prev
         if new == prev:
             return
-        status = self.client.stub.GetStatus(pb.StatusRequest(), metadata=self.client.md, timeout=10)
+        status = self.client.status(timeout_s=10)
         version = int(status.global_version)  # made for `new` (the gateway switches both at once)
-        pulled = self.client.pull(["expert/"]) if version > 0 else {}
+        pulled = pull_state(self.client, ["expert/"]) if version > 0 else {}
         tensors = handover.only_experts(pulled, set(new.pairs()))
         gained, _ = handover.diff(prev, new)
-        carry = handover.carry_over(self.trainer, set(new.pairs()) - set(gained))
+        carry = carryover.carry_over(self.trainer, set(new.pairs()) - set(gained))
         self.trainer = None
         gc.collect()  # the old sub-model goes before the new one is read
         trainer = self._build(new)
-        handover.restore(trainer, carry, {layer for layer, _ in gained})
+        carryover.restore(trainer, carry, {layer for layer, _ in gained})
         load_expert_state(trainer, tensors)
         self.trainer = trainer
         self.base_version = version
@@ -298,19 +251,19 @@ class DeviceAgent:
             return status.assignment_version not in (0, assignment.version)
 
         try:
-            status = self.client.stub.GetStatus(pb.StatusRequest(), metadata=self.client.md, timeout=10)
+            status = self.client.status(timeout_s=10)
             if reassigned(status):
                 del trainer  # no reference to the old sub-model may outlive the switch
                 return self._switch()
             if status.global_version < self.base_version:  # a gateway that lost its state counts rounds anew
                 log.warning("gateway version went back to %d; following it", status.global_version)
                 self.base_version = int(status.global_version)
-            self.client.upload(trainer.expert_state(), assignment.version, trainer.step, self.base_version)
+            upload_state(self.client, trainer.expert_state(), assignment.version, trainer.step, self.base_version)
             self.events.emit("device_upload", step=trainer.step, base_version=self.base_version)
             del trainer
             deadline = time.monotonic() + self.opt.round_wait_s
             while not stop.is_set() and time.monotonic() < deadline:
-                status = self.client.stub.GetStatus(pb.StatusRequest(), metadata=self.client.md, timeout=10)
+                status = self.client.status(timeout_s=10)
                 if reassigned(status):
                     return self._switch()
                 if status.global_version > self.base_version:

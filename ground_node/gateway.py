@@ -1,8 +1,9 @@
 """The cluster gateway (ARCHITECTURE §3 step 5): the devices of one cluster train, the gateway averages them.
 
 The gateway serves the same `Federation` service to its devices over the terrestrial LAN (never link-gated;
-devices name themselves with the `emsfl-cluster` metadata key plus `emsfl-device`), and is the only node of its
-cluster that talks to the satellite:
+devices name themselves with the `emsfl-cluster` metadata key plus `emsfl-device` on a plaintext loopback lab; under
+mutual TLS with their device certificate, `emsfl pki issue --role device`, and nothing else), and is the only node
+of its cluster that talks to the satellite:
 
 - devices `Join` (data size) and `ReportAffinity`; once every expected device has reported, the gateway joins
   the satellite with the cluster's total data size and reports the token-weighted mean of its devices' affinity;
@@ -29,7 +30,6 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,23 +41,22 @@ from safetensors.numpy import save as st_save
 
 from emsfl.durable import atomic_write_bytes, atomic_write_json
 from ground_node import handover
-from ground_node.channel import SERVER_KEEPALIVE_OPTIONS
 from ground_node.outbox import Outbox, StagedUpdate
 from ground_node.priority import rebase_acked
-from ground_node.profile import Affinity
-from ground_node.split import Assignment
+from ground_node.records import Affinity, Assignment
 from ground_node.uplink import Link, Uplink
+from protos.channel import add_port, new_server
+from protos.client import DEVICE_METADATA_KEY, ResumablePull
 from protos.emsfl.v1 import federation_pb2 as pb
 from protos.emsfl.v1 import federation_pb2_grpc as pb_grpc
 from protos.events import EventLog
+from protos.tls import TlsFiles
 from protos.wire import CHUNK_SIZE, CLUSTER_METADATA_KEY, chunk_messages, parse_expert_name, sha256_hex
 
 log = logging.getLogger(__name__)
 
-DEVICE_METADATA_KEY = "emsfl-device"
 STATE = "gateway.json"  # version and assignment, so that a restarted gateway goes on where it stopped
 AVERAGE = "average.safetensors"  # the cluster average of that version
-MAX_MESSAGE_BYTES = 64 << 20
 
 
 @dataclass
@@ -123,8 +122,10 @@ class Gateway:
         now: Any = None,
         send_window_chunks: int = 1,
         uploads_per_contact: int = 1,
+        tls: TlsFiles | None = None,
     ) -> None:
         self.cluster = cluster
+        self.tls = tls  # its certificate (a gateway's: `emsfl pki issue --role gateway`) to the satellite too
         self.send_window_chunks = send_window_chunks
         self.uploads_per_contact = uploads_per_contact  # `training.uploads_per_contact`: 0 = no limit
         self.expected = expected_devices
@@ -146,7 +147,7 @@ class Gateway:
         self.round_started: float | None = None
         self.uplink: Uplink | None = None
         self.current: Assignment | None = None  # what the devices train under: adopted once its hand-over is ready
-        self._handover_pull = handover.ResumablePull()
+        self._handover_pull = ResumablePull()
         self._incoming: dict[tuple[str, str], _Incoming] = {}
         self._committed: dict[str, set[str]] = {}
         self._lock = threading.RLock()
@@ -218,6 +219,7 @@ class Gateway:
                 on_assignment=lambda a: self.events.emit("assigned", version=a.version),
                 send_window_chunks=self.send_window_chunks,
                 max_uploads_per_contact=self.uploads_per_contact or None,
+                tls=self.tls,
             )
         self.events.emit("profiled", num_tokens=affinity.num_tokens, devices=len(reports))
         self.uplink.start()
@@ -515,14 +517,29 @@ def device_reports(workdir: Path) -> dict[str, dict[str, Any]]:
 class GatewayServicer(pb_grpc.FederationServicer):  # type: ignore[misc]
     """The Federation service of a gateway, for its devices (LAN, never link-gated)."""
 
-    def __init__(self, gw: Gateway) -> None:
+    def __init__(self, gw: Gateway, tls: bool = False) -> None:
         self.gw = gw
+        self.tls = tls
+        self.refused = 0  # calls refused for their identity (a device of another cluster, no device certificate)
+
+    def _identity(self, context: grpc.ServicerContext) -> tuple[str | None, str | None]:
+        """(cluster, device): under mutual TLS from the verified device certificate only, else from metadata."""
+        if self.tls:
+            from emsfl.pki import device_id_from_pem
+
+            pems = (context.auth_context() or {}).get("x509_pem_cert") or []
+            identity = device_id_from_pem(pems[0]) if pems else None
+            return identity if identity is not None else (None, None)
+        md = dict(context.invocation_metadata())
+        return md.get(CLUSTER_METADATA_KEY), md.get(DEVICE_METADATA_KEY)
 
     def _device(self, context: grpc.ServicerContext) -> str:
-        md = dict(context.invocation_metadata())
-        cluster = md.get(CLUSTER_METADATA_KEY)
-        device = md.get(DEVICE_METADATA_KEY)
+        cluster, device = self._identity(context)
+        if cluster is None and self.tls:
+            self.refused += 1
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "not a device certificate (emsfl pki issue --role device)")
         if cluster != self.gw.cluster:
+            self.refused += 1
             context.abort(grpc.StatusCode.PERMISSION_DENIED, f"this gateway serves cluster {self.gw.cluster!r}")
         if not device:
             context.abort(grpc.StatusCode.UNAUTHENTICATED, f"no {DEVICE_METADATA_KEY} metadata")
@@ -617,18 +634,10 @@ class GatewayServicer(pb_grpc.FederationServicer):  # type: ignore[misc]
 
 
 def serve(gw: Gateway, listen: str, max_workers: int = 8) -> tuple[grpc.Server, int]:
-    """A started gRPC server of the gateway on `listen`; returns it and the bound port."""
-    server = grpc.server(
-        ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="gateway"),
-        options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            *SERVER_KEEPALIVE_OPTIONS,  # its devices ping every few seconds (ground_node/channel.py)
-        ],
-    )
-    pb_grpc.add_FederationServicer_to_server(GatewayServicer(gw), server)
-    port = server.add_insecure_port(listen)
-    if port == 0:
-        raise OSError(f"cannot listen on {listen}")
+    """A started gRPC server of the gateway on `listen` (mutual TLS when the gateway has TLS files, else plaintext:
+    never both); returns it and the bound port."""
+    server = new_server(max_workers, "gateway")
+    pb_grpc.add_FederationServicer_to_server(GatewayServicer(gw, tls=gw.tls is not None), server)
+    port = add_port(server, listen, gw.tls)
     server.start()
     return server, port

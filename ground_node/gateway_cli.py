@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from emsfl.config import ConfigError, parse_host_port
+from protos.tls import TlsFiles, mqtt_tls
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,9 @@ def cluster_devices(topology: dict[str, Any], cluster: str) -> int:
     raise ConfigError(f"--cluster: no cluster with id {cluster!r} in the topology")
 
 
-def run_gateway(args: argparse.Namespace, topology: dict[str, Any]) -> int:
+def run_gateway(args: argparse.Namespace, topology: dict[str, Any], tls: TlsFiles | None = None) -> int:
+    """The gateway: with `tls` it serves its devices mutual TLS only and dials the satellite with the same
+    certificate (`emsfl pki issue --role gateway`); its MQTT session uses it too."""
     from ground_node.gateway import Gateway, serve
     from ground_node.settings import load_settings
     from protos.bus import Bus
@@ -51,7 +54,7 @@ def run_gateway(args: argparse.Namespace, topology: dict[str, Any]) -> int:
     if strategy != "emsfl":
         raise ConfigError(f"strategy: the cluster gateway supports 'emsfl' only, got {strategy!r}")
     stop = _stop_on_signals()
-    bus = Bus(host, port, role="ground", node_id=args.cluster)
+    bus = Bus(host, port, role="ground", node_id=args.cluster, tls=mqtt_tls(topology, tls))
     view = LinkView(bus, clusters=[args.cluster])
     gw = Gateway(
         args.cluster,
@@ -66,9 +69,11 @@ def run_gateway(args: argparse.Namespace, topology: dict[str, Any]) -> int:
         now=view.emulated_now,
         send_window_chunks=settings.training.send_window_chunks,
         uploads_per_contact=settings.training.uploads_per_contact,
+        tls=tls,
     )
     server, bound = serve(gw, args.listen)
-    log.info("gateway of %s serves %d devices on port %d", args.cluster, devices, bound)
+    how = "mutual TLS" if tls is not None else "plaintext (no TLS files)"
+    log.info("gateway of %s serves %d devices on port %d, %s", args.cluster, devices, bound, how)
     try:
         bus.start()
         gw.start()
@@ -85,7 +90,7 @@ def run_gateway(args: argparse.Namespace, topology: dict[str, Any]) -> int:
     return 0
 
 
-def run_device(args: argparse.Namespace, topology: dict[str, Any]) -> int:
+def run_device(args: argparse.Namespace, topology: dict[str, Any], tls: TlsFiles | None = None) -> int:
     from ground_node.device import DeviceAgent, DeviceOptions
     from protos.bus import Bus
     from protos.linkview import LinkView
@@ -96,7 +101,7 @@ def run_device(args: argparse.Namespace, topology: dict[str, Any]) -> int:
     cluster_devices(topology, args.cluster)
     host, port = parse_host_port(args.broker, "--broker")
     stop = _stop_on_signals()
-    bus = Bus(host, port, role="ground", node_id=f"{args.cluster}.{args.device}")
+    bus = Bus(host, port, role="ground", node_id=f"{args.cluster}.{args.device}", tls=mqtt_tls(topology, tls))
     view = LinkView(bus, clusters=[])
     agent = DeviceAgent(
         DeviceOptions(
@@ -107,6 +112,7 @@ def run_device(args: argparse.Namespace, topology: dict[str, Any]) -> int:
             workdir=Path(args.workdir),
             base_dir=Path(args.base),
             shard=args.shard,
+            tls=tls,
         ),
         now=view.emulated_now,
     )

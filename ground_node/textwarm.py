@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from emsfl.datadir import DATA_DIR_ENV
+from emsfl.datadir import DATA_DIR_ENV, candidates
 from ground_node.errors import GroundError
 from ground_node.synthetic import Example
 
@@ -19,16 +19,15 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def resolve_path(text: str, what: str) -> Path:
-    """An existing path: as given (absolute, or relative to the working directory), else relative to the repo root."""
-    path = Path(text).expanduser()
-    if path.exists():
-        return path
-    if not path.is_absolute() and (REPO_ROOT / path).exists():
-        return REPO_ROOT / path
-    tried = [str(path)] if path.is_absolute() else [str(Path.cwd() / path), str(REPO_ROOT / path)]
+    """An existing path: under $EMSFL_DATA_DIR for `../shared/data/...` when set, as given (absolute, or relative to
+    the working directory), else relative to the repository root (emsfl/datadir.py)."""
+    tried = candidates(text)
+    for path in tried:
+        if path.exists():
+            return path
     raise GroundError(
-        f"{what}: {text} does not exist (tried {', '.join(tried)}); the shared data sets live in ../shared/data "
-        f"next to the repository, or under ${DATA_DIR_ENV} (see ../shared/data/README.md)"
+        f"{what}: {text} does not exist (tried {', '.join(str(p) for p in tried)}); the shared data sets live in"
+        f" ../shared/data next to the repository, or under ${DATA_DIR_ENV} (see the README's Data sets)"
     )
 
 

@@ -10,19 +10,17 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 import grpc
 
-from ground_node.channel import insecure_channel
 from ground_node.outbox import Outbox, StagedUpdate
-from ground_node.profile import Affinity
-from ground_node.split import Assignment
+from ground_node.records import Affinity, Assignment
+from protos.client import FederationClient, offer_message
 from protos.emsfl.v1 import federation_pb2 as pb
-from protos.emsfl.v1 import federation_pb2_grpc as pb_grpc
-from protos.window import push_windowed
-from protos.wire import CHUNK_SIZE, CLUSTER_METADATA_KEY, chunk_hashes, chunk_messages, parse_expert_name, sha256_hex
+from protos.tls import TlsFiles
+from protos.wire import CHUNK_SIZE, chunk_hashes, parse_expert_name, sha256_hex
 
 if TYPE_CHECKING:
     from ground_node.baseline import BaselineClient
@@ -55,6 +53,7 @@ class Uplink(threading.Thread):
         call_timeout_s: float = 20.0,
         before_assignment: Callable[[Assignment], None] | None = None,
         send_window_chunks: int = 1,
+        tls: TlsFiles | None = None,
     ) -> None:
         super().__init__(name=f"uplink-{cluster}", daemon=True)
         self.cluster = cluster
@@ -74,9 +73,10 @@ class Uplink(threading.Thread):
         self.call_timeout_s = call_timeout_s
         # chunks sent ahead of the satellite's answers: a hard cut resends at most this many (protos/window.py)
         self.send_window_chunks = send_window_chunks
-        self.metadata = ((CLUSTER_METADATA_KEY, cluster),)
-        self.channel = insecure_channel(target)  # keepalive: a hard cut ends a call in seconds, not at its deadline
-        self.stub = pb_grpc.FederationStub(self.channel)
+        # keepalive (protos/channel.py): a hard cut ends a call in seconds, not at its deadline
+        self.client = FederationClient(target, cluster, tls=tls, timeout_s=call_timeout_s)
+        self.stub = self.client.stub
+        self.metadata = self.client.metadata
         self.joined = False
         self.affinity_sent = False
         self.assignment: Assignment | None = None
@@ -87,7 +87,7 @@ class Uplink(threading.Thread):
         self._halt = threading.Event()
         self.assigned = threading.Event()
         # set (by on_join) when the satellite runs a baseline strategy: its passes replace affinity/assignment
-        self.client: BaselineClient | None = None
+        self.baseline: BaselineClient | None = None
         # ARCHITECTURE §3 step 6: at every contact the newest state goes up once (not again at every staging while the
         # link stays up, which would multiply the uplink bytes); None: no limit. Contacts are told apart by `since`.
         self.max_uploads_per_contact = max_uploads_per_contact
@@ -97,7 +97,7 @@ class Uplink(threading.Thread):
         self._halt.set()
         if self.is_alive():
             self.join(timeout_s)
-        self.channel.close()
+        self.client.close()
 
     def run(self) -> None:
         while not self._halt.is_set():
@@ -130,33 +130,18 @@ class Uplink(threading.Thread):
 
     def run_pass(self) -> bool:
         """One pass over what is due; returns True when an upload progressed (so the loop goes on at once)."""
-        timeout = self.call_timeout_s
         if not self.joined:
-            reply = self.stub.Join(
-                pb.JoinRequest(device_id=self.cluster, capacity_experts=self.capacity, num_examples=self.num_examples),
-                metadata=self.metadata,
-                timeout=timeout,
-            )
+            joined = self.client.join(self.capacity, self.num_examples, device_id=self.cluster)
             self.joined = True
             if self.on_join is not None:
-                self.on_join(reply)
-        if self.client is not None:  # fedavg / fedasync (ground_node/baseline.py)
-            return self.client.run_pass(self)
+                self.on_join(joined)
+        if self.baseline is not None:  # fedavg / fedasync (ground_node/baseline.py)
+            return self.baseline.run_pass(self)
         if not self.affinity_sent:
             a = self.affinity
-            self.stub.ReportAffinity(
-                pb.AffinityReport(
-                    num_tokens=a.num_tokens,
-                    num_layers=a.gate.shape[0],
-                    num_experts=a.gate.shape[1],
-                    gate=[float(x) for x in a.gate.reshape(-1)],
-                    freq=[float(x) for x in a.freq.reshape(-1)],
-                ),
-                metadata=self.metadata,
-                timeout=timeout,
-            )
+            self.client.report_affinity(a.gate, a.freq, a.num_tokens)
             self.affinity_sent = True
-        reply = self.stub.GetAssignment(pb.AssignmentRequest(), metadata=self.metadata, timeout=timeout)
+        reply = self.client.assignment()
         if reply.ready:
             new = Assignment.from_pairs(reply.version, [(la.layer, list(la.experts)) for la in reply.layers])
             if self.assignment is None or new != self.assignment:
@@ -183,7 +168,7 @@ class Uplink(threading.Thread):
         return limit is not None and contact is not None and self._acks_in_contact.get(contact, 0) >= limit
 
     def upload(self, update: StagedUpdate) -> bool:
-        if self.client is None:  # emsfl: stale updates are dropped; a short contact sends experts by priority
+        if self.baseline is None:  # emsfl: stale updates are dropped; a short contact sends experts by priority
             from ground_node.priority import contact_budget_bytes, plan_upload
 
             if self.assignment is not None and update.assignment_version < self.assignment.version:
@@ -205,41 +190,33 @@ class Uplink(threading.Thread):
             self._rejected.add(update.content_hash)
             return False
         hashes = chunk_hashes(blob, CHUNK_SIZE)
-        offer = pb.UpdateOffer(
-            content_hash=update.content_hash,
-            size_bytes=len(blob),
-            chunk_size=CHUNK_SIZE,
-            chunk_hashes=hashes,
-            tensors=_tensor_specs(blob),
-            assignment_version=update.assignment_version,
+        offer = offer_message(
+            blob,
+            _tensor_specs(blob),
+            update.assignment_version,
+            CHUNK_SIZE,
             local_step=update.step,
-            base_version=self.client.base_version(update) if self.client is not None else 0,
+            base_version=self.baseline.base_version(update) if self.baseline is not None else 0,
+            hashes=hashes,
+            content_hash=update.content_hash,
         )
-        try:
-            reply = self.stub.OfferUpdate(offer, metadata=self.metadata, timeout=self.call_timeout_s)
-        except grpc.RpcError as exc:
-            self._maybe_reject(exc, update)
-            raise
-        if reply.committed:
-            self._acked(update)
-            return False
-        missing = sorted(set(reply.missing))
-        if missing and self.on_push is not None:
-            self.on_push(update.content_hash, missing, len(hashes))
 
-        def stream() -> Iterator[pb.Chunk]:
-            for message in chunk_messages(blob, missing, hashes=hashes, content_hash=update.content_hash):
-                self.bytes_pushed += len(message.data)
-                self.outbox.add_bytes(len(message.data))
-                yield message
+        def on_missing(missing: list[int]) -> None:
+            if missing and self.on_push is not None:
+                self.on_push(update.content_hash, missing, len(hashes))
+
+        def on_chunk(nbytes: int) -> None:
+            self.bytes_pushed += nbytes
+            self.outbox.add_bytes(nbytes)
 
         try:
-            pushed = push_windowed(
-                self.stub.PushChunksWindowed,
-                stream(),
-                self.send_window_chunks,
-                metadata=self.metadata,
-                timeout=max(60.0, self.call_timeout_s),
+            pushed = self.client.upload(
+                blob,
+                offer,
+                window=self.send_window_chunks,
+                push_timeout_s=max(60.0, self.call_timeout_s),
+                on_missing=on_missing,
+                on_chunk=on_chunk,
             )
         except grpc.RpcError as exc:
             self._maybe_reject(exc, update)
@@ -264,7 +241,7 @@ class Uplink(threading.Thread):
         contact = self._contact_id()
         if contact is not None:
             self._acks_in_contact[contact] = self._acks_in_contact.get(contact, 0) + 1
-        if self.client is None:
+        if self.baseline is None:
             from ground_node.priority import record_acked
 
             try:

@@ -37,6 +37,8 @@ from protos.bus import Bus
 from protos.clock import EmulatedClock
 from protos.events import EventLog
 from protos.timefmt import parse_iso
+from protos.tls import add_tls_flags, mqtt_tls
+from protos.tls import resolve as resolve_tls
 
 PROG = "emsfl orbit"
 DEFAULT_PLAN_HOURS = 24.0
@@ -69,6 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--hours", type=float, help="plan horizon in emulated hours (default: the lab duration + 10%%)")
     run.add_argument("--replay", help="drive the links from a recorded plan (a --plan-out file) instead of orbits")
     run.add_argument("--method", choices=("fast", "reference"), default="fast", help="contact finder (default: fast)")
+    add_tls_flags(run)  # MQTT over TLS with this certificate (the orbit service dials no gRPC)
     run.add_argument(
         "--subpoints-every-s",
         type=float,
@@ -228,6 +231,7 @@ def _command_run(args: argparse.Namespace) -> int:
     if contacts_published < 1:
         raise ConfigError(f"link.contacts_published: must be >= 1, got {contacts_published}")
     host, port = parse_host_port(args.broker, "--broker")
+    tls = resolve_tls(args, topology, args.topology, grpc_role=False)
     if args.subpoints_every_s < 0:
         raise ConfigError(f"--subpoints-every-s: must be >= 0 (0: never), got {args.subpoints_every_s!r}")
 
@@ -256,7 +260,7 @@ def _command_run(args: argparse.Namespace) -> int:
     log.info("plan %s .. %s: %d windows", plan.start_utc, plan.end_utc, sum(len(w) for w in plan.windows.values()))
 
     events = EventLog(args.events, "orbit", "orbit") if args.events else None
-    bus = Bus(host, port, role="orbit", node_id="orbit", status_topic=topics.ORBIT_STATUS)
+    bus = Bus(host, port, role="orbit", node_id="orbit", status_topic=topics.ORBIT_STATUS, tls=mqtt_tls(topology, tls))
     try:
         bus.start()
     except ConnectionError as exc:

@@ -15,6 +15,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from protos import payloads, topics
+from protos.tls import TlsFiles
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +25,15 @@ Handler = Callable[[str, dict[str, Any]], None]
 class Bus:
     """One MQTT session of one process (role, id), announcing itself on its status topic."""
 
-    def __init__(self, host: str, port: int, role: str, node_id: str, status_topic: str | None = None) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        role: str,
+        node_id: str,
+        status_topic: str | None = None,
+        tls: TlsFiles | None = None,
+    ) -> None:
         self.role = role
         self.node_id = node_id
         self.status_topic = status_topic or topics.node_status(role, node_id)
@@ -37,16 +46,20 @@ class Bus:
         self.client.on_message = self._on_message
         self.client.reconnect_delay_set(min_delay=1, max_delay=5)
         self.host, self.port = host, port
+        self.tls = tls
         self._apply_credentials(os.environ)
 
     def _apply_credentials(self, env: Mapping[str, str]) -> None:
-        """Broker credentials and TLS from the role's environment file (written by deploy/, read by systemd).
+        """Broker credentials from the role's environment file (written by deploy/, read by systemd); TLS with the
+        role's TLS files (the same as its gRPC hops, protos/tls.py), else from that environment.
 
-        The local lab sets none of these and talks plaintext on loopback.
+        The plaintext local lab sets none of these and talks plaintext on loopback.
         """
         if env.get("EMSFL_MQTT_USERNAME"):
             self.client.username_pw_set(env["EMSFL_MQTT_USERNAME"], env.get("EMSFL_MQTT_PASSWORD") or None)
-        if env.get("EMSFL_TLS", "0") not in {"", "0", "false"}:
+        if self.tls is not None:
+            self.client.tls_set(ca_certs=str(self.tls.ca), certfile=str(self.tls.cert), keyfile=str(self.tls.key))
+        elif env.get("EMSFL_TLS", "0") not in {"", "0", "false"}:
             self.client.tls_set(
                 ca_certs=env.get("EMSFL_TLS_CA") or None,
                 certfile=env.get("EMSFL_TLS_CERT") or None,

@@ -16,6 +16,7 @@ from types import FrameType
 from typing import Any
 
 from emsfl.config import ConfigError, cluster_ids, field, load_topology, parse_host_port
+from protos.tls import add_tls_flags, mqtt_tls
 
 log = logging.getLogger("satellite_node")
 
@@ -145,16 +146,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--listen", required=True, help="gRPC HOST:PORT")
     run.add_argument("--state", required=True, help="state directory")
     run.add_argument("--base", required=True, help="base directory (manifest.json, base.safetensors)")
-    run.add_argument("--tls-cert", help="server certificate (PEM); with --tls-key and --tls-ca: mutual TLS")
-    run.add_argument("--tls-key", help="server private key (PEM)")
-    run.add_argument(
-        "--tls-ca", help="CA certificate that signs client (cluster) certificates; clients must present one"
-    )
+    add_tls_flags(run, serves=True)
     run.add_argument(
         "--insecure",
         action="store_true",
-        help="plaintext gRPC, cluster identity from metadata (loopback labs only). Today also the default when no"
-        " --tls-* flag is given; a later release requires it explicitly",
+        help="plaintext gRPC, cluster identity from metadata (loopback labs only); without it the node refuses to"
+        " start unless it has TLS files (--tls-*, the topology's tls: keys or EMSFL_TLS_*)",
     )
     run.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (0.0.0.0)")
     status = sub.add_parser("status", help="print clusters, assignment and expert versions of a state directory")
@@ -190,7 +187,7 @@ def _run(args: argparse.Namespace) -> int:
         parse_host_port(args.listen, "--listen")
         manifest = load_manifest(args.base)
         check_base_model(manifest, topology, args.base)
-        tls = _tls_files(args)
+        tls = _tls_files(args, topology)
         if args.metrics_port is not None and not 0 < args.metrics_port < 65536:
             raise ConfigError(f"--metrics-port: {args.metrics_port} is not a port")
     except (ConfigError, ManifestError) as exc:
@@ -201,7 +198,7 @@ def _run(args: argparse.Namespace) -> int:
     store = Store(state, keep_versions=config.keep_versions)
     store.set_meta("strategy", config.strategy)
     store.set_meta("clusters", list(config.clusters))
-    bus = Bus(broker_host, broker_port, role="satellite", node_id="satellite")
+    bus = Bus(broker_host, broker_port, role="satellite", node_id="satellite", tls=mqtt_tls(topology, tls))
     links = LinkView(bus, clusters=list(config.clusters))
     events = EventLog(state / "events.jsonl", "satellite", "satellite", links.emulated_now)
     metrics = Metrics()
@@ -231,8 +228,8 @@ def _run(args: argparse.Namespace) -> int:
     server.start()
     if tls is None:
         log.warning(
-            "TLS is off%s: plaintext gRPC on %s, cluster identity from the %r metadata key (loopback labs only)",
-            "" if args.insecure else " (no --tls-cert/--tls-key/--tls-ca given; pass --insecure to say so)",
+            "TLS is off (--insecure): plaintext gRPC on %s, cluster identity from the %r metadata key (loopback labs"
+            " only)",
             args.listen,
             "emsfl-cluster",
         )
@@ -268,25 +265,19 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _tls_files(args: argparse.Namespace) -> Any:
-    from satellite_node.server import TlsFiles
+def _tls_files(args: argparse.Namespace, topology: dict[str, Any]) -> Any:
+    """The node's TLS files (protos/tls.py), or None with an explicit --insecure; ConfigError otherwise."""
+    from protos import tls as tls_config
 
-    given = {
-        flag: value
-        for flag, value in (("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key), ("--tls-ca", args.tls_ca))
-        if value
-    }
-    if not given:
-        return None
-    if args.insecure:
-        raise ConfigError("--insecure: contradicts the --tls-* flags")
-    missing = [flag for flag in ("--tls-cert", "--tls-key", "--tls-ca") if flag not in given]
-    if missing:
-        raise ConfigError(f"{missing[0]}: required with {', '.join(given)} (mutual TLS needs all three)")
-    for flag, value in given.items():
-        if not Path(value).is_file():
-            raise ConfigError(f"{flag}: {value}: no such file")
-    return TlsFiles(args.tls_cert, args.tls_key, args.tls_ca)
+    tls = tls_config.resolve(args, topology, args.topology)
+    if tls is not None and args.insecure:
+        raise ConfigError("--insecure: contradicts the TLS files given (--tls-*, the topology's tls: or EMSFL_TLS_*)")
+    if tls is None and not args.insecure:
+        raise ConfigError(
+            "no TLS files: pass --tls-ca/--tls-cert/--tls-key (or tls: in the topology) for mutual TLS, or --insecure"
+            " for plaintext gRPC on a loopback lab"
+        )
+    return tls
 
 
 def _status(state: Path, as_json: bool) -> int:

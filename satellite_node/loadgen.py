@@ -17,9 +17,10 @@ from typing import Any
 import grpc
 import numpy as np
 
-from protos.emsfl.v1 import federation_pb2 as pb
+from protos.channel import open_aio_channel
+from protos.client import offer_message, tensor_specs
 from protos.emsfl.v1 import federation_pb2_grpc as pb_grpc
-from protos.wire import CLUSTER_METADATA_KEY, chunk_hashes, expert_name, sha256_hex, split_chunks
+from protos.wire import CLUSTER_METADATA_KEY, chunk_messages, expert_name
 from satellite_node.testing import Client, encode
 
 CHUNK_BYTES = 4096  # small updates still travel as several chunks
@@ -88,16 +89,7 @@ def _update(parts: list[dict[str, Any]], experts: list[tuple[int, int]], rng: np
         for p in parts
     }
     blob = encode(tensors)
-    specs = [pb.TensorSpec(name=n, dtype="F32", shape=list(a.shape)) for n, a in sorted(tensors.items())]
-    offer = pb.UpdateOffer(
-        content_hash=sha256_hex(blob),
-        size_bytes=len(blob),
-        chunk_size=CHUNK_BYTES,
-        chunk_hashes=chunk_hashes(blob, CHUNK_BYTES),
-        tensors=specs,
-        assignment_version=1,
-    )
-    return blob, offer
+    return blob, offer_message(blob, tensor_specs(tensors), 1, CHUNK_BYTES)
 
 
 async def _cluster(
@@ -106,19 +98,16 @@ async def _cluster(
     record = LoadRecord()
     rng = np.random.default_rng(int(cluster.lstrip("c")))
     md = ((CLUSTER_METADATA_KEY, cluster),)
-    async with grpc.aio.insecure_channel(target) as channel:
+    async with open_aio_channel(target, None) as channel:  # the shared caps and keepalive (protos/channel.py)
         stub = pb_grpc.FederationStub(channel)
         while time.time() < until:
             blob, offer = _update(parts, experts, rng)
-            chunks = [
-                pb.Chunk(content_hash=offer.content_hash, index=i, data=bytes(c), sha256=offer.chunk_hashes[i])
-                for i, c in enumerate(split_chunks(blob, CHUNK_BYTES))
-            ]
             started = time.perf_counter()
             try:
                 reply = await stub.OfferUpdate(offer, metadata=md, timeout=120)
                 if not reply.committed:
-                    pushed = await stub.PushChunks(iter([chunks[i] for i in reply.missing]), metadata=md, timeout=120)
+                    chunks = chunk_messages(blob, reply.missing, CHUNK_BYTES, hashes=offer.chunk_hashes)
+                    pushed = await stub.PushChunks(chunks, metadata=md, timeout=120)
                     if not pushed.committed:
                         raise RuntimeError(f"not committed, missing {list(pushed.missing)[:5]}")
             except (grpc.RpcError, RuntimeError) as exc:

@@ -5,15 +5,15 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
-from pathlib import Path
+from concurrent.futures import Future
 from typing import Any, NoReturn
 
 import grpc
 
+from protos.channel import add_port, new_server
 from protos.emsfl.v1 import federation_pb2 as pb
 from protos.emsfl.v1 import federation_pb2_grpc as pb_grpc
+from protos.tls import TlsFiles
 from protos.wire import CLUSTER_METADATA_KEY, sha256_hex
 from satellite_node.chunkwire import decode_chunk
 from satellite_node.node import SatelliteNode
@@ -21,32 +21,13 @@ from satellite_node.store import ExpertVersionRow
 from satellite_node.uploads import ChunkIn, Offer, PushResult
 from satellite_node.validate import Refusal, RefusalCode, Spec
 
-MAX_MESSAGE_BYTES = 32 << 20  # a chunk of up to 16 MiB plus framing
 SERVICE = "emsfl.v1.Federation"
-# After a hard cut (no FIN or RST ever arrives) a handler would wait on its stream for hours, holding one of the few
-# worker threads: the server pings each connection every 10 s and drops one that leaves a ping unanswered for 20 s
-# (generous: an answer may queue behind a full uplink). Clients may ping every second themselves, to notice a cut
-# quickly, without being told off (GOAWAY too_many_pings).
-KEEPALIVE_OPTIONS = [
-    ("grpc.keepalive_time_ms", 10_000),
-    ("grpc.keepalive_timeout_ms", 20_000),
-    # grpcio waits for a ping's ACK `grpc.http2.ping_timeout_ms` (60 s by default), whatever keepalive_timeout_ms says
-    ("grpc.http2.ping_timeout_ms", 20_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.min_recv_ping_interval_without_data_ms", 500),
-]
 CLUSTER_OU = "cluster"  # `emsfl pki issue --role client --cluster c0`: O=emsfl, OU=cluster, CN=c0
 
 
-@dataclass(frozen=True)
-class TlsFiles:
-    cert: str  # server certificate (PEM)
-    key: str  # its private key
-    ca: str  # CA that signs client certificates; clients must present one
-
-
 def cluster_of_certificate(pem: bytes) -> str | None:
-    """The cluster id of a client certificate: its CN, when the OU (if any) says `cluster`."""
+    """The cluster id of a client certificate: its CN, when the OU (if any) says `cluster`. A device's certificate
+    (OU `device`, `emsfl pki issue --role device`) names no cluster here: devices talk to their gateway only."""
     from cryptography import x509
     from cryptography.x509.oid import NameOID
 
@@ -341,24 +322,7 @@ def make_server(
 
     With `tls`, mutual TLS: clients must present a certificate signed by `tls.ca`, and the cluster identity is the
     certificate's CN. Without, plaintext with the identity from metadata (loopback labs only)."""
-    server = grpc.server(
-        ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="federation"),
-        options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            *KEEPALIVE_OPTIONS,
-        ],
-    )
+    server = new_server(max_workers, "federation")
     add_federation(FederationServicer(node, tls=tls is not None), server)
-    if tls is not None:
-        credentials = grpc.ssl_server_credentials(
-            [(Path(tls.key).read_bytes(), Path(tls.cert).read_bytes())],
-            root_certificates=Path(tls.ca).read_bytes(),
-            require_client_auth=True,
-        )
-        port = server.add_secure_port(listen, credentials)
-    else:
-        port = server.add_insecure_port(listen)
-    if port == 0:
-        raise OSError(f"cannot listen on {listen}")
+    port = add_port(server, listen, tls)
     return server, port

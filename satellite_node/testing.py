@@ -1,5 +1,5 @@
 """Helpers for tests and the lab: a tiny base directory, a link publisher standing in for the orbit
-service, and a minimal Federation client. numpy only; no pytest, no torch.
+service, and the Federation client with test helpers. numpy only; no pytest, no torch.
 """
 
 from __future__ import annotations
@@ -23,12 +23,11 @@ from safetensors.numpy import save_file
 
 from protos import topics
 from protos.bus import Bus
+from protos.client import FederationClient
 from protos.clock import EmulatedClock
-from protos.emsfl.v1 import federation_pb2 as pb
-from protos.emsfl.v1 import federation_pb2_grpc as pb_grpc
 from protos.timefmt import to_iso
-from protos.window import push_windowed
-from protos.wire import CHUNK_SIZE, CLUSTER_METADATA_KEY, chunk_hashes, chunk_messages, expert_name, sha256_hex
+from protos.tls import TlsFiles
+from protos.wire import expert_name
 from satellite_node.manifest import file_sha256
 
 
@@ -101,8 +100,10 @@ def encode(tensors: Mapping[str, np.ndarray]) -> bytes:
 class OrbitStub:
     """Publishes what the orbit service would (retained): its presence, the clock, link states."""
 
-    def __init__(self, host: str, port: int, scale: float = 1.0, epoch: datetime | None = None) -> None:
-        self.bus = Bus(host, port, role="orbit", node_id="orbit", status_topic=topics.ORBIT_STATUS)
+    def __init__(
+        self, host: str, port: int, scale: float = 1.0, epoch: datetime | None = None, tls: TlsFiles | None = None
+    ) -> None:
+        self.bus = Bus(host, port, role="orbit", node_id="orbit", status_topic=topics.ORBIT_STATUS, tls=tls)
         self.clock = EmulatedClock(epoch or datetime(2026, 3, 20, 6, 0, tzinfo=timezone.utc), time.time(), scale)
         self._seq: dict[str, int] = {}
 
@@ -155,6 +156,15 @@ class FakeLinks:
         return None if self.rate_bps is None else self.rate_bps * self.scale / 8.0
 
 
+def code_of(call: Callable[[], object]) -> grpc.StatusCode | None:
+    """The gRPC status code `call` fails with, None when it succeeds."""
+    try:
+        call()
+    except grpc.RpcError as exc:
+        return exc.code()  # type: ignore[no-any-return]
+    return None
+
+
 def _unless_unavailable(call: Callable[[], Any]) -> bool:
     try:
         call()
@@ -165,40 +175,13 @@ def _unless_unavailable(call: Callable[[], Any]) -> bool:
     return True
 
 
-class Client:
-    """A minimal Federation client of one cluster: plaintext with identity in metadata, or mutual TLS
-    (`tls=(ca_pem, cert_pem, key_pem)`, identity from the certificate; `cluster` then only goes into metadata,
+class Client(FederationClient):
+    """The Federation client (protos/client.py) of one cluster, as tests use it: plaintext with identity in
+    metadata, or mutual TLS with `tls` (identity from the certificate; `cluster` then only goes into metadata,
     which a TLS server must ignore)."""
 
-    def __init__(
-        self,
-        target: str,
-        cluster: str,
-        tls: tuple[bytes, bytes, bytes] | None = None,
-        server_name: str = "localhost",
-    ) -> None:
-        options: list[tuple[str, Any]] = [
-            ("grpc.max_send_message_length", 64 << 20),
-            ("grpc.max_receive_message_length", 64 << 20),
-        ]
-        if tls is None:
-            self.channel = grpc.insecure_channel(target, options=options)
-        else:
-            ca, cert, key = tls
-            credentials = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
-            options.append(("grpc.ssl_target_name_override", server_name))
-            self.channel = grpc.secure_channel(target, credentials, options=options)
-        self.stub = pb_grpc.FederationStub(self.channel)
-        self.md = ((CLUSTER_METADATA_KEY, cluster),)
-
-    def close(self) -> None:
-        self.channel.close()
-
-    def join(self, capacity: int, num_examples: int) -> pb.JoinReply:
-        reply: Any = self.stub.Join(
-            pb.JoinRequest(device_id="dev0", capacity_experts=capacity, num_examples=num_examples), metadata=self.md
-        )
-        return reply  # type: ignore[no-any-return]
+    def __init__(self, target: str, cluster: str, tls: TlsFiles | None = None, server_name: str | None = None) -> None:
+        super().__init__(target, cluster, tls=tls, server_name=server_name)
 
     def try_join(self, capacity: int, num_examples: int) -> bool:
         """`join`, False while the satellite refuses with UNAVAILABLE (not up yet, or the link is down)."""
@@ -207,68 +190,6 @@ class Client:
     def link_up(self) -> bool:
         """Whether a link-gated call goes through: the satellite is up and sees this cluster's link up."""
         return _unless_unavailable(self.status)
-
-    def report(self, gate: np.ndarray, num_tokens: int = 100) -> pb.AffinityAck:
-        layers, experts = gate.shape
-        reply: Any = self.stub.ReportAffinity(
-            pb.AffinityReport(
-                num_tokens=num_tokens, num_layers=layers, num_experts=experts, gate=gate.ravel().tolist()
-            ),
-            metadata=self.md,
-        )
-        return reply  # type: ignore[no-any-return]
-
-    def assignment(self) -> pb.Assignment:
-        reply: Any = self.stub.GetAssignment(pb.AssignmentRequest(), metadata=self.md)
-        return reply  # type: ignore[no-any-return]
-
-    def status(self) -> pb.StatusReply:
-        reply: Any = self.stub.GetStatus(pb.StatusRequest(), metadata=self.md)
-        return reply  # type: ignore[no-any-return]
-
-    def reassign(self, reason: str = "") -> pb.Assignment:
-        reply: Any = self.stub.RequestReassignment(pb.ReassignRequest(reason=reason), metadata=self.md)
-        return reply  # type: ignore[no-any-return]
-
-    def offer(
-        self,
-        blob: bytes,
-        tensors: Mapping[str, np.ndarray],
-        version: int,
-        chunk_size: int = CHUNK_SIZE,
-        base_version: int = 0,
-    ) -> pb.OfferReply:
-        specs = [
-            pb.TensorSpec(name=n, dtype="F32" if a.dtype == np.float32 else str(a.dtype).upper(), shape=list(a.shape))
-            for n, a in sorted(tensors.items())
-        ]
-        reply: Any = self.stub.OfferUpdate(
-            pb.UpdateOffer(
-                content_hash=sha256_hex(blob),
-                size_bytes=len(blob),
-                chunk_size=chunk_size,
-                chunk_hashes=chunk_hashes(blob, chunk_size),
-                tensors=specs,
-                assignment_version=version,
-                base_version=base_version,
-            ),
-            metadata=self.md,
-        )
-        return reply  # type: ignore[no-any-return]
-
-    def push(self, blob: bytes, indices: list[int], chunk_size: int = CHUNK_SIZE) -> pb.PushReply:
-        reply: Any = self.stub.PushChunks(chunk_messages(blob, indices, chunk_size), metadata=self.md)
-        return reply  # type: ignore[no-any-return]
-
-    def push_windowed(
-        self, blob: bytes, indices: list[int], chunk_size: int = CHUNK_SIZE, window: int = 1, **kwargs: Any
-    ) -> pb.PushReply:
-        messages = chunk_messages(blob, indices, chunk_size)
-        return push_windowed(self.stub.PushChunksWindowed, messages, window, metadata=self.md, **kwargs)
-
-    def pull(self, names: list[str]) -> bytes:
-        parts = [c.data for c in self.stub.PullTensors(pb.PullRequest(names=names), metadata=self.md)]
-        return b"".join(parts)
 
 
 class CutProxy:
@@ -364,7 +285,17 @@ class SatelliteProcess:
     def argv(self) -> list[str]:
         argv = [sys.executable, "-m", "emsfl", "satellite", "run", "--topology", str(self.topology)]
         argv += ["--broker", f"{self.broker[0]}:{self.broker[1]}", "--listen", self.listen]
-        return [*argv, "--state", str(self.state), "--base", str(self.base), *self.extra_args]
+        # plaintext on loopback unless the caller gives TLS files: said out loud, as the node requires
+        tls = any(a.startswith("--tls-") for a in self.extra_args) or "--insecure" in self.extra_args
+        return [
+            *argv,
+            "--state",
+            str(self.state),
+            "--base",
+            str(self.base),
+            *self.extra_args,
+            *([] if tls else ["--insecure"]),
+        ]
 
     def start(self, timeout_s: float = 30.0) -> None:
         repo = Path(__file__).resolve().parents[1]

@@ -127,34 +127,3 @@ def compare(runs: dict[str, list[dict[str, Any]]], target_fraction: float = 0.95
         "target_rule": f"per seed, {target_fraction:.0%} of the best final accuracy among the strategies",
         "strategies": {name: strategy_metrics(summaries, targets) for name, summaries in runs.items()},
     }
-
-
-def markdown_table(comparison: dict[str, Any], rate_bps: float) -> str:
-    def fmt(metric: dict[str, Any], scale: float = 1.0, digits: int = 3) -> str:
-        if metric["mean"] is None:
-            return "not reached"
-        text = f"{metric['mean'] / scale:.{digits}f} ± {metric['std'] / scale:.{digits}f}"
-        return text + (f" ({metric['missing']} not reached)" if metric["missing"] else "")
-
-    lines = [
-        f"### Link rate {rate_bps / 1e6:g} Mbit/s (mean target accuracy {comparison['target_accuracy']:.3f})",
-        "",
-        "| strategy | time to target (emulated h) | final accuracy | mean cluster accuracy | uplink (MB) "
-        "| downlink (MB) | device-hours | peak memory (MB) | idle waiting (h) |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for name, m in comparison["strategies"].items():
-        lines.append(
-            f"| {name} | {fmt(m['time_to_target_s'], 3600.0, 2)} | {fmt(m['final_accuracy'])} "
-            f"| {fmt(m['final_accuracy_cluster_mean'])} | {fmt(m['uplink_bytes'], 1e6, 2)} "
-            f"| {fmt(m['downlink_bytes'], 1e6, 2)} | {fmt(m['device_hours'], 1.0, 4)} "
-            f"| {fmt(m['peak_device_memory_mb'], 1.0, 0)} | {fmt(m['idle_waiting_s'], 3600.0, 2)} |"
-        )
-    central = comparison.get("centralised")
-    if central:
-        lines.append(
-            f"| centralised (reference) | — | {fmt(central['final_accuracy'])} "
-            f"| {fmt(central['final_accuracy_cluster_mean'])} | — | — | {fmt(central['device_hours'], 1.0, 4)} "
-            f"| {fmt(central['peak_device_memory_mb'], 1.0, 0)} | — |"
-        )
-    return "\n".join(lines) + "\n"

@@ -23,15 +23,17 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from matplotlib.figure import Figure
 
 from emsfl.config import ConfigError, load_topology
 from emsfl.datadir import repo_relative
 from protos.timefmt import parse_iso
-from testbed import plots
-from testbed.compare import claims, compare, markdown_table, spread_of
+from testbed import comparemd, plots
+from testbed.compare import claims, compare, spread_of
 from testbed.lab import LabOptions, run_lab
 from testbed.outputs import write_outputs
 from testbed.report import write_json
+from testbed.style import FIGURE_FORMATS
 
 STRATEGIES = ("emsfl", "fedavg", "fedasync")
 
@@ -328,86 +330,72 @@ def run_experiment(opts: ExperimentOptions) -> dict[str, Any]:
         "wall_seconds": round(time.monotonic() - wall_start, 1),
     }
     write_json(exp_dir / "comparison.json", result)
-    (exp_dir / "comparison.md").write_text(_markdown(result, summaries), encoding="utf-8")
+    (exp_dir / "comparison.md").write_text(comparemd.render(result), encoding="utf-8")
     for rate, per_strategy in summaries.items():  # the first rate's plots keep the plain names
         suffix = "" if rate == grid[0][0] else f"-{_rate_label(rate)}"
-        _plot(exp_dir, per_strategy, suffix, by_rate[_rate_label(rate)]["target_accuracy"], _rate_label(rate))
+        label = _rate_label(rate)
+        _plot(exp_dir, per_strategy, suffix, by_rate[label]["target_accuracy"], label, central)
     print(f"[experiment] written to {exp_dir} in {result['wall_seconds']:.0f} s", flush=True)
     return result
 
 
-def _markdown(result: dict[str, Any], summaries: dict[float, dict[str, list[dict[str, Any]]]]) -> str:
-    plan = result["contact_plan"]
-    head = [
-        f"# Experiment {result['experiment_id']}",
-        "",
-        f"Task `{result['task']}`, seeds {result['seeds']}, {result['duration_wall_s_per_run']:g} wall s per run, "
-        f"contact plan: {plan['mode']} ({plan['how']}; identical across runs: {plan['identical_across_runs']}). "
-        f"Values are mean ± sample std over seeds. Time to target is emulated; device-hours are wall compute; "
-        f"idle is emulated time a device waited for a model. Total wall time {result['wall_seconds']:.0f} s.",
-        "",
-    ]
-    body = []
-    for rate in summaries:
-        comparison = result["by_rate"][_rate_label(rate)]
-        body.append(markdown_table(comparison, rate))
-        c = comparison.get("claims_vs_fedavg") or {}
-        if c:
-            body.append(
-                f"EMS-FL vs FedAvg: time-to-target speed-up {_num(c['time_to_target_speedup_vs_fedavg'])}x "
-                f"(>= 2x: {c['reaches_target_2x_sooner']}), final accuracy difference "
-                f"{_num(c['final_accuracy_minus_fedavg'])} (not below: {c['final_accuracy_not_below_fedavg']}), "
-                f"uplink ratio {_num(c['uplink_ratio_vs_fedavg'])} (<= 1/C = {1 / c['C']:.3f}: "
-                f"{c['uplink_at_most_1_over_C']})\n"
-            )
-    return "\n".join(head) + "\n".join(body)
+def _plot(
+    exp_dir: Path,
+    per_strategy: dict[str, list[dict[str, Any]]],
+    suffix: str,
+    target: float,
+    rate: str,
+    central: dict[str, Any] | None = None,
+) -> dict[str, Figure]:
+    """The experiment's figures for one link rate (each as PDF and 300 dpi PNG, testbed/plots.py), by name."""
 
-
-def _num(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
-
-
-def _plot(exp_dir: Path, per_strategy: dict[str, list[dict[str, Any]]], suffix: str, target: float, rate: str) -> None:
     def hours(summary: dict[str, Any]) -> list[tuple[float, float]]:
         start = parse_iso(summary["emulated_start"])
         return [
             ((parse_iso(p["t"]) - start).total_seconds() / 3600.0, p["accuracy"]) for p in summary["accuracy_curve"]
         ]
 
-    def per_cluster_mean(key: str) -> dict[str, dict[str, float]]:
-        out: dict[str, dict[str, float]] = {}
+    def per_cluster(key: str, scale: float = 1.0) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
+        """Per strategy and cluster: the mean over seeds and the sample std (0 for one seed)."""
+        means: dict[str, dict[str, float]] = {}
+        stds: dict[str, dict[str, float]] = {}
         for strategy, runs in per_strategy.items():
-            clusters = runs[0]["per_cluster"]
-            out[strategy] = {
-                c: sum(float(r["per_cluster"][c].get(key) or 0.0) for r in runs) / len(runs) for c in clusters
+            spreads = {
+                c: spread_of([float(r["per_cluster"][c].get(key) or 0.0) / scale for r in runs])
+                for c in runs[0]["per_cluster"]
             }
-        return out
+            means[strategy] = {c: float(s["mean"]) for c, s in spreads.items()}
+            stds[strategy] = {c: float(s["std"]) for c, s in spreads.items()}
+        return means, stds
 
-    def png(name: str) -> Path:
-        return exp_dir / f"{name}{suffix}.png"
+    def path(name: str) -> Path:
+        return exp_dir / f"{name}{suffix}.png"  # plots.save writes .pdf beside it
 
-    plots.accuracy_by_strategy(
-        png("accuracy_vs_time"),
+    acc = (central or {}).get("final_accuracy") or {}
+    figures: dict[str, Figure] = {}
+    figures["accuracy_vs_time"] = plots.accuracy_by_strategy(
+        path("accuracy_vs_time"),
         {s: [hours(r) for r in runs] for s, runs in per_strategy.items()},
         f"Global accuracy against emulated time ({rate})",
         target,
+        central=(float(acc["mean"]), float(acc["std"] or 0.0)) if acc.get("mean") is not None else None,
     )
-    plots.grouped_bars(
-        png("per_cluster_accuracy"), per_cluster_mean("accuracy"), "accuracy", f"Per-cluster accuracy ({rate})"
+    bars = (
+        ("per_cluster_accuracy", "accuracy", 1.0, "accuracy", "Per-cluster accuracy"),
+        ("uplink_bytes", "bytes", 1e6, "uplink (MB)", "Uplink bytes per cluster"),
+        ("peak_memory", "peak_rss_mb", 1.0, "peak RSS (MB)", "Device peak memory"),
+        ("idle_waiting", "idle_seconds", 3600.0, "hours", "Time idle waiting for a model"),
     )
-    uplink = {s: {c: v / 1e6 for c, v in per.items()} for s, per in per_cluster_mean("bytes").items()}
-    plots.grouped_bars(png("uplink_bytes"), uplink, "uplink (MB)", f"Uplink bytes per cluster ({rate})")
-    plots.grouped_bars(
-        png("peak_memory"), per_cluster_mean("peak_rss_mb"), "peak RSS (MB)", f"Device peak memory ({rate})"
-    )
-    idle = {s: {c: v / 3600.0 for c, v in per.items()} for s, per in per_cluster_mean("idle_seconds").items()}
-    plots.grouped_bars(png("idle_waiting"), idle, "hours", f"Time idle waiting for a model ({rate})")
+    for name, key, scale, ylabel, title in bars:
+        means, stds = per_cluster(key, scale)
+        figures[name] = plots.grouped_bars(path(name), means, ylabel, f"{title} ({rate}, mean ± std over seeds)", stds)
     emsfl_runs = per_strategy.get("emsfl")
     if emsfl_runs:
-        heatmap = emsfl_runs[0]["run_id"]
-        source = exp_dir / heatmap / "assignment_heatmap.png"
-        if source.exists():
-            (exp_dir / "assignment_heatmap.png").write_bytes(source.read_bytes())
+        for fmt in FIGURE_FORMATS:
+            source = exp_dir / emsfl_runs[0]["run_id"] / f"assignment_heatmap.{fmt}"
+            if source.exists():
+                (exp_dir / f"assignment_heatmap.{fmt}").write_bytes(source.read_bytes())
+    return figures
 
 
 def load_comparison(exp_dir: Path) -> dict[str, Any]:

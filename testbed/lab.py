@@ -2,7 +2,9 @@
 
 The lab starts exactly the commands a deployment runs (`emsfl orbit|satellite|ground run`), waits for
 them to come up, lets the emulated clock run for a bounded wall time, stops everything in order, and
-writes `runs/<run-id>/` (ARCHITECTURE §8). Loopback only, without TLS: this is the local profile.
+writes `runs/<run-id>/` (ARCHITECTURE §8). Loopback only; plaintext (said out loud: the satellite runs
+`--insecure`) unless `tls` (`emsfl lab up --tls`): then a throwaway CA in the run directory, Mosquitto with TLS and
+the deployed ACL, and mutual TLS on every gRPC hop (testbed/labtls.py).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from emsfl.config import cluster_ids, field, load_topology, parse_host_port, positive, section
+from emsfl.config import ConfigError, cluster_ids, field, load_topology, parse_host_port, positive, section
 from protos import topics
 from protos.bus import Bus
 from protos.linkview import LinkView
@@ -40,6 +42,7 @@ class LabOptions:
     cache_dir: Path = Path(".cache/emsfl")
     satellite_port: int | None = None  # loopback port of the satellite node; None picks a free one
     replay_plan: Path | None = None  # drive the links from this recorded plan (`emsfl orbit run --replay`)
+    tls: bool = False  # every hop over (mutual) TLS with a throwaway CA in the run directory
     dashboard_port: int | None = None  # serve `emsfl dashboard` on this loopback port; None: no dashboard
 
 
@@ -55,6 +58,7 @@ class LabRun:
     started_wall: float = 0.0
     stopped_wall: float = 0.0
     interrupted: bool = False
+    tls: bool = False
     dashboard: RoleProcess | None = None  # left running for the outputs (accuracy); `stop_dashboard` ends it
 
 
@@ -72,6 +76,11 @@ def resolve_topology(opts: LabOptions) -> dict[str, Any]:
     if opts.broker is not None:
         host, port = parse_host_port(opts.broker, "--broker")
         broker.update(host=host, port=port)
+    if opts.tls:
+        if opts.broker is not None:
+            raise ConfigError("--broker: --tls starts its own Mosquitto with TLS; the two go without each other")
+        broker.update(host=None, tls=True)  # every MQTT session over TLS ...
+        topology.setdefault("satellite", {})["tls"] = True  # ... and every gRPC hop: no role falls back to plaintext
     return topology
 
 
@@ -138,7 +147,18 @@ def run_lab(opts: LabOptions) -> LabRun:
         plan_path=run_dir / "orbit" / "plan.json",
         orbit_events_path=run_dir / "orbit" / "events.jsonl",
         ground_dirs={c: run_dir / "ground" / c for c in clusters},
+        tls=opts.tls,
     )
+    from testbed.labtls import LabPki, device_name, gateway_name, issue_lab_pki
+
+    lab_pki: LabPki | None = None
+    if opts.tls:
+        lab_pki = issue_lab_pki(run_dir / "pki", {c: _devices(topology, c) for c in clusters})
+        _progress(f"[lab] TLS on every hop: throwaway CA and certificates in {lab_pki.directory}")
+
+    def tls_args(name: str) -> list[str]:
+        return lab_pki.args(name) if lab_pki is not None else []
+
     topology_path = run_dir / "topology.yaml"
     import yaml
 
@@ -148,21 +168,49 @@ def run_lab(opts: LabOptions) -> LabRun:
     embedded: BrokerProcess | None = None
     if broker_cfg.get("host"):
         broker_addr = f"{broker_cfg['host']}:{broker_cfg['port']}"
+    elif lab_pki is not None:
+        embedded = BrokerProcess("mosquitto", log_path=run_dir / "logs" / "broker.log", tls=lab_pki.broker())
+        (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        embedded.start()
+        broker_addr = embedded.address
+        _progress(f"[lab] Mosquitto on {broker_addr}: TLS, client certificates, the deployed ACL", final=True)
     else:
         embedded = BrokerProcess("amqtt", log_path=run_dir / "logs" / "broker.log")
         (run_dir / "logs").mkdir(parents=True, exist_ok=True)
         embedded.start()
         broker_addr = embedded.address
-        _progress(f"[lab] embedded amqtt broker on {broker_addr} (loopback, no TLS)")
-    if opts.dashboard_port is not None:
-        lab.dashboard = _start_dashboard(lab, broker_addr, opts.dashboard_port)
+        _progress(f"[lab] embedded amqtt broker on {broker_addr} (loopback, no TLS)", final=True)
+    watch_host, watch_port = parse_host_port(broker_addr, "broker")
+    # kept on screen (final): the port is free-picked per run, so this is the command that works for this run
+    watch_tls = ""
+    if lab_pki is not None:  # the read-only `monitor` certificate of this run
+        m = lab_pki.files("monitor")
+        watch_tls = f" --cafile {m.ca} --cert {m.cert} --key {m.key}"
+    _progress(
+        f"[lab] watch it: mosquitto_sub -h {watch_host} -p {watch_port}{watch_tls} -v -t 'emsfl/v1/#'", final=True
+    )
+    if opts.dashboard_port is not None:  # read-only: the `monitor` certificate under TLS
+        monitor = lab_pki.args("monitor") if lab_pki is not None else []
+        lab.dashboard = _start_dashboard(lab, broker_addr, opts.dashboard_port, monitor)
     sat_addr = f"127.0.0.1:{opts.satellite_port or free_port()}"
     logs = run_dir / "logs"
     common = ["--topology", str(topology_path), "--broker", broker_addr]
 
     satellite = RoleProcess(
         "satellite",
-        ["satellite", "run", *common, "--listen", sat_addr, "--state", str(lab.state_dir), "--base", str(base_dir)],
+        [
+            "satellite",
+            "run",
+            *common,
+            "--listen",
+            sat_addr,
+            "--state",
+            str(lab.state_dir),
+            "--base",
+            str(base_dir),
+            # the plaintext loopback profile is said out loud
+            *(tls_args("satellite") if lab_pki is not None else ["--insecure"]),
+        ],
         logs / "satellite.log",
     )
     grounds = [
@@ -180,6 +228,7 @@ def run_lab(opts: LabOptions) -> LabRun:
                 str(lab.ground_dirs[c]),
                 "--base",
                 str(base_dir),
+                *tls_args(c),
             ],
             logs / f"ground-{c}.log",
         )
@@ -203,12 +252,15 @@ def run_lab(opts: LabOptions) -> LabRun:
         ]
         grounds.append(
             RoleProcess(
-                f"gateway {c}", ["ground", "gateway", *common, *gw_args, "--listen", gw_addr], logs / f"ground-{c}.log"
+                f"gateway {c}",
+                ["ground", "gateway", *common, *gw_args, "--listen", gw_addr, *tls_args(gateway_name(c))],
+                logs / f"ground-{c}.log",
             )
         )
         for i in range(n):
             dev_dir = lab.ground_dirs[c] / "devices" / f"d{i}"
             dev_args = ["--cluster", c, "--gateway", gw_addr, "--device", f"d{i}", "--workdir", str(dev_dir)]
+            dev_args += tls_args(device_name(c, f"d{i}"))
             grounds.append(
                 RoleProcess(
                     f"device {c}/d{i}",
@@ -233,12 +285,13 @@ def run_lab(opts: LabOptions) -> LabRun:
             "--hours",
             f"{hours:.4f}",
             *(["--replay", str(opts.replay_plan)] if opts.replay_plan is not None else []),
+            *tls_args("orbit"),
         ],
         logs / "orbit.log",
     )
 
     host, port = parse_host_port(broker_addr, "broker")
-    watcher = Bus(host, port, "lab", run_id.replace(":", "-"))
+    watcher = Bus(host, port, "lab", run_id.replace(":", "-"), tls=lab_pki.files("monitor") if lab_pki else None)
     presence = _Presence(watcher)
     links = LinkView(watcher, clusters)
     started: list[RoleProcess] = []
@@ -270,11 +323,11 @@ def run_lab(opts: LabOptions) -> LabRun:
     return lab
 
 
-def _start_dashboard(lab: LabRun, broker_addr: str, port: int) -> RoleProcess | None:
+def _start_dashboard(lab: LabRun, broker_addr: str, port: int, tls_args: list[str]) -> RoleProcess | None:
     """`emsfl dashboard` on loopback, read-only, over this run's broker, satellite state and run directory."""
     from testbed.broker import wait_for_port
 
-    args = ["dashboard", "--broker", broker_addr, "--listen", f"127.0.0.1:{port}"]
+    args = ["dashboard", "--broker", broker_addr, "--listen", f"127.0.0.1:{port}", *tls_args]
     args += ["--state", str(lab.state_dir), "--run-dir", str(lab.run_dir)]
     proc = RoleProcess("dashboard", args, lab.run_dir / "logs" / "dashboard.log").start()
     try:

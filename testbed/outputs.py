@@ -111,6 +111,7 @@ def write_outputs(lab: LabRun) -> dict[str, Any]:
         "emulated_seconds": emulated_seconds,
         "wall_seconds": lab.stopped_wall - lab.started_wall if lab.started_wall else 0.0,
         "interrupted": lab.interrupted,
+        "tls": lab.tls,  # mutual TLS on every gRPC hop and TLS on every MQTT session (`emsfl lab up --tls`)
         "link_up_events": count_events(orbit_events, "link_up"),
         "uploads_committed": len(commits),
         "uploads_outside_contact": uploads_outside_contact(commits, windows),

@@ -9,12 +9,14 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import logging
+import os
 import secrets
 import sys
 from pathlib import Path
 
 from emsfl.config import ConfigError, parse_host_port
 from emsfl.errors import OneLineParser
+from protos.tls import add_tls_flags, from_env, from_flags
 
 PROG = "emsfl dashboard"
 DEFAULT_LISTEN = "127.0.0.1:8765"
@@ -27,6 +29,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--run-dir", type=Path, help="a lab run directory: every role's events.jsonl, accuracy")
     parser.add_argument("--listen", default=DEFAULT_LISTEN, help=f"HOST:PORT to serve on (default: {DEFAULT_LISTEN})")
     parser.add_argument("--operator", action="store_true", help="accept operator commands carrying the printed token")
+    # a TLS broker: the dashboard's MQTT certificate (`monitor` for a read-only view; `operator` to send commands)
+    add_tls_flags(parser)
     return parser
 
 
@@ -57,6 +61,7 @@ def main(argv: list[str]) -> int:
         args = _parser().parse_args(argv)
         host, port = parse_host_port(args.broker, "--broker")
         listen_host, listen_port = parse_host_port(args.listen, "--listen")
+        tls = from_flags(args) or from_env(os.environ)
         for flag, path in (("--state", args.state), ("--run-dir", args.run_dir)):
             if path is not None and path.exists() and not path.is_dir():
                 raise ConfigError(f"{flag}: {path} is not a directory")
@@ -74,7 +79,7 @@ def main(argv: list[str]) -> int:
         print(f"{PROG}: serving on {listen_host} (not loopback): plain HTTP, anyone who reaches it sees the page")
     token = secrets.token_urlsafe(24) if args.operator else None
     allowed = loopback_hosts(listen_port) if is_loopback(listen_host) else frozenset()
-    app = make_app(DashboardOptions(host, port, args.state, args.run_dir, token, allowed))
+    app = make_app(DashboardOptions(host, port, args.state, args.run_dir, token, allowed, tls))
     print(f"{PROG}: {page_url(listen_host, listen_port, token)}", flush=True)
     if token is not None:
         print(f"{PROG}: operator token {token} (header X-Emsfl-Token; the URL above carries it)", flush=True)

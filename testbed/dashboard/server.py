@@ -20,6 +20,7 @@ from typing import Any
 from aiohttp import web
 
 from protos import payloads
+from protos.tls import TlsFiles
 from testbed.dashboard.sources import MqttSource, RunFiles, SatelliteState
 from testbed.dashboard.state import DashboardState, Delta, sse_frame
 
@@ -48,6 +49,7 @@ class DashboardOptions:
     run_dir: Path | None = None
     operator_token: str | None = None  # None: read-only
     allowed_hosts: frozenset[str] = frozenset()  # Host headers served (empty: any); loopback: DNS rebinding guard
+    tls: TlsFiles | None = None  # the MQTT session's certificate (a TLS broker)
 
 
 class Dashboard:
@@ -60,7 +62,7 @@ class Dashboard:
         self.csp_reports: list[Any] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._replies: dict[str, asyncio.Future[dict[str, Any]]] = {}
-        self.mqtt = MqttSource(opts.broker_host, opts.broker_port, self._from_mqtt_thread)
+        self.mqtt = MqttSource(opts.broker_host, opts.broker_port, self._from_mqtt_thread, opts.tls)
         self.files = RunFiles(opts.run_dir, opts.state_dir)
         self.satellite = SatelliteState(opts.state_dir) if opts.state_dir is not None else None
         self._tasks: list[asyncio.Task[None]] = []

@@ -101,10 +101,13 @@ def test_a_leaf_of_another_ca_does_not_verify(ca_dir: Path, tmp_path: Path) -> N
     [
         (["issue", "--name", "x", "--role", "client"], "no CA in"),
         (["issue", "--name", "../evil", "--role", "client"], "not a valid name"),
-        (["issue", "--name", "ok", "--role", "server", "--cluster", "c0"], "only client certificates"),
+        (
+            ["issue", "--name", "ok", "--role", "server", "--cluster", "c0"],
+            "a server certificate carries no cluster id",
+        ),
         (["issue", "--name", "ok", "--role", "client", "--cluster", "c 0"], "--cluster"),
         (["issue", "--name", "ok", "--role", "server", "--san", "bad host!"], "neither an IP"),
-        (["issue", "--name", "ok", "--role", "client", "--san", "h.lab"], "only server certificates"),
+        (["issue", "--name", "ok", "--role", "client", "--san", "h.lab"], "only server and gateway certificates"),
         (["issue", "--name", "ok", "--role", "client", "--days", "0"], "--days"),
         (["rotate", "--name", "missing"], "no certificate missing.crt"),
     ],
@@ -134,7 +137,8 @@ def test_existing_ca_and_leaf_are_not_overwritten(ca_dir: Path, capsys: pytest.C
 def test_unknown_role_is_an_argparse_error(ca_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert emsfl_main(["pki", "issue", "--dir", str(ca_dir), "--name", "x", "--role", "admin"]) == 2
     assert capsys.readouterr().err.splitlines() == [
-        "emsfl pki issue: argument --role: invalid choice: 'admin' (choose from 'server', 'client')"
+        "emsfl pki issue: argument --role: invalid choice: 'admin'"
+        " (choose from 'server', 'client', 'gateway', 'device')"
     ]
 
 
@@ -145,3 +149,48 @@ def test_show_lists_every_leaf(ca_dir: Path, capsys: pytest.CaptureFixture[str])
     out = capsys.readouterr().out
     assert "c2-jetson: client cn=c2 cluster=c2" in out
     assert "broker: server cn=broker sans=127.0.0.1" in out
+
+
+def test_gateway_and_device_certificates(ca_dir: Path) -> None:
+    from cryptography import x509
+
+    pki.issue(ca_dir, "gw-c1", "gateway", cluster="c1", sans=["127.0.0.1"])
+    pki.issue(ca_dir, "c1-d0", "device", cluster="c1", device="d0")
+    gateway = x509.load_pem_x509_certificate((ca_dir / "gw-c1.crt").read_bytes())
+    assert pki.cluster_id(gateway) == "c1"  # the satellite sees the cluster, as of a cluster's client certificate
+    assert pki.device_id(gateway) is None
+    device = x509.load_pem_x509_certificate((ca_dir / "c1-d0.crt").read_bytes())
+    assert pki.device_id(device) == ("c1", "d0") and pki.cluster_id(device) is None  # a device is no cluster
+    leaves = {n: pki.read_leaf(ca_dir, n) for n in ("gw-c1", "c1-d0")}
+    assert (leaves["gw-c1"].role, leaves["gw-c1"].sans) == ("gateway", ("127.0.0.1",))
+    assert (leaves["c1-d0"].role, leaves["c1-d0"].cluster, leaves["c1-d0"].device) == ("device", "c1", "d0")
+    pki.rotate(ca_dir, ["gw-c1", "c1-d0"])
+    assert pki.read_leaf(ca_dir, "c1-d0").device == "d0" and pki.read_leaf(ca_dir, "gw-c1").role == "gateway"
+    with pytest.raises(pki.PkiError, match="--device"):
+        pki.issue(ca_dir, "c1-d1", "device", cluster="c1")
+    with pytest.raises(pki.PkiError, match="--cluster"):
+        pki.issue(ca_dir, "gw-x", "gateway")
+
+
+def test_issue_inventory_issues_what_site_yml_copies(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from deploy_helpers import DEPLOY
+
+    directory = tmp_path / "pki"
+    inventory = DEPLOY / "inventory" / "lab-3boards.yml"
+    assert emsfl_main(["pki", "issue-inventory", "--dir", str(directory), "--inventory", str(inventory)]) == 0
+    leaves = {n: pki.read_leaf(directory, n) for n in pki.leaf_names(directory)}
+    assert set(leaves) == {"broker", "satellite", "orbit", "jetson-a", "jetson-b", "jetson-c"}
+    assert leaves["satellite"].role == "server" and "192.168.50.10" in leaves["satellite"].sans
+    assert [leaves[h].cluster for h in ("jetson-a", "jetson-b", "jetson-c")] == ["c0", "c1", "c2"]
+    for name in leaves:
+        pki.verify(directory, name)
+    before = (directory / "jetson-a.crt").read_bytes()
+    capsys.readouterr()
+    assert emsfl_main(["pki", "issue-inventory", "--dir", str(directory), "--inventory", str(inventory)]) == 0
+    assert "jetson-a: kept (exists)" in capsys.readouterr().out
+    assert (directory / "jetson-a.crt").read_bytes() == before
+    bad = tmp_path / "bad.yml"
+    bad.write_text("all:\n  children:\n    ground:\n      hosts:\n        g1: {}\n", encoding="utf-8")
+    assert emsfl_main(["pki", "issue-inventory", "--dir", str(tmp_path / "p2"), "--inventory", str(bad)]) == 2
+    assert "g1 has no emsfl_cluster" in capsys.readouterr().err
+    assert not (tmp_path / "p2").exists()  # bad input: nothing written

@@ -1,4 +1,4 @@
-"""Ground channels notice a hard cut by keepalive (ground_node/channel.py): a call in flight when every packet
+"""Ground channels notice a hard cut by keepalive (protos/channel.py): a call in flight when every packet
 stops (no FIN, no RST: a TCP proxy that stops forwarding but keeps both sockets open) fails with UNAVAILABLE long
 before its deadline, instead of hanging until DEADLINE_EXCEEDED."""
 
@@ -12,7 +12,7 @@ from typing import Any
 import grpc
 import pytest
 
-from ground_node.channel import CLIENT_KEEPALIVE_OPTIONS, SERVER_KEEPALIVE_OPTIONS, insecure_channel
+from protos.channel import CLIENT_KEEPALIVE_OPTIONS, SERVER_KEEPALIVE_OPTIONS, open_channel
 from protos.emsfl.v1 import federation_pb2 as pb
 from protos.emsfl.v1 import federation_pb2_grpc as pb_grpc
 from satellite_node.testing import CutProxy
@@ -57,7 +57,7 @@ def test_client_options_ping_often_and_unanswered_pings_end_the_call() -> None:
 def test_hard_cut_fails_the_call_with_unavailable(satellite: tuple[SlowSatellite, int]) -> None:
     servicer, port = satellite
     proxy = CutProxy(("127.0.0.1", port))
-    channel = insecure_channel(f"127.0.0.1:{proxy.port}")
+    channel = open_channel(f"127.0.0.1:{proxy.port}", None)
     stub = pb_grpc.FederationStub(channel)
     try:
         call = stub.GetStatus.future(pb.StatusRequest(), timeout=DEADLINE_S)

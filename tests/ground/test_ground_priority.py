@@ -13,11 +13,11 @@ import grpc
 import numpy as np
 from safetensors.numpy import load as st_load
 
-from ground_node.channel import SERVER_KEEPALIVE_OPTIONS
 from ground_node.outbox import Outbox
 from ground_node.priority import plan_upload, record_acked
-from ground_node.profile import Affinity
+from ground_node.records import Affinity
 from ground_node.uplink import Uplink
+from protos.channel import SERVER_KEEPALIVE_OPTIONS
 from protos.emsfl.v1 import federation_pb2 as pb
 from protos.emsfl.v1 import federation_pb2_grpc as pb_grpc
 from protos.timefmt import to_iso

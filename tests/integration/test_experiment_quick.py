@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from PIL import Image
 
 from testbed.broker import BrokerProcess
 from testbed.experiment import STRATEGIES
@@ -51,9 +52,16 @@ def test_comparison_files(comparison: tuple[Path, dict[str, Any]]) -> None:
     exp_dir, result = comparison
     on_disk = result
     assert on_disk["experiment_id"] == "quick" and on_disk["quick"] is True
-    assert (exp_dir / "comparison.md").read_text(encoding="utf-8").count("| emsfl |") == 1
-    for png in ("accuracy_vs_time.png", "uplink_bytes.png", "idle_waiting.png"):
-        assert (exp_dir / png).stat().st_size > 0
+    markdown = (exp_dir / "comparison.md").read_text(encoding="utf-8")
+    assert markdown.count("| EMS-FL |") == 1 and "1 seed (0)" in markdown and "± " not in markdown
+    # every figure as PDF and as a 300 dpi PNG (what is drawn: tests/test_figures.py)
+    figures = ("accuracy_vs_time", "per_cluster_accuracy", "uplink_bytes", "peak_memory", "idle_waiting")
+    for name in (*figures, "assignment_heatmap"):
+        assert (exp_dir / f"{name}.pdf").read_bytes()[:5] == b"%PDF-", name
+        assert round(Image.open(exp_dir / f"{name}.png").info["dpi"][0]) == 300, name
+    run_dir = exp_dir / on_disk["runs"][0]["run_id"]
+    for name in ("contact_timeline", "accuracy", "bytes_per_cluster", "assignment_heatmap"):
+        assert (run_dir / f"{name}.pdf").exists() and (run_dir / f"{name}.png").exists(), name
     assert on_disk["seeds"] == [0] and len(on_disk["rates_bps"]) == 1
     assert on_disk["contact_plan"]["mode"] in ("replay", "deterministic")
     assert on_disk["contact_plan"]["identical_across_runs"] is True

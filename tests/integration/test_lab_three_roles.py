@@ -18,7 +18,7 @@ import yaml
 from safetensors.numpy import load as load_safetensors
 
 from protos import wire
-from protos.emsfl.v1 import federation_pb2, federation_pb2_grpc
+from protos.client import FederationClient
 from protos.events import read_events
 from protos.timefmt import parse_iso
 from testbed.broker import BrokerProcess, free_port
@@ -33,17 +33,14 @@ class StatusProbe(threading.Thread):
 
     def __init__(self, address: str, cluster: str) -> None:
         super().__init__(daemon=True)
-        self.cluster = cluster
-        self.channel = grpc.insecure_channel(address)
-        self.stub = federation_pb2_grpc.FederationStub(self.channel)
+        self.client = FederationClient(address, cluster, timeout_s=2)
         self.outcomes: list[tuple[datetime | None, grpc.StatusCode]] = []  # (server's emulated now, code)
         self.stop_event = threading.Event()
 
     def run(self) -> None:
-        metadata = ((wire.CLUSTER_METADATA_KEY, self.cluster),)
         while not self.stop_event.wait(0.5):
             try:
-                reply = self.stub.GetStatus(federation_pb2.StatusRequest(), metadata=metadata, timeout=2)
+                reply = self.client.status()
                 now = parse_iso(reply.emulated_now) if reply.emulated_now else None
                 self.outcomes.append((now, grpc.StatusCode.OK))
             except grpc.RpcError as err:
@@ -53,7 +50,7 @@ class StatusProbe(threading.Thread):
     def stop(self) -> None:
         self.stop_event.set()
         self.join(5)
-        self.channel.close()
+        self.client.close()
 
 
 @pytest.fixture(scope="module")

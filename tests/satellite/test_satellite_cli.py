@@ -26,7 +26,7 @@ def _run(tmp_path: Path, topology: str, base: Path | None = None, flags: dict[st
     args = {"--topology": str(topo), "--broker": "127.0.0.1:1", "--listen": "127.0.0.1:50999"}
     args |= {"--state": str(tmp_path / "state"), "--base": str(base or write_tiny_base(tmp_path / "base"))}
     args |= flags or {}
-    return main(["run", *[x for kv in args.items() for x in kv]])
+    return main(["run", *[x for kv in args.items() for x in kv], "--insecure"])
 
 
 @pytest.mark.parametrize(

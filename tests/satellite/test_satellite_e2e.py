@@ -17,7 +17,7 @@ from safetensors.numpy import load as st_load
 
 from protos.events import read_events
 from satellite_node import export
-from satellite_node.testing import Client, OrbitStub, encode, expert_update, write_tiny_base
+from satellite_node.testing import Client, OrbitStub, code_of, encode, expert_update, write_tiny_base
 from testbed.broker import BrokerProcess, free_port, wait_for_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -50,7 +50,7 @@ class Satellite:
     def start(self) -> None:
         argv = [sys.executable, "-m", "emsfl", "satellite", "run", "--topology", str(self.topology)]
         argv += ["--broker", f"{self.broker.host}:{self.broker.port}", "--listen", self.target]
-        argv += ["--state", str(self.state), "--base", str(self.base)]
+        argv += ["--state", str(self.state), "--base", str(self.base), "--insecure"]
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ})
         wait_for_port("127.0.0.1", self.port, timeout_s=30)
@@ -68,14 +68,6 @@ def until(check: Callable[[], bool], timeout_s: float = 15.0) -> None:
             return
         time.sleep(0.05)
     raise AssertionError("condition not reached in time")
-
-
-def code_of(call: Callable[[], object]) -> grpc.StatusCode | None:
-    try:
-        call()
-    except grpc.RpcError as exc:
-        return exc.code()  # type: ignore[no-any-return]
-    return None
 
 
 @pytest.fixture

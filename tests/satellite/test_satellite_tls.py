@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -13,16 +13,18 @@ import pytest
 from emsfl import pki
 from protos.emsfl.v1 import federation_pb2 as pb
 from protos.emsfl.v1 import federation_pb2_grpc as pb_grpc
+from protos.tls import TlsFiles
 from satellite_node.cli import main
 from satellite_node.manifest import load_manifest
 from satellite_node.node import NodeConfig, SatelliteNode
-from satellite_node.server import TlsFiles, make_server
+from satellite_node.server import make_server
 from satellite_node.store import Store
 from satellite_node.testing import (
     Client,
     FakeLinks,
     OrbitStub,
     SatelliteProcess,
+    code_of,
     encode,
     expert_update,
     write_tiny_base,
@@ -30,7 +32,6 @@ from satellite_node.testing import (
 from testbed.broker import BrokerProcess, free_port
 
 CHUNK = 256
-Creds = tuple[bytes, bytes, bytes]
 
 
 @pytest.fixture(scope="module")
@@ -46,22 +47,13 @@ def ca(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def creds(ca: Path, name: str, authority: str = "ca") -> Creds:
+def creds(ca: Path, name: str, authority: str = "ca") -> TlsFiles:
     d = ca / authority
-    return (ca / "ca" / "ca.crt").read_bytes(), (d / f"{name}.crt").read_bytes(), (d / f"{name}.key").read_bytes()
+    return TlsFiles(ca=ca / "ca" / "ca.crt", cert=d / f"{name}.crt", key=d / f"{name}.key")
 
 
 def tls_files(ca: Path) -> TlsFiles:
-    d = ca / "ca"
-    return TlsFiles(str(d / "satellite.crt"), str(d / "satellite.key"), str(d / "ca.crt"))
-
-
-def code_of(call: Callable[[], object]) -> grpc.StatusCode | None:
-    try:
-        call()
-    except grpc.RpcError as exc:
-        return exc.code()  # type: ignore[no-any-return]
-    return None
+    return creds(ca, "satellite")
 
 
 @pytest.fixture
@@ -146,6 +138,18 @@ def test_cli_tls_flags(tmp_path: Path, ca: Path, capsys: pytest.CaptureFixture[s
     assert "--insecure" in capsys.readouterr().err
     assert main([*common, *full[:-1], str(tmp_path / "nope.crt")]) == 2
     assert "--tls-ca" in capsys.readouterr().err
+    # neither TLS files nor --insecure: the node refuses to start rather than serve plaintext unasked
+    assert main(common) == 2
+    assert "--insecure" in capsys.readouterr().err
+    # a topology that asks for mutual TLS (satellite.tls: true) is not served plaintext, --insecure or not
+    topo.write_text("satellite: {tls: true}\nclusters:\n  - {id: c0, capacity_experts: 2}\n", encoding="utf-8")
+    assert main([*common, "--insecure"]) == 2
+    assert "satellite.tls" in capsys.readouterr().err
+    # the topology's tls: keys stand for the flags (paths relative to the topology file)
+    files = {k: str(d / n) for k, n in (("ca", "ca.crt"), ("cert", "satellite.crt"), ("key", "nope.key"))}
+    topo.write_text(f"tls: {files}\nclusters:\n  - {{id: c0, capacity_experts: 2}}\n", encoding="utf-8")
+    assert main(common) == 2
+    assert "tls.key" in capsys.readouterr().err
 
 
 @pytest.mark.slow
