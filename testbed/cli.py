@@ -24,16 +24,13 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--runs-dir", type=Path, default=Path("runs"))
     up.add_argument("--run-id", help="name of the run directory (default: a UTC timestamp)")
     up.add_argument("--cache-dir", type=Path, default=Path(".cache/emsfl"), help="where base models are cached")
-<<<<<<< HEAD
-    up.add_argument("--no-dashboard", action="store_true", help="do not start `emsfl dashboard` for this run")
-    up.add_argument("--dashboard-port", type=int, default=8765, help="loopback port of the dashboard (default: 8765)")
-=======
     up.add_argument(
         "--tls",
         action="store_true",
         help="every hop over mutual TLS: a throwaway CA in the run directory, Mosquitto with TLS and the ACL",
     )
->>>>>>> main
+    up.add_argument("--no-dashboard", action="store_true", help="do not start `emsfl dashboard` for this run")
+    up.add_argument("--dashboard-port", type=int, default=8765, help="loopback port of the dashboard (default: 8765)")
     exp = sub.add_parser("experiment", help="run the lab once per strategy, seed and link rate; compare them")
     exp.add_argument("--topology", type=Path, default=DEFAULT_TOPOLOGY)
     exp.add_argument("--strategies", default="emsfl,fedavg,fedasync", help="comma-separated (default: all three)")
@@ -161,11 +158,8 @@ def main(argv: list[str]) -> int:
         runs_dir=args.runs_dir,
         run_id=args.run_id,
         cache_dir=args.cache_dir,
-<<<<<<< HEAD
-        dashboard_port=None if args.no_dashboard else args.dashboard_port,
-=======
         tls=args.tls,
->>>>>>> main
+        dashboard_port=None if args.no_dashboard else args.dashboard_port,
     )
     try:
         lab = run_lab(opts)
