@@ -40,7 +40,7 @@ def _settings(topology: Path) -> Any:
 
 def _assignment(mode: str, num_layers: int, num_experts: int, capacity: int) -> Any:
     """`capacity` consecutive experts, a different run per layer, for `split`; every expert for `full`."""
-    from ground_node.split import Assignment
+    from ground_node.records import Assignment
 
     if mode == "full":
         return Assignment(0, {la: tuple(range(num_experts)) for la in range(num_layers)})

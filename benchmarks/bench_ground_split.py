@@ -48,7 +48,7 @@ def _settings(layers: int) -> Any:
 
 
 def _assignment(layers: int, held: int) -> Any:
-    from ground_node.split import Assignment
+    from ground_node.records import Assignment
 
     return Assignment(1, {la: tuple((la + 3 * i) % NUM_EXPERTS for i in range(held)) for la in range(layers)})
 

@@ -23,15 +23,15 @@ from typing import Any
 import torch
 
 from emsfl.durable import atomic_write_json
-from ground_node import handover
+from ground_node import carryover, handover
 from ground_node.base import load_base, read_manifest
 from ground_node.data import tokenizer_for, train_examples
 from ground_node.handover import Switch
 from ground_node.outbox import Outbox, StagedUpdate
 from ground_node.priority import rebase_acked
 from ground_node.profile import Profile, coverage_from_probs, profile_base
+from ground_node.records import Assignment
 from ground_node.settings import load_settings
-from ground_node.split import Assignment
 from ground_node.submodel import load_base_split
 from ground_node.train import Trainer, checkpoint_assignment, load_expert_state, peak_gpu_memory_mb
 from ground_node.uplink import Link, Uplink
@@ -245,13 +245,13 @@ class GroundAgent:
         gained, _ = handover.diff(prev, new)
         handed = handover.experts_of(switch.tensors)
         fresh = set(gained) | handed
-        carry = handover.carry_over(old, set(new.pairs()) - fresh) if old is not None else None
+        carry = carryover.carry_over(old, set(new.pairs()) - fresh) if old is not None else None
         del old
         self.trainer = None
         gc.collect()  # the old sub-model goes before the new one is read
         trainer = self._build(new, data, tok)
         if carry is not None:
-            handover.restore(trainer, carry, {layer for layer, _ in fresh})
+            carryover.restore(trainer, carry, {layer for layer, _ in fresh})
         load_expert_state(trainer, switch.tensors)
         # checkpoint first, then the assignment (see _resumed_assignment)
         trainer.save_checkpoint(self.workdir)

@@ -47,7 +47,8 @@ class Base:
 
 def ensure_converted(settings: Settings, progress: bool = False) -> Path:
     """`model.checkpoint`, built by upcycling (`model.convert`) unless it holds the same conversion already."""
-    from ground_node.convert import ConvertOptions, convert
+    from ground_node.convert import convert
+    from ground_node.convert_options import ConvertOptions
 
     m = settings.model
     assert m.checkpoint is not None and m.convert is not None

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ground_node.errors import GroundError
-from ground_node.split import Assignment
+from ground_node.records import Assignment
 from ground_node.usage import Usage
 from protos.client import ResumablePull
 from protos.wire import expert_name, parse_expert_name

@@ -117,7 +117,7 @@ def main(argv: list[str]) -> int:
             print(json.dumps(_export(args)))
             return 0
         if args.command == "convert":
-            from ground_node.convert import convert_command
+            from ground_node.convert_options import convert_command
 
             print(json.dumps(convert_command(args, progress=sys.stderr.isatty())))
             return 0
@@ -239,8 +239,8 @@ def _train(args: argparse.Namespace, topology: dict[str, Any]) -> dict[str, Any]
     from ground_node.data import tokenizer_for, train_examples
     from ground_node.outbox import Outbox
     from ground_node.profile import coverage_from_probs, profile_base
+    from ground_node.records import Assignment
     from ground_node.settings import load_settings
-    from ground_node.split import Assignment
     from ground_node.submodel import load_base_split
     from ground_node.train import Trainer, peak_gpu_memory_mb
 
@@ -334,6 +334,6 @@ def _extra_commands(sub: Any) -> None:
     ex.add_argument("--tensors", default=None, help="manifest-named safetensors (uploads, LoRA or full)")
     ex.add_argument("--submodel", action="store_true", help="only the experts named in --tensors")
     ex.add_argument("--out", required=True)
-    from ground_node.convert import add_convert_command
+    from ground_node.convert_options import add_convert_command
 
     add_convert_command(sub)

@@ -28,13 +28,13 @@ import torch
 from safetensors.numpy import save as st_save
 
 from emsfl.durable import atomic_write_json
-from ground_node import handover
+from ground_node import carryover, handover
 from ground_node.agent import peak_rss_mb
 from ground_node.data import tokenizer_for, train_examples
 from ground_node.errors import GroundError
 from ground_node.profile import Profile, coverage_from_probs, profile_base
+from ground_node.records import Assignment
 from ground_node.settings import load_settings
-from ground_node.split import Assignment
 from ground_node.submodel import load_base_split
 from ground_node.train import Trainer, load_expert_state, peak_gpu_memory_mb
 from protos.client import FederationClient, offer_message, tensor_specs
@@ -230,11 +230,11 @@ class DeviceAgent:
         pulled = pull_state(self.client, ["expert/"]) if version > 0 else {}
         tensors = handover.only_experts(pulled, set(new.pairs()))
         gained, _ = handover.diff(prev, new)
-        carry = handover.carry_over(self.trainer, set(new.pairs()) - set(gained))
+        carry = carryover.carry_over(self.trainer, set(new.pairs()) - set(gained))
         self.trainer = None
         gc.collect()  # the old sub-model goes before the new one is read
         trainer = self._build(new)
-        handover.restore(trainer, carry, {layer for layer, _ in gained})
+        carryover.restore(trainer, carry, {layer for layer, _ in gained})
         load_expert_state(trainer, tensors)
         self.trainer = trainer
         self.base_version = version

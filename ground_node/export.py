@@ -18,7 +18,7 @@ from torch import nn
 
 from ground_node.errors import GroundError
 from ground_node.evaluate import model_with_tensors
-from ground_node.split import Assignment
+from ground_node.records import Assignment
 from protos.wire import parse_expert_name
 
 

@@ -43,8 +43,7 @@ from emsfl.durable import atomic_write_bytes, atomic_write_json
 from ground_node import handover
 from ground_node.outbox import Outbox, StagedUpdate
 from ground_node.priority import rebase_acked
-from ground_node.profile import Affinity
-from ground_node.split import Assignment
+from ground_node.records import Affinity, Assignment
 from ground_node.uplink import Link, Uplink
 from protos.channel import add_port, new_server
 from protos.client import DEVICE_METADATA_KEY, ResumablePull

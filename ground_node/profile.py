@@ -17,16 +17,9 @@ import torch
 from torch import nn
 
 from ground_node.family import FamilyAdapter
-from ground_node.split import Assignment
+from ground_node.records import Affinity, Assignment
 from ground_node.synthetic import Example, encode_train
 from ground_node.tokenizer import Tokenizer
-
-
-@dataclass(frozen=True)
-class Affinity:
-    gate: np.ndarray  # [L, E] mean router probability; each row sums to 1
-    freq: np.ndarray  # [L, E] share of top-k selections; each row sums to 1
-    num_tokens: int
 
 
 @torch.no_grad()

@@ -23,7 +23,7 @@ from torch import nn
 
 from ground_node.errors import GroundError
 from ground_node.family import FamilyAdapter, HFMoEAdapter, held_router_class
-from ground_node.split import Assignment
+from ground_node.records import Assignment
 from ground_node.tensorfile import TensorFile
 from protos.wire import expert_name, shared_name
 

@@ -20,8 +20,9 @@ from torch import nn
 from emsfl.durable import fsync_dir
 from ground_node.errors import GroundError
 from ground_node.family import FamilyAdapter, set_router_softmax
+from ground_node.records import Assignment
 from ground_node.settings import TrainingSettings, resolve_device
-from ground_node.split import Assignment, apply_split
+from ground_node.split import apply_split
 from ground_node.synthetic import Example, encode_train
 from ground_node.tokenizer import CharTokenizer, Tokenizer
 from protos.wire import expert_name

@@ -16,8 +16,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import grpc
 
 from ground_node.outbox import Outbox, StagedUpdate
-from ground_node.profile import Affinity
-from ground_node.split import Assignment
+from ground_node.records import Affinity, Assignment
 from protos.client import FederationClient, offer_message
 from protos.emsfl.v1 import federation_pb2 as pb
 from protos.tls import TlsFiles

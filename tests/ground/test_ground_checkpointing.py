@@ -12,8 +12,8 @@ import torch
 
 from emsfl.config import ConfigError
 from ground_node.family import get_adapter
+from ground_node.records import Assignment
 from ground_node.settings import ModelSettings, TrainingSettings, load_settings
-from ground_node.split import Assignment
 from ground_node.synthetic import Example, encode_train
 from ground_node.tokenizer import CharTokenizer
 from ground_node.train import Trainer

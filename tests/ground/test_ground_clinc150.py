@@ -86,7 +86,7 @@ def test_upcycled_base_trains_and_answers_only_intents(tiny: dict[str, Any], tmp
     from ground_node.base import ensure_base, load_base
     from ground_node.data import label_choices, max_new_tokens, test_examples, tokenizer_for, train_examples
     from ground_node.evaluate import greedy_answers
-    from ground_node.split import Assignment
+    from ground_node.records import Assignment
     from ground_node.train import Trainer
 
     base_dir = ensure_base(copy.deepcopy(tiny), tmp_path / "cache")
@@ -159,7 +159,7 @@ def test_trainer_applies_the_configured_router_softmax(topology: dict[str, Any],
     from ground_node.base import load_base
     from ground_node.data import train_examples
     from ground_node.family import HeldRouterMixin
-    from ground_node.split import Assignment
+    from ground_node.records import Assignment
     from ground_node.train import Trainer
 
     for mode in ("held", "all"):

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ground_node.convert import ConvertOptions, convert, smollm2_dir
+from ground_node.convert import convert, smollm2_dir
+from ground_node.convert_options import ConvertOptions
 from ground_node.errors import GroundError
 from tests.ground.tiny_hf import make_dense_llama, write_text
 

@@ -9,8 +9,8 @@ import pytest
 from emsfl.config import ConfigError
 from ground_node.base import new_model
 from ground_node.profile import coverage_from_probs, profile_affinity
+from ground_node.records import Assignment
 from ground_node.settings import load_settings
-from ground_node.split import Assignment
 from ground_node.synthetic import (
     cluster_test,
     cluster_train,

@@ -19,8 +19,8 @@ from emsfl.config import ConfigError, load_topology
 from ground_node.base import load_base
 from ground_node.central import centralised
 from ground_node.cli import main
+from ground_node.records import Assignment
 from ground_node.settings import load_settings, resolve_device
-from ground_node.split import Assignment
 from ground_node.synthetic import cluster_train
 from ground_node.train import Trainer, peak_gpu_memory_mb
 

@@ -13,8 +13,8 @@ import torch
 from emsfl.config import ConfigError
 from ground_node.base import load_base
 from ground_node.data import tokenizer_for, train_examples
+from ground_node.records import Assignment
 from ground_node.settings import load_settings
-from ground_node.split import Assignment
 from ground_node.train import Trainer, resolve_dtype
 
 

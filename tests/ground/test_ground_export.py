@@ -10,8 +10,8 @@ import torch
 
 from ground_node.base import load_base
 from ground_node.export import check_onnx, export_model
+from ground_node.records import Assignment
 from ground_node.settings import load_settings
-from ground_node.split import Assignment
 from ground_node.synthetic import cluster_train
 from ground_node.train import Trainer
 

@@ -13,8 +13,9 @@ from torch import nn
 
 from ground_node.errors import GroundError
 from ground_node.family import FamilyAdapter, get_adapter
+from ground_node.records import Assignment
 from ground_node.settings import ModelSettings
-from ground_node.split import Assignment, apply_split
+from ground_node.split import apply_split
 from ground_node.submodel import load_split, split_model
 from ground_node.train import wrap_lora
 

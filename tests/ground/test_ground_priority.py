@@ -15,7 +15,7 @@ from safetensors.numpy import load as st_load
 
 from ground_node.outbox import Outbox
 from ground_node.priority import plan_upload, record_acked
-from ground_node.profile import Affinity
+from ground_node.records import Affinity
 from ground_node.uplink import Uplink
 from protos.channel import SERVER_KEEPALIVE_OPTIONS
 from protos.emsfl.v1 import federation_pb2 as pb

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from ground_node import handover
+from ground_node import carryover, handover
 from ground_node.data import tokenizer_for, train_examples
+from ground_node.records import Assignment
 from ground_node.settings import load_settings
-from ground_node.split import Assignment
 from ground_node.submodel import load_base_split
 from ground_node.train import Trainer, checkpoint_assignment, load_expert_state
 from protos.wire import expert_name
@@ -49,18 +49,18 @@ def test_switch_keeps_kept_loads_gained_drops_lost(
     gained, lost = handover.diff(OLD, NEW)
     assert gained == [(1, 1)] and lost == [(0, 1), (1, 2)]
     tensors = _handed_over(old, (1, 1))
-    slots = handover.trainable_slots(old)
+    slots = carryover.trainable_slots(old)
     layer0 = {k: v for k, v in slots.items() if k[0] == 0}
     old_moments = {
-        k: {m: handover.expert_view(old, old.optimizer.state[p][m], 0, k[1], 0).clone() for m in handover.MOMENTS}
+        k: {m: carryover.expert_view(old, old.optimizer.state[p][m], 0, k[1], 0).clone() for m in carryover.MOMENTS}
         for k, p in layer0.items()
     }
     old_counts = {k: old.optimizer.state[p]["step"].clone() for k, p in layer0.items()}
-    carry = handover.carry_over(old, set(NEW.pairs()) - set(gained))
+    carry = carryover.carry_over(old, set(NEW.pairs()) - set(gained))
     del old
 
     new = _trainer(topology, base_dir, NEW, tune)
-    handover.restore(new, carry, {1})
+    carryover.restore(new, carry, {1})
     assert load_expert_state(new, tensors) == [(1, 1)]
     state = new.expert_state()
     assert handover.experts_of(state) == {(0, 0), (1, 1), (1, 3)}  # lost experts are gone from the update
@@ -68,14 +68,14 @@ def test_switch_keeps_kept_loads_gained_drops_lost(
         want = tensors[name] if name.startswith("expert/1/1/") else before[name]
         assert np.array_equal(value, want), name
     assert new.step == 3
-    for key, param in handover.trainable_slots(new).items():
+    for key, param in carryover.trainable_slots(new).items():
         opt_state = new.optimizer.state.get(param)
         if key[0] == 1:
             assert not opt_state  # gained an expert: fresh (Adam bias correction starts over)
             continue
         assert opt_state is not None and torch.equal(opt_state["step"], old_counts[key])
-        for m in handover.MOMENTS:
-            assert torch.equal(handover.expert_view(new, opt_state[m], 0, key[1], 0), old_moments[key][m])
+        for m in carryover.MOMENTS:
+            assert torch.equal(carryover.expert_view(new, opt_state[m], 0, key[1], 0), old_moments[key][m])
     new.train_step()  # trains on: the gained expert moves, the update still names exactly the new set
     after = new.expert_state()
     assert handover.experts_of(after) == set(NEW.pairs())

@@ -8,8 +8,9 @@ import torch
 from emsfl.config import ConfigError
 from ground_node.base import new_model
 from ground_node.errors import GroundError
+from ground_node.records import Assignment
 from ground_node.settings import load_settings
-from ground_node.split import Assignment, apply_split, remove_split
+from ground_node.split import apply_split, remove_split
 from ground_node.synthetic import cluster_train, encode_train
 from ground_node.tokenizer import PAD, CharTokenizer
 

@@ -111,7 +111,7 @@ def test_empty_malformed_and_missing_datasets(topology: dict[str, Any], tmp_path
 def test_banking77_trains_and_evaluates_end_to_end(topology: dict[str, Any], tmp_path: Path) -> None:
     from ground_node.base import ensure_base, load_base
     from ground_node.evaluate import accuracy
-    from ground_node.split import Assignment
+    from ground_node.records import Assignment
     from ground_node.train import Trainer
 
     topo = copy.deepcopy(topology)

@@ -11,8 +11,8 @@ import torch
 from ground_node.base import MANIFEST, ensure_base, load_base, read_manifest
 from ground_node.errors import GroundError
 from ground_node.evaluate import accuracy, apply_tensors
+from ground_node.records import Assignment
 from ground_node.settings import load_settings
-from ground_node.split import Assignment
 from ground_node.synthetic import cluster_train
 from ground_node.train import Trainer
 from protos.wire import sha256_hex

@@ -13,7 +13,7 @@ import pytest
 
 from ground_node.agent import AgentOptions, GroundAgent
 from ground_node.outbox import Outbox
-from ground_node.profile import Affinity
+from ground_node.records import Affinity
 from protos.channel import SERVER_KEEPALIVE_OPTIONS
 from protos.emsfl.v1 import federation_pb2 as pb
 from protos.emsfl.v1 import federation_pb2_grpc as pb_grpc
@@ -184,7 +184,7 @@ def test_agent_trains_stages_uploads_and_reports(
 
 def test_updates_of_an_older_assignment_never_go_up(satellite: tuple[FakeSatellite, str], tmp_path: Path) -> None:
     """After a re-assignment the uplink drops what was staged (or cut mid-upload) under the old version."""
-    from ground_node.split import Assignment
+    from ground_node.records import Assignment
     from ground_node.uplink import Uplink
 
     fake, target = satellite
