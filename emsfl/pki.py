@@ -439,6 +439,28 @@ def verify(directory: Path, name: str) -> x509.Certificate:
     return cert
 
 
+def issue_inventory(directory: Path, inventory: Path, days: int = DEFAULT_LEAF_DAYS) -> list[str]:
+    """Issue what `inventory` needs (emsfl/pki_inventory.py) into `directory`, the CA first when missing; leaves
+    that exist are kept. One line per leaf."""
+    from emsfl.pki_inventory import InventoryError, plan
+
+    try:
+        leaves = plan(inventory)
+    except InventoryError as exc:
+        raise PkiError(str(exc)) from exc
+    if not (directory / CA_CERT).exists():
+        init_ca(directory)
+    lines = []
+    for leaf in leaves:
+        if (directory / f"{leaf['name']}.crt").exists():
+            lines.append(f"{leaf['name']}: kept (exists)")
+            continue
+        issue(directory, leaf["name"], leaf["role"], leaf.get("cluster"), leaf.get("sans", ()), days)
+        cluster = f" cluster={leaf['cluster']}" if "cluster" in leaf else ""
+        lines.append(f"{leaf['name']}: issued {leaf['role']}{cluster}")
+    return lines
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="emsfl pki", description="certificates for MQTT and gRPC TLS (ARCHITECTURE §7)")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -466,6 +488,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--days", type=positive_int, default=DEFAULT_LEAF_DAYS)
     p = sub.add_parser("show", help="list the leaves in DIR: role, cluster, SANs, expiry, chain check")
     p.add_argument("--dir", required=True, type=Path)
+    p = sub.add_parser("issue-inventory", help="every certificate an Ansible inventory needs (CA too), in one go")
+    p.add_argument("--dir", required=True, type=Path)
+    p.add_argument("--inventory", required=True, type=Path, help="a YAML inventory (deploy/inventory/*.yml)")
+    p.add_argument("--days", type=positive_int, default=DEFAULT_LEAF_DAYS)
     return parser
 
 
@@ -480,6 +506,9 @@ def main(argv: list[str]) -> int:
             )
             print(cert_path)
             print(key_path)
+        elif args.command == "issue-inventory":
+            for line in issue_inventory(args.dir, args.inventory, args.days):
+                print(line)
         elif args.command == "rotate":
             for path in rotate(args.dir, leaf_names(args.dir) if args.all else args.name, args.days):
                 print(path)

@@ -100,8 +100,10 @@ def encode(tensors: Mapping[str, np.ndarray]) -> bytes:
 class OrbitStub:
     """Publishes what the orbit service would (retained): its presence, the clock, link states."""
 
-    def __init__(self, host: str, port: int, scale: float = 1.0, epoch: datetime | None = None) -> None:
-        self.bus = Bus(host, port, role="orbit", node_id="orbit", status_topic=topics.ORBIT_STATUS)
+    def __init__(
+        self, host: str, port: int, scale: float = 1.0, epoch: datetime | None = None, tls: TlsFiles | None = None
+    ) -> None:
+        self.bus = Bus(host, port, role="orbit", node_id="orbit", status_topic=topics.ORBIT_STATUS, tls=tls)
         self.clock = EmulatedClock(epoch or datetime(2026, 3, 20, 6, 0, tzinfo=timezone.utc), time.time(), scale)
         self._seq: dict[str, int] = {}
 
@@ -152,6 +154,15 @@ class FakeLinks:
 
     def wall_rate_bytes(self, cluster: str) -> float | None:
         return None if self.rate_bps is None else self.rate_bps * self.scale / 8.0
+
+
+def code_of(call: Callable[[], object]) -> grpc.StatusCode | None:
+    """The gRPC status code `call` fails with, None when it succeeds."""
+    try:
+        call()
+    except grpc.RpcError as exc:
+        return exc.code()  # type: ignore[no-any-return]
+    return None
 
 
 def _unless_unavailable(call: Callable[[], Any]) -> bool:

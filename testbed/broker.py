@@ -8,6 +8,7 @@ tests render deploy/roles/broker's own template).
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -30,7 +31,12 @@ class MosquittoTls:
     acl: Path | None = DEPLOY_ACL  # None: every authenticated client may do anything
 
     def conf(self, host: str, port: int) -> str:
+        import pwd
+
         lines = [
+            # run as whoever starts it (Mosquitto started by root drops to `mosquitto`, which could not read the
+            # lab's private key in the run directory)
+            f"user {pwd.getpwuid(os.geteuid()).pw_name}",
             f"listener {port} {host}",
             "allow_anonymous false",
             f"cafile {self.ca}",

@@ -171,7 +171,7 @@ def run_lab(opts: LabOptions) -> LabRun:
         (run_dir / "logs").mkdir(parents=True, exist_ok=True)
         embedded.start()
         broker_addr = embedded.address
-        _progress(f"[lab] Mosquitto on {broker_addr}: TLS, client certificates, the deployed ACL")
+        _progress(f"[lab] Mosquitto on {broker_addr}: TLS, client certificates, the deployed ACL", final=True)
     else:
         embedded = BrokerProcess("amqtt", log_path=run_dir / "logs" / "broker.log")
         (run_dir / "logs").mkdir(parents=True, exist_ok=True)
@@ -180,7 +180,13 @@ def run_lab(opts: LabOptions) -> LabRun:
         _progress(f"[lab] embedded amqtt broker on {broker_addr} (loopback, no TLS)", final=True)
     watch_host, watch_port = parse_host_port(broker_addr, "broker")
     # kept on screen (final): the port is free-picked per run, so this is the command that works for this run
-    _progress(f"[lab] watch it: mosquitto_sub -h {watch_host} -p {watch_port} -v -t 'emsfl/v1/#'", final=True)
+    watch_tls = ""
+    if lab_pki is not None:  # the read-only `monitor` certificate of this run
+        m = lab_pki.files("monitor")
+        watch_tls = f" --cafile {m.ca} --cert {m.cert} --key {m.key}"
+    _progress(
+        f"[lab] watch it: mosquitto_sub -h {watch_host} -p {watch_port}{watch_tls} -v -t 'emsfl/v1/#'", final=True
+    )
     sat_addr = f"127.0.0.1:{opts.satellite_port or free_port()}"
     logs = run_dir / "logs"
     common = ["--topology", str(topology_path), "--broker", broker_addr]

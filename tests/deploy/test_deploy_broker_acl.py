@@ -22,7 +22,7 @@ from deploy_helpers import DEPLOY, require
 from paho.mqtt.enums import CallbackAPIVersion
 
 from emsfl import pki
-from testbed.broker import free_port, wait_for_port
+from testbed.broker import BrokerProcess, free_port
 
 USERS = ("orbit", "satellite", "operator", "c0", "c1")
 QUIET_S = 1.5
@@ -85,21 +85,12 @@ def acl_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
     for user, password in passwords.items():
         subprocess.run(["mosquitto_passwd", "-b", str(directory / "passwd"), user, password], check=True, timeout=30)
     port = free_port()
-    conf = directory / "mosquitto.conf"
-    conf.write_text(_render_conf(directory, port), encoding="utf-8")
-    log = open(directory / "mosquitto.log", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT)
-    try:
-        wait_for_port("127.0.0.1", port, timeout_s=15)
+    # the shared Mosquitto launcher (testbed/broker.py), here with the deploy role's own rendered config
+    broker = BrokerProcess(
+        "mosquitto", port=port, log_path=directory / "mosquitto.log", conf=_render_conf(directory, port)
+    )
+    with broker:
         yield Broker(port, pki_dir, passwords)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
 
 
 def _connect(broker: Broker, user: str, password: str | None = None, cert: bool = True) -> tuple[Client, Any]:
@@ -119,7 +110,7 @@ def _connect(broker: Broker, user: str, password: str | None = None, cert: bool 
 
     def on_message(c: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         with state.lock:
-            state.messages.append((msg.topic, msg.payload))
+            state.messages.append((msg.topic, bytes(msg.payload)))
 
     client.on_connect = on_connect
     client.on_message = on_message

@@ -1,15 +1,15 @@
-"""Provisioning over real SSH: a throwaway user on a loopback OpenSSH server gets the satellite node.
+"""Provisioning over real SSH: a throwaway user on a loopback OpenSSH server gets the satellite node and a ground node.
 
-`ansible-playbook site.yml` installs the project into the user's virtualenv (from a wheel of this checkout; the
-dependencies come from this checkout's .venv through `emsfl_venv_extra_site_dirs`, so nothing is downloaded), writes
-the topology, the certificates and the unit; the agent then starts through the very command the unit runs and answers
-gRPC; a second run changes nothing. Needs root (a user and sshd); skips otherwise, fails under CI=true.
+`ansible-playbook site.yml` (with `emsfl_tls: true`) installs the project into the user's virtualenvs (from a wheel of
+this checkout; the dependencies come from this checkout's .venv through `emsfl_venv_extra_site_dirs`, so nothing is
+downloaded), writes the topology, the certificates and the units; both agents then start through the very commands
+the units run, against a Mosquitto with TLS and the deployed ACL, and the ground agent joins the satellite over mutual
+TLS with the certificate the deploy gave it; a plaintext client is refused; a second run changes nothing. Needs root
+(a user and sshd) and mosquitto; skips otherwise, fails under CI=true.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import re
 import shutil
@@ -21,14 +21,17 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import numpy as np
 import pytest
 import yaml
 from deploy_helpers import DEPLOY, REPO, require, tool
 
 from emsfl import pki
-from testbed.broker import BrokerProcess, free_port, wait_for_port
+from protos.events import read_events
+from protos.tls import TlsFiles
+from satellite_node.testing import Client, OrbitStub, wait_until
+from testbed.broker import BrokerProcess, MosquittoTls, free_port, wait_for_port
 
 pytestmark = pytest.mark.slow
 
@@ -94,39 +97,14 @@ def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
         subprocess.run(["userdel", "--remove", user], check=False, capture_output=True, timeout=60)
 
 
-def _fake_base(directory: Path) -> None:
-    """A tiny base directory in the format of docs/INTERFACES.md (no torch needed)."""
-    from safetensors.numpy import save_file
-
-    layers, experts, hidden, inter, rank = 2, 8, 64, 96, 8
-    rng = np.random.default_rng(0)
-    tensors = {"shared/model.embed_tokens.weight": rng.standard_normal((32, hidden)).astype(np.float32)}
-    for layer in range(layers):
-        for expert in range(experts):
-            tensors[f"expert/{layer}/{expert}/gate_up_proj"] = rng.standard_normal((2 * inter, hidden)).astype(
-                np.float32
-            )
-            tensors[f"expert/{layer}/{expert}/down_proj"] = rng.standard_normal((hidden, inter)).astype(np.float32)
-    directory.mkdir(parents=True)
-    save_file(tensors, str(directory / "base.safetensors"))
-    parts = [
-        {"name": "gate_up_proj.lora_A", "dtype": "F32", "shape": [rank, hidden]},
-        {"name": "gate_up_proj.lora_B", "dtype": "F32", "shape": [2 * inter, rank]},
-        {"name": "down_proj.lora_A", "dtype": "F32", "shape": [rank, inter]},
-        {"name": "down_proj.lora_B", "dtype": "F32", "shape": [hidden, rank]},
-    ]
-    manifest = {
-        "family": "olmoe",
-        "num_layers": layers,
-        "num_experts": experts,
-        "top_k": 2,
-        "tune": "lora",
-        "lora_rank": rank,
-        "lora_alpha": 16,
-        "base_hash": hashlib.sha256((directory / "base.safetensors").read_bytes()).hexdigest(),
-        "expert_parts": parts,
-    }
-    (directory / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+def _tiny_topology(path: Path) -> None:
+    """The local lab's topology, trimmed so that the base warms up and the ground agent profiles in seconds."""
+    topology = yaml.safe_load((REPO / "testbed/topologies/local.yaml").read_text(encoding="utf-8"))
+    topology["data"]["train_per_cluster"] = 200
+    topology["data"]["test_per_domain"] = 10
+    topology["warmup"]["steps"] = 5
+    topology.setdefault("training", {})["profile_examples"] = 16
+    path.write_text(yaml.safe_dump(topology, sort_keys=False), encoding="utf-8")
 
 
 def _wheel(out: Path) -> Path:
@@ -162,17 +140,22 @@ def _playbook(inventory: Path, workdir: Path) -> subprocess.CompletedProcess[str
     )
 
 
-def test_site_provisions_the_satellite_node_over_ssh(target: Target, broker: BrokerProcess) -> None:
+def test_site_provisions_satellite_and_ground_with_mutual_tls(target: Target) -> None:
     tool("ansible-playbook")
+    require(shutil.which("mosquitto") is not None, "mosquitto is not installed (apt-get install mosquitto)")
     work = target.workdir
     pki_dir = work / "pki"
-    pki.init_ca(pki_dir)
-    pki.issue(pki_dir, "satellite", "server", sans=["127.0.0.1", "localhost"])
+    inventory = work / "inventory.yml"
+    topology_path = work / "topology.yaml"
+    _tiny_topology(topology_path)
     base = work / "base"
-    _fake_base(base)
+    from ground_node.base import build_base
+
+    build_base(yaml.safe_load(topology_path.read_text(encoding="utf-8")), base)
     wheel = _wheel(work / "dist")
-    satellite_port = free_port()
+    satellite_port, broker_port = free_port(), free_port()
     emsfl_home = target.home / "emsfl"
+    ground_home = target.home / "emsfl-ground"  # the same login, a second testbed host
     site_packages = sysconfig.get_paths()["purelib"]
     host_vars = {
         "ansible_host": "127.0.0.1",
@@ -182,7 +165,7 @@ def test_site_provisions_the_satellite_node_over_ssh(target: Target, broker: Bro
         "ansible_ssh_common_args": "-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null",
         "ansible_python_interpreter": "/usr/bin/python3",
     }
-    group_vars = {
+    group_vars: dict[str, Any] = {
         "emsfl_user": target.user,
         "emsfl_manage_user": False,
         "emsfl_become": False,
@@ -191,27 +174,32 @@ def test_site_provisions_the_satellite_node_over_ssh(target: Target, broker: Bro
         "emsfl_python": f"/usr/bin/python{sys.version_info.major}.{sys.version_info.minor}",
         "emsfl_venv_extra_site_dirs": [site_packages],
         "emsfl_wheel": str(wheel),
-        "emsfl_topology": str(REPO / "testbed/topologies/local.yaml"),
+        "emsfl_topology": str(topology_path),
         "emsfl_pki_dir": str(pki_dir),
         "emsfl_secrets_dir": str(work / "secrets"),
         "emsfl_base_src": str(base),
         "emsfl_tls": True,
-        "emsfl_broker_host": broker.host,
-        "emsfl_broker_port": broker.port,
+        "emsfl_broker_host": "127.0.0.1",
+        "emsfl_broker_port": broker_port,
         "emsfl_satellite_host": "127.0.0.1",
         "emsfl_satellite_port": satellite_port,
         "emsfl_satellite_listen": f"127.0.0.1:{satellite_port}",
     }
-    require(Path(group_vars["emsfl_python"]).exists(), f"{group_vars['emsfl_python']} (matching this venv) is missing")
-    inventory = work / "inventory.yml"
-    inventory.write_text(
-        yaml.safe_dump({"all": {"vars": group_vars, "children": {"satellite": {"hosts": {"sat1": host_vars}}}}}),
-        encoding="utf-8",
-    )
+    python = str(group_vars["emsfl_python"])
+    require(Path(python).exists(), f"{python} (matching this venv) is missing")
+    ground_vars = {**host_vars, "emsfl_home": str(ground_home), "emsfl_cluster": "c0"}
+    children = {"satellite": {"hosts": {"sat1": host_vars}}, "ground": {"hosts": {"gnd1": ground_vars}}}
+    inventory.write_text(yaml.safe_dump({"all": {"vars": group_vars, "children": children}}), encoding="utf-8")
+    # every certificate the inventory needs, in one command; the broker's and the orbit stand-in's too
+    from emsfl.pki import main as pki_main
+
+    assert pki_main(["issue-inventory", "--dir", str(pki_dir), "--inventory", str(inventory)]) == 0
+    pki.issue(pki_dir, "broker", "server", sans=["127.0.0.1", "localhost"])
+    pki.issue(pki_dir, "orbit", "client")
 
     first = _playbook(inventory, work)
     assert first.returncode == 0, first.stdout[-6000:] + first.stderr[-3000:]
-    assert _recap(first.stdout)["sat1"]["failed"] == 0
+    assert _recap(first.stdout)["sat1"]["failed"] == 0 and _recap(first.stdout)["gnd1"]["failed"] == 0
 
     # The project, its config and certificates are in place.
     venv = emsfl_home / "venv"
@@ -223,9 +211,9 @@ def test_site_provisions_the_satellite_node_over_ssh(target: Target, broker: Bro
     )
     assert version.returncode == 0 and version.stdout.startswith("emsfl "), version.stderr
     topology = yaml.safe_load((emsfl_home / "etc/topology.yaml").read_text(encoding="utf-8"))
-    assert topology["broker"]["port"] == broker.port
-    assert topology["satellite"]["port"] == satellite_port
-    assert topology["clusters"] == yaml.safe_load((REPO / "testbed/topologies/local.yaml").read_text())["clusters"]
+    assert topology["broker"]["port"] == broker_port
+    assert topology["satellite"]["port"] == satellite_port and topology["satellite"]["tls"] is True
+    assert topology["clusters"] == yaml.safe_load(topology_path.read_text())["clusters"]
     tls = emsfl_home / "etc/tls"
     assert (tls / "ca.crt").read_bytes() == (pki_dir / "ca.crt").read_bytes()
     assert stat.S_IMODE((tls / "satellite.key").stat().st_mode) == 0o600
@@ -245,38 +233,53 @@ def test_site_provisions_the_satellite_node_over_ssh(target: Target, broker: Bro
     assert second.returncode == 0, second.stdout[-6000:] + second.stderr[-3000:]
     recap = _recap(second.stdout)
     assert recap["sat1"]["changed"] == 0, second.stdout[-6000:]
+    assert recap["gnd1"]["changed"] == 0, second.stdout[-6000:]
+    ground_env = (ground_home / "etc/ground.env").read_text(encoding="utf-8")
+    assert "EMSFL_TLS_CERT=" in ground_env and (ground_home / "etc/tls/ground.crt").exists()
     assert recap["localhost"]["changed"] == 0, second.stdout[-6000:]
 
-    # The agent starts through the unit's command and answers gRPC.
-    if not (REPO / "satellite_node/cli.py").exists():
-        pytest.skip("satellite_node/cli.py is not written yet: provisioning checked, agent start not")
-    log = open(work / "satellite.log", "wb")  # noqa: SIM115 - owned by the child
-    agent = subprocess.Popen(["runuser", "-u", target.user, "--", str(command)], stdout=log, stderr=subprocess.STDOUT)
+    # Both agents start through the units' commands; the ground agent joins over mutual TLS.
+    broker_tls = MosquittoTls(ca=pki_dir / "ca.crt", cert=pki_dir / "broker.crt", key=pki_dir / "broker.key")
+    broker = BrokerProcess("mosquitto", port=broker_port, log_path=work / "broker.log", tls=broker_tls).start()
+    orbit_tls = TlsFiles(ca=pki_dir / "ca.crt", cert=pki_dir / "orbit.crt", key=pki_dir / "orbit.key")
+    orbit = OrbitStub("127.0.0.1", broker_port, tls=orbit_tls).start()
+    orbit.set_link("c0", True)
+    agents: list[tuple[subprocess.Popen[bytes], Any]] = []
     try:
-        try:
-            wait_for_port("127.0.0.1", satellite_port, timeout_s=60)
-        except TimeoutError:
-            pytest.fail(f"the satellite did not listen: {(work / 'satellite.log').read_text(errors='replace')[-3000:]}")
-        import grpc
+        for name, home in (("satellite", emsfl_home), ("ground", ground_home)):
+            log = open(work / f"{name}.log", "wb")  # noqa: SIM115 - closed below
+            argv = ["runuser", "-u", target.user, "--", str(home / f"bin/emsfl-{name}")]
+            agents.append((subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT), log))
+            if name == "satellite":
+                try:
+                    wait_for_port("127.0.0.1", satellite_port, timeout_s=60)
+                except TimeoutError:
+                    tail = (work / "satellite.log").read_text(errors="replace")[-3000:]
+                    pytest.fail(f"the satellite did not listen: {tail}")
+        events = emsfl_home / "state/satellite/events.jsonl"
 
-        from protos.emsfl.v1 import federation_pb2, federation_pb2_grpc
-        from protos.wire import CLUSTER_METADATA_KEY
+        def joined() -> bool:
+            for proc, _ in agents:
+                assert proc.poll() is None, (work / "ground.log").read_text(errors="replace")[-3000:]
+            return events.exists() and any(
+                e.get("event") == "joined" and e.get("cluster") == "c0" for e in read_events(events)
+            )
 
-        with grpc.insecure_channel(f"127.0.0.1:{satellite_port}") as channel:
-            stub = federation_pb2_grpc.FederationStub(channel)
-            try:
-                reply = stub.GetStatus(
-                    federation_pb2.StatusRequest(), metadata=((CLUSTER_METADATA_KEY, "c0"),), timeout=20
-                )
-                assert reply is not None
-            except grpc.RpcError as exc:  # an answer of the server (e.g. the link of c0 is down), not a dead socket
-                assert isinstance(exc, grpc.Call)
-                assert exc.code() != grpc.StatusCode.UNAVAILABLE or "link" in (exc.details() or ""), exc
+        wait_until("the ground agent's join over mutual TLS", joined, 240)
+        assert "mutual TLS" in (work / "satellite.log").read_text(encoding="utf-8", errors="replace")
+        plaintext = Client(f"127.0.0.1:{satellite_port}", "c0")
+        with pytest.raises(Exception) as refused:
+            plaintext.status(timeout_s=10)
+        plaintext.close()
+        assert "UNAVAILABLE" in str(refused.value)
     finally:
-        agent.terminate()
-        try:
-            agent.wait(20)
-        except subprocess.TimeoutExpired:
-            agent.kill()
-            agent.wait()
-        log.close()
+        for proc, log in agents:
+            proc.terminate()
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            log.close()
+        orbit.stop()
+        broker.stop()

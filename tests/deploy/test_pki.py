@@ -170,3 +170,27 @@ def test_gateway_and_device_certificates(ca_dir: Path) -> None:
         pki.issue(ca_dir, "c1-d1", "device", cluster="c1")
     with pytest.raises(pki.PkiError, match="--cluster"):
         pki.issue(ca_dir, "gw-x", "gateway")
+
+
+def test_issue_inventory_issues_what_site_yml_copies(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from deploy_helpers import DEPLOY
+
+    directory = tmp_path / "pki"
+    inventory = DEPLOY / "inventory" / "lab-3boards.yml"
+    assert emsfl_main(["pki", "issue-inventory", "--dir", str(directory), "--inventory", str(inventory)]) == 0
+    leaves = {n: pki.read_leaf(directory, n) for n in pki.leaf_names(directory)}
+    assert set(leaves) == {"broker", "satellite", "orbit", "jetson-a", "jetson-b", "jetson-c"}
+    assert leaves["satellite"].role == "server" and "192.168.50.10" in leaves["satellite"].sans
+    assert [leaves[h].cluster for h in ("jetson-a", "jetson-b", "jetson-c")] == ["c0", "c1", "c2"]
+    for name in leaves:
+        pki.verify(directory, name)
+    before = (directory / "jetson-a.crt").read_bytes()
+    capsys.readouterr()
+    assert emsfl_main(["pki", "issue-inventory", "--dir", str(directory), "--inventory", str(inventory)]) == 0
+    assert "jetson-a: kept (exists)" in capsys.readouterr().out
+    assert (directory / "jetson-a.crt").read_bytes() == before
+    bad = tmp_path / "bad.yml"
+    bad.write_text("all:\n  children:\n    ground:\n      hosts:\n        g1: {}\n", encoding="utf-8")
+    assert emsfl_main(["pki", "issue-inventory", "--dir", str(tmp_path / "p2"), "--inventory", str(bad)]) == 2
+    assert "g1 has no emsfl_cluster" in capsys.readouterr().err
+    assert not (tmp_path / "p2").exists()  # bad input: nothing written

@@ -29,7 +29,7 @@ from emsfl import pki
 from protos import topics
 from protos.bus import Bus
 from protos.tls import TlsFiles
-from satellite_node.testing import Client, encode, expert_update, wait_until
+from satellite_node.testing import Client, code_of, encode, expert_update, wait_until
 from testbed.broker import free_port
 from testbed.lab import LabOptions, LabRun, run_lab
 from testbed.labtls import LabPki
@@ -39,14 +39,6 @@ pytestmark = pytest.mark.slow
 TOPOLOGY = Path(__file__).resolve().parents[2] / "testbed" / "topologies" / "two-by-two.yaml"
 RUN_ID = "tls"
 WAIT_S = 600.0  # the base model's warm-up comes first, on a loaded machine
-
-
-def code_of(call: Callable[[], object]) -> grpc.StatusCode | None:
-    try:
-        call()
-    except grpc.RpcError as exc:
-        return exc.code()  # type: ignore[no-any-return]
-    return None
 
 
 def link_gated(call: Callable[[], object], timeout_s: float = 300.0) -> grpc.StatusCode | None:
@@ -183,8 +175,8 @@ def _probe(run_dir: Path, sat_port: int, rogue: Path, findings: dict[str, Any]) 
     lab_pki = LabPki(run_dir / "pki")
     ca = lab_pki.directory / pki.CA_CERT
     wait_until("the lab's PKI", lambda: (lab_pki.directory / "monitor.key").exists(), WAIT_S)
-    topology = yaml.safe_load((run_dir / "topology.yaml").read_text(encoding="utf-8"))
     argv = wait_until("the satellite process", lambda: _satellite_argv(run_dir), WAIT_S)
+    topology = yaml.safe_load((run_dir / "topology.yaml").read_text(encoding="utf-8"))
     broker_port = int(argv[argv.index("--broker") + 1].rsplit(":", 1)[1])
     base = Path(argv[argv.index("--base") + 1])
     # the gateway announces where its devices reach it

@@ -17,7 +17,7 @@ from safetensors.numpy import load as st_load
 
 from protos.events import read_events
 from satellite_node import export
-from satellite_node.testing import Client, OrbitStub, encode, expert_update, write_tiny_base
+from satellite_node.testing import Client, OrbitStub, code_of, encode, expert_update, write_tiny_base
 from testbed.broker import BrokerProcess, free_port, wait_for_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -68,14 +68,6 @@ def until(check: Callable[[], bool], timeout_s: float = 15.0) -> None:
             return
         time.sleep(0.05)
     raise AssertionError("condition not reached in time")
-
-
-def code_of(call: Callable[[], object]) -> grpc.StatusCode | None:
-    try:
-        call()
-    except grpc.RpcError as exc:
-        return exc.code()  # type: ignore[no-any-return]
-    return None
 
 
 @pytest.fixture

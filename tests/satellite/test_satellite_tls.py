@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -24,6 +24,7 @@ from satellite_node.testing import (
     FakeLinks,
     OrbitStub,
     SatelliteProcess,
+    code_of,
     encode,
     expert_update,
     write_tiny_base,
@@ -53,14 +54,6 @@ def creds(ca: Path, name: str, authority: str = "ca") -> TlsFiles:
 
 def tls_files(ca: Path) -> TlsFiles:
     return creds(ca, "satellite")
-
-
-def code_of(call: Callable[[], object]) -> grpc.StatusCode | None:
-    try:
-        call()
-    except grpc.RpcError as exc:
-        return exc.code()  # type: ignore[no-any-return]
-    return None
 
 
 @pytest.fixture
