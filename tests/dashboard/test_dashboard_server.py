@@ -170,3 +170,14 @@ def test_bad_arguments_give_one_line_and_exit_2(args: list[str], message: str) -
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_lab_up_refuses_a_bad_dashboard_port_before_starting_anything(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "emsfl", "lab", "up", "--dashboard-port", "70000", "--runs-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2 and "--dashboard-port" in result.stderr
+    assert list(tmp_path.iterdir()) == []  # no run directory
