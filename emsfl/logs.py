@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 
 # Set by `emsfl -v`/`-vv` and inherited by the processes a command starts (the lab's roles).
 VERBOSE_ENV = "EMSFL_VERBOSE"
@@ -39,3 +40,5 @@ def setup(fmt: str, *, service: bool) -> None:
     if not service and verbosity() == 0:
         for name in NOISY:
             logging.getLogger(name).setLevel(logging.ERROR)
+        # libraries' notices to their own callers (torch's pytree deprecations during ONNX export), not to a user
+        warnings.simplefilter("ignore", FutureWarning)

@@ -117,7 +117,7 @@ def main(argv: list[str]) -> int:
             print(json.dumps(_export(args)))
             return 0
         if args.command == "convert":
-            from ground_node.convert_options import convert_command
+            from ground_node.convert import convert_command
 
             print(json.dumps(convert_command(args, progress=sys.stderr.isatty())))
             return 0

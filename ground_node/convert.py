@@ -324,3 +324,13 @@ def convert(opts: ConvertOptions, out: Path, progress: bool = False) -> dict[str
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return {**report, "cached": False}
+
+
+def convert_command(args: Any, progress: bool) -> dict[str, Any]:
+    """`emsfl ground convert`: the conversion the flags describe, into `--out` (or the default cache directory)."""
+    from ground_node.convert_options import default_out, options_from_args
+
+    opts = options_from_args(args)
+    out = Path(args.out) if args.out else default_out(opts)
+    report = convert(opts, out, progress)
+    return {"out": str(out), **report}

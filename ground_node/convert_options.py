@@ -56,8 +56,8 @@ def add_convert_command(sub: Any) -> None:
     cv.add_argument("--out", default=None, help="output directory (default .cache/emsfl/<source>-moe-<E>x<k>-<router>)")
 
 
-def convert_command(args: Any, progress: bool) -> dict[str, Any]:
-    opts = ConvertOptions(
+def options_from_args(args: Any) -> ConvertOptions:
+    return ConvertOptions(
         source=args.source,
         num_experts=args.experts,
         top_k=args.top_k,
@@ -66,8 +66,3 @@ def convert_command(args: Any, progress: bool) -> dict[str, Any]:
         kmeans_tokens=args.kmeans_tokens,
         seed=args.seed,
     )
-    out = Path(args.out) if args.out else default_out(opts)
-    from ground_node.convert import convert
-
-    report = convert(opts, out, progress)
-    return {"out": str(out), **report}

@@ -89,6 +89,10 @@ class FamilyAdapter(ABC):
     def hf_expert_name(self, layer: int, part: str) -> str:
         """The HF parameter name of a fused expert tensor."""
 
+    def softmax_choice_matters(self, model: nn.Module) -> bool:
+        """Whether `training.router_softmax` (held | all) changes a restricted router's weights."""
+        return True
+
     # ---- generic helpers built on the above --------------------------------------------------
 
     def lora_parts(self) -> tuple[str, ...]:
@@ -491,6 +495,10 @@ class HFMoEAdapter(FamilyAdapter):
 
     def norm_topk(self, model: nn.Module) -> bool:
         return bool(getattr(self._base(model).config, "norm_topk_prob", False))
+
+    def softmax_choice_matters(self, model: nn.Module) -> bool:
+        # renormalised top-k weights, or a softmax over the top-k logits only: the denominator cancels
+        return self.scoring == "softmax" and not self.norm_topk(model)
 
     def original_router_class(self, router: nn.Module) -> type:
         cls = type(router)

@@ -14,7 +14,8 @@ link, the clock and the baselines.
 
 Under `split=mask` the federation runs twice, once per `training.router_softmax` (the topology's first, the other
 under `other_router_softmax`): the held experts' logits masked before the softmax, or their probabilities taken
-from the full model's softmax. Families that renormalise the top-k weights (Mixtral) route identically under both.
+from the full model's softmax. Families that renormalise the top-k weights (Mixtral) route identically under both,
+so there the second run is skipped and said so (`same_as_configured`).
 """
 
 from __future__ import annotations
@@ -133,7 +134,15 @@ def merge_gap(topology: dict[str, Any], cache_dir: Path, steps: int) -> dict[str
 
     clusters, merged_global = federate(settings.training)
     other: dict[str, Any] | None = None
-    if settings.training.split == "mask":
+    same_routing = not base.adapter.softmax_choice_matters(base.model)
+    if settings.training.split == "mask" and same_routing:
+        # the top-k weights are renormalised: both softmaxes give the same weights, so the run is not repeated
+        other = {
+            "router_softmax": "all" if settings.training.router_softmax == "held" else "held",
+            "same_as_configured": True,
+            "why": f"{base.adapter.name} normalises the top-{top_k} weights: held and all route identically",
+        }
+    elif settings.training.split == "mask":
         mode = "all" if settings.training.router_softmax == "held" else "held"
         other_clusters, other_global = federate(dataclasses.replace(settings.training, router_softmax=mode))
         other = {

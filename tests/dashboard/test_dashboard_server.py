@@ -79,6 +79,13 @@ def test_page_is_served_with_a_strict_content_security_policy(readonly: str) -> 
     assert _request(readonly + "/static/../server.py")[0] == 404
 
 
+def test_a_foreign_host_name_is_refused_on_loopback(readonly: str) -> None:
+    req = urllib.request.Request(readonly + "/api/snapshot", headers={"Host": "attacker.example:80"})
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(req, timeout=30)
+    assert err.value.code == 421
+
+
 def test_snapshot_and_stream_follow_the_broker(readonly: str, broker: BrokerProcess) -> None:
     client = mqtt.Client(CallbackAPIVersion.VERSION2)
     client.connect(broker.host, broker.port)

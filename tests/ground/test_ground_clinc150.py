@@ -181,3 +181,17 @@ def test_committed_topology_gives_every_domain_to_one_cluster() -> None:
     assert len(given) == len(set(given)) == 10
     assert s.model.family == "mixtral" and s.model.convert == {"source": "smollm2", "router_init": "kmeans"}
     assert s.data.prompt == "chat" and s.training.router_softmax == "held"
+
+
+@needs_clinc
+def test_merge_gap_on_the_upcycled_base_says_mixtral_routes_alike_under_both_softmaxes(
+    tiny: dict[str, Any], tmp_path: Path
+) -> None:
+    from testbed.mergegap import merge_gap
+
+    report = merge_gap(copy.deepcopy(tiny), tmp_path / "cache", steps=2)
+    assert report["family"] == "mixtral" and report["router_softmax"] == "held"
+    assert report["other_router_softmax"]["same_as_configured"] is True
+    for row in report["clusters"].values():
+        assert 0.0 <= row["all_top_k_held_share"] <= row["routing_coverage"] + 1e-9
+        assert 0.0 <= row["merged_accuracy"] <= 1.0

