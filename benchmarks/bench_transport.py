@@ -441,7 +441,8 @@ def run_throughput(mib: int, repeat: int, chunk: int) -> dict[str, Any]:
         "note": "best of `repeat` runs (median also given); MB = 1e6 bytes; upload includes serialise, hash,"
         " verify and fsync; the client and the server share the machine's cores (and with other jobs: see the"
         " load averages); page_cache_write_MBps is this machine's rate of writing into fresh page cache, which"
-        " the durable store of every upload pays",
+        " the durable store of every upload pays; upload_tls is the same upload over mutual TLS (ECDSA P-256),"
+        " interleaved with the plaintext runs, so both see the same load; tls_cost_fraction compares the bests",
     }
 
 
