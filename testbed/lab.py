@@ -325,13 +325,24 @@ def run_lab(opts: LabOptions) -> LabRun:
 
 def _start_dashboard(lab: LabRun, broker_addr: str, port: int, tls_args: list[str]) -> RoleProcess | None:
     """`emsfl dashboard` on loopback, read-only, over this run's broker, satellite state and run directory."""
+    import socket
+
     from testbed.broker import wait_for_port
 
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as aiohttp binds: a closing socket is no owner
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            _progress(f"[lab] port {port} is taken: no dashboard (--dashboard-port N picks another)", final=True)
+            return None
     args = ["dashboard", "--broker", broker_addr, "--listen", f"127.0.0.1:{port}", *tls_args]
     args += ["--state", str(lab.state_dir), "--run-dir", str(lab.run_dir)]
     proc = RoleProcess("dashboard", args, lab.run_dir / "logs" / "dashboard.log").start()
     try:
         wait_for_port("127.0.0.1", port, 30.0)
+        if not proc.running:
+            raise TimeoutError
     except TimeoutError:
         proc.stop()
         _progress(f"[lab] the dashboard did not start (port {port} taken?); see {proc.log_path}; going on without it")

@@ -170,3 +170,28 @@ def test_bad_arguments_give_one_line_and_exit_2(args: list[str], message: str) -
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_lab_up_refuses_a_bad_dashboard_port_before_starting_anything(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "emsfl", "lab", "up", "--dashboard-port", "70000", "--runs-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2 and "--dashboard-port" in result.stderr
+    assert list(tmp_path.iterdir()) == []  # no run directory
+
+
+def test_lab_goes_on_without_a_dashboard_when_its_port_is_taken(tmp_path: Path) -> None:
+    import socket
+
+    from testbed.lab import LabRun, _start_dashboard
+
+    lab = LabRun(tmp_path, {}, tmp_path, tmp_path / "state", tmp_path / "plan.json", tmp_path / "orbit.jsonl", {})
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert _start_dashboard(lab, "127.0.0.1:1", port, []) is None
+    assert not (tmp_path / "logs" / "dashboard.log").exists()  # nothing was started

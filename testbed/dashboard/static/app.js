@@ -79,9 +79,9 @@
       case "orbit_status":
         S.orbitOnline = d.online; S.orbitOfflineWall = d.offline_wall; dirty.add("clock"); dirty.add("links"); break;
       case "link":
-        addCluster(d.cluster); S.links[d.cluster] = d.link; dirty.add("link:" + d.cluster); dirty.add("map");
-        dirty.add("timeline"); break;
-      case "windows": addCluster(d.cluster); S.windows[d.cluster] = d.windows; dirty.add("timeline"); break;
+        addCluster(d.cluster); S.links[d.cluster] = d.link; dirty.add("link:" + d.cluster); dirty.add("map"); break;
+      // the timeline redraws with the clock (tick), four times a second
+      case "windows": addCluster(d.cluster); S.windows[d.cluster] = d.windows; break;
       case "satellites": S.satellites = d; dirty.add("map"); break;
       case "sites": S.sites = d.sites; Object.keys(d.sites).forEach(addCluster); dirty.add("sites"); break;
       case "ground": {
@@ -97,13 +97,18 @@
         dirty.add("events"); break;
       default: break;
     }
-    if (!flushQueued) { flushQueued = true; setTimeout(flush, 0); }
+    queueFlush();
   }
 
   // -- rendering ---------------------------------------------------------------------------------------
+  const EVENTS_EVERY_MS = 300; // the event log redraws at most this often: link states go first
+  let eventsDrawnAt = 0;
+  let eventsTimer = null;
+  function queueFlush() { if (!flushQueued) { flushQueued = true; setTimeout(flush, 0); } }
   function flush() {
     flushQueued = false;
     const all = dirty.has("all");
+    let later = false;
     if (all || dirty.has("clusters")) renderClusterRows();
     for (const c of S.clusters) {
       if (all || dirty.has("clusters") || dirty.has("links") || dirty.has("link:" + c)) renderLink(c);
@@ -115,9 +120,18 @@
     if (all || dirty.has("timeline") || dirty.has("clusters")) renderTimeline();
     if (all || dirty.has("satellite") || dirty.has("clusters")) renderSatellite();
     if (all || dirty.has("accuracy")) renderAccuracy();
-    if (all || dirty.has("events") || dirty.has("clusters")) renderEvents();
+    if (all || dirty.has("events") || dirty.has("clusters")) {
+      if (all || performance.now() - eventsDrawnAt >= EVENTS_EVERY_MS) {
+        renderEvents(); eventsDrawnAt = performance.now();
+      } else {
+        later = true;
+      }
+    }
     if (all) renderOperator();
     dirty.clear();
+    if (later && eventsTimer === null) {
+      eventsTimer = setTimeout(() => { eventsTimer = null; dirty.add("events"); queueFlush(); }, EVENTS_EVERY_MS);
+    }
     if (hooks.firstRenderMs === null && S.clock) hooks.firstRenderMs = performance.now();
   }
 
@@ -418,6 +432,6 @@
     connect();
     setInterval(tick, 250);
     // a link counts as down once its predicted end passes, even before the down message arrives
-    setInterval(() => { dirty.add("links"); dirty.add("map"); if (!flushQueued) { flushQueued = true; setTimeout(flush, 0); } }, 1000);
+    setInterval(() => { dirty.add("links"); dirty.add("map"); queueFlush(); }, 1000);
   });
 })();
