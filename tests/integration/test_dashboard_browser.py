@@ -142,6 +142,7 @@ def watched(tmp_path_factory: pytest.TempPathFactory, module_broker: BrokerProce
               heatmap: document.querySelectorAll('#heatmap rect[data-owner]:not([data-owner=""])').length,
               accuracy: document.querySelectorAll('#accuracy circle').length,
               strategy: document.getElementById('strategy').textContent,
+              operatorHidden: document.getElementById('operator-panel').classList.contains('hidden'),
             };"""
         )
         errors = probe.console_errors(driver)
@@ -252,6 +253,7 @@ def test_panels_show_training_assignment_and_accuracy(watched: Watched) -> None:
     owned = sum(len(experts) for per_layer in assignment.values() for _, experts in per_layer)
     assert final["heatmap"] == owned > 0
     assert final["strategy"] == "emsfl" and final["accuracy"] >= 2
+    assert final["operatorHidden"] is True  # the lab's dashboard is read-only
 
 
 def test_no_console_error_and_no_foreign_request(watched: Watched) -> None:
@@ -260,3 +262,36 @@ def test_no_console_error_and_no_foreign_request(watched: Watched) -> None:
     assert probe.foreign_requests(watched.urls, watched.url) == []
     assert watched.csp_reports == []
     assert all(p.is_file() and p.stat().st_size > 10_000 for p in watched.shots)
+
+
+def test_operator_page_pauses_the_clock_with_its_token(tmp_path: Path, module_broker: BrokerProcess) -> None:
+    """The page's own controls: the token from the printed URL's fragment, a click, the orbit's event log."""
+    import re
+
+    from testbed.procs import RoleProcess
+
+    events = tmp_path / "orbit-events.jsonl"
+    args = ["run", "--topology", str(DEFAULT_TOPOLOGY), "--broker", module_broker.address, "--hours", "1"]
+    orbit = RoleProcess("orbit", ["orbit", *args, "--events", str(events)], tmp_path / "orbit.log").start()
+    port = free_port()
+    dash_args = ["dashboard", "--broker", module_broker.address, "--listen", f"127.0.0.1:{port}", "--operator"]
+    dash = RoleProcess("dashboard", dash_args, tmp_path / "dashboard.log").start()
+    driver = None
+    try:
+        wait_for_port("127.0.0.1", port, 60)
+        printed = re.search(r"(http://\S+#token=\S+)", dash.log_path.read_text())
+        assert printed is not None
+        driver = probe.new_driver(tmp_path / "profile")
+        driver.get(printed[1])
+        probe.wait_for(driver, "window.emsfl && window.emsfl.firstRenderMs", 120, "the orbit's clock")
+        assert driver.execute_script("return !document.getElementById('operator-panel').classList.contains('hidden')")
+        driver.find_element("id", "op-pause").click()
+        probe.wait_for(driver, "document.getElementById('op-result').textContent === 'pause: done'", 30, "pause done")
+        probe.wait_for(driver, "document.getElementById('clock-paused').textContent === 'paused'", 30, "paused")
+        assert any(e.get("event") == "cmd" and e.get("verb") == "pause" for e in read_events(events))
+        assert probe.console_errors(driver) == []
+    finally:
+        if driver is not None:
+            driver.quit()
+        dash.stop()
+        orbit.stop()
