@@ -25,6 +25,7 @@ import yaml
 from protos.events import read_events
 from satellite_node.testing import Client, OrbitStub, SatelliteProcess, encode, expert_update, wait_until
 from testbed.broker import BrokerProcess, free_port
+from tests.helpers import stop_processes, tiny_model
 
 pytestmark = pytest.mark.slow
 
@@ -36,16 +37,7 @@ TOPOLOGY: dict[str, Any] = {
     "clock": {"start_utc": "2026-03-20T06:00:00Z", "scale": 1},
     "satellite": {"pace": False},
     "clusters": [{"id": "c0", "capacity_experts": 2, "devices": 1}, {"id": "c1", "capacity_experts": 2, "devices": 1}],
-    "model": {
-        "family": "olmoe",
-        "checkpoint": None,
-        "num_layers": 2,
-        "num_experts": 4,
-        "top_k": 2,
-        "hidden_size": 32,
-        "intermediate_size": 48,
-        "num_attention_heads": 2,
-    },
+    "model": tiny_model(),
     "data": {"task": "synthetic", "train_per_cluster": 200, "test_per_domain": 5, "dominant_share": 0.7},
     "warmup": {"steps": 5, "lr": 0.003, "batch_size": 8},
     "training": {
@@ -162,12 +154,8 @@ def test_reassignment_hands_over_and_the_agent_switches(
         assert resumed["optimizer_sha256"] == optimizer_digest(checkpoint["optimizer"])
         acked = _wait("an upload after the restart", lambda: _of(workdir, "upload_acked", seen))[0]
     finally:
-        if agent is not None and agent.poll() is None:
-            agent.send_signal(signal.SIGTERM)
-            try:
-                agent.wait(30)
-            except subprocess.TimeoutExpired:
-                agent.kill()
+        if agent is not None:
+            stop_processes([agent], 30)
         log.close()
         c1.close()
     sat.stop()
@@ -259,14 +247,7 @@ def test_reassignment_of_a_gateway_cluster_reaches_its_devices(
         _wait("an upload after the restart", lambda: _of(gw_dir, "upload_acked", seen))
         assert not _of(gw_dir, "reassigned", seen)  # nothing handed over again
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_processes(procs, 30)
         log.close()
         c1.close()
     sat.stop()

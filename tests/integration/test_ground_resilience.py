@@ -26,6 +26,7 @@ from protos import topics
 from protos.events import read_events
 from satellite_node.testing import Client, OrbitStub, SatelliteProcess, wait_until
 from testbed.broker import BrokerProcess, free_port
+from tests.helpers import stop_processes, tiny_model
 
 pytestmark = pytest.mark.slow
 
@@ -39,16 +40,7 @@ TOPOLOGY: dict[str, Any] = {
     "satellite": {"pace": True},
     "clusters": [{"id": "c0", "capacity_experts": 2, "devices": 1}],
     # full tuning of wide experts: 4 held experts x 1.5 MiB = 6 chunks of 1 MiB per update
-    "model": {
-        "family": "olmoe",
-        "checkpoint": None,
-        "num_layers": 2,
-        "num_experts": 4,
-        "top_k": 2,
-        "hidden_size": 128,
-        "intermediate_size": 1024,
-        "num_attention_heads": 2,
-    },
+    "model": tiny_model(hidden_size=128, intermediate_size=1024),
     "data": {"task": "synthetic", "train_per_cluster": 200, "test_per_domain": 5, "dominant_share": 0.7},
     "warmup": {"steps": 5, "lr": 0.003, "batch_size": 8},
     "training": {
@@ -164,12 +156,7 @@ def test_kill_9_during_training_and_during_upload(broker: BrokerProcess, tmp_pat
         pushes = [e for e in _events(workdir)[seen:] if e["event"] == "pushing" and e["content_hash"] == cut]
         assert [i for e in pushes for i in e["chunks"]] == missing  # nothing the satellite held went again
     finally:
-        if agent.poll() is None:
-            agent.send_signal(signal.SIGTERM)
-            try:
-                agent.wait(30)
-            except subprocess.TimeoutExpired:
-                agent.kill()
+        stop_processes([agent], 30)
         log.close()
         orbit.stop()
         sat.stop()
