@@ -142,6 +142,4 @@ def parse_sites_csv(text: str, source: str = "<sites>") -> list[GroundSite]:
 
 
 def load_sites_csv(path: str | Path) -> list[GroundSite]:
-    path = Path(path)
-    text = read_text_file(path, "sites")
-    return parse_sites_csv(text, str(path))
+    return parse_sites_csv(read_text_file(path, "sites"), str(path))

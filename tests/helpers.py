@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Sequence
-from typing import Any
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
 
 # The tiny OLMoE that trains in seconds on a CPU; a test that needs another size overrides keys of a copy.
 TINY_MODEL: dict[str, Any] = {
@@ -35,3 +41,46 @@ def stop_processes(procs: Sequence[subprocess.Popen[Any]], timeout_s: float = 30
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def ground_agent(
+    tmp_path: Path, topo_text: str, broker: str, satellite: str, base: Path, cluster: str = "c0"
+) -> tuple[Callable[[], subprocess.Popen[bytes]], IO[bytes]]:
+    """A starter of a real `emsfl ground run` process for `cluster` (topology written to tmp_path/topology.yaml,
+    workdir tmp_path/ground), each start appending its output to tmp_path/ground.log; and that log, which the
+    caller closes."""
+    topo_path = tmp_path / "topology.yaml"
+    topo_path.write_text(topo_text, encoding="utf-8")
+    argv = [sys.executable, "-m", "emsfl", "ground", "run", "--topology", str(topo_path)]
+    argv += ["--broker", broker, "--satellite", satellite, "--cluster", cluster]
+    argv += ["--workdir", str(tmp_path / "ground"), "--base", str(base)]
+    log = open(tmp_path / "ground.log", "ab")  # noqa: SIM115 - the caller closes it
+
+    def start() -> subprocess.Popen[bytes]:
+        return subprocess.Popen(argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+
+    return start, log
+
+
+# A two-by-two lab small enough to finish in about a minute on a loaded 2-core machine.
+QUICK_TWO_BY_TWO: dict[str, dict[str, Any]] = {
+    "data": {"train_per_cluster": 600, "test_per_domain": 20},
+    "warmup": {"steps": 60},
+    "training": {"batch_size": 16, "stage_every_steps": 10, "profile_examples": 64},
+    "lab": {"eval_points": 2},
+}
+
+
+def topology_with(source: Path, sections: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The topology file `source` with the given keys of its sections replaced."""
+    topology: dict[str, Any] = yaml.safe_load(source.read_text(encoding="utf-8"))
+    for name, values in sections.items():
+        topology[name].update(values)
+    return topology
+
+
+def write_topology(directory: Path, topology: dict[str, Any]) -> Path:
+    """`topology` written as directory/topology.yaml; its path."""
+    path = directory / "topology.yaml"
+    path.write_text(yaml.safe_dump(topology), encoding="utf-8")
+    return path

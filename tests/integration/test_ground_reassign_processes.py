@@ -25,7 +25,7 @@ import yaml
 from protos.events import read_events
 from satellite_node.testing import Client, OrbitStub, SatelliteProcess, encode, expert_update, wait_until
 from testbed.broker import BrokerProcess, free_port
-from tests.helpers import stop_processes, tiny_model
+from tests.helpers import ground_agent, stop_processes, tiny_model
 
 pytestmark = pytest.mark.slow
 
@@ -101,16 +101,7 @@ def test_reassignment_hands_over_and_the_agent_switches(
 
     sat, base, topo_text = lab
     workdir = tmp_path / "ground"
-    topo_path = tmp_path / "topology.yaml"
-    topo_path.write_text(topo_text, encoding="utf-8")
-    argv = [sys.executable, "-m", "emsfl", "ground", "run", "--topology", str(topo_path)]
-    argv += ["--broker", broker.address, "--satellite", sat.target, "--cluster", "c0"]
-    argv += ["--workdir", str(workdir), "--base", str(base)]
-    log = open(tmp_path / "ground.log", "ab")  # noqa: SIM115 - closed at the end
-    repo = Path(__file__).resolve().parents[2]
-
-    def start() -> subprocess.Popen[bytes]:
-        return subprocess.Popen(argv, cwd=repo, stdout=log, stderr=subprocess.STDOUT)
+    start, log = ground_agent(tmp_path, topo_text, broker.address, sat.target, base)
 
     c1 = Client(sat.target, "c1")
     agent: subprocess.Popen[bytes] | None = None

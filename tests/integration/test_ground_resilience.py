@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -26,7 +24,7 @@ from protos import topics
 from protos.events import read_events
 from satellite_node.testing import Client, OrbitStub, SatelliteProcess, wait_until
 from testbed.broker import BrokerProcess, free_port
-from tests.helpers import stop_processes, tiny_model
+from tests.helpers import ground_agent, stop_processes, tiny_model
 
 pytestmark = pytest.mark.slow
 
@@ -91,16 +89,7 @@ def test_kill_9_during_training_and_during_upload(broker: BrokerProcess, tmp_pat
     orbit = OrbitStub(broker.host, broker.port, scale=1.0).start()
     _link_up(orbit, "c0")
     workdir = tmp_path / "ground"
-    topo_path = tmp_path / "topology.yaml"
-    topo_path.write_text(topo_text, encoding="utf-8")
-    argv = [sys.executable, "-m", "emsfl", "ground", "run", "--topology", str(topo_path)]
-    argv += ["--broker", broker.address, "--satellite", sat.target, "--cluster", "c0"]
-    argv += ["--workdir", str(workdir), "--base", str(base)]
-    log = open(tmp_path / "ground.log", "ab")  # noqa: SIM115 - closed at the end
-    repo = Path(__file__).resolve().parents[2]
-
-    def start() -> subprocess.Popen[bytes]:
-        return subprocess.Popen(argv, cwd=repo, stdout=log, stderr=subprocess.STDOUT)
+    start, log = ground_agent(tmp_path, topo_text, broker.address, sat.target, base)
 
     agent = start()
     try:

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import pytest
-import yaml
 
 from protos.events import read_events
 from testbed.broker import BrokerProcess
 from testbed.lab import LabOptions, LabRun, run_lab
+from tests.helpers import QUICK_TWO_BY_TWO, topology_with, write_topology
 
 pytestmark = pytest.mark.slow
 
@@ -25,16 +24,7 @@ TOPOLOGY = Path(__file__).resolve().parents[2] / "testbed" / "topologies" / "two
 @pytest.fixture(scope="module")
 def lab_run(tmp_path_factory: pytest.TempPathFactory, module_broker: BrokerProcess) -> LabRun:
     tmp = tmp_path_factory.mktemp("lab2x2")
-    topology: dict[str, Any] = yaml.safe_load(TOPOLOGY.read_text(encoding="utf-8"))
-    topology["data"]["train_per_cluster"] = 600
-    topology["data"]["test_per_domain"] = 20
-    topology["warmup"]["steps"] = 60
-    topology["training"]["batch_size"] = 16
-    topology["training"]["stage_every_steps"] = 10
-    topology["training"]["profile_examples"] = 64
-    topology["lab"]["eval_points"] = 2
-    path = tmp / "topology.yaml"
-    path.write_text(yaml.safe_dump(topology), encoding="utf-8")
+    path = write_topology(tmp, topology_with(TOPOLOGY, QUICK_TWO_BY_TWO))
     return run_lab(
         LabOptions(
             topology_path=path,

@@ -33,6 +33,7 @@ from satellite_node.testing import Client, code_of, encode, expert_update, wait_
 from testbed.broker import free_port
 from testbed.lab import LabOptions, LabRun, run_lab
 from testbed.labtls import LabPki
+from tests.helpers import QUICK_TWO_BY_TWO, topology_with, write_topology
 
 pytestmark = pytest.mark.slow
 
@@ -131,17 +132,9 @@ def tls_lab(tmp_path_factory: pytest.TempPathFactory) -> tuple[LabRun, dict[str,
     if shutil.which("mosquitto") is None:
         pytest.skip("mosquitto is not installed (apt-get install mosquitto): `emsfl lab up --tls` needs it")
     tmp = tmp_path_factory.mktemp("labtls")
-    topology: dict[str, Any] = yaml.safe_load(TOPOLOGY.read_text(encoding="utf-8"))
+    topology = topology_with(TOPOLOGY, QUICK_TWO_BY_TWO)
     topology["clusters"][0]["devices"] = 1  # c0: a single node; c1: a gateway and two devices
-    topology["data"]["train_per_cluster"] = 600
-    topology["data"]["test_per_domain"] = 20
-    topology["warmup"]["steps"] = 60
-    topology["training"]["batch_size"] = 16
-    topology["training"]["stage_every_steps"] = 10
-    topology["training"]["profile_examples"] = 64
-    topology["lab"]["eval_points"] = 2
-    path = tmp / "topology.yaml"
-    path.write_text(yaml.safe_dump(topology), encoding="utf-8")
+    path = write_topology(tmp, topology)
     sat_port = free_port()
     opts = LabOptions(
         topology_path=path,
