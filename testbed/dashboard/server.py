@@ -195,8 +195,8 @@ async def _stream(request: web.Request) -> web.StreamResponse:
             if frame is None:
                 break
             await response.write(frame)
-    except (ConnectionResetError, asyncio.CancelledError):
-        pass
+    except ConnectionResetError:
+        pass  # the page went away; a cancelled handler (server shutdown) propagates
     finally:
         dash.queues.discard(queue)
     return response
