@@ -455,8 +455,18 @@ def issue_inventory(directory: Path, inventory: Path, days: int = DEFAULT_LEAF_D
         if (directory / f"{leaf['name']}.crt").exists():
             lines.append(f"{leaf['name']}: kept (exists)")
             continue
-        issue(directory, leaf["name"], leaf["role"], leaf.get("cluster"), leaf.get("sans", ()), days)
+        issue(
+            directory,
+            leaf["name"],
+            leaf["role"],
+            leaf.get("cluster"),
+            leaf.get("sans", ()),
+            days,
+            False,
+            leaf.get("device"),
+        )
         cluster = f" cluster={leaf['cluster']}" if "cluster" in leaf else ""
+        cluster += f" device={leaf['device']}" if "device" in leaf else ""
         lines.append(f"{leaf['name']}: issued {leaf['role']}{cluster}")
     return lines
 

@@ -99,9 +99,9 @@ class GroundAgent:
         """The satellite names the strategy: under a baseline the uplink's passes follow docs/STRATEGIES.md."""
         from ground_node.baseline import BASELINES, BaselineClient, BaselineState
 
-        if reply.strategy in BASELINES and self.uplink is not None and self.uplink.baseline is None:
+        if reply.strategy in BASELINES and self.uplink is not None and self.baseline is None:
             self.baseline = BaselineState(reply.strategy, int(reply.global_version))
-            self.uplink.baseline = BaselineClient(self.baseline, reply.manifest, self.usage)
+            self.uplink.strategy = BaselineClient(self.baseline, reply.manifest, self.usage)
             self.events.emit("joined", strategy=reply.strategy, global_version=int(reply.global_version))
 
     def _on_ack(self, update: StagedUpdate) -> None:

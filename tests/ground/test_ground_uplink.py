@@ -196,7 +196,7 @@ def test_updates_of_an_older_assignment_never_go_up(satellite: tuple[FakeSatelli
     up.assignment = Assignment(2, {0: (1,)})
     assert up.upload(stale) is False
     assert not [n for n, _ in fake.calls if n in ("OfferUpdate", "PushChunksWindowed")]
-    assert stale.content_hash in up._rejected and box._state["inflight"] is None
+    assert up.rejected(stale.content_hash) and box._state["inflight"] is None
     fresh = box.stage({"expert/0/1/gate_up_proj": np.ones(4, np.float32)}, 2, 20)
     assert box.pending() == fresh and not stale.path.exists()
     up.stop()
