@@ -84,3 +84,17 @@ def write_topology(directory: Path, topology: dict[str, Any]) -> Path:
     path = directory / "topology.yaml"
     path.write_text(yaml.safe_dump(topology), encoding="utf-8")
     return path
+
+
+# A valid `emsfl.v1.link` payload (protos/payloads.py): cluster c0's link up for 7.5 minutes.
+LINK_UP: dict[str, Any] = {
+    "schema": "emsfl.v1.link",
+    "version": 1,
+    "cluster": "c0",
+    "state": "up",
+    "seq": 3,
+    "since": "2026-03-20T06:00:00.000Z",
+    "until": "2026-03-20T06:07:30.000Z",
+    "satellite": "S1",
+    "rate_bps": 1e7,
+}

@@ -7,18 +7,7 @@ from typing import Any
 
 from protos import payloads, topics
 from testbed.dashboard.state import DashboardState, sse_frame
-
-LINK_UP: dict[str, Any] = {
-    "schema": "emsfl.v1.link",
-    "version": 1,
-    "cluster": "c0",
-    "state": "up",
-    "seq": 3,
-    "since": "2026-03-20T06:00:00.000Z",
-    "until": "2026-03-20T06:07:30.000Z",
-    "satellite": "S1",
-    "rate_bps": 1e7,
-}
+from tests.helpers import LINK_UP
 
 
 def _msg(kind: str, body: dict[str, Any]) -> bytes:
