@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -98,3 +99,11 @@ LINK_UP: dict[str, Any] = {
     "satellite": "S1",
     "rate_bps": 1e7,
 }
+
+
+def wait_for(check: Callable[[], bool], timeout_s: float, poll_s: float = 0.05) -> bool:
+    """Poll `check()` until it is true or `timeout_s` has passed; its last value (the caller asserts what it needs)."""
+    deadline = time.monotonic() + timeout_s
+    while not (done := check()) and time.monotonic() < deadline:
+        time.sleep(poll_s)
+    return done

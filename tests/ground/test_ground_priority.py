@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from concurrent import futures
 from datetime import datetime, timedelta, timezone
@@ -23,6 +22,7 @@ from protos.emsfl.v1 import federation_pb2_grpc as pb_grpc
 from protos.timefmt import to_iso
 from protos.wire import expert_name, parse_expert_name
 from testbed.broker import free_port
+from tests.helpers import wait_for
 
 SIZE = 64 * 1024  # floats per expert part: 256 KiB
 
@@ -134,9 +134,7 @@ def test_uplink_splits_an_update_a_short_contact_cannot_carry(tmp_path: Path) ->
     up = Uplink(f"127.0.0.1:{port}", "c0", link, box, 4, 10, aff, poll_s=0.05)
     up.start()
     try:
-        deadline = time.monotonic() + 20
-        while box.pending() is not None and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_for(lambda: box.pending() is None, 20)
     finally:
         up.stop()
         server.stop(0)

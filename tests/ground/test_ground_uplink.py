@@ -20,6 +20,7 @@ from protos.emsfl.v1 import federation_pb2_grpc as pb_grpc
 from protos.events import read_events
 from protos.wire import CLUSTER_METADATA_KEY, sha256_hex
 from testbed.broker import free_port
+from tests.helpers import wait_for
 
 
 class FakeSatellite(pb_grpc.FederationServicer):  # type: ignore[misc]
@@ -130,9 +131,7 @@ def test_cut_upload_resumes_with_only_missing_chunks(satellite: tuple[FakeSatell
     fake.cut_after_chunks = 2
     up.start()
     try:
-        deadline = time.monotonic() + 20
-        while box.pending() is not None and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_for(lambda: box.pending() is None, 20)
     finally:
         up.stop()
     assert box.pending() is None and box.acked() == [update.content_hash]
@@ -168,9 +167,7 @@ def test_agent_trains_stages_uploads_and_reports(
     result: dict[str, Any] = {}
     thread = threading.Thread(target=lambda: result.update(agent.run(stop)))
     thread.start()
-    deadline = time.monotonic() + 30
-    while not fake.committed and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_for(lambda: bool(fake.committed), 30, 0.1)
     stop.set()
     thread.join(30)
     agent.close()
