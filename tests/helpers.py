@@ -107,3 +107,19 @@ def wait_for(check: Callable[[], bool], timeout_s: float, poll_s: float = 0.05) 
     while not (done := check()) and time.monotonic() < deadline:
         time.sleep(poll_s)
     return done
+
+
+def satellite_topology(name: str, capacities: dict[str, int]) -> str:
+    """YAML of a topology for satellite tests: strategy emsfl, the emulated clock at scale 1 from 2026-03-20 06:00 UTC,
+    the satellite on loopback (its port given on the command line), a cluster per capacity in experts."""
+    clusters = [{"id": cluster, "capacity_experts": n} for cluster, n in capacities.items()]
+    return yaml.safe_dump(
+        {
+            "name": name,
+            "strategy": "emsfl",
+            "clock": {"start_utc": "2026-03-20T06:00:00Z", "scale": 1},
+            "satellite": {"host": "127.0.0.1", "port": 0},
+            "clusters": clusters,
+        },
+        sort_keys=False,
+    )
