@@ -196,6 +196,9 @@ def run_lab(opts: LabOptions) -> LabRun:
     logs = run_dir / "logs"
     common = ["--topology", str(topology_path), "--broker", broker_addr]
 
+    def ground_args(c: str) -> list[str]:  # the satellite a cluster's single node or gateway talks to, its dirs
+        return ["--satellite", sat_addr, "--cluster", c, "--workdir", str(lab.ground_dirs[c]), "--base", str(base_dir)]
+
     satellite = RoleProcess(
         "satellite",
         [
@@ -216,20 +219,7 @@ def run_lab(opts: LabOptions) -> LabRun:
     grounds = [
         RoleProcess(
             f"ground {c}",
-            [
-                "ground",
-                "run",
-                *common,
-                "--satellite",
-                sat_addr,
-                "--cluster",
-                c,
-                "--workdir",
-                str(lab.ground_dirs[c]),
-                "--base",
-                str(base_dir),
-                *tls_args(c),
-            ],
+            ["ground", "run", *common, *ground_args(c), *tls_args(c)],
             logs / f"ground-{c}.log",
         )
         for c in clusters
@@ -240,20 +230,10 @@ def run_lab(opts: LabOptions) -> LabRun:
         if (n := _devices(topology, c)) == 1:
             continue
         gw_addr = f"127.0.0.1:{free_port()}"
-        gw_args = [
-            "--satellite",
-            sat_addr,
-            "--cluster",
-            c,
-            "--workdir",
-            str(lab.ground_dirs[c]),
-            "--base",
-            str(base_dir),
-        ]
         grounds.append(
             RoleProcess(
                 f"gateway {c}",
-                ["ground", "gateway", *common, *gw_args, "--listen", gw_addr, *tls_args(gateway_name(c))],
+                ["ground", "gateway", *common, *ground_args(c), "--listen", gw_addr, *tls_args(gateway_name(c))],
                 logs / f"ground-{c}.log",
             )
         )
