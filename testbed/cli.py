@@ -80,6 +80,17 @@ def _csv(text: str, kind: type, what: str) -> list[Any]:
         raise ConfigError(f"{what}: expected comma-separated values, got {text!r}") from None
 
 
+def _run_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The options `lab up` and `lab experiment` take from the flags they share."""
+    return {
+        "topology_path": args.topology,
+        "broker": args.broker,
+        "duration_wall_s": args.duration_s,
+        "runs_dir": args.runs_dir,
+        "cache_dir": args.cache_dir,
+    }
+
+
 def _experiment(args: argparse.Namespace) -> int:
     from testbed.experiment import ExperimentOptions, run_experiment
 
@@ -87,17 +98,13 @@ def _experiment(args: argparse.Namespace) -> int:
         raise ConfigError(f"--target-fraction: expected a share in (0, 1], got {args.target_fraction}")
 
     opts = ExperimentOptions(
-        topology_path=args.topology,
+        **_run_options(args),
         strategies=_csv(args.strategies, str, "--strategies"),
         seeds=_csv(args.seeds, int, "--seeds"),
         rates_bps=_csv(args.rates, float, "--rates") if args.rates else None,
         lrs=_csv(args.lrs, float, "--lrs") if args.lrs else None,
-        duration_wall_s=args.duration_s,
         quick=args.quick,
-        runs_dir=args.runs_dir,
         experiment_id=args.experiment_id,
-        cache_dir=args.cache_dir,
-        broker=args.broker,
         central=not args.no_central,
         equal_steps=not args.free_steps,
         target_fraction=args.target_fraction,
@@ -152,12 +159,8 @@ def main(argv: list[str]) -> int:
         return 2
 
     opts = LabOptions(
-        topology_path=args.topology,
-        broker=args.broker,
-        duration_wall_s=args.duration_s,
-        runs_dir=args.runs_dir,
+        **_run_options(args),
         run_id=args.run_id,
-        cache_dir=args.cache_dir,
         tls=args.tls,
         dashboard_port=None if args.no_dashboard else args.dashboard_port,
     )
