@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
+from concurrent import futures
 from pathlib import Path
 from typing import IO, Any
 
@@ -123,3 +124,18 @@ def satellite_topology(name: str, capacities: dict[str, int]) -> str:
         },
         sort_keys=False,
     )
+
+
+def serve_fake_satellite(servicer: Any, max_workers: int = 4) -> tuple[Any, str]:
+    """A real gRPC server on a loopback port (plaintext: tests only) that answers with `servicer`, a stand-in for
+    the satellite's Federation service; (the started server, its target HOST:PORT)."""
+    import grpc
+
+    from protos.channel import SERVER_KEEPALIVE_OPTIONS
+    from protos.emsfl.v1 import federation_pb2_grpc as pb_grpc
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=SERVER_KEEPALIVE_OPTIONS)
+    pb_grpc.add_FederationServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    return server, f"127.0.0.1:{port}"

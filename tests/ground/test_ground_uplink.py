@@ -3,7 +3,6 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
-from concurrent import futures
 from pathlib import Path
 from typing import Any
 
@@ -14,13 +13,11 @@ import pytest
 from ground_node.agent import AgentOptions, GroundAgent
 from ground_node.outbox import Outbox
 from ground_node.records import Affinity
-from protos.channel import SERVER_KEEPALIVE_OPTIONS
 from protos.emsfl.v1 import federation_pb2 as pb
 from protos.emsfl.v1 import federation_pb2_grpc as pb_grpc
 from protos.events import read_events
 from protos.wire import CLUSTER_METADATA_KEY, sha256_hex
-from testbed.broker import free_port
-from tests.helpers import wait_for
+from tests.helpers import serve_fake_satellite, wait_for
 
 
 class FakeSatellite(pb_grpc.FederationServicer):  # type: ignore[misc]
@@ -109,12 +106,8 @@ class FakeLink:
 @pytest.fixture
 def satellite() -> Iterator[tuple[FakeSatellite, str]]:
     fake = FakeSatellite()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=SERVER_KEEPALIVE_OPTIONS)
-    pb_grpc.add_FederationServicer_to_server(fake, server)
-    port = free_port()
-    server.add_insecure_port(f"127.0.0.1:{port}")
-    server.start()
-    yield fake, f"127.0.0.1:{port}"
+    server, target = serve_fake_satellite(fake)
+    yield fake, target
     server.stop(0)
 
 
