@@ -110,6 +110,29 @@ def wait_for(check: Callable[[], bool], timeout_s: float, poll_s: float = 0.05) 
     return done
 
 
+# The emulated clock of the process tests: real time from the vernal equinox 2026, 06:00 UTC.
+CLOCK: dict[str, Any] = {"start_utc": "2026-03-20T06:00:00Z", "scale": 1}
+
+
+def agent_topology(
+    name: str, pace: bool, clusters: list[dict[str, Any]], model: dict[str, Any], training: dict[str, Any]
+) -> dict[str, Any]:
+    """A topology for tests that run real ground agent processes against a real satellite: strategy emsfl on
+    `CLOCK`, 200 synthetic examples a cluster and a five-step warm-up; `pace`: the satellite paces uploads."""
+    return {
+        "name": name,
+        "seed": 5,
+        "strategy": "emsfl",
+        "clock": dict(CLOCK),
+        "satellite": {"pace": pace},
+        "clusters": clusters,
+        "model": model,
+        "data": {"task": "synthetic", "train_per_cluster": 200, "test_per_domain": 5, "dominant_share": 0.7},
+        "warmup": {"steps": 5, "lr": 0.003, "batch_size": 8},
+        "training": training,
+    }
+
+
 def satellite_topology(name: str, capacities: dict[str, int]) -> str:
     """YAML of a topology for satellite tests: strategy emsfl, the emulated clock at scale 1 from 2026-03-20 06:00 UTC,
     the satellite on loopback (its port given on the command line), a cluster per capacity in experts."""
@@ -118,7 +141,7 @@ def satellite_topology(name: str, capacities: dict[str, int]) -> str:
         {
             "name": name,
             "strategy": "emsfl",
-            "clock": {"start_utc": "2026-03-20T06:00:00Z", "scale": 1},
+            "clock": CLOCK,
             "satellite": {"host": "127.0.0.1", "port": 0},
             "clusters": clusters,
         },

@@ -25,22 +25,17 @@ import yaml
 from protos.events import read_events
 from satellite_node.testing import Client, OrbitStub, SatelliteProcess, encode, expert_update, wait_until
 from testbed.broker import BrokerProcess, free_port
-from tests.helpers import ground_agent, stop_processes, tiny_model
+from tests.helpers import agent_topology, ground_agent, stop_processes, tiny_model
 
 pytestmark = pytest.mark.slow
 
 LR = 1e-4
-TOPOLOGY: dict[str, Any] = {
-    "name": "reassign",
-    "seed": 5,
-    "strategy": "emsfl",
-    "clock": {"start_utc": "2026-03-20T06:00:00Z", "scale": 1},
-    "satellite": {"pace": False},
-    "clusters": [{"id": "c0", "capacity_experts": 2, "devices": 1}, {"id": "c1", "capacity_experts": 2, "devices": 1}],
-    "model": tiny_model(),
-    "data": {"task": "synthetic", "train_per_cluster": 200, "test_per_domain": 5, "dominant_share": 0.7},
-    "warmup": {"steps": 5, "lr": 0.003, "batch_size": 8},
-    "training": {
+TOPOLOGY = agent_topology(
+    "reassign",
+    pace=False,
+    clusters=[{"id": "c0", "capacity_experts": 2, "devices": 1}, {"id": "c1", "capacity_experts": 2, "devices": 1}],
+    model=tiny_model(),
+    training={
         "tune": "lora",
         "split": "mask",
         "lora_rank": 4,
@@ -52,7 +47,7 @@ TOPOLOGY: dict[str, Any] = {
         "profile_examples": 16,
         "uploads_per_contact": 0,  # one long contact: keep uploading
     },
-}
+)
 FIRST = np.array([[1.0, 1.0, 0.0, 0.0]] * 2, np.float32)  # c1 wants experts 0 and 1 ...
 SECOND = FIRST[:, ::-1].copy()  # ... then 2 and 3
 HANDED = [(0, 0), (1, 0)]  # the experts c1 uploads a version of before it gives them up

@@ -24,24 +24,19 @@ from protos import topics
 from protos.events import read_events
 from satellite_node.testing import Client, OrbitStub, SatelliteProcess, wait_until
 from testbed.broker import BrokerProcess, free_port
-from tests.helpers import ground_agent, stop_processes, tiny_model
+from tests.helpers import agent_topology, ground_agent, stop_processes, tiny_model
 
 pytestmark = pytest.mark.slow
 
 RATE_BPS = 4 * 1024 * 1024  # 4 Mibit/s at clock scale 1: 0.5 MiB/s, a 1 MiB chunk takes 2 s
 
-TOPOLOGY: dict[str, Any] = {
-    "name": "resilience",
-    "seed": 5,
-    "strategy": "emsfl",
-    "clock": {"start_utc": "2026-03-20T06:00:00Z", "scale": 1},
-    "satellite": {"pace": True},
-    "clusters": [{"id": "c0", "capacity_experts": 2, "devices": 1}],
+TOPOLOGY = agent_topology(
+    "resilience",
+    pace=True,
+    clusters=[{"id": "c0", "capacity_experts": 2, "devices": 1}],
     # full tuning of wide experts: 4 held experts x 1.5 MiB = 6 chunks of 1 MiB per update
-    "model": tiny_model(hidden_size=128, intermediate_size=1024),
-    "data": {"task": "synthetic", "train_per_cluster": 200, "test_per_domain": 5, "dominant_share": 0.7},
-    "warmup": {"steps": 5, "lr": 0.003, "batch_size": 8},
-    "training": {
+    model=tiny_model(hidden_size=128, intermediate_size=1024),
+    training={
         "tune": "full",
         "split": "mask",
         "lr": 0.0005,
@@ -51,7 +46,7 @@ TOPOLOGY: dict[str, Any] = {
         "profile_examples": 16,
         "uploads_per_contact": 0,  # one long contact here: keep uploading so that an upload can be cut
     },
-}
+)
 
 
 def _events(workdir: Path) -> list[dict[str, Any]]:
