@@ -8,9 +8,12 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent import futures
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import yaml
+
+if TYPE_CHECKING:
+    from testbed.lab import LabOptions
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -162,3 +165,17 @@ def serve_fake_satellite(servicer: Any, max_workers: int = 4) -> tuple[Any, str]
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     return server, f"127.0.0.1:{port}"
+
+
+def lab_options(tmp: Path, topology: Path, run_id: str, duration_wall_s: float, **extra: Any) -> LabOptions:
+    """The options of a lab run kept under `tmp`: its run directory in tmp/runs, base models cached in tmp/cache."""
+    from testbed.lab import LabOptions
+
+    return LabOptions(
+        topology_path=topology,
+        duration_wall_s=duration_wall_s,
+        runs_dir=tmp / "runs",
+        run_id=run_id,
+        cache_dir=tmp / "cache",
+        **extra,
+    )

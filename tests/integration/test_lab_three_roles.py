@@ -20,9 +20,9 @@ from protos.client import FederationClient
 from protos.events import read_events
 from protos.timefmt import parse_iso
 from testbed.broker import BrokerProcess, free_port
-from testbed.lab import DEFAULT_TOPOLOGY, LabOptions, LabRun, run_lab
+from testbed.lab import DEFAULT_TOPOLOGY, LabRun, run_lab
 from testbed.report import in_contact, windows_by_cluster
-from tests.helpers import topology_with, write_topology
+from tests.helpers import lab_options, topology_with, write_topology
 
 pytestmark = pytest.mark.slow
 
@@ -64,17 +64,7 @@ def lab_run(tmp_path_factory: pytest.TempPathFactory, module_broker: BrokerProce
     sat_port = free_port()
     probe = StatusProbe(f"127.0.0.1:{sat_port}", "c0")
     probe.start()
-    lab = run_lab(
-        LabOptions(
-            topology_path=path,
-            broker=module_broker.address,
-            duration_wall_s=45,
-            runs_dir=tmp / "runs",
-            run_id="it",
-            cache_dir=tmp / "cache",
-            satellite_port=sat_port,
-        )
-    )
+    lab = run_lab(lab_options(tmp, path, "it", 45, broker=module_broker.address, satellite_port=sat_port))
     probe.stop()
     return lab, probe
 

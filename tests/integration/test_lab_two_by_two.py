@@ -13,8 +13,8 @@ import pytest
 
 from protos.events import read_events
 from testbed.broker import BrokerProcess
-from testbed.lab import LabOptions, LabRun, run_lab
-from tests.helpers import QUICK_TWO_BY_TWO, topology_with, write_topology
+from testbed.lab import LabRun, run_lab
+from tests.helpers import QUICK_TWO_BY_TWO, lab_options, topology_with, write_topology
 
 pytestmark = pytest.mark.slow
 
@@ -25,16 +25,7 @@ TOPOLOGY = Path(__file__).resolve().parents[2] / "testbed" / "topologies" / "two
 def lab_run(tmp_path_factory: pytest.TempPathFactory, module_broker: BrokerProcess) -> LabRun:
     tmp = tmp_path_factory.mktemp("lab2x2")
     path = write_topology(tmp, topology_with(TOPOLOGY, QUICK_TWO_BY_TWO))
-    return run_lab(
-        LabOptions(
-            topology_path=path,
-            broker=module_broker.address,
-            duration_wall_s=50,
-            runs_dir=tmp / "runs",
-            run_id="it2x2",
-            cache_dir=tmp / "cache",
-        )
-    )
+    return run_lab(lab_options(tmp, path, "it2x2", 50, broker=module_broker.address))
 
 
 def test_gateways_average_their_devices_and_upload_the_averages(lab_run: LabRun) -> None:

@@ -31,9 +31,9 @@ from protos.bus import Bus
 from protos.tls import TlsFiles
 from satellite_node.testing import Client, code_of, encode, expert_update, wait_until
 from testbed.broker import free_port
-from testbed.lab import LabOptions, LabRun, run_lab
+from testbed.lab import LabRun, run_lab
 from testbed.labtls import LabPki
-from tests.helpers import QUICK_TWO_BY_TWO, topology_with, write_topology
+from tests.helpers import QUICK_TWO_BY_TWO, lab_options, topology_with, write_topology
 
 pytestmark = pytest.mark.slow
 
@@ -136,15 +136,7 @@ def tls_lab(tmp_path_factory: pytest.TempPathFactory) -> tuple[LabRun, dict[str,
     topology["clusters"][0]["devices"] = 1  # c0: a single node; c1: a gateway and two devices
     path = write_topology(tmp, topology)
     sat_port = free_port()
-    opts = LabOptions(
-        topology_path=path,
-        duration_wall_s=90,
-        runs_dir=tmp / "runs",
-        run_id=RUN_ID,
-        cache_dir=tmp / "cache",
-        satellite_port=sat_port,
-        tls=True,
-    )
+    opts = lab_options(tmp, path, RUN_ID, 90, satellite_port=sat_port, tls=True)
     findings: dict[str, Any] = {}
     errors: list[BaseException] = []  # the probe's own failures, raised once the lab stopped
     rogue = _rogue(tmp)
