@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import grpc
@@ -34,6 +35,19 @@ class Link(Protocol):
     def wait_up(self, cluster: str, timeout_s: float) -> bool: ...
 
 
+@dataclass(frozen=True)
+class UplinkHooks:
+    """What the uplink tells its owner (a single node or a gateway); each is called in the uplink's thread."""
+
+    on_join: Callable[[Any], None] | None = None  # the satellite's JoinReply
+    # before a new assignment is adopted, to fetch what it hands over; if it raises, the assignment is not adopted
+    # and the next pass tries again
+    before_assignment: Callable[[Assignment], None] | None = None
+    on_assignment: Callable[[Assignment], None] | None = None
+    on_push: Callable[[str, list[int], int], None] | None = None  # (content hash, chunks about to go, total chunks)
+    on_ack: Callable[[StagedUpdate], None] | None = None
+
+
 class Uplink(threading.Thread):
     def __init__(
         self,
@@ -44,14 +58,10 @@ class Uplink(threading.Thread):
         capacity: int,
         num_examples: int,
         affinity: Affinity,
-        on_assignment: Callable[[Assignment], None] | None = None,
-        on_ack: Callable[[StagedUpdate], None] | None = None,
-        on_join: Callable[[Any], None] | None = None,
+        hooks: UplinkHooks | None = None,
         poll_s: float = 0.5,
-        on_push: Callable[[str, list[int], int], None] | None = None,
         max_uploads_per_contact: int | None = 1,
         call_timeout_s: float = 20.0,
-        before_assignment: Callable[[Assignment], None] | None = None,
         send_window_chunks: int = 1,
         tls: TlsFiles | None = None,
     ) -> None:
@@ -61,13 +71,7 @@ class Uplink(threading.Thread):
         self.outbox = outbox
         self.capacity = capacity
         self.num_examples = num_examples
-        self.on_assignment = on_assignment
-        # called (in this thread, link up) before a new assignment is adopted, to fetch what it hands over; if it
-        # raises, the assignment is not adopted and the next pass tries again
-        self.before_assignment = before_assignment
-        self.on_ack = on_ack
-        self.on_join = on_join
-        self.on_push = on_push  # (content hash, chunk indices about to be pushed, total chunks)
+        self.hooks = hooks or UplinkHooks()
         self.poll_s = poll_s
         self.call_timeout_s = call_timeout_s
         # chunks sent ahead of the satellite's answers: a hard cut resends at most this many (protos/window.py)
@@ -131,17 +135,17 @@ class Uplink(threading.Thread):
         if not self.joined:
             joined = self.client.join(self.capacity, self.num_examples, device_id=self.cluster)
             self.joined = True
-            if self.on_join is not None:
-                self.on_join(joined)
+            if self.hooks.on_join is not None:
+                self.hooks.on_join(joined)
         return self.strategy.run_pass(self)
 
     def adopt(self, assignment: Assignment) -> None:
-        if self.before_assignment is not None:
-            self.before_assignment(assignment)  # raises: not adopted, the next pass tries again
+        if self.hooks.before_assignment is not None:
+            self.hooks.before_assignment(assignment)  # raises: not adopted, the next pass tries again
         self.assignment = assignment
         self.assigned.set()
-        if self.on_assignment is not None:
-            self.on_assignment(assignment)
+        if self.hooks.on_assignment is not None:
+            self.hooks.on_assignment(assignment)
 
     def next_update(self) -> StagedUpdate | None:
         update = self.outbox.pending()
@@ -191,8 +195,8 @@ class Uplink(threading.Thread):
         )
 
         def on_missing(missing: list[int]) -> None:
-            if missing and self.on_push is not None:
-                self.on_push(update.content_hash, missing, len(hashes))
+            if missing and self.hooks.on_push is not None:
+                self.hooks.on_push(update.content_hash, missing, len(hashes))
 
         def on_chunk(nbytes: int) -> None:
             self.bytes_pushed += nbytes
@@ -233,8 +237,8 @@ class Uplink(threading.Thread):
         self.strategy.acked(self, update)
         self.outbox.mark_acked(update.content_hash, update.size)
         self.uploads_acked += 1
-        if self.on_ack is not None:
-            self.on_ack(update)
+        if self.hooks.on_ack is not None:
+            self.hooks.on_ack(update)
 
 
 def _tensor_specs(blob: bytes) -> list[pb.TensorSpec]:
