@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ssl
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent import futures
@@ -13,6 +15,8 @@ from typing import IO, TYPE_CHECKING, Any
 import yaml
 
 if TYPE_CHECKING:
+    import paho.mqtt.client as mqtt
+
     from testbed.lab import LabOptions
 
 REPO = Path(__file__).resolve().parents[1]
@@ -179,3 +183,42 @@ def lab_options(tmp: Path, topology: Path, run_id: str, duration_wall_s: float, 
         cache_dir=tmp / "cache",
         **extra,
     )
+
+
+def mqtt_connect(
+    client: mqtt.Client,
+    port: int,
+    ctx: ssl.SSLContext | None = None,
+    user: str | None = None,
+    password: str | None = None,
+    on_message: Callable[[str, bytes], None] | None = None,
+) -> Any:
+    """Connect `client` to the broker on loopback `port` (TLS with `ctx`, an MQTT login with `user`) and start its
+    loop; what the broker answered: the CONNACK reason code, or the exception (a refused handshake, a socket error,
+    TimeoutError when no CONNACK came in 10 s)."""
+    if ctx is not None:
+        client.tls_set_context(ctx)
+    if user is not None:
+        client.username_pw_set(user, password)
+    connected = threading.Event()
+    result: dict[str, Any] = {}
+
+    def on_connect(c: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        result["reason"] = reason
+        connected.set()
+
+    def deliver(c: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        if on_message is not None:
+            on_message(msg.topic, bytes(msg.payload))
+
+    client.on_connect = on_connect
+    client.on_message = deliver
+    try:
+        client.connect("127.0.0.1", port, keepalive=10)
+    except (ssl.SSLError, OSError) as exc:
+        return exc
+    client.loop_start()
+    if not connected.wait(10):
+        client.loop_stop()
+        return TimeoutError("no CONNACK")
+    return result["reason"]

@@ -33,7 +33,7 @@ from satellite_node.testing import Client, code_of, encode, expert_update, wait_
 from testbed.broker import free_port
 from testbed.lab import LabRun, run_lab
 from testbed.labtls import LabPki
-from tests.helpers import QUICK_TWO_BY_TWO, lab_options, topology_with, write_topology
+from tests.helpers import QUICK_TWO_BY_TWO, lab_options, mqtt_connect, topology_with, write_topology
 
 pytestmark = pytest.mark.slow
 
@@ -74,32 +74,12 @@ def _files(directory: Path, name: str, ca: Path) -> TlsFiles:
 
 def _mqtt(port: int, files: TlsFiles | None, seen: list[tuple[str, bytes]] | None = None) -> tuple[mqtt.Client, Any]:
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"test-{time.monotonic_ns()}")
+    ctx = None
     if files is not None:
         ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(files.ca))
         ctx.load_cert_chain(str(files.cert), str(files.key))
-        client.tls_set_context(ctx)
-    done = threading.Event()
-    result: dict[str, Any] = {}
-
-    def on_connect(c: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
-        result["reason"] = reason
-        done.set()
-
-    def on_message(c: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        if seen is not None:
-            seen.append((msg.topic, bytes(msg.payload)))
-
-    client.on_connect = on_connect
-    client.on_message = on_message
-    try:
-        client.connect("127.0.0.1", port, keepalive=10)
-    except (ssl.SSLError, OSError) as exc:
-        return client, exc
-    client.loop_start()
-    if not done.wait(10):
-        client.loop_stop()
-        return client, TimeoutError("no CONNACK")
-    return client, result["reason"]
+    on_message = None if seen is None else lambda topic, payload: seen.append((topic, payload))
+    return client, mqtt_connect(client, port, ctx, on_message=on_message)
 
 
 def _accepted_peers(port: int) -> list[int]:
