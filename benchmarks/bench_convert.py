@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _common import write_result
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 RESULT = ROOT / "benchmarks" / "results" / "convert.json"
@@ -245,9 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         del moe
         print(json.dumps({router: figures}), flush=True)
     result["load_avg_1m_end"] = round(os.getloadavg()[0], 2)
-    RESULT.parent.mkdir(parents=True, exist_ok=True)
-    RESULT.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
-    print(json.dumps(result, indent=1))
+    write_result(RESULT, result, indent=1)
     return 0
 
 

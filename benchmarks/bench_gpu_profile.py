@@ -167,9 +167,9 @@ def main(argv: list[str] | None = None) -> int:
         "split": split,
         "full": full,
     }
-    RESULT.parent.mkdir(parents=True, exist_ok=True)
-    RESULT.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
-    print(json.dumps(result, indent=1))
+    from _common import write_result  # here: the tests load this file by path, without benchmarks/ on sys.path
+
+    write_result(RESULT, result, indent=1)
     return 0
 
 

@@ -36,6 +36,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _common import write_result
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULT = ROOT / "benchmarks" / "results" / "split_memory.json"
 NUM_EXPERTS, HELD = 16, 4
@@ -323,9 +325,7 @@ def main(argv: list[str] | None = None) -> int:
             for mode in ("split", "full")
         }
     result = assemble(args.layers, args.steps, info, prof, prof_full, diff, runs)
-    RESULT.parent.mkdir(parents=True, exist_ok=True)
-    RESULT.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
-    print(json.dumps(result, indent=1))
+    write_result(RESULT, result, indent=1)
     print(f"target ratio <= 0.40: {'met' if result['target_met'] else 'NOT met'} (ratio {result['ratio']})")
     # only correctness fails the benchmark: streamed profiling must give the same affinity
     return 0 if result["profile_max_abs_diff"] <= 1e-5 else 1

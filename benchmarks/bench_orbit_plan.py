@@ -12,7 +12,6 @@ Run: .venv/bin/python benchmarks/bench_orbit_plan.py [--pairs N]
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import sys
@@ -21,6 +20,8 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _common import write_result
 
 from orbit_service.constellation import WalkerSpec, walker_satellites
 from orbit_service.contacts import satellite_contacts
@@ -110,9 +111,7 @@ def main() -> int:
             "threads: groups of sites run on `threads` threads)"
         ),
     }
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    print(json.dumps(result, indent=2))
+    write_result(OUT, result)
     return 0
 
 

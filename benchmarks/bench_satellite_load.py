@@ -28,6 +28,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _common import write_result
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 RESULT = ROOT / "benchmarks" / "results" / "satellite_load.json"
@@ -206,9 +208,7 @@ def main(argv: list[str]) -> int:
         return 0
     result: dict[str, Any] = {"machine": machine_info()}
     result.update(run(args.clusters, args.layers, args.duration_s, args.procs, args.keep_versions))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    print(json.dumps({k: v for k, v in result.items() if k != "satellite_rss_series_MiB"}, indent=2))
+    write_result(args.out, result, shown={k: v for k, v in result.items() if k != "satellite_rss_series_MiB"})
     return 0 if result["errors"] == 0 and result["acknowledged_not_on_record"] == 0 else 1
 
 

@@ -44,6 +44,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from _common import write_result
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from protos.channel import MESSAGE_OPTIONS, open_channel  # noqa: E402
@@ -441,7 +443,8 @@ def run_throughput(mib: int, repeat: int, chunk: int) -> dict[str, Any]:
         "note": "best of `repeat` runs (median also given); MB = 1e6 bytes; upload includes serialise, hash,"
         " verify and fsync; the client and the server share the machine's cores (and with other jobs: see the"
         " load averages); page_cache_write_MBps is this machine's rate of writing into fresh page cache, which"
-        " the durable store of every upload pays",
+        " the durable store of every upload pays; upload_tls is the same upload over mutual TLS (ECDSA P-256),"
+        " interleaved with the plaintext runs, so both see the same load; tls_cost_fraction compares the bests",
     }
 
 
@@ -777,9 +780,7 @@ def main(argv: list[str]) -> int:
         result.update(run_throughput(args.mib, args.repeat, int(args.chunk_mib * (1 << 20))))
     if not args.no_link:
         result.update(run_link(args.link_mib, args.link_mbit, args.cut_s))
-    RESULT.parent.mkdir(parents=True, exist_ok=True)
-    RESULT.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    print(json.dumps(result, indent=2))
+    write_result(RESULT, result)
     return 0
 
 

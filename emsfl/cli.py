@@ -51,7 +51,9 @@ def main(argv: list[str] | None = None) -> int:
         result: int = module.main(args[1:])
         sys.stdout.flush()  # a closed reader shows up here, not in the interpreter's exit
     except SystemExit as exc:  # argparse: `--help` (0) or a one-line usage error (2, already printed)
-        return exc.code if isinstance(exc.code, int) else 0
+        if exc.code is None or isinstance(exc.code, int):
+            return exc.code or 0
+        return _fail(command, str(exc.code))  # sys.exit("message")
     except BrokenPipeError:
         return _reader_gone()
     except UserError as exc:

@@ -20,12 +20,19 @@ class ConfigError(UserError):
     """A bad configuration value; the message names the field."""
 
 
+def read_text_file(path: str | Path, what: str) -> str:
+    """The UTF-8 text of the `what` file (topology, plan, TLE, ...) at `path`; ConfigError naming it otherwise."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what} file {path}: not UTF-8 text") from None
+
+
 def load_topology(path: str | Path) -> dict[str, Any]:
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"cannot read topology file {path}: {exc.strerror}") from exc
+    text = read_text_file(path, "topology")
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

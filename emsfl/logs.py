@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 
 # Set by `emsfl -v`/`-vv` and inherited by the processes a command starts (the lab's roles).
 VERBOSE_ENV = "EMSFL_VERBOSE"
@@ -37,5 +38,9 @@ def setup(fmt: str, *, service: bool) -> None:
     """Configure the root logger on stderr (once; a second call keeps the first set-up's handlers)."""
     logging.basicConfig(level=level_for(service), format=fmt, stream=sys.stderr)
     if not service and verbosity() == 0:
-        for name in NOISY:
+        for name in NOISY:  # where torch is imported already
             logging.getLogger(name).setLevel(logging.ERROR)
+        # where it is imported later: torch's own log set-up reads this at import and would reset the level
+        os.environ.setdefault("TORCH_LOGS", ",".join(f"-{name.removeprefix('torch.')}" for name in NOISY))
+        # libraries' notices to their own callers (torch's pytree deprecations during ONNX export), not to a user
+        warnings.simplefilter("ignore", FutureWarning)

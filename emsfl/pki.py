@@ -136,6 +136,21 @@ def _days(days: int) -> int:
     return days
 
 
+def _key_usage(ca: bool) -> x509.KeyUsage:
+    """Every certificate signs (TLS handshakes); a CA also signs certificates and CRLs, a leaf agrees keys."""
+    return x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=not ca,
+        key_cert_sign=ca,
+        crl_sign=ca,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
 def init_ca(directory: Path, name: str = "emsfl-ca", days: int = DEFAULT_CA_DAYS, force: bool = False) -> Path:
     """Create `ca.crt` and `ca.key` in `directory`; refuse to overwrite an existing CA unless `force`."""
     if not _NAME.match(name):
@@ -160,20 +175,7 @@ def init_ca(directory: Path, name: str = "emsfl-ca", days: int = DEFAULT_CA_DAYS
         .not_valid_before(now - dt.timedelta(minutes=5))
         .not_valid_after(now + dt.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
+        .add_extension(_key_usage(ca=True), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA256())
     )
@@ -282,20 +284,7 @@ def issue(
         .not_valid_before(now - dt.timedelta(minutes=5))
         .not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=True,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
+        .add_extension(_key_usage(ca=False), critical=True)
         .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
         .add_extension(x509.SubjectAlternativeName(general_names), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
@@ -455,8 +444,18 @@ def issue_inventory(directory: Path, inventory: Path, days: int = DEFAULT_LEAF_D
         if (directory / f"{leaf['name']}.crt").exists():
             lines.append(f"{leaf['name']}: kept (exists)")
             continue
-        issue(directory, leaf["name"], leaf["role"], leaf.get("cluster"), leaf.get("sans", ()), days)
+        issue(
+            directory,
+            leaf["name"],
+            leaf["role"],
+            leaf.get("cluster"),
+            leaf.get("sans", ()),
+            days,
+            False,
+            leaf.get("device"),
+        )
         cluster = f" cluster={leaf['cluster']}" if "cluster" in leaf else ""
+        cluster += f" device={leaf['device']}" if "device" in leaf else ""
         lines.append(f"{leaf['name']}: issued {leaf['role']}{cluster}")
     return lines
 

@@ -4,8 +4,10 @@ Names are the ones deploy/site.yml copies to each host (`emsfl_cert_name`):
 - `broker` and `satellite`: server certificates whose SANs are the host's `ansible_host` and inventory name (the
   satellite's certificate is also its MQTT client certificate);
 - `orbit`: a service client certificate;
-- each ground host: a cluster client certificate named after the host (or its `emsfl_cert_name`), for its
-  `emsfl_cluster`.
+- each ground host (named after the host, or its `emsfl_cert_name`): a cluster client certificate for its
+  `emsfl_cluster`; in a cluster of several boards, the gateway's (`emsfl_device_role: gateway`) is a gateway
+  certificate that also serves its devices (SANs: its address and name), and each device host
+  (`emsfl_device_role: device`, `emsfl_device: d0`) gets a device certificate.
 `emsfl.pki.issue_inventory` issues them; leaves that exist already are kept (rotate them with `emsfl pki rotate`).
 """
 
@@ -68,13 +70,25 @@ def plan(path: Path) -> list[dict[str, Any]]:
         leaves.append({"name": "satellite", "role": "server", "sans": sans("satellite")})
     if groups.get("orbit"):
         leaves.append({"name": "orbit", "role": "client"})
-    for host in sorted(groups.get("ground", ())):
+    ground = sorted(groups.get("ground", ()))
+    with_devices = {str(hosts[h].get("emsfl_cluster")) for h in ground if hosts[h].get("emsfl_device_role") == "device"}
+    for host in ground:
         host_vars = hosts[host]
         cluster = host_vars.get("emsfl_cluster")
         if not cluster:
             raise InventoryError(f"--inventory: ground host {host} has no emsfl_cluster")
-        name = str(host_vars.get("emsfl_cert_name") or host)
-        leaves.append({"name": name, "role": "client", "cluster": str(cluster)})
+        leaf: dict[str, Any] = {"name": str(host_vars.get("emsfl_cert_name") or host), "cluster": str(cluster)}
+        kind = host_vars.get("emsfl_device_role", "gateway")
+        if kind == "device":
+            if not host_vars.get("emsfl_device"):
+                raise InventoryError(f"--inventory: device host {host} has no emsfl_device")
+            leaf.update(role="device", device=str(host_vars["emsfl_device"]))
+        elif str(cluster) in with_devices:
+            address = host_vars.get("ansible_host")
+            leaf.update(role="gateway", sans=[str(v) for v in (address, host) if v and "{{" not in str(v)])
+        else:
+            leaf["role"] = "client"
+        leaves.append(leaf)
     if not leaves:
         raise InventoryError(f"--inventory: {path} names no broker, satellite, orbit or ground host")
     return leaves

@@ -34,7 +34,7 @@ from ground_node.records import Assignment
 from ground_node.settings import load_settings
 from ground_node.submodel import load_base_split
 from ground_node.train import Trainer, checkpoint_assignment, load_expert_state, peak_gpu_memory_mb
-from ground_node.uplink import Link, Uplink
+from ground_node.uplink import Link, Uplink, UplinkHooks
 from ground_node.usage import Usage
 from protos.client import ResumablePull
 from protos.events import EventLog
@@ -99,9 +99,9 @@ class GroundAgent:
         """The satellite names the strategy: under a baseline the uplink's passes follow docs/STRATEGIES.md."""
         from ground_node.baseline import BASELINES, BaselineClient, BaselineState
 
-        if reply.strategy in BASELINES and self.uplink is not None and self.uplink.baseline is None:
+        if reply.strategy in BASELINES and self.uplink is not None and self.baseline is None:
             self.baseline = BaselineState(reply.strategy, int(reply.global_version))
-            self.uplink.baseline = BaselineClient(self.baseline, reply.manifest, self.usage)
+            self.uplink.strategy = BaselineClient(self.baseline, reply.manifest, self.usage)
             self.events.emit("joined", strategy=reply.strategy, global_version=int(reply.global_version))
 
     def _on_ack(self, update: StagedUpdate) -> None:
@@ -148,12 +148,14 @@ class GroundAgent:
             self.capacity,
             self.num_examples,
             self.profile.affinity,
-            on_ack=self._on_ack,
-            on_join=self._on_join,
-            on_push=self._on_push,
+            UplinkHooks(
+                on_join=self._on_join,
+                before_assignment=self._prepare_switch,
+                on_push=self._on_push,
+                on_ack=self._on_ack,
+            ),
             max_uploads_per_contact=s.training.uploads_per_contact or None,
             send_window_chunks=s.training.send_window_chunks,
-            before_assignment=self._prepare_switch,
             tls=self.opt.tls,
         )
         self.uplink.start()

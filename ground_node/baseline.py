@@ -6,7 +6,7 @@ expert's parts with `base_version` = the global version it trained from (FedAvg:
 pulls the global model when it advanced and continues from it.
 
 Two halves share a `BaselineState`:
-- `BaselineClient.run_pass` runs in the uplink thread at every pass: GetStatus, pull the newer global model
+- `BaselineClient` is the uplink's `ClientStrategy`: at every pass GetStatus, pull the newer global model
   (resumable, chunk by chunk), upload the newest staged update if the strategy still takes it.
 - `train_baseline` runs in the agent's thread: load a newer pulled model when there is one, train, stage.
   FedAvg: once the round's upload is committed the device waits (idle) for the next round's model.
@@ -18,21 +18,19 @@ import logging
 import threading
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
 import numpy as np
 import torch
 
+from ground_node.client_strategy import ClientStrategy, UplinkPort
 from ground_node.errors import GroundError
+from ground_node.outbox import StagedUpdate
 from ground_node.records import Assignment
 from ground_node.usage import Usage
 from protos.client import ResumablePull
 from protos.wire import expert_name, parse_expert_name
-
-if TYPE_CHECKING:
-    from ground_node.outbox import StagedUpdate
-    from ground_node.uplink import Uplink
 
 log = logging.getLogger(__name__)
 
@@ -94,10 +92,11 @@ class BaselineState:
             self.cond.wait(timeout_s)
 
 
-class BaselineClient:
-    """The uplink side: one call per pass from `Uplink.run_pass` once the satellite named a baseline strategy."""
+class BaselineClient(ClientStrategy):
+    """The uplink side: the uplink's strategy once the satellite named a baseline strategy."""
 
     def __init__(self, state: BaselineState, manifest: Any, usage: Usage) -> None:
+        self.name = state.strategy
         self.state = state
         self.usage = usage
         self.names = [
@@ -108,29 +107,26 @@ class BaselineClient:
         ]
         self._puller = ResumablePull()  # a pull cut by the link resumes at the next pass
 
-    @staticmethod
-    def base_version(update: StagedUpdate) -> int:
+    def base_version(self, update: StagedUpdate) -> int:
         """Baseline updates are staged with their base version in the outbox's version field."""
         return update.assignment_version
 
-    def run_pass(self, uplink: Uplink) -> bool:
+    def run_pass(self, uplink: UplinkPort) -> bool:
         st = self.state
         status = uplink.client.status()
         version = int(status.global_version)
-        link_of = getattr(uplink.link, "link", None)
-        payload = link_of(uplink.cluster) if callable(link_of) else None
         with st.cond:
             st.server_version = max(st.server_version, version)
-            st.contact = str(payload.get("since")) if isinstance(payload, dict) else None
+            st.contact = uplink.contact_id()
         if version > st.have_version and version > 0 and not self._pull(uplink, version):
             return True  # the global model moved during the pull (or it was cut): go on at once
-        update = uplink.outbox.pending()
-        if update is None or update.content_hash in uplink._rejected or uplink.contact_quota_spent():
+        update = uplink.next_update()
+        if update is None:
             return False
         base = self.base_version(update)
         if st.strategy == "fedavg":
             if base < version:  # trained for a round that closed meanwhile: its upload would be refused
-                uplink._rejected.add(update.content_hash)
+                uplink.reject(update.content_hash)
                 return False
             if base in st.uploaded_rounds or uplink.cluster in status.round_uploaded:
                 st.committed(base)
@@ -142,17 +138,19 @@ class BaselineClient:
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:  # stale: pull at the next pass, drop this one
                 log.info("uplink: %s refused as stale: %s", update.content_hash[:12], exc.details())
-                uplink._rejected.add(update.content_hash)
+                uplink.reject(update.content_hash)
                 return False
             raise
         if update.content_hash in uplink.outbox.acked():
             st.committed(base)
         return progressed
 
-    def _pull(self, uplink: Uplink, version: int) -> bool:
+    def _pull(self, uplink: UplinkPort, version: int) -> bool:
         """Pull the trainable expert parts of global version `version`, resuming a cut pull; True when loaded."""
         timeout = max(60.0, uplink.call_timeout_s)
-        pulled = self._puller.fetch(uplink.stub, uplink.metadata, self.names, timeout, self.usage.add_downlink)
+        pulled = self._puller.fetch(
+            uplink.client.stub, uplink.client.metadata, self.names, timeout, self.usage.add_downlink
+        )
         if pulled is None:
             return False
         after = uplink.client.status()

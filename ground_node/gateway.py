@@ -44,7 +44,7 @@ from ground_node import handover
 from ground_node.outbox import Outbox, StagedUpdate
 from ground_node.priority import rebase_acked
 from ground_node.records import Affinity, Assignment
-from ground_node.uplink import Link, Uplink
+from ground_node.uplink import Link, Uplink, UplinkHooks
 from protos.channel import add_port, new_server
 from protos.client import DEVICE_METADATA_KEY, ResumablePull
 from protos.emsfl.v1 import federation_pb2 as pb
@@ -214,9 +214,11 @@ class Gateway:
                 self.capacity,
                 num_examples,
                 affinity,
-                on_ack=self._on_ack,
-                before_assignment=self._prepare_assignment,
-                on_assignment=lambda a: self.events.emit("assigned", version=a.version),
+                UplinkHooks(
+                    before_assignment=self._prepare_assignment,
+                    on_assignment=lambda a: self.events.emit("assigned", version=a.version),
+                    on_ack=self._on_ack,
+                ),
                 send_window_chunks=self.send_window_chunks,
                 max_uploads_per_contact=self.uploads_per_contact or None,
                 tls=self.tls,

@@ -1,7 +1,8 @@
 """The uplink (ARCHITECTURE §3 steps 2-6): a thread that talks to the satellite node whenever the link is up.
 
-Per pass: Join (once), ReportAffinity (once), GetAssignment (polled until ready, then checked each pass),
-then OfferUpdate with the newest unacknowledged staged update and PushChunksWindowed of only the missing chunks.
+Per pass: Join (once), then what the client strategy does (`ground_node/client_strategy.py`; EMS-FL: ReportAffinity
+once, GetAssignment, then OfferUpdate with the newest unacknowledged staged update and PushChunksWindowed of only the
+missing chunks).
 UNAVAILABLE (the link went down) is expected: the pass ends and the next one resumes the cut upload
 (re-offering the same content hash makes the server answer with only what it still lacks).
 """
@@ -11,19 +12,19 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import grpc
 
+from ground_node.client_strategy import ClientStrategy
+from ground_node.emsfl_client import EmsflClient
 from ground_node.outbox import Outbox, StagedUpdate
 from ground_node.records import Affinity, Assignment
 from protos.client import FederationClient, offer_message
 from protos.emsfl.v1 import federation_pb2 as pb
 from protos.tls import TlsFiles
 from protos.wire import CHUNK_SIZE, chunk_hashes, parse_expert_name, sha256_hex
-
-if TYPE_CHECKING:
-    from ground_node.baseline import BaselineClient
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,19 @@ class Link(Protocol):
     def is_up(self, cluster: str) -> bool: ...
 
     def wait_up(self, cluster: str, timeout_s: float) -> bool: ...
+
+
+@dataclass(frozen=True)
+class UplinkHooks:
+    """What the uplink tells its owner (a single node or a gateway); each is called in the uplink's thread."""
+
+    on_join: Callable[[Any], None] | None = None  # the satellite's JoinReply
+    # before a new assignment is adopted, to fetch what it hands over; if it raises, the assignment is not adopted
+    # and the next pass tries again
+    before_assignment: Callable[[Assignment], None] | None = None
+    on_assignment: Callable[[Assignment], None] | None = None
+    on_push: Callable[[str, list[int], int], None] | None = None  # (content hash, chunks about to go, total chunks)
+    on_ack: Callable[[StagedUpdate], None] | None = None
 
 
 class Uplink(threading.Thread):
@@ -44,14 +58,10 @@ class Uplink(threading.Thread):
         capacity: int,
         num_examples: int,
         affinity: Affinity,
-        on_assignment: Callable[[Assignment], None] | None = None,
-        on_ack: Callable[[StagedUpdate], None] | None = None,
-        on_join: Callable[[Any], None] | None = None,
+        hooks: UplinkHooks | None = None,
         poll_s: float = 0.5,
-        on_push: Callable[[str, list[int], int], None] | None = None,
         max_uploads_per_contact: int | None = 1,
         call_timeout_s: float = 20.0,
-        before_assignment: Callable[[Assignment], None] | None = None,
         send_window_chunks: int = 1,
         tls: TlsFiles | None = None,
     ) -> None:
@@ -61,14 +71,7 @@ class Uplink(threading.Thread):
         self.outbox = outbox
         self.capacity = capacity
         self.num_examples = num_examples
-        self.affinity = affinity
-        self.on_assignment = on_assignment
-        # called (in this thread, link up) before a new assignment is adopted, to fetch what it hands over; if it
-        # raises, the assignment is not adopted and the next pass tries again
-        self.before_assignment = before_assignment
-        self.on_ack = on_ack
-        self.on_join = on_join
-        self.on_push = on_push  # (content hash, chunk indices about to be pushed, total chunks)
+        self.hooks = hooks or UplinkHooks()
         self.poll_s = poll_s
         self.call_timeout_s = call_timeout_s
         # chunks sent ahead of the satellite's answers: a hard cut resends at most this many (protos/window.py)
@@ -78,7 +81,6 @@ class Uplink(threading.Thread):
         self.stub = self.client.stub
         self.metadata = self.client.metadata
         self.joined = False
-        self.affinity_sent = False
         self.assignment: Assignment | None = None
         self.uploads_acked = 0
         self.bytes_pushed = 0
@@ -86,8 +88,8 @@ class Uplink(threading.Thread):
         self._rejected: set[str] = set()
         self._halt = threading.Event()
         self.assigned = threading.Event()
-        # set (by on_join) when the satellite runs a baseline strategy: its passes replace affinity/assignment
-        self.baseline: BaselineClient | None = None
+        # what a pass does; replaced (by on_join) when the satellite runs a baseline strategy (ground_node/baseline.py)
+        self.strategy: ClientStrategy = EmsflClient(affinity)
         # ARCHITECTURE §3 step 6: at every contact the newest state goes up once (not again at every staging while the
         # link stays up, which would multiply the uplink bytes); None: no limit. Contacts are told apart by `since`.
         self.max_uploads_per_contact = max_uploads_per_contact
@@ -133,55 +135,46 @@ class Uplink(threading.Thread):
         if not self.joined:
             joined = self.client.join(self.capacity, self.num_examples, device_id=self.cluster)
             self.joined = True
-            if self.on_join is not None:
-                self.on_join(joined)
-        if self.baseline is not None:  # fedavg / fedasync (ground_node/baseline.py)
-            return self.baseline.run_pass(self)
-        if not self.affinity_sent:
-            a = self.affinity
-            self.client.report_affinity(a.gate, a.freq, a.num_tokens)
-            self.affinity_sent = True
-        reply = self.client.assignment()
-        if reply.ready:
-            new = Assignment.from_pairs(reply.version, [(la.layer, list(la.experts)) for la in reply.layers])
-            if self.assignment is None or new != self.assignment:
-                if self.before_assignment is not None:
-                    self.before_assignment(new)
-                self.assignment = new
-                self.assigned.set()
-                if self.on_assignment is not None:
-                    self.on_assignment(new)
+            if self.hooks.on_join is not None:
+                self.hooks.on_join(joined)
+        return self.strategy.run_pass(self)
+
+    def adopt(self, assignment: Assignment) -> None:
+        if self.hooks.before_assignment is not None:
+            self.hooks.before_assignment(assignment)  # raises: not adopted, the next pass tries again
+        self.assignment = assignment
+        self.assigned.set()
+        if self.hooks.on_assignment is not None:
+            self.hooks.on_assignment(assignment)
+
+    def next_update(self) -> StagedUpdate | None:
         update = self.outbox.pending()
         if update is None or update.content_hash in self._rejected or self.contact_quota_spent():
-            return False
-        return self.upload(update)
+            return None
+        return update
 
-    def _contact_id(self) -> str | None:
-        link_of = getattr(self.link, "link", None)
+    def reject(self, content_hash: str) -> None:
+        self._rejected.add(content_hash)
+
+    def rejected(self, content_hash: str) -> bool:
+        return content_hash in self._rejected
+
+    def contact_id(self) -> str | None:
+        link_of = getattr(self.link, "link", None)  # a LinkView knows the link payload; a bare is_up view does not
         payload = link_of(self.cluster) if callable(link_of) else None
         return str(payload.get("since")) if isinstance(payload, dict) and payload.get("since") else None
 
     def contact_quota_spent(self) -> bool:
         """True when this contact already carried `max_uploads_per_contact` committed uploads."""
-        contact = self._contact_id()
+        contact = self.contact_id()
         limit = self.max_uploads_per_contact
         return limit is not None and contact is not None and self._acks_in_contact.get(contact, 0) >= limit
 
     def upload(self, update: StagedUpdate) -> bool:
-        if self.baseline is None:  # emsfl: stale updates are dropped; a short contact sends experts by priority
-            from ground_node.priority import contact_budget_bytes, plan_upload
-
-            if self.assignment is not None and update.assignment_version < self.assignment.version:
-                log.info(
-                    "uplink: dropping update %s of assignment %d", update.content_hash[:12], update.assignment_version
-                )
-                self.outbox.drop_inflight(update.content_hash)
-                self._rejected.add(update.content_hash)
-                return False
-            planned = plan_upload(self.outbox, update, contact_budget_bytes(self.link, self.cluster))
-            if planned is None:
-                return False
-            update = planned
+        prepared = self.strategy.prepare(self, update)
+        if prepared is None:
+            return False
+        update = prepared
         if not self.outbox.mark_inflight(update):
             return True  # superseded just now: the next pass takes the newer update
         blob = update.read()
@@ -196,14 +189,14 @@ class Uplink(threading.Thread):
             update.assignment_version,
             CHUNK_SIZE,
             local_step=update.step,
-            base_version=self.baseline.base_version(update) if self.baseline is not None else 0,
+            base_version=self.strategy.base_version(update),
             hashes=hashes,
             content_hash=update.content_hash,
         )
 
         def on_missing(missing: list[int]) -> None:
-            if missing and self.on_push is not None:
-                self.on_push(update.content_hash, missing, len(hashes))
+            if missing and self.hooks.on_push is not None:
+                self.hooks.on_push(update.content_hash, missing, len(hashes))
 
         def on_chunk(nbytes: int) -> None:
             self.bytes_pushed += nbytes
@@ -238,20 +231,14 @@ class Uplink(threading.Thread):
             self.outbox.drop_inflight(update.content_hash)
 
     def _acked(self, update: StagedUpdate) -> None:
-        contact = self._contact_id()
+        contact = self.contact_id()
         if contact is not None:
             self._acks_in_contact[contact] = self._acks_in_contact.get(contact, 0) + 1
-        if self.baseline is None:
-            from ground_node.priority import record_acked
-
-            try:
-                record_acked(self.outbox, update.read())
-            except OSError as exc:
-                log.warning("uplink: cannot record the acknowledged experts: %s", exc)
+        self.strategy.acked(self, update)
         self.outbox.mark_acked(update.content_hash, update.size)
         self.uploads_acked += 1
-        if self.on_ack is not None:
-            self.on_ack(update)
+        if self.hooks.on_ack is not None:
+            self.hooks.on_ack(update)
 
 
 def _tensor_specs(blob: bytes) -> list[pb.TensorSpec]:

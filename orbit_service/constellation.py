@@ -16,7 +16,7 @@ from typing import Any
 from sgp4.api import WGS72, Satrec
 from skyfield.api import EarthSatellite
 
-from emsfl.config import ConfigError, field
+from emsfl.config import ConfigError, field, read_text_file
 from orbit_service.timescale import timescale
 
 # WGS-72 constants, the ones SGP4 itself uses, so the generated mean motion matches the altitude.
@@ -229,12 +229,7 @@ def parse_tle_text(text: str, source: str = "<tle>") -> list[EarthSatellite]:
 
 def load_tle_file(path: str | Path) -> list[EarthSatellite]:
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"cannot read TLE file {path}: {exc.strerror}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"TLE file {path}: not UTF-8 text") from None
+    text = read_text_file(path, "TLE")
     return parse_tle_text(text, str(path))
 
 
@@ -285,12 +280,7 @@ def parse_omm_text(text: str, source: str = "<omm>", fmt: str | None = None) -> 
 
 def load_omm_file(path: str | Path) -> list[EarthSatellite]:
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"cannot read OMM file {path}: {exc.strerror}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"OMM file {path}: not UTF-8 text") from None
+    text = read_text_file(path, "OMM")
     fmt = "json" if path.suffix.lower() == ".json" else "csv" if path.suffix.lower() == ".csv" else None
     return parse_omm_text(text, str(path), fmt)
 

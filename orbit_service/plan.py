@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from emsfl.config import ConfigError
+from emsfl.config import ConfigError, read_text_file
 from orbit_service.constellation import satellites_from_topology
 from orbit_service.contacts import Contact, Handover, Window, check_interval, round_ms, site_contacts
 from orbit_service.ephemeris import Ephemeris, SiteFrame, parallel_map
@@ -311,10 +311,7 @@ def plan_from_dict(document: Any, source: str = "plan") -> Plan:
 
 
 def load_plan(path: str | Path) -> Plan:
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"cannot read plan file {path}: {exc.strerror}") from None
+    text = read_text_file(path, "plan")
     try:
         document = json.loads(text)
     except json.JSONDecodeError as exc:

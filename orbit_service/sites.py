@@ -12,7 +12,7 @@ from typing import Any
 
 from skyfield.api import wgs84
 
-from emsfl.config import ConfigError, cluster_ids, field
+from emsfl.config import ConfigError, cluster_ids, field, read_text_file
 
 CSV_COLUMNS = ("name", "lat_deg", "lon_deg", "alt_m", "min_elevation_deg")
 
@@ -142,9 +142,4 @@ def parse_sites_csv(text: str, source: str = "<sites>") -> list[GroundSite]:
 
 
 def load_sites_csv(path: str | Path) -> list[GroundSite]:
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"cannot read sites file {path}: {exc.strerror}") from None
-    return parse_sites_csv(text, str(path))
+    return parse_sites_csv(read_text_file(path, "sites"), str(path))

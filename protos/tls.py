@@ -59,6 +59,10 @@ class TlsFiles:
         self.read(labels)
         return self
 
+    def flags(self) -> list[str]:
+        """The `--tls-ca/--tls-cert/--tls-key` arguments that name these files on a role's command line."""
+        return ["--tls-ca", str(self.ca), "--tls-cert", str(self.cert), "--tls-key", str(self.key)]
+
 
 FLAGS = ("--tls-ca", "--tls-cert", "--tls-key")
 

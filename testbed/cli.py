@@ -29,6 +29,8 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="every hop over mutual TLS: a throwaway CA in the run directory, Mosquitto with TLS and the ACL",
     )
+    up.add_argument("--no-dashboard", action="store_true", help="do not start `emsfl dashboard` for this run")
+    up.add_argument("--dashboard-port", type=int, default=8765, help="loopback port of the dashboard (default: 8765)")
     exp = sub.add_parser("experiment", help="run the lab once per strategy, seed and link rate; compare them")
     exp.add_argument("--topology", type=Path, default=DEFAULT_TOPOLOGY)
     exp.add_argument("--strategies", default="emsfl,fedavg,fedasync", help="comma-separated (default: all three)")
@@ -78,6 +80,17 @@ def _csv(text: str, kind: type, what: str) -> list[Any]:
         raise ConfigError(f"{what}: expected comma-separated values, got {text!r}") from None
 
 
+def _run_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The options `lab up` and `lab experiment` take from the flags they share."""
+    return {
+        "topology_path": args.topology,
+        "broker": args.broker,
+        "duration_wall_s": args.duration_s,
+        "runs_dir": args.runs_dir,
+        "cache_dir": args.cache_dir,
+    }
+
+
 def _experiment(args: argparse.Namespace) -> int:
     from testbed.experiment import ExperimentOptions, run_experiment
 
@@ -85,17 +98,13 @@ def _experiment(args: argparse.Namespace) -> int:
         raise ConfigError(f"--target-fraction: expected a share in (0, 1], got {args.target_fraction}")
 
     opts = ExperimentOptions(
-        topology_path=args.topology,
+        **_run_options(args),
         strategies=_csv(args.strategies, str, "--strategies"),
         seeds=_csv(args.seeds, int, "--seeds"),
         rates_bps=_csv(args.rates, float, "--rates") if args.rates else None,
         lrs=_csv(args.lrs, float, "--lrs") if args.lrs else None,
-        duration_wall_s=args.duration_s,
         quick=args.quick,
-        runs_dir=args.runs_dir,
         experiment_id=args.experiment_id,
-        cache_dir=args.cache_dir,
-        broker=args.broker,
         central=not args.no_central,
         equal_steps=not args.free_steps,
         target_fraction=args.target_fraction,
@@ -142,24 +151,30 @@ def main(argv: list[str]) -> int:
         except (ConfigError, GroundError, RuntimeError, FileExistsError) as exc:
             print(f"emsfl lab {args.command}: {exc}", file=sys.stderr)
             return 2
-    from testbed.lab import run_lab
+    from testbed.lab import run_lab, stop_dashboard
     from testbed.outputs import write_outputs
 
+    if not args.no_dashboard and not 0 < args.dashboard_port < 65536:
+        print(f"emsfl lab: --dashboard-port: expected a port 1..65535, got {args.dashboard_port}", file=sys.stderr)
+        return 2
+
     opts = LabOptions(
-        topology_path=args.topology,
-        broker=args.broker,
-        duration_wall_s=args.duration_s,
-        runs_dir=args.runs_dir,
+        **_run_options(args),
         run_id=args.run_id,
-        cache_dir=args.cache_dir,
         tls=args.tls,
+        dashboard_port=None if args.no_dashboard else args.dashboard_port,
     )
     try:
         lab = run_lab(opts)
     except (ConfigError, GroundError, RuntimeError, FileExistsError) as exc:
         print(f"emsfl lab: {exc}", file=sys.stderr)
         return 2
-    summary = write_outputs(lab)
+    try:
+        if lab.dashboard is not None:
+            print("[lab] evaluating: the dashboard shows each accuracy point as it comes")
+        summary = write_outputs(lab)
+    finally:
+        stop_dashboard(lab)
     print(f"[lab] run written to {lab.run_dir}")
     for key in ("tls", "link_up_events", "uploads_committed", "uploads_outside_contact", "bytes_uplinked"):
         print(f"  {key:<24} {summary[key]}")

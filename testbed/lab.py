@@ -43,6 +43,7 @@ class LabOptions:
     satellite_port: int | None = None  # loopback port of the satellite node; None picks a free one
     replay_plan: Path | None = None  # drive the links from this recorded plan (`emsfl orbit run --replay`)
     tls: bool = False  # every hop over (mutual) TLS with a throwaway CA in the run directory
+    dashboard_port: int | None = None  # serve `emsfl dashboard` on this loopback port; None: no dashboard
 
 
 @dataclass
@@ -58,6 +59,7 @@ class LabRun:
     stopped_wall: float = 0.0
     interrupted: bool = False
     tls: bool = False
+    dashboard: RoleProcess | None = None  # left running for the outputs (accuracy); `stop_dashboard` ends it
 
 
 def resolve_topology(opts: LabOptions) -> dict[str, Any]:
@@ -187,9 +189,15 @@ def run_lab(opts: LabOptions) -> LabRun:
     _progress(
         f"[lab] watch it: mosquitto_sub -h {watch_host} -p {watch_port}{watch_tls} -v -t 'emsfl/v1/#'", final=True
     )
+    if opts.dashboard_port is not None:  # read-only: the `monitor` certificate under TLS
+        monitor = lab_pki.args("monitor") if lab_pki is not None else []
+        lab.dashboard = _start_dashboard(lab, broker_addr, opts.dashboard_port, monitor)
     sat_addr = f"127.0.0.1:{opts.satellite_port or free_port()}"
     logs = run_dir / "logs"
     common = ["--topology", str(topology_path), "--broker", broker_addr]
+
+    def ground_args(c: str) -> list[str]:  # the satellite a cluster's single node or gateway talks to, its dirs
+        return ["--satellite", sat_addr, "--cluster", c, "--workdir", str(lab.ground_dirs[c]), "--base", str(base_dir)]
 
     satellite = RoleProcess(
         "satellite",
@@ -211,20 +219,7 @@ def run_lab(opts: LabOptions) -> LabRun:
     grounds = [
         RoleProcess(
             f"ground {c}",
-            [
-                "ground",
-                "run",
-                *common,
-                "--satellite",
-                sat_addr,
-                "--cluster",
-                c,
-                "--workdir",
-                str(lab.ground_dirs[c]),
-                "--base",
-                str(base_dir),
-                *tls_args(c),
-            ],
+            ["ground", "run", *common, *ground_args(c), *tls_args(c)],
             logs / f"ground-{c}.log",
         )
         for c in clusters
@@ -235,20 +230,10 @@ def run_lab(opts: LabOptions) -> LabRun:
         if (n := _devices(topology, c)) == 1:
             continue
         gw_addr = f"127.0.0.1:{free_port()}"
-        gw_args = [
-            "--satellite",
-            sat_addr,
-            "--cluster",
-            c,
-            "--workdir",
-            str(lab.ground_dirs[c]),
-            "--base",
-            str(base_dir),
-        ]
         grounds.append(
             RoleProcess(
                 f"gateway {c}",
-                ["ground", "gateway", *common, *gw_args, "--listen", gw_addr, *tls_args(gateway_name(c))],
+                ["ground", "gateway", *common, *ground_args(c), "--listen", gw_addr, *tls_args(gateway_name(c))],
                 logs / f"ground-{c}.log",
             )
         )
@@ -303,6 +288,9 @@ def run_lab(opts: LabOptions) -> LabRun:
     except KeyboardInterrupt:
         lab.interrupted = True
         _progress("[lab] interrupted: stopping every process", final=True)
+    except BaseException:
+        stop_dashboard(lab)
+        raise
     finally:
         lab.stopped_wall = time.time()
         for proc in [*grounds, satellite, orbit]:
@@ -313,6 +301,40 @@ def run_lab(opts: LabOptions) -> LabRun:
         if embedded is not None:
             embedded.stop()
     return lab
+
+
+def _start_dashboard(lab: LabRun, broker_addr: str, port: int, tls_args: list[str]) -> RoleProcess | None:
+    """`emsfl dashboard` on loopback, read-only, over this run's broker, satellite state and run directory."""
+    import socket
+
+    from testbed.broker import wait_for_port
+
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as aiohttp binds: a closing socket is no owner
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            _progress(f"[lab] port {port} is taken: no dashboard (--dashboard-port N picks another)", final=True)
+            return None
+    args = ["dashboard", "--broker", broker_addr, "--listen", f"127.0.0.1:{port}", *tls_args]
+    args += ["--state", str(lab.state_dir), "--run-dir", str(lab.run_dir)]
+    proc = RoleProcess("dashboard", args, lab.run_dir / "logs" / "dashboard.log").start()
+    try:
+        wait_for_port("127.0.0.1", port, 30.0)
+        if not proc.running:
+            raise TimeoutError
+    except TimeoutError:
+        proc.stop()
+        _progress(f"[lab] the dashboard did not start (port {port} taken?); see {proc.log_path}; going on without it")
+        return None
+    _progress(f"[lab] dashboard: http://127.0.0.1:{port}/ (read-only)", final=True)
+    return proc
+
+
+def stop_dashboard(lab: LabRun) -> None:
+    if lab.dashboard is not None:
+        lab.dashboard.stop()
+        lab.dashboard = None
 
 
 def _devices(topology: dict[str, Any], cluster: str) -> int:

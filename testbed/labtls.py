@@ -33,8 +33,7 @@ class LabPki:
 
     def args(self, name: str) -> list[str]:
         """The `--tls-*` flags of the role with certificate `name`."""
-        f = self.files(name)
-        return ["--tls-ca", str(f.ca), "--tls-cert", str(f.cert), "--tls-key", str(f.key)]
+        return self.files(name).flags()
 
     def broker(self) -> MosquittoTls:
         f = self.files("broker")

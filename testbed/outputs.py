@@ -60,14 +60,18 @@ def write_outputs(lab: LabRun) -> dict[str, Any]:
     accuracy_initial = accuracy(lab.base_dir, None, topology, None)
     curve: list[tuple[datetime, float]] = []
     last_seen = -1
-    for moment in _eval_times(start, end, int(topology.get("lab", {}).get("eval_points", 8))):
-        seen = sum(1 for t in commit_times if t <= moment)
-        if seen == last_seen:
-            curve.append((moment, curve[-1][1]))
-            continue
-        tensors = global_tensors(lab.state_dir, lab.base_dir, at=moment) if seen else None
-        curve.append((moment, accuracy(lab.base_dir, tensors, topology, None) if seen else accuracy_initial))
-        last_seen = seen
+    points = (lab.run_dir / "accuracy.jsonl").open("w", encoding="utf-8")  # each point as it comes (dashboard)
+    with points:
+        for moment in _eval_times(start, end, int(topology.get("lab", {}).get("eval_points", 8))):
+            seen = sum(1 for t in commit_times if t <= moment)
+            if seen == last_seen:
+                curve.append((moment, curve[-1][1]))
+            else:
+                tensors = global_tensors(lab.state_dir, lab.base_dir, at=moment) if seen else None
+                curve.append((moment, accuracy(lab.base_dir, tensors, topology, None) if seen else accuracy_initial))
+                last_seen = seen
+            points.write(json.dumps({"t": to_iso(moment), "accuracy": curve[-1][1]}) + "\n")
+            points.flush()
     accuracy_final = curve[-1][1] if curve else accuracy_initial
     final_tensors = global_tensors(lab.state_dir, lab.base_dir) if commits else None
 

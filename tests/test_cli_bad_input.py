@@ -22,6 +22,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.helpers import tiny_model
+
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 300  # generous: a loaded 2-core machine starts Python slowly
 
@@ -29,15 +31,7 @@ TINY = {
     "name": "tiny",
     "seed": 3,
     "clusters": [{"id": "c0", "capacity_experts": 2}, {"id": "c1", "capacity_experts": 2}],
-    "model": {
-        "family": "olmoe",
-        "num_layers": 2,
-        "num_experts": 4,
-        "top_k": 2,
-        "hidden_size": 32,
-        "intermediate_size": 48,
-        "num_attention_heads": 2,
-    },
+    "model": tiny_model(),
     "data": {"task": "synthetic", "train_per_cluster": 50, "test_per_domain": 4},
     "warmup": {"steps": 2, "lr": 0.003, "batch_size": 8},
     "training": {"lora_rank": 4, "lora_alpha": 8, "batch_size": 4, "profile_examples": 8},

@@ -10,20 +10,14 @@ import pytest
 from protos import payloads
 from protos.clock import EmulatedClock
 from protos.payloads import PayloadError
+from tests import helpers
 
 LINK_UP: dict[str, Any] = {
-    "schema": "emsfl.v1.link",
-    "version": 1,
-    "cluster": "c0",
-    "state": "up",
-    "seq": 3,
-    "since": "2026-03-20T06:00:00.000Z",
-    "until": "2026-03-20T06:07:30.000Z",
+    **helpers.LINK_UP,
     "satellite": "WALKER-P00-S01",
     "elevation_deg": 12.5,
     "range_km": 1800.2,
     "delay_s": 0.006,
-    "rate_bps": 1e7,
 }
 VALID: dict[str, dict[str, Any]] = {
     "clock": EmulatedClock(datetime(2026, 3, 20, 6, tzinfo=timezone.utc), 1.7e9, 240.0).to_payload(),

@@ -111,7 +111,8 @@ class PagePoller(threading.Thread):
 
     def stop(self) -> PageSamples:
         self._stop_event.set()
-        self.join(10)
+        if self.ident is not None:  # polled by its own thread (else by the caller's read_once)
+            self.join(10)
         self.read_once()
         return self.result
 
@@ -132,13 +133,23 @@ def console_errors(driver: Any) -> list[dict[str, Any]]:
     return [e for e in driver.get_log("browser") if e.get("level") == "SEVERE"]
 
 
+BROWSER_UI_SCHEMES = ("chrome", "chrome-untrusted", "devtools")
+
+
 def requested_urls(driver: Any) -> list[str]:
-    """Every URL the page asked the network for (Chromium's performance log: Network.requestWillBeSent)."""
+    """Every URL a web page asked the network for (Chromium's performance log: Network.requestWillBeSent).
+
+    Requests of the browser's own UI documents (its new-tab page, loading while the test opens ours) are left out:
+    they are Chromium's, not a page's."""
     urls = []
     for entry in driver.get_log("performance"):
         message = json.loads(entry["message"])["message"]
-        if message.get("method") == "Network.requestWillBeSent":
-            urls.append(str(message["params"]["request"]["url"]))
+        if message.get("method") != "Network.requestWillBeSent":
+            continue
+        params = message["params"]
+        if urlsplit(str(params.get("documentURL", ""))).scheme in BROWSER_UI_SCHEMES:
+            continue
+        urls.append(str(params["request"]["url"]))
     return urls
 
 

@@ -20,6 +20,7 @@ from typing import Any
 from aiohttp import web
 
 from protos import payloads
+from protos.tls import TlsFiles
 from testbed.dashboard.sources import MqttSource, RunFiles, SatelliteState
 from testbed.dashboard.state import DashboardState, Delta, sse_frame
 
@@ -47,6 +48,8 @@ class DashboardOptions:
     state_dir: Path | None = None
     run_dir: Path | None = None
     operator_token: str | None = None  # None: read-only
+    allowed_hosts: frozenset[str] = frozenset()  # Host headers served (empty: any); loopback: DNS rebinding guard
+    tls: TlsFiles | None = None  # the MQTT session's certificate (a TLS broker)
 
 
 class Dashboard:
@@ -59,7 +62,7 @@ class Dashboard:
         self.csp_reports: list[Any] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._replies: dict[str, asyncio.Future[dict[str, Any]]] = {}
-        self.mqtt = MqttSource(opts.broker_host, opts.broker_port, self._from_mqtt_thread)
+        self.mqtt = MqttSource(opts.broker_host, opts.broker_port, self._from_mqtt_thread, opts.tls)
         self.files = RunFiles(opts.run_dir, opts.state_dir)
         self.satellite = SatelliteState(opts.state_dir) if opts.state_dir is not None else None
         self._tasks: list[asyncio.Task[None]] = []
@@ -149,7 +152,12 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 @web.middleware
 async def _headers(request: web.Request, handler: Handler) -> web.StreamResponse:
-    response = await handler(request)
+    allowed = request.app[KEY_STATE].opts.allowed_hosts
+    if allowed and request.host not in allowed:
+        # a page of another site that rebinds its name to 127.0.0.1 must not read this one
+        response: web.StreamResponse = _error(421, f"this dashboard answers to {', '.join(sorted(allowed))} only")
+    else:
+        response = await handler(request)
     response.headers["Content-Security-Policy"] = CSP
     response.headers["X-Content-Type-Options"] = "nosniff"
     response.headers["Referrer-Policy"] = "no-referrer"
@@ -187,8 +195,8 @@ async def _stream(request: web.Request) -> web.StreamResponse:
             if frame is None:
                 break
             await response.write(frame)
-    except (ConnectionResetError, asyncio.CancelledError):
-        pass
+    except ConnectionResetError:
+        pass  # the page went away; a cancelled handler (server shutdown) propagates
     finally:
         dash.queues.discard(queue)
     return response

@@ -18,33 +18,31 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from protos import payloads, topics
+from protos.tls import TlsFiles
 
 log = logging.getLogger(__name__)
 
 MqttCallback = Callable[[str, bytes, float], None]
 
 
-def apply_credentials(client: mqtt.Client, env: Mapping[str, str]) -> None:
-    """The same broker credentials and TLS variables as every role's `Bus` (deploy/ writes them)."""
+def apply_credentials(client: mqtt.Client, env: Mapping[str, str], tls: TlsFiles | None) -> None:
+    """Broker credentials as every role's `Bus` takes them (deploy/ writes the environment), and TLS with the
+    dashboard's certificate (a `monitor` one for a read-only view, `operator` to send commands)."""
     if env.get("EMSFL_MQTT_USERNAME"):
         client.username_pw_set(env["EMSFL_MQTT_USERNAME"], env.get("EMSFL_MQTT_PASSWORD") or None)
-    if env.get("EMSFL_TLS", "0") not in {"", "0", "false"}:
-        client.tls_set(
-            ca_certs=env.get("EMSFL_TLS_CA") or None,
-            certfile=env.get("EMSFL_TLS_CERT") or None,
-            keyfile=env.get("EMSFL_TLS_KEY") or None,
-        )
+    if tls is not None:
+        client.tls_set(ca_certs=str(tls.ca), certfile=str(tls.cert), keyfile=str(tls.key))
 
 
 class MqttSource:
     """Subscribes to everything under `emsfl/v1/` (read-only; no presence of its own) and publishes operator
     commands when the server asks. `on_message(topic, payload, wall)` runs on paho's network thread."""
 
-    def __init__(self, host: str, port: int, on_message: MqttCallback) -> None:
+    def __init__(self, host: str, port: int, on_message: MqttCallback, tls: TlsFiles | None = None) -> None:
         self.host, self.port = host, port
         self.connected = threading.Event()
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"dashboard-{uuid.uuid4().hex[:8]}")
-        apply_credentials(self.client, os.environ)
+        apply_credentials(self.client, os.environ, tls)
         self.client.on_connect = self._on_connect
         self.client.on_message = lambda c, u, m: on_message(m.topic, bytes(m.payload), time.time())
         self.client.reconnect_delay_set(min_delay=1, max_delay=5)

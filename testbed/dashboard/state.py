@@ -19,6 +19,7 @@ MAX_WINDOWS = 200  # contact windows kept per cluster (past and published)
 _MQTT_DUPLICATES = {"link_up", "link_down", "handover"}
 
 Delta = dict[str, Any]
+_COUNTERS = ("steps", "uploads_staged", "uploads_acked", "bytes_uplinked")
 
 
 def _ground_figures() -> dict[str, Any]:
@@ -42,6 +43,7 @@ class DashboardState:
         self.operator = operator
         self.clock: dict[str, Any] | None = None
         self.orbit_online = False
+        self.orbit_offline_wall: float | None = None  # when the orbit service went offline: emulated time stops
         self.links: dict[str, dict[str, Any]] = {}
         self.link_recv_wall: dict[str, float] = {}
         self.windows: dict[str, dict[tuple[str, str], dict[str, Any]]] = {}  # cluster -> (start, sat) -> window
@@ -82,7 +84,8 @@ class DashboardState:
             return [{"type": "clock", "clock": self.clock}]
         if topic == topics.ORBIT_STATUS:
             self.orbit_online = payloads.decode("status", data)["state"] == "online"
-            return [{"type": "orbit_status", "online": self.orbit_online}]
+            self.orbit_offline_wall = None if self.orbit_online else wall
+            return [{"type": "orbit_status", "online": self.orbit_online, "offline_wall": self.orbit_offline_wall}]
         if topic == topics.ORBIT_SATELLITES:
             return self._on_satellites(payloads.decode("satellites", data))
         if topic == topics.ORBIT_CMD_REPLY:
@@ -149,7 +152,12 @@ class DashboardState:
         else:
             figures["online"] = status["state"] == "online"
             for name in (*_ground_figures(), "coverage", "num_examples", "step_time_s"):
-                if name in detail and name not in ("devices", "online"):
+                if name not in detail or name in ("devices", "online"):
+                    continue
+                if name in _COUNTERS and isinstance(detail[name], int):
+                    # counters only grow: the log's events may be ahead of a status sent a moment ago
+                    figures[name] = max(int(figures.get(name) or 0), detail[name])
+                else:
                     figures[name] = detail[name]
             if isinstance(detail.get("devices"), dict):
                 for dev, facts in detail["devices"].items():
@@ -182,6 +190,8 @@ class DashboardState:
             target["steps"] = max(int(target.get("steps") or 0), row["step"])
         elif name == "staged":
             figures["uploads_staged"] += 1
+            if isinstance(row.get("step"), int):
+                target["steps"] = max(int(target.get("steps") or 0), row["step"])
         elif name == "upload_acked":
             figures["uploads_acked"] += 1
             figures["bytes_uplinked"] += int(row.get("bytes") or 0)
@@ -225,6 +235,7 @@ class DashboardState:
             "operator": self.operator,
             "clock": self.clock,
             "orbit_online": self.orbit_online,
+            "orbit_offline_wall": self.orbit_offline_wall,
             "clusters": self.clusters(),
             "links": self.links,
             "link_recv_wall": self.link_recv_wall,

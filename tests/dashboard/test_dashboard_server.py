@@ -79,6 +79,13 @@ def test_page_is_served_with_a_strict_content_security_policy(readonly: str) -> 
     assert _request(readonly + "/static/../server.py")[0] == 404
 
 
+def test_a_foreign_host_name_is_refused_on_loopback(readonly: str) -> None:
+    req = urllib.request.Request(readonly + "/api/snapshot", headers={"Host": "attacker.example:80"})
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(req, timeout=30)
+    assert err.value.code == 421
+
+
 def test_snapshot_and_stream_follow_the_broker(readonly: str, broker: BrokerProcess) -> None:
     client = mqtt.Client(CallbackAPIVersion.VERSION2)
     client.connect(broker.host, broker.port)
@@ -163,3 +170,28 @@ def test_bad_arguments_give_one_line_and_exit_2(args: list[str], message: str) -
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_lab_up_refuses_a_bad_dashboard_port_before_starting_anything(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "emsfl", "lab", "up", "--dashboard-port", "70000", "--runs-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2 and "--dashboard-port" in result.stderr
+    assert list(tmp_path.iterdir()) == []  # no run directory
+
+
+def test_lab_goes_on_without_a_dashboard_when_its_port_is_taken(tmp_path: Path) -> None:
+    import socket
+
+    from testbed.lab import LabRun, _start_dashboard
+
+    lab = LabRun(tmp_path, {}, tmp_path, tmp_path / "state", tmp_path / "plan.json", tmp_path / "orbit.jsonl", {})
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert _start_dashboard(lab, "127.0.0.1:1", port, []) is None
+    assert not (tmp_path / "logs" / "dashboard.log").exists()  # nothing was started

@@ -7,18 +7,7 @@ from typing import Any
 
 from protos import payloads, topics
 from testbed.dashboard.state import DashboardState, sse_frame
-
-LINK_UP: dict[str, Any] = {
-    "schema": "emsfl.v1.link",
-    "version": 1,
-    "cluster": "c0",
-    "state": "up",
-    "seq": 3,
-    "since": "2026-03-20T06:00:00.000Z",
-    "until": "2026-03-20T06:07:30.000Z",
-    "satellite": "S1",
-    "rate_bps": 1e7,
-}
+from tests.helpers import LINK_UP
 
 
 def _msg(kind: str, body: dict[str, Any]) -> bytes:
@@ -101,6 +90,9 @@ def test_ground_status_detail_and_events_fill_the_cluster_panel() -> None:
     deltas = state.on_mqtt(topics.node_status("ground", "c0"), _msg("status", status), 5.0)
     assert deltas[-1]["type"] == "ground" and deltas[-1]["peak_rss_mb"] == 812.5
     assert state.ground["c0"]["steps"] == 75 and state.ground["c0"]["experts"] == [[0, [1, 2]]]
+    older = {**status, "detail": {**status["detail"], "steps": 60}}  # sent before the newest event: no step back
+    state.on_mqtt(topics.node_status("ground", "c0"), _msg("status", older), 6.0)
+    assert state.ground["c0"]["steps"] == 75
 
 
 def test_orbit_link_events_from_the_file_are_not_logged_twice() -> None:
@@ -139,3 +131,13 @@ def test_snapshot_and_sse_frame_are_json() -> None:
     assert frame.startswith(b"data: ") and frame.endswith(b"\n\n")
     snap = json.loads(frame[len(b"data: ") :])
     assert snap["operator"] is True and snap["links"]["c0"]["seq"] == 3
+
+
+def test_orbit_going_offline_stops_the_page_clock_where_it_went() -> None:
+    state = DashboardState()
+    status = {"schema": "emsfl.v1.status", "version": 1, "role": "orbit", "id": "orbit", "state": "online"}
+    state.on_mqtt(topics.ORBIT_STATUS, _msg("status", status), 10.0)
+    assert state.orbit_online and state.orbit_offline_wall is None
+    deltas = state.on_mqtt(topics.ORBIT_STATUS, _msg("status", {**status, "state": "offline"}), 20.0)
+    assert deltas == [{"type": "orbit_status", "online": False, "offline_wall": 20.0}]
+    assert state.snapshot()["orbit_offline_wall"] == 20.0

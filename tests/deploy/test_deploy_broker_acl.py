@@ -23,6 +23,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from emsfl import pki
 from testbed.broker import BrokerProcess, free_port
+from tests.helpers import mqtt_connect
 
 USERS = ("orbit", "satellite", "operator", "c0", "c1")
 QUIET_S = 1.5
@@ -99,30 +100,13 @@ def _connect(broker: Broker, user: str, password: str | None = None, cert: bool 
     ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(broker.pki_dir / "ca.crt"))
     if cert:
         ctx.load_cert_chain(str(broker.pki_dir / f"{user}.crt"), str(broker.pki_dir / f"{user}.key"))
-    client.tls_set_context(ctx)
-    client.username_pw_set(user, broker.passwords.get(user) if password is None else password)
-    connected = threading.Event()
-    result: dict[str, Any] = {}
 
-    def on_connect(c: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
-        result["reason"] = reason
-        connected.set()
-
-    def on_message(c: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+    def on_message(topic: str, payload: bytes) -> None:
         with state.lock:
-            state.messages.append((msg.topic, bytes(msg.payload)))
+            state.messages.append((topic, payload))
 
-    client.on_connect = on_connect
-    client.on_message = on_message
-    try:
-        client.connect("127.0.0.1", broker.port, keepalive=10)
-    except (ssl.SSLError, OSError) as exc:
-        return state, exc
-    client.loop_start()
-    if not connected.wait(10):
-        client.loop_stop()
-        return state, TimeoutError("no CONNACK")
-    return state, result["reason"]
+    login = broker.passwords.get(user) if password is None else password
+    return state, mqtt_connect(client, broker.port, ctx, user, login, on_message)
 
 
 def _ok(broker: Broker, user: str) -> Client:

@@ -32,6 +32,7 @@ from protos.events import read_events
 from protos.tls import TlsFiles
 from satellite_node.testing import Client, OrbitStub, wait_until
 from testbed.broker import BrokerProcess, MosquittoTls, free_port, wait_for_port
+from tests.helpers import stop_processes
 
 pytestmark = pytest.mark.slow
 
@@ -273,13 +274,8 @@ def test_site_provisions_satellite_and_ground_with_mutual_tls(target: Target) ->
         plaintext.close()
         assert "UNAVAILABLE" in str(refused.value)
     finally:
-        for proc, log in agents:
-            proc.terminate()
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_processes([proc for proc, _ in agents], 20)
+        for _, log in agents:
             log.close()
         orbit.stop()
         broker.stop()

@@ -7,6 +7,7 @@ import stat
 from pathlib import Path
 
 import pytest
+import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -194,3 +195,19 @@ def test_issue_inventory_issues_what_site_yml_copies(tmp_path: Path, capsys: pyt
     assert emsfl_main(["pki", "issue-inventory", "--dir", str(tmp_path / "p2"), "--inventory", str(bad)]) == 2
     assert "g1 has no emsfl_cluster" in capsys.readouterr().err
     assert not (tmp_path / "p2").exists()  # bad input: nothing written
+
+
+def test_issue_inventory_with_a_cluster_of_several_boards(tmp_path: Path) -> None:
+    inventory = tmp_path / "inv.yml"
+    ground = {
+        "gw": {"ansible_host": "10.0.0.12", "emsfl_cluster": "c1", "emsfl_device_role": "gateway"},
+        "b0": {"ansible_host": "10.0.0.13", "emsfl_cluster": "c1", "emsfl_device_role": "device", "emsfl_device": "d0"},
+        "solo": {"ansible_host": "10.0.0.11", "emsfl_cluster": "c0", "emsfl_device_role": "gateway"},
+    }
+    inventory.write_text(yaml.safe_dump({"all": {"children": {"ground": {"hosts": ground}}}}), encoding="utf-8")
+    directory = tmp_path / "pki"
+    pki.issue_inventory(directory, inventory)
+    gw, b0, solo = (pki.read_leaf(directory, n) for n in ("gw", "b0", "solo"))
+    assert (gw.role, gw.cluster, gw.sans) == ("gateway", "c1", ("gw", "10.0.0.12"))  # serves its devices
+    assert (b0.role, b0.cluster, b0.device) == ("device", "c1", "d0")
+    assert (solo.role, solo.cluster) == ("client", "c0")  # a single-board cluster only dials the satellite

@@ -9,6 +9,8 @@ from typing import Any
 import pytest
 import torch
 
+from tests.helpers import tiny_model
+
 TINY: dict[str, Any] = {
     "name": "tiny",
     "seed": 3,
@@ -17,16 +19,7 @@ TINY: dict[str, Any] = {
         {"id": "c1", "capacity_experts": 2},
         {"id": "c2", "capacity_experts": 2},
     ],
-    "model": {
-        "family": "olmoe",
-        "checkpoint": None,
-        "num_layers": 2,
-        "num_experts": 4,
-        "top_k": 2,
-        "hidden_size": 32,
-        "intermediate_size": 48,
-        "num_attention_heads": 2,
-    },
+    "model": tiny_model(),
     "data": {
         "task": "synthetic",
         "domains": ["copy", "reverse", "sort", "add"],

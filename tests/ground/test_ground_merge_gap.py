@@ -48,6 +48,8 @@ def test_merge_gap_cli_refuses_bad_steps(tmp_path: Path, topology: dict[str, Any
     path = tmp_path / "t.yaml"
     path.write_text(yaml.safe_dump(topology), encoding="utf-8")
     out = tmp_path / "gap.json"
-    assert lab_main(["merge-gap", "--topology", str(path), "--steps", "0", "--out", str(out)]) == 2
-    assert "--steps: must be > 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # the command line refuses it before anything runs
+        lab_main(["merge-gap", "--topology", str(path), "--steps", "0", "--out", str(out)])
+    assert exit_info.value.code == 2
+    assert "--steps: must be >= 1, got 0" in capsys.readouterr().err
     assert not out.exists()

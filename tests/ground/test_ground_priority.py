@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
-from concurrent import futures
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-import grpc
 import numpy as np
 from safetensors.numpy import load as st_load
 
@@ -17,12 +14,11 @@ from ground_node.outbox import Outbox
 from ground_node.priority import plan_upload, record_acked
 from ground_node.records import Affinity
 from ground_node.uplink import Uplink
-from protos.channel import SERVER_KEEPALIVE_OPTIONS
 from protos.emsfl.v1 import federation_pb2 as pb
 from protos.emsfl.v1 import federation_pb2_grpc as pb_grpc
 from protos.timefmt import to_iso
 from protos.wire import expert_name, parse_expert_name
-from testbed.broker import free_port
+from tests.helpers import serve_fake_satellite, wait_for
 
 SIZE = 64 * 1024  # floats per expert part: 256 KiB
 
@@ -122,21 +118,15 @@ class _ShortContact:
 
 def test_uplink_splits_an_update_a_short_contact_cannot_carry(tmp_path: Path) -> None:
     fake = _Satellite()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), options=SERVER_KEEPALIVE_OPTIONS)
-    pb_grpc.add_FederationServicer_to_server(fake, server)
-    port = free_port()
-    server.add_insecure_port(f"127.0.0.1:{port}")
-    server.start()
+    server, target = serve_fake_satellite(fake, max_workers=2)
     box = Outbox(tmp_path)
     update = box.stage(_update({0: 1.0, 1: 4.0, 2: 2.0, 3: 3.0}), 1, 10)
     link = _ShortContact(room=int(2.5 * SIZE * 4))  # with the 0.9 margin: two experts per part
     aff = Affinity(np.full((1, 4), 0.25, np.float32), np.full((1, 4), 0.25, np.float32), 10)
-    up = Uplink(f"127.0.0.1:{port}", "c0", link, box, 4, 10, aff, poll_s=0.05)
+    up = Uplink(target, "c0", link, box, 4, 10, aff, poll_s=0.05)
     up.start()
     try:
-        deadline = time.monotonic() + 20
-        while box.pending() is not None and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_for(lambda: box.pending() is None, 20)
     finally:
         up.stop()
         server.stop(0)

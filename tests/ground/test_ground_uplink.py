@@ -3,7 +3,6 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
-from concurrent import futures
 from pathlib import Path
 from typing import Any
 
@@ -14,12 +13,11 @@ import pytest
 from ground_node.agent import AgentOptions, GroundAgent
 from ground_node.outbox import Outbox
 from ground_node.records import Affinity
-from protos.channel import SERVER_KEEPALIVE_OPTIONS
 from protos.emsfl.v1 import federation_pb2 as pb
 from protos.emsfl.v1 import federation_pb2_grpc as pb_grpc
 from protos.events import read_events
 from protos.wire import CLUSTER_METADATA_KEY, sha256_hex
-from testbed.broker import free_port
+from tests.helpers import serve_fake_satellite, wait_for
 
 
 class FakeSatellite(pb_grpc.FederationServicer):  # type: ignore[misc]
@@ -108,12 +106,8 @@ class FakeLink:
 @pytest.fixture
 def satellite() -> Iterator[tuple[FakeSatellite, str]]:
     fake = FakeSatellite()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=SERVER_KEEPALIVE_OPTIONS)
-    pb_grpc.add_FederationServicer_to_server(fake, server)
-    port = free_port()
-    server.add_insecure_port(f"127.0.0.1:{port}")
-    server.start()
-    yield fake, f"127.0.0.1:{port}"
+    server, target = serve_fake_satellite(fake)
+    yield fake, target
     server.stop(0)
 
 
@@ -130,9 +124,7 @@ def test_cut_upload_resumes_with_only_missing_chunks(satellite: tuple[FakeSatell
     fake.cut_after_chunks = 2
     up.start()
     try:
-        deadline = time.monotonic() + 20
-        while box.pending() is not None and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_for(lambda: box.pending() is None, 20)
     finally:
         up.stop()
     assert box.pending() is None and box.acked() == [update.content_hash]
@@ -168,9 +160,7 @@ def test_agent_trains_stages_uploads_and_reports(
     result: dict[str, Any] = {}
     thread = threading.Thread(target=lambda: result.update(agent.run(stop)))
     thread.start()
-    deadline = time.monotonic() + 30
-    while not fake.committed and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_for(lambda: bool(fake.committed), 30, 0.1)
     stop.set()
     thread.join(30)
     agent.close()
@@ -196,7 +186,7 @@ def test_updates_of_an_older_assignment_never_go_up(satellite: tuple[FakeSatelli
     up.assignment = Assignment(2, {0: (1,)})
     assert up.upload(stale) is False
     assert not [n for n, _ in fake.calls if n in ("OfferUpdate", "PushChunksWindowed")]
-    assert stale.content_hash in up._rejected and box._state["inflight"] is None
+    assert up.rejected(stale.content_hash) and box._state["inflight"] is None
     fresh = box.stage({"expert/0/1/gate_up_proj": np.ones(4, np.float32)}, 2, 20)
     assert box.pending() == fresh and not stale.path.exists()
     up.stop()

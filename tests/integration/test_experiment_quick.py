@@ -20,7 +20,8 @@ from PIL import Image
 from testbed.broker import BrokerProcess
 from testbed.experiment import STRATEGIES
 
-pytestmark = pytest.mark.slow
+# The module fixture runs the whole quick experiment (about 5 min on a quiet 2-core machine, 11 under load).
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
 METRICS = (
     "time_to_target_s",

@@ -25,18 +25,11 @@ from satellite_node.testing import (
     write_tiny_base,
 )
 from testbed.broker import BrokerProcess, free_port
+from tests.helpers import satellite_topology
 
 pytestmark = pytest.mark.slow
 
-TOPOLOGY = """
-name: pullresume
-strategy: emsfl
-clock: {start_utc: "2026-03-20T06:00:00Z", scale: 1}
-satellite: {host: 127.0.0.1, port: 0}
-clusters:
-  - {id: c0, capacity_experts: 1}
-  - {id: c1, capacity_experts: 1}
-"""
+TOPOLOGY = satellite_topology("pullresume", {"c0": 1, "c1": 1})
 RATE_BPS = 16e6  # 2 MB/s: each 1 MiB chunk takes about 0.5 s, time enough to cut the link in between
 PARTS = ["gate_up_proj.lora_A", "gate_up_proj.lora_B", "down_proj.lora_A", "down_proj.lora_B"]
 NAMES = [expert_name(0, 0, p) for p in PARTS]

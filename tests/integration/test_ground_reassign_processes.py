@@ -25,30 +25,17 @@ import yaml
 from protos.events import read_events
 from satellite_node.testing import Client, OrbitStub, SatelliteProcess, encode, expert_update, wait_until
 from testbed.broker import BrokerProcess, free_port
+from tests.helpers import agent_topology, ground_agent, stop_processes, tiny_model
 
 pytestmark = pytest.mark.slow
 
 LR = 1e-4
-TOPOLOGY: dict[str, Any] = {
-    "name": "reassign",
-    "seed": 5,
-    "strategy": "emsfl",
-    "clock": {"start_utc": "2026-03-20T06:00:00Z", "scale": 1},
-    "satellite": {"pace": False},
-    "clusters": [{"id": "c0", "capacity_experts": 2, "devices": 1}, {"id": "c1", "capacity_experts": 2, "devices": 1}],
-    "model": {
-        "family": "olmoe",
-        "checkpoint": None,
-        "num_layers": 2,
-        "num_experts": 4,
-        "top_k": 2,
-        "hidden_size": 32,
-        "intermediate_size": 48,
-        "num_attention_heads": 2,
-    },
-    "data": {"task": "synthetic", "train_per_cluster": 200, "test_per_domain": 5, "dominant_share": 0.7},
-    "warmup": {"steps": 5, "lr": 0.003, "batch_size": 8},
-    "training": {
+TOPOLOGY = agent_topology(
+    "reassign",
+    pace=False,
+    clusters=[{"id": "c0", "capacity_experts": 2, "devices": 1}, {"id": "c1", "capacity_experts": 2, "devices": 1}],
+    model=tiny_model(),
+    training={
         "tune": "lora",
         "split": "mask",
         "lora_rank": 4,
@@ -60,7 +47,7 @@ TOPOLOGY: dict[str, Any] = {
         "profile_examples": 16,
         "uploads_per_contact": 0,  # one long contact: keep uploading
     },
-}
+)
 FIRST = np.array([[1.0, 1.0, 0.0, 0.0]] * 2, np.float32)  # c1 wants experts 0 and 1 ...
 SECOND = FIRST[:, ::-1].copy()  # ... then 2 and 3
 HANDED = [(0, 0), (1, 0)]  # the experts c1 uploads a version of before it gives them up
@@ -109,16 +96,7 @@ def test_reassignment_hands_over_and_the_agent_switches(
 
     sat, base, topo_text = lab
     workdir = tmp_path / "ground"
-    topo_path = tmp_path / "topology.yaml"
-    topo_path.write_text(topo_text, encoding="utf-8")
-    argv = [sys.executable, "-m", "emsfl", "ground", "run", "--topology", str(topo_path)]
-    argv += ["--broker", broker.address, "--satellite", sat.target, "--cluster", "c0"]
-    argv += ["--workdir", str(workdir), "--base", str(base)]
-    log = open(tmp_path / "ground.log", "ab")  # noqa: SIM115 - closed at the end
-    repo = Path(__file__).resolve().parents[2]
-
-    def start() -> subprocess.Popen[bytes]:
-        return subprocess.Popen(argv, cwd=repo, stdout=log, stderr=subprocess.STDOUT)
+    start, log = ground_agent(tmp_path, topo_text, broker.address, sat.target, base)
 
     c1 = Client(sat.target, "c1")
     agent: subprocess.Popen[bytes] | None = None
@@ -162,12 +140,8 @@ def test_reassignment_hands_over_and_the_agent_switches(
         assert resumed["optimizer_sha256"] == optimizer_digest(checkpoint["optimizer"])
         acked = _wait("an upload after the restart", lambda: _of(workdir, "upload_acked", seen))[0]
     finally:
-        if agent is not None and agent.poll() is None:
-            agent.send_signal(signal.SIGTERM)
-            try:
-                agent.wait(30)
-            except subprocess.TimeoutExpired:
-                agent.kill()
+        if agent is not None:
+            stop_processes([agent], 30)
         log.close()
         c1.close()
     sat.stop()
@@ -259,14 +233,7 @@ def test_reassignment_of_a_gateway_cluster_reaches_its_devices(
         _wait("an upload after the restart", lambda: _of(gw_dir, "upload_acked", seen))
         assert not _of(gw_dir, "reassigned", seen)  # nothing handed over again
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_processes(procs, 30)
         log.close()
         c1.close()
     sat.stop()

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -26,32 +24,19 @@ from protos import topics
 from protos.events import read_events
 from satellite_node.testing import Client, OrbitStub, SatelliteProcess, wait_until
 from testbed.broker import BrokerProcess, free_port
+from tests.helpers import agent_topology, ground_agent, stop_processes, tiny_model
 
 pytestmark = pytest.mark.slow
 
 RATE_BPS = 4 * 1024 * 1024  # 4 Mibit/s at clock scale 1: 0.5 MiB/s, a 1 MiB chunk takes 2 s
 
-TOPOLOGY: dict[str, Any] = {
-    "name": "resilience",
-    "seed": 5,
-    "strategy": "emsfl",
-    "clock": {"start_utc": "2026-03-20T06:00:00Z", "scale": 1},
-    "satellite": {"pace": True},
-    "clusters": [{"id": "c0", "capacity_experts": 2, "devices": 1}],
+TOPOLOGY = agent_topology(
+    "resilience",
+    pace=True,
+    clusters=[{"id": "c0", "capacity_experts": 2, "devices": 1}],
     # full tuning of wide experts: 4 held experts x 1.5 MiB = 6 chunks of 1 MiB per update
-    "model": {
-        "family": "olmoe",
-        "checkpoint": None,
-        "num_layers": 2,
-        "num_experts": 4,
-        "top_k": 2,
-        "hidden_size": 128,
-        "intermediate_size": 1024,
-        "num_attention_heads": 2,
-    },
-    "data": {"task": "synthetic", "train_per_cluster": 200, "test_per_domain": 5, "dominant_share": 0.7},
-    "warmup": {"steps": 5, "lr": 0.003, "batch_size": 8},
-    "training": {
+    model=tiny_model(hidden_size=128, intermediate_size=1024),
+    training={
         "tune": "full",
         "split": "mask",
         "lr": 0.0005,
@@ -61,7 +46,7 @@ TOPOLOGY: dict[str, Any] = {
         "profile_examples": 16,
         "uploads_per_contact": 0,  # one long contact here: keep uploading so that an upload can be cut
     },
-}
+)
 
 
 def _events(workdir: Path) -> list[dict[str, Any]]:
@@ -99,16 +84,7 @@ def test_kill_9_during_training_and_during_upload(broker: BrokerProcess, tmp_pat
     orbit = OrbitStub(broker.host, broker.port, scale=1.0).start()
     _link_up(orbit, "c0")
     workdir = tmp_path / "ground"
-    topo_path = tmp_path / "topology.yaml"
-    topo_path.write_text(topo_text, encoding="utf-8")
-    argv = [sys.executable, "-m", "emsfl", "ground", "run", "--topology", str(topo_path)]
-    argv += ["--broker", broker.address, "--satellite", sat.target, "--cluster", "c0"]
-    argv += ["--workdir", str(workdir), "--base", str(base)]
-    log = open(tmp_path / "ground.log", "ab")  # noqa: SIM115 - closed at the end
-    repo = Path(__file__).resolve().parents[2]
-
-    def start() -> subprocess.Popen[bytes]:
-        return subprocess.Popen(argv, cwd=repo, stdout=log, stderr=subprocess.STDOUT)
+    start, log = ground_agent(tmp_path, topo_text, broker.address, sat.target, base)
 
     agent = start()
     try:
@@ -164,12 +140,7 @@ def test_kill_9_during_training_and_during_upload(broker: BrokerProcess, tmp_pat
         pushes = [e for e in _events(workdir)[seen:] if e["event"] == "pushing" and e["content_hash"] == cut]
         assert [i for e in pushes for i in e["chunks"]] == missing  # nothing the satellite held went again
     finally:
-        if agent.poll() is None:
-            agent.send_signal(signal.SIGTERM)
-            try:
-                agent.wait(30)
-            except subprocess.TimeoutExpired:
-                agent.kill()
+        stop_processes([agent], 30)
         log.close()
         orbit.stop()
         sat.stop()

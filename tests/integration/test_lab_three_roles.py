@@ -9,12 +9,10 @@ from __future__ import annotations
 import json
 import threading
 from datetime import datetime
-from typing import Any
 
 import grpc
 import numpy as np
 import pytest
-import yaml
 from safetensors.numpy import load as load_safetensors
 
 from protos import wire
@@ -22,8 +20,9 @@ from protos.client import FederationClient
 from protos.events import read_events
 from protos.timefmt import parse_iso
 from testbed.broker import BrokerProcess, free_port
-from testbed.lab import DEFAULT_TOPOLOGY, LabOptions, LabRun, run_lab
+from testbed.lab import DEFAULT_TOPOLOGY, LabRun, run_lab
 from testbed.report import in_contact, windows_by_cluster
+from tests.helpers import lab_options, topology_with, write_topology
 
 pytestmark = pytest.mark.slow
 
@@ -56,27 +55,16 @@ class StatusProbe(threading.Thread):
 @pytest.fixture(scope="module")
 def lab_run(tmp_path_factory: pytest.TempPathFactory, module_broker: BrokerProcess) -> tuple[LabRun, StatusProbe]:
     tmp = tmp_path_factory.mktemp("lab")
-    topology: dict[str, Any] = yaml.safe_load(DEFAULT_TOPOLOGY.read_text(encoding="utf-8"))
-    topology["data"]["train_per_cluster"] = 1500
-    topology["data"]["test_per_domain"] = 50
-    topology["warmup"]["steps"] = 200
-    topology["lab"]["eval_points"] = 3
-    path = tmp / "topology.yaml"
-    path.write_text(yaml.safe_dump(topology), encoding="utf-8")
+    quick = {
+        "data": {"train_per_cluster": 1500, "test_per_domain": 50},
+        "warmup": {"steps": 200},
+        "lab": {"eval_points": 3},
+    }
+    path = write_topology(tmp, topology_with(DEFAULT_TOPOLOGY, quick))
     sat_port = free_port()
     probe = StatusProbe(f"127.0.0.1:{sat_port}", "c0")
     probe.start()
-    lab = run_lab(
-        LabOptions(
-            topology_path=path,
-            broker=module_broker.address,
-            duration_wall_s=45,
-            runs_dir=tmp / "runs",
-            run_id="it",
-            cache_dir=tmp / "cache",
-            satellite_port=sat_port,
-        )
-    )
+    lab = run_lab(lab_options(tmp, path, "it", 45, broker=module_broker.address, satellite_port=sat_port))
     probe.stop()
     return lab, probe
 

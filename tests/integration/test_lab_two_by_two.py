@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import pytest
-import yaml
 
 from protos.events import read_events
 from testbed.broker import BrokerProcess
-from testbed.lab import LabOptions, LabRun, run_lab
+from testbed.lab import LabRun, run_lab
+from tests.helpers import QUICK_TWO_BY_TWO, lab_options, topology_with, write_topology
 
 pytestmark = pytest.mark.slow
 
@@ -25,26 +24,8 @@ TOPOLOGY = Path(__file__).resolve().parents[2] / "testbed" / "topologies" / "two
 @pytest.fixture(scope="module")
 def lab_run(tmp_path_factory: pytest.TempPathFactory, module_broker: BrokerProcess) -> LabRun:
     tmp = tmp_path_factory.mktemp("lab2x2")
-    topology: dict[str, Any] = yaml.safe_load(TOPOLOGY.read_text(encoding="utf-8"))
-    topology["data"]["train_per_cluster"] = 600
-    topology["data"]["test_per_domain"] = 20
-    topology["warmup"]["steps"] = 60
-    topology["training"]["batch_size"] = 16
-    topology["training"]["stage_every_steps"] = 10
-    topology["training"]["profile_examples"] = 64
-    topology["lab"]["eval_points"] = 2
-    path = tmp / "topology.yaml"
-    path.write_text(yaml.safe_dump(topology), encoding="utf-8")
-    return run_lab(
-        LabOptions(
-            topology_path=path,
-            broker=module_broker.address,
-            duration_wall_s=50,
-            runs_dir=tmp / "runs",
-            run_id="it2x2",
-            cache_dir=tmp / "cache",
-        )
-    )
+    path = write_topology(tmp, topology_with(TOPOLOGY, QUICK_TWO_BY_TWO))
+    return run_lab(lab_options(tmp, path, "it2x2", 50, broker=module_broker.address))
 
 
 def test_gateways_average_their_devices_and_upload_the_averages(lab_run: LabRun) -> None:

@@ -31,8 +31,9 @@ from protos.bus import Bus
 from protos.tls import TlsFiles
 from satellite_node.testing import Client, code_of, encode, expert_update, wait_until
 from testbed.broker import free_port
-from testbed.lab import LabOptions, LabRun, run_lab
+from testbed.lab import LabRun, run_lab
 from testbed.labtls import LabPki
+from tests.helpers import QUICK_TWO_BY_TWO, lab_options, mqtt_connect, topology_with, write_topology
 
 pytestmark = pytest.mark.slow
 
@@ -73,32 +74,12 @@ def _files(directory: Path, name: str, ca: Path) -> TlsFiles:
 
 def _mqtt(port: int, files: TlsFiles | None, seen: list[tuple[str, bytes]] | None = None) -> tuple[mqtt.Client, Any]:
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"test-{time.monotonic_ns()}")
+    ctx = None
     if files is not None:
         ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(files.ca))
         ctx.load_cert_chain(str(files.cert), str(files.key))
-        client.tls_set_context(ctx)
-    done = threading.Event()
-    result: dict[str, Any] = {}
-
-    def on_connect(c: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
-        result["reason"] = reason
-        done.set()
-
-    def on_message(c: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        if seen is not None:
-            seen.append((msg.topic, bytes(msg.payload)))
-
-    client.on_connect = on_connect
-    client.on_message = on_message
-    try:
-        client.connect("127.0.0.1", port, keepalive=10)
-    except (ssl.SSLError, OSError) as exc:
-        return client, exc
-    client.loop_start()
-    if not done.wait(10):
-        client.loop_stop()
-        return client, TimeoutError("no CONNACK")
-    return client, result["reason"]
+    on_message = None if seen is None else lambda topic, payload: seen.append((topic, payload))
+    return client, mqtt_connect(client, port, ctx, on_message=on_message)
 
 
 def _accepted_peers(port: int) -> list[int]:
@@ -131,27 +112,11 @@ def tls_lab(tmp_path_factory: pytest.TempPathFactory) -> tuple[LabRun, dict[str,
     if shutil.which("mosquitto") is None:
         pytest.skip("mosquitto is not installed (apt-get install mosquitto): `emsfl lab up --tls` needs it")
     tmp = tmp_path_factory.mktemp("labtls")
-    topology: dict[str, Any] = yaml.safe_load(TOPOLOGY.read_text(encoding="utf-8"))
+    topology = topology_with(TOPOLOGY, QUICK_TWO_BY_TWO)
     topology["clusters"][0]["devices"] = 1  # c0: a single node; c1: a gateway and two devices
-    topology["data"]["train_per_cluster"] = 600
-    topology["data"]["test_per_domain"] = 20
-    topology["warmup"]["steps"] = 60
-    topology["training"]["batch_size"] = 16
-    topology["training"]["stage_every_steps"] = 10
-    topology["training"]["profile_examples"] = 64
-    topology["lab"]["eval_points"] = 2
-    path = tmp / "topology.yaml"
-    path.write_text(yaml.safe_dump(topology), encoding="utf-8")
+    path = write_topology(tmp, topology)
     sat_port = free_port()
-    opts = LabOptions(
-        topology_path=path,
-        duration_wall_s=90,
-        runs_dir=tmp / "runs",
-        run_id=RUN_ID,
-        cache_dir=tmp / "cache",
-        satellite_port=sat_port,
-        tls=True,
-    )
+    opts = lab_options(tmp, path, RUN_ID, 90, satellite_port=sat_port, tls=True)
     findings: dict[str, Any] = {}
     errors: list[BaseException] = []  # the probe's own failures, raised once the lab stopped
     rogue = _rogue(tmp)

@@ -32,7 +32,8 @@ SCALE = 3000.0  # emulated seconds per wall second: ~8 h of passes in the ~10 s 
 # Delivery latency allowed after a planned transition, in wall seconds (a loaded 2-core machine is slow).
 LATE_WALL_S = 0.3
 
-KINDS = {"clock": "clock", "link": "link", "contacts": "contacts", "orbit": "status"}
+KINDS = {"clock": "clock", "link": "link", "contacts": "contacts"}
+ORBIT_KINDS = {topics.ORBIT_STATUS: "status", topics.ORBIT_SATELLITES: "satellites"}
 
 
 @dataclass
@@ -56,7 +57,7 @@ class Watcher:
         self.client.loop_start()
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        kind = KINDS[msg.topic.split("/")[2]]
+        kind = ORBIT_KINDS[msg.topic] if msg.topic in ORBIT_KINDS else KINDS[msg.topic.split("/")[2]]
         body = payloads.decode(kind, msg.payload)  # a payload off-schema fails the test here
         with self._cond:
             self.messages.append(Message(time.time(), msg.topic, bool(msg.retain), body))

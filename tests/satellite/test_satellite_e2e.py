@@ -19,18 +19,11 @@ from protos.events import read_events
 from satellite_node import export
 from satellite_node.testing import Client, OrbitStub, code_of, encode, expert_update, write_tiny_base
 from testbed.broker import BrokerProcess, free_port, wait_for_port
+from tests.helpers import satellite_topology
 
 REPO = Path(__file__).resolve().parents[2]
 CHUNK = 256
-TOPOLOGY = """
-name: sat-test
-strategy: emsfl
-clock: {start_utc: "2026-03-20T06:00:00Z", scale: 1}
-satellite: {host: 127.0.0.1, port: 0}
-clusters:
-  - {id: c0, capacity_experts: 2}
-  - {id: c1, capacity_experts: 2}
-"""
+TOPOLOGY = satellite_topology("sat-test", {"c0": 2, "c1": 2})
 
 pytestmark = pytest.mark.slow
 

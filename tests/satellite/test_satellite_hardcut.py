@@ -26,17 +26,11 @@ from satellite_node.testing import (
     write_tiny_base,
 )
 from testbed.broker import BrokerProcess, free_port
+from tests.helpers import satellite_topology
 
 CHUNK = 2048
 UPLOAD_S = 4.0  # the proxy's rate makes the whole upload last about this long
-TOPOLOGY = """
-name: hardcut
-strategy: emsfl
-clock: {start_utc: "2026-03-20T06:00:00Z", scale: 1}
-satellite: {host: 127.0.0.1, port: 0}
-clusters:
-  - {id: c0, capacity_experts: 4}
-"""
+TOPOLOGY = satellite_topology("hardcut", {"c0": 4})
 
 pytestmark = pytest.mark.slow
 

@@ -64,13 +64,19 @@ def upload(
     return tensors
 
 
-def test_reassignment_hands_over_newest_parameters(served: tuple[str, SatelliteNode, Metrics]) -> None:
-    target, node, _ = served
-    base = Path(node.base_dir)
+def _joined(target: str) -> tuple[Client, Client]:
+    """Clients of c0 and c1, joined with two experts each; c0 prefers `PREF`, c1 the opposite."""
     c0, c1 = Client(target, "c0"), Client(target, "c1")
     for client, pref in ((c0, PREF), (c1, PREF[:, ::-1].copy())):
         client.join(2, 100)
         client.report(pref)
+    return c0, c1
+
+
+def test_reassignment_hands_over_newest_parameters(served: tuple[str, SatelliteNode, Metrics]) -> None:
+    target, node, _ = served
+    base = Path(node.base_dir)
+    c0, c1 = _joined(target)
     assert c0.assignment().version == 1 and not c0.assignment().handed_over
     theirs = upload(c1, base, [(0, 2), (0, 3), (1, 2), (1, 3)], 1, seed=3)
     upload(c1, base, [(0, 2), (0, 3), (1, 2), (1, 3)], 1, seed=4)  # version 2 of c1's experts
@@ -116,10 +122,7 @@ def test_reassignment_hands_over_newest_parameters(served: tuple[str, SatelliteN
 def test_metrics(served: tuple[str, SatelliteNode, Metrics]) -> None:
     target, node, metrics = served
     base = Path(node.base_dir)
-    c0, c1 = Client(target, "c0"), Client(target, "c1")
-    for client, pref in ((c0, PREF), (c1, PREF[:, ::-1].copy())):
-        client.join(2, 100)
-        client.report(pref)
+    c0, c1 = _joined(target)
     tensors = upload(c0, base, [(0, 0), (1, 1)], 1, seed=1)
     blob = encode(tensors)
     c0.push(blob, [0, 1], CHUNK)  # already committed: answered from the record, nothing stored

@@ -126,17 +126,10 @@ def test_cli_tls_flags(tmp_path: Path, ca: Path, capsys: pytest.CaptureFixture[s
     d = ca / "ca"
     assert main([*common, "--tls-cert", str(d / "satellite.crt")]) == 2
     assert "--tls-key" in capsys.readouterr().err
-    full = [
-        "--tls-cert",
-        str(d / "satellite.crt"),
-        "--tls-key",
-        str(d / "satellite.key"),
-        "--tls-ca",
-        str(d / "ca.crt"),
-    ]
+    full = TlsFiles(d / "ca.crt", d / "satellite.crt", d / "satellite.key").flags()
     assert main([*common, *full, "--insecure"]) == 2
     assert "--insecure" in capsys.readouterr().err
-    assert main([*common, *full[:-1], str(tmp_path / "nope.crt")]) == 2
+    assert main([*common, *full[2:], "--tls-ca", str(tmp_path / "nope.crt")]) == 2  # full[2:]: cert and key
     assert "--tls-ca" in capsys.readouterr().err
     # neither TLS files nor --insecure: the node refuses to start rather than serve plaintext unasked
     assert main(common) == 2
@@ -155,14 +148,7 @@ def test_cli_tls_flags(tmp_path: Path, ca: Path, capsys: pytest.CaptureFixture[s
 @pytest.mark.slow
 def test_satellite_process_with_mtls(tmp_path: Path, ca: Path, broker: BrokerProcess) -> None:
     d = ca / "ca"
-    flags = [
-        "--tls-cert",
-        str(d / "satellite.crt"),
-        "--tls-key",
-        str(d / "satellite.key"),
-        "--tls-ca",
-        str(d / "ca.crt"),
-    ]
+    flags = TlsFiles(d / "ca.crt", d / "satellite.crt", d / "satellite.key").flags()
     sat = SatelliteProcess(
         tmp_path, (broker.host, broker.port), "clusters:\n  - {id: c0, capacity_experts: 2}\n", free_port(), flags
     )

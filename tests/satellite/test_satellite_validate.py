@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Callable, Iterator
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -14,28 +13,11 @@ from protos.wire import chunk_hashes, sha256_hex, split_chunks
 from satellite_node.manifest import load_manifest
 from satellite_node.node import NodeConfig, SatelliteNode
 from satellite_node.store import DB_FILE, Store
-from satellite_node.testing import encode, expert_update, write_tiny_base
+from satellite_node.testing import FakeLinks, encode, expert_update, write_tiny_base
 from satellite_node.uploads import ChunkIn, Offer
 from satellite_node.validate import Refusal, RefusalCode, specs_of, validate_update
 
 CHUNK = 256
-
-
-class FakeLinks:
-    """Link state without MQTT: every named cluster's link is up unless listed in `down`."""
-
-    def __init__(self) -> None:
-        self.down: set[str] = set()
-        self.now = datetime(2026, 3, 20, 6, 0, tzinfo=timezone.utc)
-
-    def is_up(self, cluster: str) -> bool:
-        return cluster not in self.down
-
-    def down_reason(self, cluster: str) -> str:
-        return f"link of cluster {cluster!r} is down"
-
-    def emulated_now(self) -> datetime | None:
-        return self.now
 
 
 @pytest.fixture
@@ -89,38 +71,18 @@ def _drop(name: str) -> Mutation:
     return lambda t, base: {n: a for n, a in t.items() if n != name}
 
 
+def _invalid(case: str, name: str, value: np.ndarray) -> tuple[str, Mutation, int, RefusalCode]:
+    """A case whose update holds `value` under `name`: refused as an invalid argument."""
+    return case, _set(name, value), 1, RefusalCode.INVALID_ARGUMENT
+
+
 # (case, mutation of a valid c0 update of experts (0,0) and (1,1), offered version, expected code)
 OFFER_CASES: list[tuple[str, Mutation, int, RefusalCode]] = [
-    (
-        "wrong shape",
-        _set("expert/0/0/down_proj.lora_A", np.zeros((3, 6), np.float32)),
-        1,
-        RefusalCode.INVALID_ARGUMENT,
-    ),
-    (
-        "wrong dtype",
-        _set("expert/0/0/down_proj.lora_A", np.zeros((2, 6), np.float64)),
-        1,
-        RefusalCode.INVALID_ARGUMENT,
-    ),
-    (
-        "unknown name",
-        _set("shared/embed_tokens.weight", np.zeros((16, 8), np.float32)),
-        1,
-        RefusalCode.INVALID_ARGUMENT,
-    ),
-    (
-        "unknown part",
-        _set("expert/0/0/up_proj.lora_A", np.zeros((2, 8), np.float32)),
-        1,
-        RefusalCode.INVALID_ARGUMENT,
-    ),
-    (
-        "layer out of range",
-        _set("expert/5/0/down_proj.lora_A", np.zeros((2, 6), np.float32)),
-        1,
-        RefusalCode.INVALID_ARGUMENT,
-    ),
+    _invalid("wrong shape", "expert/0/0/down_proj.lora_A", np.zeros((3, 6), np.float32)),
+    _invalid("wrong dtype", "expert/0/0/down_proj.lora_A", np.zeros((2, 6), np.float64)),
+    _invalid("unknown name", "shared/embed_tokens.weight", np.zeros((16, 8), np.float32)),
+    _invalid("unknown part", "expert/0/0/up_proj.lora_A", np.zeros((2, 8), np.float32)),
+    _invalid("layer out of range", "expert/5/0/down_proj.lora_A", np.zeros((2, 6), np.float32)),
     ("missing part", _drop("expert/1/1/gate_up_proj.lora_B"), 1, RefusalCode.INVALID_ARGUMENT),
     (
         "foreign expert",

@@ -13,7 +13,7 @@
   const MAX_SHOWN_EVENTS = 300;
 
   const S = {
-    operator: false, clock: null, orbitOnline: false, clusters: [], links: {}, windows: {}, ground: {},
+    operator: false, clock: null, orbitOnline: false, orbitOfflineWall: null, clusters: [], links: {}, windows: {}, ground: {},
     satellites: null, sites: {}, satellite: null, accuracy: [], events: [],
   };
   const hooks = { rendered: {}, firstRenderMs: null, snapshots: 0, errors: [] };
@@ -49,7 +49,9 @@
     const c = S.clock;
     if (!c) return null;
     const epoch = Date.parse(c.epoch_utc);
-    return c.paused ? epoch : epoch + (Date.now() / 1000 - c.wall_ref_unix) * c.scale * 1000;
+    // the orbit service went offline (the run ended): emulated time stopped with it
+    const wall = S.orbitOfflineWall === null ? Date.now() / 1000 : Math.min(Date.now() / 1000, S.orbitOfflineWall);
+    return c.paused ? epoch : epoch + Math.max(0, wall - c.wall_ref_unix) * c.scale * 1000;
   }
   function linkUp(cluster) {
     const l = S.links[cluster];
@@ -66,6 +68,7 @@
     switch (d.type) {
       case "snapshot":
         S.operator = d.operator; S.clock = d.clock; S.orbitOnline = d.orbit_online; S.links = d.links || {};
+        S.orbitOfflineWall = d.orbit_offline_wall;
         S.windows = d.windows || {}; S.ground = d.ground || {}; S.satellites = d.satellites; S.sites = d.sites || {};
         S.satellite = d.satellite; S.accuracy = d.accuracy || []; S.events = d.events || [];
         S.clusters = (d.clusters || []).slice().sort();
@@ -73,11 +76,12 @@
         ["all"].forEach((k) => dirty.add(k));
         break;
       case "clock": S.clock = d.clock; dirty.add("clock"); dirty.add("timeline"); break;
-      case "orbit_status": S.orbitOnline = d.online; dirty.add("clock"); dirty.add("links"); break;
+      case "orbit_status":
+        S.orbitOnline = d.online; S.orbitOfflineWall = d.offline_wall; dirty.add("clock"); dirty.add("links"); break;
       case "link":
-        addCluster(d.cluster); S.links[d.cluster] = d.link; dirty.add("link:" + d.cluster); dirty.add("map");
-        dirty.add("timeline"); break;
-      case "windows": addCluster(d.cluster); S.windows[d.cluster] = d.windows; dirty.add("timeline"); break;
+        addCluster(d.cluster); S.links[d.cluster] = d.link; dirty.add("link:" + d.cluster); dirty.add("map"); break;
+      // the timeline redraws with the clock (tick), four times a second
+      case "windows": addCluster(d.cluster); S.windows[d.cluster] = d.windows; break;
       case "satellites": S.satellites = d; dirty.add("map"); break;
       case "sites": S.sites = d.sites; Object.keys(d.sites).forEach(addCluster); dirty.add("sites"); break;
       case "ground": {
@@ -93,13 +97,18 @@
         dirty.add("events"); break;
       default: break;
     }
-    if (!flushQueued) { flushQueued = true; setTimeout(flush, 0); }
+    queueFlush();
   }
 
   // -- rendering ---------------------------------------------------------------------------------------
+  const EVENTS_EVERY_MS = 300; // the event log redraws at most this often: link states go first
+  let eventsDrawnAt = 0;
+  let eventsTimer = null;
+  function queueFlush() { if (!flushQueued) { flushQueued = true; setTimeout(flush, 0); } }
   function flush() {
     flushQueued = false;
     const all = dirty.has("all");
+    let later = false;
     if (all || dirty.has("clusters")) renderClusterRows();
     for (const c of S.clusters) {
       if (all || dirty.has("clusters") || dirty.has("links") || dirty.has("link:" + c)) renderLink(c);
@@ -111,9 +120,18 @@
     if (all || dirty.has("timeline") || dirty.has("clusters")) renderTimeline();
     if (all || dirty.has("satellite") || dirty.has("clusters")) renderSatellite();
     if (all || dirty.has("accuracy")) renderAccuracy();
-    if (all || dirty.has("events") || dirty.has("clusters")) renderEvents();
+    if (all || dirty.has("events") || dirty.has("clusters")) {
+      if (all || performance.now() - eventsDrawnAt >= EVENTS_EVERY_MS) {
+        renderEvents(); eventsDrawnAt = performance.now();
+      } else {
+        later = true;
+      }
+    }
     if (all) renderOperator();
     dirty.clear();
+    if (later && eventsTimer === null) {
+      eventsTimer = setTimeout(() => { eventsTimer = null; dirty.add("events"); queueFlush(); }, EVENTS_EVERY_MS);
+    }
     if (hooks.firstRenderMs === null && S.clock) hooks.firstRenderMs = performance.now();
   }
 
@@ -121,8 +139,9 @@
     const c = S.clock;
     $("clock-scale").textContent = c ? "x" + c.scale : "--";
     const p = $("clock-paused");
-    p.textContent = !c ? "no clock" : c.paused ? "paused" : "running";
-    p.className = "item badge " + (!c ? "" : c.paused ? "warn" : "ok");
+    const stopped = c && !S.orbitOnline;
+    p.textContent = !c ? "no clock" : stopped ? "stopped" : c.paused ? "paused" : "running";
+    p.className = "item badge " + (!c ? "" : c.paused || stopped ? "warn" : "ok");
     const o = $("orbit-online");
     o.textContent = S.orbitOnline ? "orbit online" : "orbit offline";
     o.className = "item badge " + (S.orbitOnline ? "ok" : "warn");
@@ -413,6 +432,6 @@
     connect();
     setInterval(tick, 250);
     // a link counts as down once its predicted end passes, even before the down message arrives
-    setInterval(() => { dirty.add("links"); dirty.add("map"); if (!flushQueued) { flushQueued = true; setTimeout(flush, 0); } }, 1000);
+    setInterval(() => { dirty.add("links"); dirty.add("map"); queueFlush(); }, 1000);
   });
 })();
