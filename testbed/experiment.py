@@ -140,7 +140,7 @@ def run_central(topology_path: Path, base_dir: Path, steps: int, out: Path) -> d
         [
             sys.executable,
             "-m",
-            "ground_node.central",
+            "ground_node.learning.central",
             "--topology",
             str(topology_path),
             "--base",

@@ -134,7 +134,7 @@ def run_lab(opts: LabOptions) -> LabRun:
     run_dir.mkdir(parents=True, exist_ok=False)
     _progress(f"[lab] run {run_id}: {len(clusters)} clusters, strategy {topology.get('strategy', 'emsfl')}")
 
-    from ground_node.base import ensure_base  # torch is only needed here, for the warm-up
+    from ground_node.model.base import ensure_base  # torch is only needed here, for the warm-up
 
     _progress("[lab] preparing the base model (cached after the first run)")
     base_dir = ensure_base(topology, opts.cache_dir)

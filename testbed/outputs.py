@@ -37,7 +37,7 @@ def _owners(assignment: dict[str, Any] | None, clusters: list[str], layers: int,
 
 
 def write_outputs(lab: LabRun) -> dict[str, Any]:
-    from ground_node.evaluate import accuracy
+    from ground_node.learning.evaluate import accuracy
     from satellite_node.export import commits as read_commits
     from satellite_node.export import global_tensors
 

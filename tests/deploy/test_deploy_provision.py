@@ -150,7 +150,7 @@ def test_site_provisions_satellite_and_ground_with_mutual_tls(target: Target) ->
     topology_path = work / "topology.yaml"
     _tiny_topology(topology_path)
     base = work / "base"
-    from ground_node.base import build_base
+    from ground_node.model.base import build_base
 
     build_base(yaml.safe_load(topology_path.read_text(encoding="utf-8")), base)
     wheel = _wheel(work / "dist")

@@ -10,10 +10,10 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import load as st_load
 
-from ground_node.outbox import Outbox
-from ground_node.priority import plan_upload, record_acked
+from ground_node.federation.outbox import Outbox
+from ground_node.federation.priority import plan_upload, record_acked
+from ground_node.federation.uplink import Uplink
 from ground_node.records import Affinity
-from ground_node.uplink import Uplink
 from protos.emsfl.v1 import federation_pb2 as pb
 from protos.emsfl.v1 import federation_pb2_grpc as pb_grpc
 from protos.timefmt import to_iso
@@ -137,7 +137,7 @@ def test_uplink_splits_an_update_a_short_contact_cannot_carry(tmp_path: Path) ->
 
 def test_rebase_acked_after_a_reassignment(tmp_path: Path) -> None:
     """Lost experts are forgotten; gained ones count as holding their handed-over parts (what the satellite has)."""
-    from ground_node.priority import load_acked, rebase_acked
+    from ground_node.federation.priority import load_acked, rebase_acked
 
     box = Outbox(tmp_path)
     old = _update({0: 1.0, 1: 1.0, 2: 1.0})

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from ground_node.agent import AgentOptions, GroundAgent
-from ground_node.outbox import Outbox
+from ground_node.federation.outbox import Outbox
 from ground_node.records import Affinity
 from protos.emsfl.v1 import federation_pb2 as pb
 from protos.emsfl.v1 import federation_pb2_grpc as pb_grpc
@@ -112,7 +112,7 @@ def satellite() -> Iterator[tuple[FakeSatellite, str]]:
 
 
 def test_cut_upload_resumes_with_only_missing_chunks(satellite: tuple[FakeSatellite, str], tmp_path: Path) -> None:
-    from ground_node.uplink import Uplink
+    from ground_node.federation.uplink import Uplink
 
     fake, target = satellite
     box = Outbox(tmp_path)
@@ -136,7 +136,7 @@ def test_cut_upload_resumes_with_only_missing_chunks(satellite: tuple[FakeSatell
 
 
 def test_down_link_refusals_never_crash(satellite: tuple[FakeSatellite, str], tmp_path: Path) -> None:
-    from ground_node.uplink import Uplink
+    from ground_node.federation.uplink import Uplink
 
     fake, target = satellite
     fake.link_up = False
@@ -174,8 +174,8 @@ def test_agent_trains_stages_uploads_and_reports(
 
 def test_updates_of_an_older_assignment_never_go_up(satellite: tuple[FakeSatellite, str], tmp_path: Path) -> None:
     """After a re-assignment the uplink drops what was staged (or cut mid-upload) under the old version."""
+    from ground_node.federation.uplink import Uplink
     from ground_node.records import Assignment
-    from ground_node.uplink import Uplink
 
     fake, target = satellite
     box = Outbox(tmp_path)

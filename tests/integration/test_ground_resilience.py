@@ -72,8 +72,8 @@ def _link_up(orbit: OrbitStub, cluster: str) -> None:
 
 
 def test_kill_9_during_training_and_during_upload(broker: BrokerProcess, tmp_path: Path) -> None:
-    from ground_node.base import ensure_base
-    from ground_node.train import optimizer_digest
+    from ground_node.learning.train import optimizer_digest
+    from ground_node.model.base import ensure_base
     from satellite_node.export import commits
 
     topology = dict(TOPOLOGY, broker={"host": broker.host, "port": broker.port})

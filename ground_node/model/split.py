@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from ground_node.errors import GroundError
-from ground_node.family import FamilyAdapter
+from ground_node.model.family import FamilyAdapter
 from ground_node.records import Assignment
 
 

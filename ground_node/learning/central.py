@@ -4,7 +4,7 @@ Same base, same data partition (the union of every cluster's training examples),
 expert, or full slices), same learning rate and batch size as the federated runs, and a given budget of
 optimiser steps (the experiment passes the federated runs' total). Writes one JSON report.
 
-    python -m ground_node.central --topology T.yaml --base BASE_DIR --steps N --out report.json
+    python -m ground_node.learning.central --topology T.yaml --base BASE_DIR --steps N --out report.json
 """
 
 from __future__ import annotations
@@ -20,14 +20,14 @@ import torch
 
 from emsfl.config import ConfigError, load_topology
 from emsfl.durable import atomic_write_json
-from ground_node.agent import peak_rss_mb
-from ground_node.base import load_base
-from ground_node.baseline import full_assignment
-from ground_node.data import label_choices, max_new_tokens, test_examples, tokenizer_for, train_examples
 from ground_node.errors import GroundError
-from ground_node.evaluate import exact_match
+from ground_node.learning.data import label_choices, max_new_tokens, test_examples, tokenizer_for, train_examples
+from ground_node.learning.evaluate import exact_match
+from ground_node.learning.train import Trainer, peak_gpu_memory_mb
+from ground_node.model.base import load_base
+from ground_node.records import full_assignment
 from ground_node.settings import load_settings
-from ground_node.train import Trainer, peak_gpu_memory_mb
+from ground_node.usage import peak_rss_mb
 
 
 def centralised(topology: dict[str, Any], base_dir: Path, steps: int) -> dict[str, Any]:
@@ -62,7 +62,7 @@ def centralised(topology: dict[str, Any], base_dir: Path, steps: int) -> dict[st
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ground_node.central", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m ground_node.learning.central", description=__doc__)
     parser.add_argument("--topology", required=True)
     parser.add_argument("--base", required=True)
     parser.add_argument("--steps", type=int, required=True)
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = centralised(load_topology(args.topology), Path(args.base), max(0, args.steps))
     except (ConfigError, GroundError, OSError) as exc:
-        print(f"ground_node.central: {exc}", file=sys.stderr)
+        print(f"ground_node.learning.central: {exc}", file=sys.stderr)
         return 2
     atomic_write_json(Path(args.out), report)
     print(json.dumps(report))

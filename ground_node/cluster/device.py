@@ -8,6 +8,9 @@ from it. Its optimizer state stays local and is checkpointed with the step, so a
 When the satellite re-assigns the cluster, the gateway pulls the gained experts' newest parts and makes them, with
 the kept experts' average, its next version; the device sees the new `assignment_version` at its next sync,
 rebuilds its sub-model (kept experts carry their parts and optimizer moments over) and pulls that version.
+
+The cluster room imports no torch at module level (ARCHITECTURE §2): the learning room (trainer, profiling, the
+sub-model) is imported where the device uses it, so `ground gateway` and the sync helpers here need no torch.
 """
 
 from __future__ import annotations
@@ -20,28 +23,27 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 import numpy as np
-import torch
 from safetensors.numpy import save as st_save
 
 from emsfl.durable import atomic_write_json
-from ground_node import carryover, handover
-from ground_node.agent import peak_rss_mb
-from ground_node.data import tokenizer_for, train_examples
 from ground_node.errors import GroundError
-from ground_node.profile import Profile, coverage_from_probs, profile_base
+from ground_node.federation import handover
 from ground_node.records import Assignment
 from ground_node.settings import load_settings
-from ground_node.submodel import load_base_split
-from ground_node.train import Trainer, load_expert_state, peak_gpu_memory_mb
+from ground_node.usage import peak_rss_mb
 from protos.client import FederationClient, offer_message, tensor_specs
 from protos.emsfl.v1 import federation_pb2 as pb
 from protos.events import EventLog
 from protos.tls import TlsFiles
 from protos.wire import CHUNK_SIZE
+
+if TYPE_CHECKING:
+    from ground_node.learning.profile import Profile
+    from ground_node.learning.train import Trainer
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +134,11 @@ class DeviceAgent:
         return None
 
     def run(self, stop: threading.Event) -> dict[str, Any]:
+        import torch
+
+        from ground_node.learning.data import tokenizer_for, train_examples
+        from ground_node.learning.profile import profile_base
+
         s = self.settings
         torch.set_num_threads(1)
         tok = tokenizer_for(s.data)
@@ -175,6 +182,8 @@ class DeviceAgent:
         return self.report()
 
     def _assigned(self, assignment: Assignment) -> None:
+        from ground_node.learning.profile import coverage_from_probs
+
         assert self.profile is not None
         self.assignment = assignment
         self.coverage = coverage_from_probs(self.profile.probs, self.profile.top_k, assignment)
@@ -183,6 +192,9 @@ class DeviceAgent:
     def _build(self, assignment: Assignment) -> Trainer:
         """A trainer on the sub-model of `assignment`: only the held experts are read from base.safetensors
         (split=frozen keeps every expert)."""
+        from ground_node.learning.train import Trainer
+        from ground_node.model.submodel import load_base_split
+
         s = self.settings
         model, adapter = load_base_split(self.opt.base_dir, assignment if s.training.split == "mask" else None)
         return Trainer(model, adapter, s.training, assignment, self.data, s.seed, tok=self.tok)
@@ -194,6 +206,8 @@ class DeviceAgent:
             self._pull(int(status.global_version))
 
     def _pull(self, version: int) -> None:
+        from ground_node.learning.train import load_expert_state
+
         assert self.trainer is not None
         tensors = pull_state(self.client, ["expert/"])
         load_expert_state(self.trainer, tensors)
@@ -219,6 +233,9 @@ class DeviceAgent:
     def _switch(self) -> None:
         """The cluster was re-assigned: rebuild the sub-model for the gateway's assignment and start from the
         gateway's version of it (the kept experts' average, the gained experts' handed-over parts)."""
+        from ground_node.learning import carryover
+        from ground_node.learning.train import load_expert_state
+
         assert self.trainer is not None and self.assignment is not None
         prev = self.assignment
         reply = self.client.assignment(timeout_s=10)
@@ -275,6 +292,8 @@ class DeviceAgent:
             log.warning("sync with the gateway failed (%s); training on", exc.code())
 
     def report(self) -> dict[str, Any]:
+        from ground_node.learning.train import peak_gpu_memory_mb
+
         report = {
             "cluster": self.opt.cluster,
             "device": self.opt.device,

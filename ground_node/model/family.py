@@ -5,7 +5,7 @@ The `FamilyAdapter` interface is family-agnostic; `HFMoEAdapter` implements it f
 with fused 3-D expert tensors: OLMoE, Mixtral, Qwen2-MoE (its shared expert is a shared weight), Qwen3-MoE and
 GPT-OSS (transposed, gate/up interleaved, with biases). More families plug in through `register_family`.
 
-Expert ids are always global (as in the manifest). A physically split sub-model (`ground_node.submodel`) holds
+Expert ids are always global (as in the manifest). A physically split sub-model (`ground_node.model.submodel`) holds
 only some experts per layer; its routers carry `held_index` (local -> global), and every slice accessor here maps
 global ids to local positions through `local_index`.
 """

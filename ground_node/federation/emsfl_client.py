@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import logging
 
-from ground_node.client_strategy import ClientStrategy, UplinkPort
-from ground_node.outbox import StagedUpdate
-from ground_node.priority import contact_budget_bytes, plan_upload, record_acked
+from ground_node.federation.client_strategy import ClientStrategy, UplinkPort
+from ground_node.federation.outbox import StagedUpdate
+from ground_node.federation.priority import contact_budget_bytes, plan_upload, record_acked
 from ground_node.records import Affinity, Assignment
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ class EmsflClient(ClientStrategy):
         return False if update is None else uplink.upload(update)
 
     def prepare(self, uplink: UplinkPort, update: StagedUpdate) -> StagedUpdate | None:
-        """Stale updates are dropped; a short contact sends experts by priority (ground_node/priority.py)."""
+        """Stale updates are dropped; a short contact sends experts by priority (ground_node/federation/priority.py)."""
         if uplink.assignment is not None and update.assignment_version < uplink.assignment.version:
             log.info("uplink: dropping update %s of assignment %d", update.content_hash[:12], update.assignment_version)
             uplink.outbox.drop_inflight(update.content_hash)

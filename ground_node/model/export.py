@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ground_node.errors import GroundError
-from ground_node.evaluate import model_with_tensors
+from ground_node.learning.evaluate import model_with_tensors
 from ground_node.records import Assignment
 from protos.wire import parse_expert_name
 
@@ -47,7 +47,7 @@ def export_model(
     base_dir: Path, tensors: Mapping[str, np.ndarray] | None, out: Path, submodel: bool = False
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Write `out` (ONNX); returns the torch module it was exported from and a summary."""
-    from ground_node.submodel import split_model
+    from ground_node.model.submodel import split_model
 
     base = model_with_tensors(Path(base_dir), dict(tensors) if tensors else None)
     model = base.model

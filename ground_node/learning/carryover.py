@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ground_node.family import lora_a_slice, lora_b_slice
-from ground_node.handover import Expert, only_experts
-from ground_node.train import Trainer, load_expert_state
+from ground_node.federation.handover import Expert, only_experts
+from ground_node.learning.train import Trainer, load_expert_state
+from ground_node.model.family import lora_a_slice, lora_b_slice
 
 
 @dataclass

@@ -19,12 +19,12 @@ from torch import nn
 
 from emsfl.durable import fsync_dir
 from ground_node.errors import GroundError
-from ground_node.family import FamilyAdapter, set_router_softmax
+from ground_node.learning.synthetic import Example, encode_train
+from ground_node.learning.tokenizer import CharTokenizer, Tokenizer
+from ground_node.model.family import FamilyAdapter, set_router_softmax
+from ground_node.model.split import apply_split
 from ground_node.records import Assignment
 from ground_node.settings import TrainingSettings, resolve_device
-from ground_node.split import apply_split
-from ground_node.synthetic import Example, encode_train
-from ground_node.tokenizer import CharTokenizer, Tokenizer
 from protos.wire import expert_name
 
 log = logging.getLogger(__name__)
@@ -138,7 +138,7 @@ class Trainer:
         for p in model.parameters():
             p.requires_grad_(False)
         if training.split == "mask":
-            from ground_node.submodel import is_physical, split_model
+            from ground_node.model.submodel import is_physical, split_model
 
             if is_physical(model, adapter):
                 for layer in range(num_layers):

@@ -1,7 +1,7 @@
 """The uplink (ARCHITECTURE §3 steps 2-6): a thread that talks to the satellite node whenever the link is up.
 
-Per pass: Join (once), then what the client strategy does (`ground_node/client_strategy.py`; EMS-FL: ReportAffinity
-once, GetAssignment, then OfferUpdate with the newest unacknowledged staged update and PushChunksWindowed of only the
+Per pass: Join (once), then what the client strategy does (`client_strategy.py`; EMS-FL: ReportAffinity once,
+GetAssignment, then OfferUpdate with the newest unacknowledged staged update and PushChunksWindowed of only the
 missing chunks).
 UNAVAILABLE (the link went down) is expected: the pass ends and the next one resumes the cut upload
 (re-offering the same content hash makes the server answer with only what it still lacks).
@@ -17,9 +17,9 @@ from typing import Any, Protocol
 
 import grpc
 
-from ground_node.client_strategy import ClientStrategy
-from ground_node.emsfl_client import EmsflClient
-from ground_node.outbox import Outbox, StagedUpdate
+from ground_node.federation.client_strategy import ClientStrategy
+from ground_node.federation.emsfl_client import EmsflClient
+from ground_node.federation.outbox import Outbox, StagedUpdate
 from ground_node.records import Affinity, Assignment
 from protos.client import FederationClient, offer_message
 from protos.emsfl.v1 import federation_pb2 as pb
@@ -88,7 +88,7 @@ class Uplink(threading.Thread):
         self._rejected: set[str] = set()
         self._halt = threading.Event()
         self.assigned = threading.Event()
-        # what a pass does; replaced (by on_join) when the satellite runs a baseline strategy (ground_node/baseline.py)
+        # what a pass does; replaced (by on_join) when the satellite runs a baseline strategy (baseline.py)
         self.strategy: ClientStrategy = EmsflClient(affinity)
         # ARCHITECTURE §3 step 6: at every contact the newest state goes up once (not again at every staging while the
         # link stays up, which would multiply the uplink bytes); None: no limit. Contacts are told apart by `since`.

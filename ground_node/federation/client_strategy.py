@@ -10,7 +10,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import Any, Protocol
 
-from ground_node.outbox import Outbox, StagedUpdate
+from ground_node.federation.outbox import Outbox, StagedUpdate
 from ground_node.records import Assignment
 from protos.client import FederationClient
 

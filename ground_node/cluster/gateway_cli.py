@@ -39,7 +39,7 @@ def cluster_devices(topology: dict[str, Any], cluster: str) -> int:
 def run_gateway(args: argparse.Namespace, topology: dict[str, Any], tls: TlsFiles | None = None) -> int:
     """The gateway: with `tls` it serves its devices mutual TLS only and dials the satellite with the same
     certificate (`emsfl pki issue --role gateway`); its MQTT session uses it too."""
-    from ground_node.gateway import Gateway, serve
+    from ground_node.cluster.gateway import Gateway, serve
     from ground_node.settings import load_settings
     from protos.bus import Bus
     from protos.linkview import LinkView
@@ -91,7 +91,7 @@ def run_gateway(args: argparse.Namespace, topology: dict[str, Any], tls: TlsFile
 
 
 def run_device(args: argparse.Namespace, topology: dict[str, Any], tls: TlsFiles | None = None) -> int:
-    from ground_node.device import DeviceAgent, DeviceOptions
+    from ground_node.cluster.device import DeviceAgent, DeviceOptions
     from protos.bus import Bus
     from protos.linkview import LinkView
 

@@ -23,12 +23,12 @@ from safetensors.torch import save as save_bytes
 from torch import nn
 
 from emsfl.durable import fsync_dir
-from ground_node.data import max_positions, tokenizer_for, warmup_pool
 from ground_node.errors import GroundError
-from ground_node.family import FamilyAdapter, get_adapter
+from ground_node.learning.data import max_positions, tokenizer_for, warmup_pool
+from ground_node.learning.synthetic import encode_train
+from ground_node.learning.tokenizer import HFTokenizer
+from ground_node.model.family import FamilyAdapter, get_adapter
 from ground_node.settings import Settings, cache_key, load_settings, resolve_device
-from ground_node.synthetic import encode_train
-from ground_node.tokenizer import HFTokenizer
 from protos.wire import sha256_hex
 
 log = logging.getLogger(__name__)
@@ -47,8 +47,8 @@ class Base:
 
 def ensure_converted(settings: Settings, progress: bool = False) -> Path:
     """`model.checkpoint`, built by upcycling (`model.convert`) unless it holds the same conversion already."""
-    from ground_node.convert import convert
-    from ground_node.convert_options import ConvertOptions
+    from ground_node.model.convert import convert
+    from ground_node.model.convert_options import ConvertOptions
 
     m = settings.model
     assert m.checkpoint is not None and m.convert is not None
@@ -75,7 +75,7 @@ def warm_up(model: nn.Module, settings: Settings, progress: bool = False) -> lis
         return []
     tok = tokenizer_for(settings.data)
     if w.text_path:  # general text, not the task: the federation alone learns the task
-        from ground_node.textwarm import text_windows
+        from ground_node.learning.textwarm import text_windows
 
         pool = text_windows(w.text_path, min(w.steps * w.batch_size, 50_000), w.text_window, settings.seed)
     else:

@@ -13,7 +13,7 @@ import numpy as np
 
 from emsfl.datadir import DATA_DIR_ENV, candidates
 from ground_node.errors import GroundError
-from ground_node.synthetic import Example
+from ground_node.learning.synthetic import Example
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -40,11 +40,12 @@ from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
 from emsfl.durable import atomic_write_bytes, atomic_write_json
-from ground_node import handover
-from ground_node.outbox import Outbox, StagedUpdate
-from ground_node.priority import rebase_acked
+from ground_node.federation import handover
+from ground_node.federation.outbox import Outbox, StagedUpdate
+from ground_node.federation.priority import rebase_acked
+from ground_node.federation.uplink import Link, Uplink, UplinkHooks
 from ground_node.records import Affinity, Assignment
-from ground_node.uplink import Link, Uplink, UplinkHooks
+from ground_node.usage import peak_rss_mb
 from protos.channel import add_port, new_server
 from protos.client import DEVICE_METADATA_KEY, ResumablePull
 from protos.emsfl.v1 import federation_pb2 as pb
@@ -469,7 +470,7 @@ class Gateway:
             "bytes_uplinked": self.outbox.bytes_uplinked,
             "coverage": coverage,
             "num_examples": sum(int(v.get("num_examples") or 0) for v in devices.values()),
-            "peak_rss_mb": _peak_rss_mb(),
+            "peak_rss_mb": peak_rss_mb(),
             # the gateway does not train: the cluster's GPU peak is its busiest device's (None: no CUDA device)
             "peak_gpu_memory_mb": max((v["peak_gpu_memory_mb"] for v in gpu), default=None),
             "devices": devices,
@@ -490,12 +491,6 @@ def _affinity_from_json(saved: dict[str, Any] | None) -> Affinity | None:
     return Affinity(
         np.asarray(saved["gate"], np.float32), np.asarray(saved["freq"], np.float32), int(saved["num_tokens"])
     )
-
-
-def _peak_rss_mb() -> float:
-    import resource
-
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1)
 
 
 def _device_reports(workdir: Path) -> dict[str, dict[str, Any]]:

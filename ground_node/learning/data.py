@@ -24,8 +24,7 @@ from typing import Any
 import numpy as np
 
 from ground_node.errors import GroundError
-from ground_node.settings import DataSettings, Settings
-from ground_node.synthetic import (
+from ground_node.learning.synthetic import (
     Example,
     cluster_test,
     cluster_train,
@@ -34,7 +33,8 @@ from ground_node.synthetic import (
     max_seq_len,
     warmup_examples,
 )
-from ground_node.tokenizer import ByteTokenizer, CharTokenizer, HFTokenizer, Tokenizer
+from ground_node.learning.tokenizer import ByteTokenizer, CharTokenizer, HFTokenizer, Tokenizer
+from ground_node.settings import DataSettings, Settings
 
 
 def is_text(data: DataSettings) -> bool:
@@ -50,7 +50,7 @@ def tokenizer_for(data: DataSettings) -> Tokenizer:
         return CharTokenizer()
     if data.tokenizer_path is None:
         return ByteTokenizer()
-    from ground_node.textwarm import resolve_path
+    from ground_node.learning.textwarm import resolve_path
 
     path = resolve_path(data.tokenizer_path, "data.tokenizer (model.checkpoint)")
     key = (str(path), data.prompt == "chat", data.instruction)
@@ -143,7 +143,7 @@ def read_hf_disk(path: Path, data: DataSettings, split: str) -> list[Example]:
 
 
 def _file(data: DataSettings, split: str) -> Path:
-    from ground_node.textwarm import resolve_path
+    from ground_node.learning.textwarm import resolve_path
 
     path = resolve_path(data.path or "", "data.path")
     if data.task in ("banking77", "clinc150") or (path.is_dir() and data.task in ("csv", "jsonl")):
@@ -179,7 +179,7 @@ def read_split(data: DataSettings, split: str) -> list[Example]:
 
 def domain_labels(data: DataSettings) -> dict[str, list[str]]:
     """`<data.path>/domains.json`: {domain: [label, ...]} (CLINC150 ships one)."""
-    from ground_node.textwarm import resolve_path
+    from ground_node.learning.textwarm import resolve_path
 
     path = resolve_path(data.path or "", "data.path") / "domains.json"
     try:

@@ -29,14 +29,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from ground_node.convert_options import (
+from ground_node.errors import GroundError
+from ground_node.model.convert_options import (
     DENSE_TYPES,
     REPORT,
     SMOLLM2,
     SMOLLM2_GGUF,
     ConvertOptions,
 )
-from ground_node.errors import GroundError
 
 
 def smollm2_dir() -> Path:
@@ -59,7 +59,7 @@ def _source_files(source: str) -> tuple[Path, str | None]:
     """(directory, gguf file name or None) of a source."""
     if source == SMOLLM2:
         return smollm2_dir(), SMOLLM2_GGUF
-    from ground_node.textwarm import resolve_path
+    from ground_node.learning.textwarm import resolve_path
 
     path = resolve_path(source, "--source")
     if path.is_file():
@@ -189,7 +189,7 @@ def upcycle(dense: nn.Module, num_experts: int, top_k: int, seed: int) -> nn.Mod
 
 def general_text_ids(tok: Any, text_path: str, num_tokens: int) -> torch.Tensor:
     """The first `num_tokens` tokens of the general text at `text_path` (file or directory of .txt)."""
-    from ground_node.textwarm import text_files
+    from ground_node.learning.textwarm import text_files
 
     text = "\n".join(f.read_text(encoding="utf-8", errors="ignore") for f in text_files(text_path))
     ids: list[int] = tok.encode(" ".join(text.split()[: num_tokens * 2]), add_special_tokens=False)[:num_tokens]
@@ -328,7 +328,7 @@ def convert(opts: ConvertOptions, out: Path, progress: bool = False) -> dict[str
 
 def convert_command(args: Any, progress: bool) -> dict[str, Any]:
     """`emsfl ground convert`: the conversion the flags describe, into `--out` (or the default cache directory)."""
-    from ground_node.convert_options import default_out, options_from_args
+    from ground_node.model.convert_options import default_out, options_from_args
 
     opts = options_from_args(args)
     out = Path(args.out) if args.out else default_out(opts)

@@ -1,7 +1,7 @@
 """Affinity profiling (ARCHITECTURE §4.1) and routing coverage (§4.3) through the routers of the full model.
 
 `profile_base` streams the base model from its `base.safetensors` one decoder layer at a time
-(`ground_node.stream`), so profiling before the assignment never holds more than one layer's experts;
+(`ground_node.model.stream`), so profiling before the assignment never holds more than one layer's experts;
 `router_probs` profiles a model already in memory. Both give the same probabilities.
 """
 
@@ -16,10 +16,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from ground_node.family import FamilyAdapter
+from ground_node.learning.synthetic import Example, encode_train
+from ground_node.learning.tokenizer import Tokenizer
+from ground_node.model.family import FamilyAdapter
 from ground_node.records import Affinity, Assignment
-from ground_node.synthetic import Example, encode_train
-from ground_node.tokenizer import Tokenizer
 
 
 @torch.no_grad()
@@ -81,8 +81,8 @@ def stream_router_probs(
     batch_size: int = 128,
 ) -> list[torch.Tensor]:
     """`router_probs` of the model stored in a manifest-named safetensors file, streamed layer by layer."""
-    from ground_node.stream import meta_skeleton, run_layers
-    from ground_node.tensorfile import TensorFile
+    from ground_node.model.stream import meta_skeleton, run_layers
+    from ground_node.model.tensorfile import TensorFile
 
     batches = _batches(examples, tok, batch_size)
     num_layers = int(config.num_hidden_layers)
@@ -142,8 +142,8 @@ def profile_base(base_dir: Path, examples: Sequence[Example], tok: Tokenizer, sa
     """`profile_affinity` of a base directory's model, streamed from its `base.safetensors` layer by layer."""
     from transformers import AutoConfig
 
-    from ground_node.base import BASE_TENSORS, read_manifest
-    from ground_node.family import get_adapter
+    from ground_node.model.base import BASE_TENSORS, read_manifest
+    from ground_node.model.family import get_adapter
 
     adapter = get_adapter(str(read_manifest(base_dir).get("family")))
     config = AutoConfig.from_pretrained(str(base_dir))

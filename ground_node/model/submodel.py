@@ -22,9 +22,9 @@ import torch
 from torch import nn
 
 from ground_node.errors import GroundError
-from ground_node.family import FamilyAdapter, HFMoEAdapter, held_router_class
+from ground_node.model.family import FamilyAdapter, HFMoEAdapter, held_router_class
+from ground_node.model.tensorfile import TensorFile
 from ground_node.records import Assignment
-from ground_node.tensorfile import TensorFile
 from protos.wire import expert_name, shared_name
 
 
@@ -233,8 +233,8 @@ def load_base_split(base_dir: Path, assignment: Assignment | None) -> tuple[nn.M
     """A base directory's sub-model for `assignment` (None: whole model) read from its `base.safetensors`."""
     from transformers import AutoConfig
 
-    from ground_node.base import BASE_TENSORS, read_manifest
-    from ground_node.family import get_adapter
+    from ground_node.model.base import BASE_TENSORS, read_manifest
+    from ground_node.model.family import get_adapter
 
     manifest = read_manifest(base_dir)
     adapter = get_adapter(str(manifest.get("family")))

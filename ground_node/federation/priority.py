@@ -20,7 +20,7 @@ from safetensors.numpy import load as st_load
 from safetensors.numpy import load_file, save
 
 from emsfl.durable import atomic_write_bytes
-from ground_node.outbox import Outbox, StagedUpdate
+from ground_node.federation.outbox import Outbox, StagedUpdate
 from protos.timefmt import parse_iso
 from protos.wire import parse_expert_name
 

@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from ground_node.errors import GroundError
-from ground_node.family import FamilyAdapter, HFMoEAdapter
-from ground_node.tensorfile import TensorFile
+from ground_node.model.family import FamilyAdapter, HFMoEAdapter
+from ground_node.model.tensorfile import TensorFile
 from protos.wire import expert_name, shared_name
 
 LayerHook = Callable[[int, nn.Module], Any]

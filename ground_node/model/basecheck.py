@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from ground_node.errors import GroundError
+from ground_node.learning.tokenizer import ByteTokenizer, CharTokenizer
 from ground_node.settings import Settings
-from ground_node.tokenizer import ByteTokenizer, CharTokenizer
 
 _REBUILD = "build one for this topology with `emsfl ground warmup --topology ... --out DIR`"
 
@@ -31,7 +31,7 @@ def _read(path: Path, flag: str) -> dict[str, Any]:
 
 
 def tokenizer_vocab(settings: Settings) -> int:
-    from ground_node.data import is_text
+    from ground_node.learning.data import is_text
 
     return (ByteTokenizer() if is_text(settings.data) else CharTokenizer()).vocab_size
 

@@ -13,13 +13,13 @@ import torch
 from safetensors.numpy import load_file
 from torch import nn
 
-from ground_node.base import BASE_TENSORS, Base, load_base
-from ground_node.data import label_choices, max_new_tokens, test_examples, tokenizer_for
 from ground_node.errors import GroundError
-from ground_node.family import FamilyAdapter
+from ground_node.learning.data import label_choices, max_new_tokens, test_examples, tokenizer_for
+from ground_node.learning.synthetic import Example, encode_prompts
+from ground_node.learning.tokenizer import CharTokenizer, Tokenizer
+from ground_node.model.base import BASE_TENSORS, Base, load_base
+from ground_node.model.family import FamilyAdapter
 from ground_node.settings import load_settings, resolve_device
-from ground_node.synthetic import Example, encode_prompts
-from ground_node.tokenizer import CharTokenizer, Tokenizer
 from protos.wire import parse_expert_name
 
 
