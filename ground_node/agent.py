@@ -23,6 +23,9 @@ from typing import Any
 import torch
 
 from emsfl.durable import atomic_write_json
+from emsfl.runtime.client import ResumablePull
+from emsfl.runtime.events import EventLog
+from emsfl.runtime.tls import TlsFiles
 from ground_node import carryover, handover
 from ground_node.base import load_base, read_manifest
 from ground_node.data import tokenizer_for, train_examples
@@ -36,9 +39,6 @@ from ground_node.submodel import load_base_split
 from ground_node.train import Trainer, checkpoint_assignment, load_expert_state, peak_gpu_memory_mb
 from ground_node.uplink import Link, Uplink, UplinkHooks
 from ground_node.usage import Usage
-from protos.client import ResumablePull
-from protos.events import EventLog
-from protos.tls import TlsFiles
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class AgentOptions:
     base_dir: Path
     satellite: str
     progress: bool = False
-    tls: TlsFiles | None = None  # mutual TLS to the satellite (protos/tls.py)
+    tls: TlsFiles | None = None  # mutual TLS to the satellite (emsfl/runtime/tls.py)
     train_event_every: int = 25
 
 

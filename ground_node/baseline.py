@@ -24,12 +24,12 @@ import grpc
 import numpy as np
 import torch
 
+from emsfl.runtime.client import ResumablePull
 from ground_node.client_strategy import ClientStrategy, UplinkPort
 from ground_node.errors import GroundError
 from ground_node.outbox import StagedUpdate
 from ground_node.records import Assignment
 from ground_node.usage import Usage
-from protos.client import ResumablePull
 from protos.wire import expert_name, parse_expert_name
 
 log = logging.getLogger(__name__)

@@ -10,9 +10,9 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import Any, Protocol
 
+from emsfl.runtime.client import FederationClient
 from ground_node.outbox import Outbox, StagedUpdate
 from ground_node.records import Assignment
-from protos.client import FederationClient
 
 
 class UplinkPort(Protocol):

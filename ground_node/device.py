@@ -28,6 +28,9 @@ import torch
 from safetensors.numpy import save as st_save
 
 from emsfl.durable import atomic_write_json
+from emsfl.runtime.client import FederationClient, offer_message, tensor_specs
+from emsfl.runtime.events import EventLog
+from emsfl.runtime.tls import TlsFiles
 from ground_node import carryover, handover
 from ground_node.agent import peak_rss_mb
 from ground_node.data import tokenizer_for, train_examples
@@ -37,10 +40,7 @@ from ground_node.records import Assignment
 from ground_node.settings import load_settings
 from ground_node.submodel import load_base_split
 from ground_node.train import Trainer, load_expert_state, peak_gpu_memory_mb
-from protos.client import FederationClient, offer_message, tensor_specs
 from protos.emsfl.v1 import federation_pb2 as pb
-from protos.events import EventLog
-from protos.tls import TlsFiles
 from protos.wire import CHUNK_SIZE
 
 log = logging.getLogger(__name__)

@@ -40,17 +40,17 @@ from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
 from emsfl.durable import atomic_write_bytes, atomic_write_json
+from emsfl.runtime.channel import add_port, new_server
+from emsfl.runtime.client import DEVICE_METADATA_KEY, ResumablePull
+from emsfl.runtime.events import EventLog
+from emsfl.runtime.tls import TlsFiles
 from ground_node import handover
 from ground_node.outbox import Outbox, StagedUpdate
 from ground_node.priority import rebase_acked
 from ground_node.records import Affinity, Assignment
 from ground_node.uplink import Link, Uplink, UplinkHooks
-from protos.channel import add_port, new_server
-from protos.client import DEVICE_METADATA_KEY, ResumablePull
 from protos.emsfl.v1 import federation_pb2 as pb
 from protos.emsfl.v1 import federation_pb2_grpc as pb_grpc
-from protos.events import EventLog
-from protos.tls import TlsFiles
 from protos.wire import CHUNK_SIZE, CLUSTER_METADATA_KEY, chunk_messages, parse_expert_name, sha256_hex
 
 log = logging.getLogger(__name__)

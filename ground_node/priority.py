@@ -20,8 +20,8 @@ from safetensors.numpy import load as st_load
 from safetensors.numpy import load_file, save
 
 from emsfl.durable import atomic_write_bytes
+from emsfl.runtime.timefmt import parse_iso
 from ground_node.outbox import Outbox, StagedUpdate
-from protos.timefmt import parse_iso
 from protos.wire import parse_expert_name
 
 log = logging.getLogger(__name__)

@@ -17,13 +17,13 @@ from typing import Any, Protocol
 
 import grpc
 
+from emsfl.runtime.client import FederationClient, offer_message
+from emsfl.runtime.tls import TlsFiles
 from ground_node.client_strategy import ClientStrategy
 from ground_node.emsfl_client import EmsflClient
 from ground_node.outbox import Outbox, StagedUpdate
 from ground_node.records import Affinity, Assignment
-from protos.client import FederationClient, offer_message
 from protos.emsfl.v1 import federation_pb2 as pb
-from protos.tls import TlsFiles
 from protos.wire import CHUNK_SIZE, chunk_hashes, parse_expert_name, sha256_hex
 
 log = logging.getLogger(__name__)
@@ -74,9 +74,9 @@ class Uplink(threading.Thread):
         self.hooks = hooks or UplinkHooks()
         self.poll_s = poll_s
         self.call_timeout_s = call_timeout_s
-        # chunks sent ahead of the satellite's answers: a hard cut resends at most this many (protos/window.py)
+        # chunks sent ahead of the satellite's answers: a hard cut resends at most this many (emsfl/runtime/window.py)
         self.send_window_chunks = send_window_chunks
-        # keepalive (protos/channel.py): a hard cut ends a call in seconds, not at its deadline
+        # keepalive (emsfl/runtime/channel.py): a hard cut ends a call in seconds, not at its deadline
         self.client = FederationClient(target, cluster, tls=tls, timeout_s=call_timeout_s)
         self.stub = self.client.stub
         self.metadata = self.client.metadata

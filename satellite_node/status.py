@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from protos.timefmt import to_iso
+from emsfl.runtime.timefmt import to_iso
 from satellite_node.admission import Links
 from satellite_node.store import Store
 from satellite_node.strategy import STRATEGIES, Strategy, make_strategy

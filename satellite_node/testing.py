@@ -21,12 +21,12 @@ import numpy as np
 from safetensors.numpy import save as st_save
 from safetensors.numpy import save_file
 
+from emsfl.runtime.bus import Bus
+from emsfl.runtime.client import FederationClient
+from emsfl.runtime.clock import EmulatedClock
+from emsfl.runtime.timefmt import to_iso
+from emsfl.runtime.tls import TlsFiles
 from protos import topics
-from protos.bus import Bus
-from protos.client import FederationClient
-from protos.clock import EmulatedClock
-from protos.timefmt import to_iso
-from protos.tls import TlsFiles
 from protos.wire import expert_name
 from satellite_node.manifest import file_sha256
 
@@ -176,7 +176,7 @@ def _unless_unavailable(call: Callable[[], Any]) -> bool:
 
 
 class Client(FederationClient):
-    """The Federation client (protos/client.py) of one cluster, as tests use it: plaintext with identity in
+    """The Federation client (emsfl/runtime/client.py) of one cluster, as tests use it: plaintext with identity in
     metadata, or mutual TLS with `tls` (identity from the certificate; `cluster` then only goes into metadata,
     which a TLS server must ignore)."""
 

@@ -120,6 +120,24 @@ def test_roles_never_import_one_another() -> None:
         assert not foreign, f"{name} imports another role: {sorted(foreign)}"
 
 
+def test_protos_holds_only_contracts() -> None:
+    """protos/ is the proto and its stubs, the MQTT schemas and topics, the chunk wire format; runtime helpers
+    (bus, clock, link view, events, window, gRPC client) live in emsfl/runtime/ (ARCHITECTURE §2)."""
+    contracts = {"protos", "protos.payloads", "protos.topics", "protos.wire", "protos.generate"}
+    stubs = {"protos.emsfl", "protos.emsfl.v1"}
+    found = {name for name in _modules() if name.startswith("protos")}
+    assert found <= contracts | stubs, f"not a contract, move it to emsfl/runtime/: {sorted(found - contracts - stubs)}"
+
+
+def test_shared_runtime_imports_no_role() -> None:
+    """emsfl/runtime/ is shared by every role: it may use protos/ and emsfl/, never a role or the testbed."""
+    assert (ROOT / "emsfl" / "runtime" / "__init__.py").read_text(encoding="utf-8") == "", "keep the import cheap"
+    for name, imported in _graph().items():
+        if name.startswith("emsfl.runtime"):
+            foreign = {m for m in imported if m.split(".")[0] in (*ROLES, "testbed")}
+            assert not foreign, f"{name} imports a role: {sorted(foreign)}"
+
+
 def test_no_hand_written_module_over_600_lines() -> None:
     long = {
         str(path.relative_to(ROOT))

@@ -10,13 +10,13 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import load as st_load
 
+from emsfl.runtime.timefmt import to_iso
 from ground_node.outbox import Outbox
 from ground_node.priority import plan_upload, record_acked
 from ground_node.records import Affinity
 from ground_node.uplink import Uplink
 from protos.emsfl.v1 import federation_pb2 as pb
 from protos.emsfl.v1 import federation_pb2_grpc as pb_grpc
-from protos.timefmt import to_iso
 from protos.wire import expert_name, parse_expert_name
 from tests.helpers import serve_fake_satellite, wait_for
 

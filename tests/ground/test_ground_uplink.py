@@ -10,12 +10,12 @@ import grpc
 import numpy as np
 import pytest
 
+from emsfl.runtime.events import read_events
 from ground_node.agent import AgentOptions, GroundAgent
 from ground_node.outbox import Outbox
 from ground_node.records import Affinity
 from protos.emsfl.v1 import federation_pb2 as pb
 from protos.emsfl.v1 import federation_pb2_grpc as pb_grpc
-from protos.events import read_events
 from protos.wire import CLUSTER_METADATA_KEY, sha256_hex
 from tests.helpers import serve_fake_satellite, wait_for
 
