@@ -25,6 +25,7 @@ import torch
 from emsfl.durable import atomic_write_json
 from emsfl.runtime.client import ResumablePull
 from emsfl.runtime.events import EventLog
+from emsfl.runtime.linkstate import LinkState
 from emsfl.runtime.tls import TlsFiles
 from ground_node import carryover, handover
 from ground_node.base import load_base, read_manifest
@@ -37,7 +38,7 @@ from ground_node.records import Assignment
 from ground_node.settings import load_settings
 from ground_node.submodel import load_base_split
 from ground_node.train import Trainer, checkpoint_assignment, load_expert_state, peak_gpu_memory_mb
-from ground_node.uplink import Link, Uplink, UplinkHooks
+from ground_node.uplink import Uplink, UplinkHooks
 from ground_node.usage import Usage
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ def _mean_step_s(train_seconds: float, steps: int) -> float | None:
 
 
 class GroundAgent:
-    def __init__(self, options: AgentOptions, link: Link, now: Any = None) -> None:
+    def __init__(self, options: AgentOptions, link: LinkState, now: Any = None) -> None:
         self.opt = options
         self.settings = load_settings(options.topology)
         self.cluster = options.cluster

@@ -43,12 +43,13 @@ from emsfl.durable import atomic_write_bytes, atomic_write_json
 from emsfl.runtime.channel import add_port, new_server
 from emsfl.runtime.client import DEVICE_METADATA_KEY, ResumablePull
 from emsfl.runtime.events import EventLog
+from emsfl.runtime.linkstate import LinkState
 from emsfl.runtime.tls import TlsFiles
 from ground_node import handover
 from ground_node.outbox import Outbox, StagedUpdate
 from ground_node.priority import rebase_acked
 from ground_node.records import Affinity, Assignment
-from ground_node.uplink import Link, Uplink, UplinkHooks
+from ground_node.uplink import Uplink, UplinkHooks
 from protos.emsfl.v1 import federation_pb2 as pb
 from protos.emsfl.v1 import federation_pb2_grpc as pb_grpc
 from protos.wire import CHUNK_SIZE, CLUSTER_METADATA_KEY, chunk_messages, parse_expert_name, sha256_hex
@@ -114,7 +115,7 @@ class Gateway:
         expected_devices: int,
         capacity: int,
         satellite: str,
-        link: Link,
+        link: LinkState,
         workdir: Path,
         base_dir: Path,
         strategy: str = "emsfl",

@@ -24,6 +24,7 @@ from safetensors.numpy import save_file
 from emsfl.runtime.bus import Bus
 from emsfl.runtime.client import FederationClient
 from emsfl.runtime.clock import EmulatedClock
+from emsfl.runtime.linkstate import LinkState, wall_rate_bytes_of
 from emsfl.runtime.timefmt import to_iso
 from emsfl.runtime.tls import TlsFiles
 from protos import topics
@@ -133,7 +134,7 @@ class OrbitStub:
         self.bus.stop()
 
 
-class FakeLinks:
+class FakeLinks(LinkState):
     """Link state without MQTT: every cluster's link is up unless listed in `down`; a fixed emulated time;
     `rate_bps` and `scale` give the link budget (None: unpaced)."""
 
@@ -152,8 +153,15 @@ class FakeLinks:
     def emulated_now(self) -> datetime | None:
         return self.now
 
+    def wait_up(self, cluster: str, timeout_s: float) -> bool:
+        return self.is_up(cluster)  # nothing changes it but the test itself
+
+    def link(self, cluster: str) -> dict[str, Any] | None:
+        state = "down" if cluster in self.down else "up"
+        return {"cluster": cluster, "state": state, "until": None, "rate_bps": self.rate_bps}
+
     def wall_rate_bytes(self, cluster: str) -> float | None:
-        return None if self.rate_bps is None else self.rate_bps * self.scale / 8.0
+        return wall_rate_bytes_of(self.link(cluster), self.scale)
 
 
 def code_of(call: Callable[[], object]) -> grpc.StatusCode | None:

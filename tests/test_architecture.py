@@ -138,6 +138,41 @@ def test_shared_runtime_imports_no_role() -> None:
             assert not foreign, f"{name} imports a role: {sorted(foreign)}"
 
 
+def test_every_link_implements_the_link_protocol() -> None:
+    """The link is one typed protocol (emsfl/runtime/linkstate.py): the real view and every test fake subclass
+    `LinkState` explicitly and define all its methods, so nobody probes a link with getattr."""
+    protocol = ast.parse((ROOT / "emsfl" / "runtime" / "linkstate.py").read_text(encoding="utf-8"))
+    members = {
+        f.name
+        for c in ast.walk(protocol)
+        if isinstance(c, ast.ClassDef) and c.name == "LinkState"
+        for f in c.body
+        if isinstance(f, ast.FunctionDef)
+    }
+    assert {"is_up", "emulated_now", "link"} <= members
+    links = 0
+    for package in (*PACKAGES, "tests", "benchmarks"):
+        for path in (ROOT / package).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if not isinstance(node, ast.ClassDef) or node.name == "LinkState":
+                    continue
+                methods = {f.name for f in node.body if isinstance(f, ast.FunctionDef)}
+                if "is_up" not in methods:
+                    continue
+                links += 1
+                where = f"{path.relative_to(ROOT)}:{node.name}"
+                bases = {b.id if isinstance(b, ast.Name) else getattr(b, "attr", "") for b in node.bases}
+                assert "LinkState" in bases, f"{where} has is_up but does not subclass LinkState"
+                assert members <= methods, f"{where} lacks LinkState methods {sorted(members - methods)}"
+    assert links >= 2  # the real view and at least one fake
+    for name, path in _modules().items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "getattr":
+                target = node.args[0]
+                label = target.id if isinstance(target, ast.Name) else getattr(target, "attr", "")
+                assert label not in {"link", "links", "view", "pacer"}, f"{name} probes a link with getattr"
+
+
 def test_no_hand_written_module_over_600_lines() -> None:
     long = {
         str(path.relative_to(ROOT))

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from emsfl.runtime.events import read_events
+from emsfl.runtime.linkstate import LinkState
 from ground_node.agent import AgentOptions, GroundAgent
 from ground_node.outbox import Outbox
 from ground_node.records import Affinity
@@ -91,7 +92,9 @@ class FakeSatellite(pb_grpc.FederationServicer):  # type: ignore[misc]
             yield pb.PushProgress(reply=pb.PushReply(missing=missing))
 
 
-class FakeLink:
+class FakeLink(LinkState):
+    """Up or down as the test says; no link payload and no clock, so no contact budget or per-contact quota."""
+
     def __init__(self) -> None:
         self.up = True
 
@@ -101,6 +104,18 @@ class FakeLink:
     def wait_up(self, cluster: str, timeout_s: float) -> bool:
         time.sleep(min(timeout_s, 0.05))
         return self.up
+
+    def down_reason(self, cluster: str) -> str:
+        return f"link of cluster {cluster!r} is down (test)"
+
+    def emulated_now(self) -> None:
+        return None
+
+    def link(self, cluster: str) -> None:
+        return None
+
+    def wall_rate_bytes(self, cluster: str) -> None:
+        return None
 
 
 @pytest.fixture
