@@ -22,11 +22,15 @@ from typing import Any
 import torch
 
 from emsfl.durable import atomic_write_json
+from emsfl.runtime.client import ResumablePull
+from emsfl.runtime.events import EventLog
+from emsfl.runtime.linkstate import LinkState
+from emsfl.runtime.tls import TlsFiles
 from ground_node.federation import handover
 from ground_node.federation.handover import Switch
 from ground_node.federation.outbox import Outbox, StagedUpdate
 from ground_node.federation.priority import rebase_acked
-from ground_node.federation.uplink import Link, Uplink, UplinkHooks
+from ground_node.federation.uplink import Uplink, UplinkHooks
 from ground_node.learning import carryover
 from ground_node.learning.data import tokenizer_for, train_examples
 from ground_node.learning.profile import Profile, coverage_from_probs, profile_base
@@ -36,9 +40,6 @@ from ground_node.model.submodel import load_base_split
 from ground_node.records import Assignment
 from ground_node.settings import load_settings
 from ground_node.usage import Usage, peak_rss_mb
-from protos.client import ResumablePull
-from protos.events import EventLog
-from protos.tls import TlsFiles
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ class AgentOptions:
     base_dir: Path
     satellite: str
     progress: bool = False
-    tls: TlsFiles | None = None  # mutual TLS to the satellite (protos/tls.py)
+    tls: TlsFiles | None = None  # mutual TLS to the satellite (emsfl/runtime/tls.py)
     train_event_every: int = 25
 
 
@@ -63,7 +64,7 @@ def _mean_step_s(train_seconds: float, steps: int) -> float | None:
 
 
 class GroundAgent:
-    def __init__(self, options: AgentOptions, link: Link, now: Any = None) -> None:
+    def __init__(self, options: AgentOptions, link: LinkState, now: Any = None) -> None:
         self.opt = options
         self.settings = load_settings(options.topology)
         self.cluster = options.cluster

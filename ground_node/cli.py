@@ -14,9 +14,9 @@ from typing import Any
 from emsfl import logs
 from emsfl.config import ConfigError, load_topology, parse_host_port
 from emsfl.errors import OneLineParser, positive_int
+from emsfl.runtime.tls import add_tls_flags, mqtt_tls
+from emsfl.runtime.tls import resolve as resolve_tls
 from ground_node.errors import GroundError
-from protos.tls import add_tls_flags, mqtt_tls
-from protos.tls import resolve as resolve_tls
 
 BASE_HELP = "base directory written by `emsfl ground warmup` (must match --topology)"
 WORKDIR_HELP = "this node's working directory: checkpoints, staged updates, report.json (created if absent)"
@@ -50,9 +50,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace, topology: dict[str, Any]) -> int:
+    from emsfl.runtime.bus import Bus
+    from emsfl.runtime.linkview import LinkView
     from ground_node.agent import AgentOptions, GroundAgent
-    from protos.bus import Bus
-    from protos.linkview import LinkView
 
     host, port = parse_host_port(args.broker, "--broker")
     tls = resolve_tls(args, topology, args.topology)

@@ -27,7 +27,7 @@ from matplotlib.figure import Figure
 
 from emsfl.config import ConfigError, load_topology
 from emsfl.datadir import repo_relative
-from protos.timefmt import parse_iso
+from emsfl.runtime.timefmt import parse_iso
 from testbed import comparemd, plots
 from testbed.compare import claims, compare, spread_of
 from testbed.lab import LabOptions, run_lab

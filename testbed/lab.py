@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from emsfl.config import ConfigError, cluster_ids, field, load_topology, parse_host_port, positive, section
+from emsfl.runtime.bus import Bus
+from emsfl.runtime.linkview import LinkView
 from protos import topics
-from protos.bus import Bus
-from protos.linkview import LinkView
 from testbed.broker import BrokerProcess, free_port
 from testbed.procs import RoleProcess
 
@@ -346,7 +346,7 @@ def _devices(topology: dict[str, Any], cluster: str) -> int:
 
 
 def _supervise(lab: LabRun, links: LinkView, clusters: list[str], procs: list[RoleProcess], duration_s: float) -> None:
-    from protos.events import read_events
+    from emsfl.runtime.events import read_events
     from testbed.report import count_events
 
     end = lab.started_wall + duration_s

@@ -6,8 +6,8 @@ import json
 from datetime import datetime, timedelta
 from typing import Any
 
-from protos.events import read_events
-from protos.timefmt import parse_iso, to_iso
+from emsfl.runtime.events import read_events
+from emsfl.runtime.timefmt import parse_iso, to_iso
 from testbed import plots
 from testbed.lab import LabRun
 from testbed.report import (

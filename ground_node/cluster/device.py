@@ -30,15 +30,15 @@ import numpy as np
 from safetensors.numpy import save as st_save
 
 from emsfl.durable import atomic_write_json
+from emsfl.runtime.client import FederationClient, offer_message, tensor_specs
+from emsfl.runtime.events import EventLog
+from emsfl.runtime.tls import TlsFiles
 from ground_node.errors import GroundError
 from ground_node.federation import handover
 from ground_node.records import Assignment
 from ground_node.settings import load_settings
 from ground_node.usage import peak_rss_mb
-from protos.client import FederationClient, offer_message, tensor_specs
 from protos.emsfl.v1 import federation_pb2 as pb
-from protos.events import EventLog
-from protos.tls import TlsFiles
 from protos.wire import CHUNK_SIZE
 
 if TYPE_CHECKING:

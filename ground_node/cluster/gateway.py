@@ -40,18 +40,19 @@ from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
 from emsfl.durable import atomic_write_bytes, atomic_write_json
+from emsfl.runtime.channel import add_port, new_server
+from emsfl.runtime.client import DEVICE_METADATA_KEY, ResumablePull
+from emsfl.runtime.events import EventLog
+from emsfl.runtime.linkstate import LinkState
+from emsfl.runtime.tls import TlsFiles
 from ground_node.federation import handover
 from ground_node.federation.outbox import Outbox, StagedUpdate
 from ground_node.federation.priority import rebase_acked
-from ground_node.federation.uplink import Link, Uplink, UplinkHooks
+from ground_node.federation.uplink import Uplink, UplinkHooks
 from ground_node.records import Affinity, Assignment
 from ground_node.usage import peak_rss_mb
-from protos.channel import add_port, new_server
-from protos.client import DEVICE_METADATA_KEY, ResumablePull
 from protos.emsfl.v1 import federation_pb2 as pb
 from protos.emsfl.v1 import federation_pb2_grpc as pb_grpc
-from protos.events import EventLog
-from protos.tls import TlsFiles
 from protos.wire import CHUNK_SIZE, CLUSTER_METADATA_KEY, chunk_messages, parse_expert_name, sha256_hex
 
 log = logging.getLogger(__name__)
@@ -115,7 +116,7 @@ class Gateway:
         expected_devices: int,
         capacity: int,
         satellite: str,
-        link: Link,
+        link: LinkState,
         workdir: Path,
         base_dir: Path,
         strategy: str = "emsfl",

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from emsfl.config import ConfigError, parse_host_port
-from protos.tls import TlsFiles, mqtt_tls
+from emsfl.runtime.tls import TlsFiles, mqtt_tls
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +39,10 @@ def cluster_devices(topology: dict[str, Any], cluster: str) -> int:
 def run_gateway(args: argparse.Namespace, topology: dict[str, Any], tls: TlsFiles | None = None) -> int:
     """The gateway: with `tls` it serves its devices mutual TLS only and dials the satellite with the same
     certificate (`emsfl pki issue --role gateway`); its MQTT session uses it too."""
+    from emsfl.runtime.bus import Bus
+    from emsfl.runtime.linkview import LinkView
     from ground_node.cluster.gateway import Gateway, serve
     from ground_node.settings import load_settings
-    from protos.bus import Bus
-    from protos.linkview import LinkView
 
     settings = load_settings(topology)
     settings.cluster_index(args.cluster)
@@ -91,9 +91,9 @@ def run_gateway(args: argparse.Namespace, topology: dict[str, Any], tls: TlsFile
 
 
 def run_device(args: argparse.Namespace, topology: dict[str, Any], tls: TlsFiles | None = None) -> int:
+    from emsfl.runtime.bus import Bus
+    from emsfl.runtime.linkview import LinkView
     from ground_node.cluster.device import DeviceAgent, DeviceOptions
-    from protos.bus import Bus
-    from protos.linkview import LinkView
 
     if not args.gateway or not args.device:
         raise ConfigError("--gateway and --device go together")

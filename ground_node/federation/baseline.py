@@ -23,11 +23,11 @@ from typing import Any
 import grpc
 import numpy as np
 
+from emsfl.runtime.client import ResumablePull
 from ground_node.errors import GroundError
 from ground_node.federation.client_strategy import ClientStrategy, UplinkPort
 from ground_node.federation.outbox import StagedUpdate
 from ground_node.usage import Usage
-from protos.client import ResumablePull
 from protos.wire import expert_name, parse_expert_name
 
 log = logging.getLogger(__name__)

@@ -8,11 +8,12 @@ model against a base version). Strategies see the uplink only through `UplinkPor
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Protocol
+from typing import Protocol
 
+from emsfl.runtime.client import FederationClient
+from emsfl.runtime.linkstate import LinkState
 from ground_node.federation.outbox import Outbox, StagedUpdate
 from ground_node.records import Assignment
-from protos.client import FederationClient
 
 
 class UplinkPort(Protocol):
@@ -21,7 +22,7 @@ class UplinkPort(Protocol):
     cluster: str
     client: FederationClient
     outbox: Outbox
-    link: Any
+    link: LinkState
     call_timeout_s: float
     assignment: Assignment | None
 

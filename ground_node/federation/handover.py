@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
+from emsfl.runtime.client import ResumablePull
 from ground_node.errors import GroundError
 from ground_node.records import Assignment
-from protos.client import ResumablePull
 from protos.emsfl.v1 import federation_pb2 as pb
 from protos.wire import expert_name, parse_expert_name
 

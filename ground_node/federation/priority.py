@@ -13,15 +13,15 @@ import logging
 from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from safetensors.numpy import load as st_load
 from safetensors.numpy import load_file, save
 
 from emsfl.durable import atomic_write_bytes
+from emsfl.runtime.linkstate import LinkState
+from emsfl.runtime.timefmt import parse_iso
 from ground_node.federation.outbox import Outbox, StagedUpdate
-from protos.timefmt import parse_iso
 from protos.wire import parse_expert_name
 
 log = logging.getLogger(__name__)
@@ -31,14 +31,10 @@ HEADER_ALLOWANCE = 4096  # safetensors header bytes per update (names, shapes)
 MARGIN = 0.9  # share of the computed budget an upload may plan for
 
 
-def contact_budget_bytes(link: Any, cluster: str) -> float | None:
+def contact_budget_bytes(link: LinkState, cluster: str) -> float | None:
     """Bytes the rest of the current contact can carry: (until - now) x rate_bps / 8; None when unknown."""
-    link_of = getattr(link, "link", None)
-    now_of = getattr(link, "emulated_now", None)
-    if not callable(link_of) or not callable(now_of):
-        return None
-    payload = link_of(cluster)
-    now = now_of()
+    payload = link.link(cluster)
+    now = link.emulated_now()
     if not payload or now is None or payload.get("state") != "up":
         return None
     until, rate = payload.get("until"), payload.get("rate_bps")

@@ -13,26 +13,21 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import grpc
 
+from emsfl.runtime.client import FederationClient, offer_message
+from emsfl.runtime.linkstate import LinkState
+from emsfl.runtime.tls import TlsFiles
 from ground_node.federation.client_strategy import ClientStrategy
 from ground_node.federation.emsfl_client import EmsflClient
 from ground_node.federation.outbox import Outbox, StagedUpdate
 from ground_node.records import Affinity, Assignment
-from protos.client import FederationClient, offer_message
 from protos.emsfl.v1 import federation_pb2 as pb
-from protos.tls import TlsFiles
 from protos.wire import CHUNK_SIZE, chunk_hashes, parse_expert_name, sha256_hex
 
 log = logging.getLogger(__name__)
-
-
-class Link(Protocol):
-    def is_up(self, cluster: str) -> bool: ...
-
-    def wait_up(self, cluster: str, timeout_s: float) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -53,7 +48,7 @@ class Uplink(threading.Thread):
         self,
         target: str,
         cluster: str,
-        link: Link,
+        link: LinkState,
         outbox: Outbox,
         capacity: int,
         num_examples: int,
@@ -74,9 +69,9 @@ class Uplink(threading.Thread):
         self.hooks = hooks or UplinkHooks()
         self.poll_s = poll_s
         self.call_timeout_s = call_timeout_s
-        # chunks sent ahead of the satellite's answers: a hard cut resends at most this many (protos/window.py)
+        # chunks sent ahead of the satellite's answers: a hard cut resends at most this many (emsfl/runtime/window.py)
         self.send_window_chunks = send_window_chunks
-        # keepalive (protos/channel.py): a hard cut ends a call in seconds, not at its deadline
+        # keepalive (emsfl/runtime/channel.py): a hard cut ends a call in seconds, not at its deadline
         self.client = FederationClient(target, cluster, tls=tls, timeout_s=call_timeout_s)
         self.stub = self.client.stub
         self.metadata = self.client.metadata
@@ -160,9 +155,8 @@ class Uplink(threading.Thread):
         return content_hash in self._rejected
 
     def contact_id(self) -> str | None:
-        link_of = getattr(self.link, "link", None)  # a LinkView knows the link payload; a bare is_up view does not
-        payload = link_of(self.cluster) if callable(link_of) else None
-        return str(payload.get("since")) if isinstance(payload, dict) and payload.get("since") else None
+        payload = self.link.link(self.cluster)
+        return str(payload["since"]) if payload is not None and payload.get("since") else None
 
     def contact_quota_spent(self) -> bool:
         """True when this contact already carried `max_uploads_per_contact` committed uploads."""

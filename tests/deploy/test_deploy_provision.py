@@ -28,8 +28,8 @@ import yaml
 from deploy_helpers import DEPLOY, REPO, require, tool
 
 from emsfl import pki
-from protos.events import read_events
-from protos.tls import TlsFiles
+from emsfl.runtime.events import read_events
+from emsfl.runtime.tls import TlsFiles
 from satellite_node.testing import Client, OrbitStub, wait_until
 from testbed.broker import BrokerProcess, MosquittoTls, free_port, wait_for_port
 from tests.helpers import stop_processes

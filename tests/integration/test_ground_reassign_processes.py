@@ -22,7 +22,7 @@ import pytest
 import torch
 import yaml
 
-from protos.events import read_events
+from emsfl.runtime.events import read_events
 from satellite_node.testing import Client, OrbitStub, SatelliteProcess, encode, expert_update, wait_until
 from testbed.broker import BrokerProcess, free_port
 from tests.helpers import agent_topology, ground_agent, stop_processes, tiny_model

@@ -20,8 +20,8 @@ import torch
 import yaml
 from safetensors.numpy import load as st_load
 
+from emsfl.runtime.events import read_events
 from protos import topics
-from protos.events import read_events
 from satellite_node.testing import Client, OrbitStub, SatelliteProcess, wait_until
 from testbed.broker import BrokerProcess, free_port
 from tests.helpers import agent_topology, ground_agent, stop_processes, tiny_model

@@ -1,5 +1,5 @@
 """gRPC transport settings of every Federation client and server, in one place: message caps, keepalive, and
-plaintext or mutual-TLS channels and server ports (protos/tls.py says where the TLS files come from).
+plaintext or mutual-TLS channels and server ports (emsfl/runtime/tls.py says where the TLS files come from).
 
 Message caps: a chunk is at most 16 MiB (protos/wire.py) plus framing, and a pull answers in chunks too; 64 MiB
 both ways, for clients and servers alike, leaves room without letting one message take a device's memory.
@@ -25,7 +25,7 @@ from typing import Any
 
 import grpc
 
-from protos.tls import TlsFiles
+from emsfl.runtime.tls import TlsFiles
 
 MAX_MESSAGE_BYTES = 64 << 20
 

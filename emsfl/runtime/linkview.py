@@ -1,8 +1,8 @@
 """What a process knows of the links: follows clock, link and orbit status topics.
 
-Used by the satellite's link gate and by ground uplinks. A link counts as up only if its last
-state is `up`, the orbit service is online, and the emulated time is before the state's predicted
-`until`: a late `down` message can then never let a call through after LOS.
+Used by the satellite's link gate and by ground uplinks, through the `LinkState` protocol (linkstate.py). A link
+counts as up only if its last state is `up`, the orbit service is online, and the emulated time is before the
+state's predicted `until`: a late `down` message can then never let a call through after LOS.
 """
 
 from __future__ import annotations
@@ -11,13 +11,16 @@ import threading
 from datetime import datetime
 from typing import Any
 
+from emsfl.runtime.bus import Bus
+from emsfl.runtime.clock import EmulatedClock
+from emsfl.runtime.linkstate import LinkState, wall_rate_bytes_of
+from emsfl.runtime.timefmt import parse_iso
 from protos import topics
-from protos.bus import Bus
-from protos.clock import EmulatedClock
-from protos.timefmt import parse_iso
 
 
-class LinkView:
+class LinkView(LinkState):
+    """The `LinkState` of the MQTT topics."""
+
     def __init__(self, bus: Bus, clusters: list[str] | None = None) -> None:
         """Follow every cluster's link (`clusters=None`) or only the listed ones."""
         self._lock = threading.Lock()
@@ -68,6 +71,11 @@ class LinkView:
     def link(self, cluster: str) -> dict[str, Any] | None:
         with self._lock:
             return self._links.get(cluster)
+
+    def wall_rate_bytes(self, cluster: str) -> float | None:
+        with self._lock:
+            scale = None if self._clock is None else self._clock.scale
+            return wall_rate_bytes_of(self._links.get(cluster), scale)
 
     def contacts(self, cluster: str) -> list[dict[str, Any]]:
         with self._lock:

@@ -13,7 +13,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from protos.timefmt import to_iso
+from emsfl.runtime.timefmt import to_iso
 
 _NOW = object()  # sentinel: take the emulated time from the log's clock
 

@@ -14,8 +14,8 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from emsfl.runtime.tls import TlsFiles
 from protos import payloads, topics
-from protos.tls import TlsFiles
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ class Bus:
 
     def _apply_credentials(self, env: Mapping[str, str]) -> None:
         """Broker credentials from the role's environment file (written by deploy/, read by systemd); TLS with the
-        role's TLS files (the same as its gRPC hops, protos/tls.py), else from that environment.
+        role's TLS files (the same as its gRPC hops, emsfl/runtime/tls.py), else from that environment.
 
         The plaintext local lab sets none of these and talks plaintext on loopback.
         """

@@ -1,7 +1,8 @@
 """The TLS identity of one role: a CA, a certificate and its key (PEM files, as `emsfl pki` writes them).
 
-One `TlsFiles` configures every hop of a role: the gRPC channels it dials and the server it runs (both mutual TLS,
-protos/channel.py) and its MQTT session (protos/bus.py). Where a role gets it (ARCHITECTURE §7, docs/INTERFACES.md):
+One `TlsFiles` configures every hop of a role: the gRPC channels it dials and the server it runs (both mutual
+TLS, emsfl/runtime/channel.py) and its MQTT session (emsfl/runtime/bus.py). Where a role gets it (ARCHITECTURE §7,
+docs/INTERFACES.md):
 
 - the flags `--tls-ca`, `--tls-cert`, `--tls-key` (all three or none), else
 - the topology's `tls: {ca: PATH, cert: PATH, key: PATH}` (paths relative to the topology file; the deploy writes

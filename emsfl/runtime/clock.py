@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from protos.timefmt import parse_iso, to_iso
+from emsfl.runtime.timefmt import parse_iso, to_iso
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
 """The one Federation client: the ground agent's uplink, a gateway's uplink, a device's link to its gateway, the
-baselines, the tests' client and the load generator all talk through it (channel settings: protos/channel.py).
+baselines, the tests' client and the load generator all talk through it (channel settings: emsfl/runtime/channel.py).
 
 Identity: under mutual TLS the server reads it from the client certificate and nothing else; on a plaintext
 loopback lab the `emsfl-cluster` (and, to a gateway, `emsfl-device`) metadata says it. The metadata is sent either
@@ -14,11 +14,11 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import load as st_load
 
-from protos.channel import open_channel
+from emsfl.runtime.channel import open_channel
+from emsfl.runtime.tls import TlsFiles
+from emsfl.runtime.window import push_windowed
 from protos.emsfl.v1 import federation_pb2 as pb
 from protos.emsfl.v1 import federation_pb2_grpc as pb_grpc
-from protos.tls import TlsFiles
-from protos.window import push_windowed
 from protos.wire import CHUNK_SIZE, CLUSTER_METADATA_KEY, chunk_hashes, chunk_messages, sha256_hex
 
 DEVICE_METADATA_KEY = "emsfl-device"  # a device's id, to its gateway (plaintext labs; its certificate under TLS)
@@ -247,8 +247,8 @@ class FederationClient:
         timeout_s: float | None = None,
         on_chunk: Callable[[int], None] | None = None,
     ) -> pb.PushReply:
-        """PushChunksWindowed (protos/window.py): at most `window` chunks unanswered, so a hard cut resends at most
-        that many."""
+        """PushChunksWindowed (emsfl/runtime/window.py): at most `window` chunks unanswered, so a hard cut resends at
+        most that many."""
         messages = self._chunks(blob, indices, chunk_size, hashes, content_hash, on_chunk)
         return push_windowed(
             self.stub.PushChunksWindowed,
