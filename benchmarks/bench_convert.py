@@ -200,8 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import torch
 
-    from ground_node.convert import ConvertOptions, convert_model
     from ground_node.errors import GroundError
+    from ground_node.model.convert import ConvertOptions, convert_model
 
     for need in (DATA / "warmup_text" / "wikitext2_test.txt", DATA / "clinc150" / "domains.json"):
         if not need.exists():

@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from bench_orbit_clock import synthetic_plan  # noqa: E402
 
-from protos.events import read_events  # noqa: E402
+from emsfl.runtime.events import read_events  # noqa: E402
 from testbed.broker import BrokerProcess, free_port, wait_for_port  # noqa: E402
 from testbed.dashboard import probe  # noqa: E402
 from testbed.procs import RoleProcess  # noqa: E402

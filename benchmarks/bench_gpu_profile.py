@@ -57,9 +57,9 @@ def measure(mode: str, topology: Path, steps: int, warm: int, device: str = "cud
 
     import torch
 
-    from ground_node.data import max_positions, tokenizer_for, train_examples
-    from ground_node.family import get_adapter
-    from ground_node.train import Trainer
+    from ground_node.learning.data import max_positions, tokenizer_for, train_examples
+    from ground_node.learning.train import Trainer
+    from ground_node.model.family import get_adapter
 
     s = _settings(topology)
     tok = tokenizer_for(s.data)

@@ -59,8 +59,8 @@ def prepare(out: Path, layers: int) -> dict[str, Any]:
     import torch
     from safetensors.torch import save_file
 
-    from ground_node.family import get_adapter
-    from ground_node.tokenizer import CharTokenizer
+    from ground_node.learning.tokenizer import CharTokenizer
+    from ground_node.model.family import get_adapter
 
     adapter = get_adapter("olmoe")
     model = adapter.build(_settings(layers), CharTokenizer().vocab_size, 64, seed=0)
@@ -80,11 +80,11 @@ def prepare(out: Path, layers: int) -> dict[str, Any]:
 def measure(mode: str, path: Path, layers: int, steps: int, checkpointing: bool) -> dict[str, Any]:
     import torch
 
-    from ground_node.family import get_adapter
+    from ground_node.learning.tokenizer import CharTokenizer
+    from ground_node.learning.train import Trainer
+    from ground_node.model.family import get_adapter
+    from ground_node.model.submodel import load_split
     from ground_node.settings import TrainingSettings
-    from ground_node.submodel import load_split
-    from ground_node.tokenizer import CharTokenizer
-    from ground_node.train import Trainer
 
     torch.set_num_threads(2)
     adapter = get_adapter("olmoe")
@@ -171,7 +171,7 @@ def _current_rss_mb() -> float:
 
 
 def _examples() -> list[Any]:
-    from ground_node.synthetic import Example
+    from ground_node.learning.synthetic import Example
 
     letters = "abcdefghijklmnop"
     return [Example("copy", f"C:{letters[i % 16 :] + letters[: i % 16]}=", letters) for i in range(64)]
@@ -185,10 +185,10 @@ def profile(mode: str, path: Path, layers: int) -> dict[str, Any]:
     """Router probabilities of the examples, streamed layer by layer (`profile`) or from the whole model."""
     import torch
 
-    from ground_node.family import get_adapter
-    from ground_node.profile import router_probs, stream_router_probs
-    from ground_node.submodel import load_split
-    from ground_node.tokenizer import CharTokenizer
+    from ground_node.learning.profile import router_probs, stream_router_probs
+    from ground_node.learning.tokenizer import CharTokenizer
+    from ground_node.model.family import get_adapter
+    from ground_node.model.submodel import load_split
 
     torch.set_num_threads(2)
     adapter = get_adapter("olmoe")
@@ -218,7 +218,7 @@ def profile(mode: str, path: Path, layers: int) -> dict[str, Any]:
 def _warm_runtime(adapter: Any, tok: Any) -> None:
     """Profile a one-layer, two-expert model of the same width first, so that the baseline taken after it holds
     the runtime's own memory (library pages, allocator pools) and the rest is what the profiled model costs."""
-    from ground_node.profile import router_probs
+    from ground_node.learning.profile import router_probs
     from ground_node.settings import ModelSettings
 
     tiny = ModelSettings("olmoe", None, 1, 2, 2, 512, 1024, 8)

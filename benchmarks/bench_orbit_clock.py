@@ -29,9 +29,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from emsfl.runtime.clock import EmulatedClock  # noqa: E402
+from emsfl.runtime.timefmt import parse_iso, to_iso  # noqa: E402
 from protos import payloads, topics  # noqa: E402
-from protos.clock import EmulatedClock  # noqa: E402
-from protos.timefmt import parse_iso, to_iso  # noqa: E402
 from testbed.broker import BrokerProcess  # noqa: E402
 
 OUT = REPO / "benchmarks" / "results" / "clock_fidelity.json"

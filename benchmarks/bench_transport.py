@@ -5,7 +5,7 @@ Throughput (loopback, measured in the same run):
   OfferUpdate, PushChunks over gRPC, server-side verification (chunk hashes, content hash, safetensors layout,
   names, shapes, dtypes, finite values, ownership), durable store (fsync) and commit;
 - `upload_tls_MBps`: the same upload over mutual TLS (`emsfl pki` certificates, ECDSA P-256; the channel and server
-  credentials every role uses, protos/channel.py), to a second port of the same satellite node;
+  credentials every role uses, emsfl/runtime/channel.py), to a second port of the same satellite node;
 - `grpc_raw_MBps`: the same bytes streamed over bare gRPC (1 MiB messages, no protobuf, the server drops them);
 - `tcp_raw_MBps`: the same bytes over a raw TCP socket.
 The servers run in a separate process (their own GIL), as the satellite does. MB = 10^6 bytes.
@@ -48,9 +48,9 @@ from _common import write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from protos.channel import MESSAGE_OPTIONS, open_channel  # noqa: E402
-from protos.tls import TlsFiles  # noqa: E402
-from protos.window import push_windowed  # noqa: E402
+from emsfl.runtime.channel import MESSAGE_OPTIONS, open_channel  # noqa: E402
+from emsfl.runtime.tls import TlsFiles  # noqa: E402
+from emsfl.runtime.window import push_windowed  # noqa: E402
 
 RESULT = ROOT / "benchmarks" / "results" / "transport.json"
 EXPERTS = 16  # one layer; each expert carries two parts of (mib / 32) MiB each
@@ -586,7 +586,7 @@ def uploader(workdir: Path, target: str, mib: int, seed: int) -> None:
     from protos.wire import CLUSTER_METADATA_KEY
 
     md = ((CLUSTER_METADATA_KEY, "c0"),)
-    channel = open_channel(target, None)  # the ground uplink's settings (protos/channel.py)
+    channel = open_channel(target, None)  # the ground uplink's settings (emsfl/runtime/channel.py)
     stub = pb_grpc.FederationStub(channel)
     push = push_windowed_call(channel)
     stub.Join(pb.JoinRequest(device_id="bench", capacity_experts=EXPERTS, num_examples=1), metadata=md, timeout=30)

@@ -4,7 +4,7 @@ The assignment is the only thing it waits for; after that training never waits f
 hands out a new assignment version, the uplink thread pulls the newest parts of the experts gained (while the link
 is up) and the training thread switches between two steps: it rebuilds the sub-model (lost experts dropped, gained
 ones read from the base and given their handed-over parts), keeps what it can of the kept experts' state, and
-checkpoints before it trains on (ground_node/handover.py).
+checkpoints before it trains on (ground_node/federation/handover.py).
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import gc
 import json
 import logging
-import resource
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,22 +22,24 @@ from typing import Any
 import torch
 
 from emsfl.durable import atomic_write_json
-from ground_node import carryover, handover
-from ground_node.base import load_base, read_manifest
-from ground_node.data import tokenizer_for, train_examples
-from ground_node.handover import Switch
-from ground_node.outbox import Outbox, StagedUpdate
-from ground_node.priority import rebase_acked
-from ground_node.profile import Profile, coverage_from_probs, profile_base
+from emsfl.runtime.client import ResumablePull
+from emsfl.runtime.events import EventLog
+from emsfl.runtime.linkstate import LinkState
+from emsfl.runtime.tls import TlsFiles
+from ground_node.federation import handover
+from ground_node.federation.handover import Switch
+from ground_node.federation.outbox import Outbox, StagedUpdate
+from ground_node.federation.priority import rebase_acked
+from ground_node.federation.uplink import Uplink, UplinkHooks
+from ground_node.learning import carryover
+from ground_node.learning.data import tokenizer_for, train_examples
+from ground_node.learning.profile import Profile, coverage_from_probs, profile_base
+from ground_node.learning.train import Trainer, checkpoint_assignment, load_expert_state, peak_gpu_memory_mb
+from ground_node.model.base import load_base, read_manifest
+from ground_node.model.submodel import load_base_split
 from ground_node.records import Assignment
 from ground_node.settings import load_settings
-from ground_node.submodel import load_base_split
-from ground_node.train import Trainer, checkpoint_assignment, load_expert_state, peak_gpu_memory_mb
-from ground_node.uplink import Link, Uplink, UplinkHooks
-from ground_node.usage import Usage
-from protos.client import ResumablePull
-from protos.events import EventLog
-from protos.tls import TlsFiles
+from ground_node.usage import Usage, peak_rss_mb
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +54,8 @@ class AgentOptions:
     base_dir: Path
     satellite: str
     progress: bool = False
-    tls: TlsFiles | None = None  # mutual TLS to the satellite (protos/tls.py)
+    tls: TlsFiles | None = None  # mutual TLS to the satellite (emsfl/runtime/tls.py)
     train_event_every: int = 25
-
-
-def peak_rss_mb() -> float:
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1)
 
 
 def _mean_step_s(train_seconds: float, steps: int) -> float | None:
@@ -67,7 +64,7 @@ def _mean_step_s(train_seconds: float, steps: int) -> float | None:
 
 
 class GroundAgent:
-    def __init__(self, options: AgentOptions, link: Link, now: Any = None) -> None:
+    def __init__(self, options: AgentOptions, link: LinkState, now: Any = None) -> None:
         self.opt = options
         self.settings = load_settings(options.topology)
         self.cluster = options.cluster
@@ -84,7 +81,7 @@ class GroundAgent:
         self.uploads_staged = 0  # staged in this process (the dashboard's figure; the outbox keeps only the newest)
         self.uplink: Uplink | None = None
         self.usage = Usage(now)  # train/idle seconds, downlinked bytes (report.json)
-        self.baseline: Any = None  # ground_node.baseline.BaselineState under fedavg / fedasync
+        self.baseline: Any = None  # ground_node.federation.baseline.BaselineState under fedavg / fedasync
         self.profile: Profile | None = None
         self.expert_parts: list[str] = []  # what an update carries per expert (manifest.json `expert_parts`)
         # the assignment being trained (or resumed), and the next one, prepared by the uplink thread
@@ -97,7 +94,7 @@ class GroundAgent:
 
     def _on_join(self, reply: Any) -> None:
         """The satellite names the strategy: under a baseline the uplink's passes follow docs/STRATEGIES.md."""
-        from ground_node.baseline import BASELINES, BaselineClient, BaselineState
+        from ground_node.federation.baseline import BASELINES, BaselineClient, BaselineState
 
         if reply.strategy in BASELINES and self.uplink is not None and self.baseline is None:
             self.baseline = BaselineState(reply.strategy, int(reply.global_version))
@@ -166,7 +163,7 @@ class GroundAgent:
                 self._switch_ready.wait(0.5)
             self.usage.idle_stop()
             if self.baseline is not None:
-                from ground_node.baseline import train_baseline
+                from ground_node.learning.baseline_train import train_baseline
 
                 train_baseline(self, load_base(self.opt.base_dir), data, self.baseline, stop)
             elif self._assigned():
@@ -227,7 +224,7 @@ class GroundAgent:
         assert self.current is not None
         trainer = self._build(self.current, data, tok)
         if trainer.load_checkpoint(self.workdir):
-            from ground_node.train import optimizer_digest
+            from ground_node.learning.train import optimizer_digest
 
             log.info("resumed from step %d", trainer.step)
             self.events.emit(

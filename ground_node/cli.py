@@ -14,9 +14,9 @@ from typing import Any
 from emsfl import logs
 from emsfl.config import ConfigError, load_topology, parse_host_port
 from emsfl.errors import OneLineParser, positive_int
+from emsfl.runtime.tls import add_tls_flags, mqtt_tls
+from emsfl.runtime.tls import resolve as resolve_tls
 from ground_node.errors import GroundError
-from protos.tls import add_tls_flags, mqtt_tls
-from protos.tls import resolve as resolve_tls
 
 BASE_HELP = "base directory written by `emsfl ground warmup` (must match --topology)"
 WORKDIR_HELP = "this node's working directory: checkpoints, staged updates, report.json (created if absent)"
@@ -50,14 +50,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace, topology: dict[str, Any]) -> int:
+    from emsfl.runtime.bus import Bus
+    from emsfl.runtime.linkview import LinkView
     from ground_node.agent import AgentOptions, GroundAgent
-    from protos.bus import Bus
-    from protos.linkview import LinkView
 
     host, port = parse_host_port(args.broker, "--broker")
     tls = resolve_tls(args, topology, args.topology)
     if args.gateway is not None or args.device is not None:
-        from ground_node.gateway_cli import run_device
+        from ground_node.cluster.gateway_cli import run_device
 
         return run_device(args, topology, tls)
     if args.satellite is None:
@@ -117,7 +117,7 @@ def main(argv: list[str]) -> int:
             print(json.dumps(_export(args)))
             return 0
         if args.command == "convert":
-            from ground_node.convert import convert_command
+            from ground_node.model.convert import convert_command
 
             print(json.dumps(convert_command(args, progress=sys.stderr.isatty())))
             return 0
@@ -133,17 +133,17 @@ def main(argv: list[str]) -> int:
         if args.command == "run":
             return _run(args, topology)
         if args.command == "gateway":
-            from ground_node.gateway_cli import run_gateway
+            from ground_node.cluster.gateway_cli import run_gateway
 
             return run_gateway(args, topology, resolve_tls(args, topology, args.topology))
         if args.command == "warmup":
-            from ground_node.base import build_base
+            from ground_node.model.base import build_base
 
             out = build_base(topology, Path(args.out), progress=sys.stderr.isatty())
             print(json.dumps({"base": str(out)}))
             return 0
         tensors = _load_tensors(args.tensors) if args.tensors else None
-        from ground_node.evaluate import accuracy
+        from ground_node.learning.evaluate import accuracy
 
         acc = accuracy(Path(args.base), tensors, topology, args.cluster)
         print(json.dumps({"accuracy": acc, "cluster": args.cluster}))
@@ -158,7 +158,7 @@ SERVICES = ("run", "gateway")  # long-running: INFO logs by default (emsfl.logs)
 
 def _check_offline(args: argparse.Namespace, topology: dict[str, Any]) -> None:
     """Everything an offline command can check before it loads a model or writes a file."""
-    from ground_node.basecheck import check_base
+    from ground_node.model.basecheck import check_base
     from ground_node.settings import load_settings
 
     settings = load_settings(topology)
@@ -211,8 +211,8 @@ def _experts_arg(text: str) -> list[tuple[int, list[int]]]:
 
 
 def _profile(args: argparse.Namespace, topology: dict[str, Any]) -> dict[str, Any]:
-    from ground_node.data import tokenizer_for, train_examples
-    from ground_node.profile import profile_base
+    from ground_node.learning.data import tokenizer_for, train_examples
+    from ground_node.learning.profile import profile_base
     from ground_node.settings import load_settings
 
     s = load_settings(topology)
@@ -235,14 +235,14 @@ def _train(args: argparse.Namespace, topology: dict[str, Any]) -> dict[str, Any]
     import time
 
     from emsfl.durable import atomic_write_json
-    from ground_node.agent import peak_rss_mb
-    from ground_node.data import tokenizer_for, train_examples
-    from ground_node.outbox import Outbox
-    from ground_node.profile import coverage_from_probs, profile_base
+    from ground_node.federation.outbox import Outbox
+    from ground_node.learning.data import tokenizer_for, train_examples
+    from ground_node.learning.profile import coverage_from_probs, profile_base
+    from ground_node.learning.train import Trainer, peak_gpu_memory_mb
+    from ground_node.model.submodel import load_base_split
     from ground_node.records import Assignment
     from ground_node.settings import load_settings
-    from ground_node.submodel import load_base_split
-    from ground_node.train import Trainer, peak_gpu_memory_mb
+    from ground_node.usage import peak_rss_mb
 
     s = load_settings(topology)
     tok = tokenizer_for(s.data)
@@ -290,8 +290,8 @@ def _train(args: argparse.Namespace, topology: dict[str, Any]) -> dict[str, Any]
 def _export(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from ground_node.base import read_manifest
-    from ground_node.export import check_onnx, export_model, providers
+    from ground_node.model.base import read_manifest
+    from ground_node.model.export import check_onnx, export_model, providers
 
     read_manifest(Path(args.base))  # a missing or foreign --base named before the exporter starts
     tensors = _load_tensors(args.tensors) if args.tensors else None
@@ -334,6 +334,6 @@ def _extra_commands(sub: Any) -> None:
     ex.add_argument("--tensors", default=None, help="manifest-named safetensors (uploads, LoRA or full)")
     ex.add_argument("--submodel", action="store_true", help="only the experts named in --tensors")
     ex.add_argument("--out", required=True)
-    from ground_node.convert_options import add_convert_command
+    from ground_node.model.convert_options import add_convert_command
 
     add_convert_command(sub)

@@ -49,6 +49,11 @@ class Assignment:
         return cls(version, {int(la): tuple(sorted(int(e) for e in ex)) for la, ex in layers})
 
 
+def full_assignment(num_layers: int, num_experts: int) -> Assignment:
+    """Every expert of every layer: what FedAvg and FedAsync train, and the centralised reference."""
+    return Assignment(0, {layer: tuple(range(num_experts)) for layer in range(num_layers)})
+
+
 @dataclass(frozen=True)
 class Affinity:
     gate: np.ndarray  # [L, E] mean router probability; each row sums to 1

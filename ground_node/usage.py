@@ -7,6 +7,7 @@ passes). Thread-safe: the uplink thread adds downlinked bytes while the training
 
 from __future__ import annotations
 
+import resource
 import threading
 import time
 from collections.abc import Callable
@@ -14,6 +15,11 @@ from datetime import datetime
 from typing import Any
 
 Clock = Callable[[], datetime | None]
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MB (every role's report.json)."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1)
 
 
 class Usage:

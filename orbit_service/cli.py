@@ -19,6 +19,12 @@ from types import FrameType
 from typing import Any, NoReturn
 
 from emsfl.config import ConfigError, field, load_topology, parse_host_port, positive
+from emsfl.runtime.bus import Bus
+from emsfl.runtime.clock import EmulatedClock
+from emsfl.runtime.events import EventLog
+from emsfl.runtime.timefmt import parse_iso
+from emsfl.runtime.tls import add_tls_flags, mqtt_tls
+from emsfl.runtime.tls import resolve as resolve_tls
 from orbit_service.commands import REPLY_TOPIC, CommandListener, make_command
 from orbit_service.constellation import (
     load_omm_file,
@@ -33,12 +39,6 @@ from orbit_service.publisher import OrbitPublisher
 from orbit_service.sites import load_sites_csv, sites_from_topology
 from orbit_service.subpoints import SubpointPublisher
 from protos import topics
-from protos.bus import Bus
-from protos.clock import EmulatedClock
-from protos.events import EventLog
-from protos.timefmt import parse_iso
-from protos.tls import add_tls_flags, mqtt_tls
-from protos.tls import resolve as resolve_tls
 
 PROG = "emsfl orbit"
 DEFAULT_PLAN_HOURS = 24.0

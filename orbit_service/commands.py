@@ -18,10 +18,10 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from emsfl.config import ConfigError
+from emsfl.runtime.events import EventLog
 from orbit_service.plan import Plan
 from orbit_service.publisher import OrbitPublisher
 from protos import payloads, topics
-from protos.events import EventLog
 
 log = logging.getLogger(__name__)
 

@@ -19,6 +19,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from emsfl.config import ConfigError, read_text_file
+from emsfl.runtime.timefmt import parse_iso, to_iso
 from orbit_service.constellation import satellites_from_topology
 from orbit_service.contacts import Contact, Handover, Window, check_interval, round_ms, site_contacts
 from orbit_service.ephemeris import Ephemeris, SiteFrame, parallel_map
@@ -33,7 +34,6 @@ from orbit_service.selection import (
 )
 from orbit_service.sites import GroundSite, sites_from_topology
 from orbit_service.timescale import timescale
-from protos.timefmt import parse_iso, to_iso
 
 METHODS = ("fast", "reference")
 

@@ -20,14 +20,14 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+from emsfl.runtime.bus import Bus
+from emsfl.runtime.clock import EmulatedClock
+from emsfl.runtime.events import EventLog
+from emsfl.runtime.timefmt import to_iso
 from orbit_service.contacts import Window
 from orbit_service.link import SPEED_OF_LIGHT_KM_S, LinkModel, geometry_at
 from orbit_service.plan import Plan
 from protos import topics
-from protos.bus import Bus
-from protos.clock import EmulatedClock
-from protos.events import EventLog
-from protos.timefmt import to_iso
 
 log = logging.getLogger(__name__)
 

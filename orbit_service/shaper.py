@@ -15,10 +15,10 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
+from emsfl.runtime.bus import Bus
+from emsfl.runtime.clock import EmulatedClock
+from emsfl.runtime.timefmt import parse_iso
 from protos import topics
-from protos.bus import Bus
-from protos.clock import EmulatedClock
-from protos.timefmt import parse_iso
 
 log = logging.getLogger(__name__)
 

@@ -13,12 +13,12 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
+from emsfl.runtime.bus import Bus
+from emsfl.runtime.timefmt import to_iso
 from orbit_service.plan import Plan
 from orbit_service.publisher import OrbitPublisher
 from orbit_service.timescale import to_time
 from protos import topics
-from protos.bus import Bus
-from protos.timefmt import to_iso
 
 log = logging.getLogger(__name__)
 

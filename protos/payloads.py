@@ -13,7 +13,7 @@ from typing import Any
 
 from jsonschema import Draft202012Validator, FormatChecker
 
-from protos.timefmt import parse_iso
+from emsfl.runtime.timefmt import parse_iso
 
 SCHEMA_DIR = Path(__file__).resolve().parent / "mqtt"
 KINDS = ("clock", "link", "contacts", "status", "cmd", "cmd_reply", "satellites")

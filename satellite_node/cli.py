@@ -16,7 +16,7 @@ from types import FrameType
 from typing import Any
 
 from emsfl.config import ConfigError, cluster_ids, field, load_topology, parse_host_port
-from protos.tls import add_tls_flags, mqtt_tls
+from emsfl.runtime.tls import add_tls_flags, mqtt_tls
 
 log = logging.getLogger("satellite_node")
 
@@ -171,9 +171,9 @@ def main(argv: list[str]) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from protos.bus import Bus
-    from protos.events import EventLog
-    from protos.linkview import LinkView
+    from emsfl.runtime.bus import Bus
+    from emsfl.runtime.events import EventLog
+    from emsfl.runtime.linkview import LinkView
     from satellite_node.manifest import ManifestError, load_manifest
     from satellite_node.metrics import Metrics
     from satellite_node.node import NodeConfig, SatelliteNode
@@ -266,8 +266,8 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _tls_files(args: argparse.Namespace, topology: dict[str, Any]) -> Any:
-    """The node's TLS files (protos/tls.py), or None with an explicit --insecure; ConfigError otherwise."""
-    from protos import tls as tls_config
+    """The node's TLS files (emsfl/runtime/tls.py), or None with an explicit --insecure; ConfigError otherwise."""
+    from emsfl.runtime import tls as tls_config
 
     tls = tls_config.resolve(args, topology, args.topology)
     if tls is not None and args.insecure:

@@ -17,8 +17,8 @@ from typing import Any
 import grpc
 import numpy as np
 
-from protos.channel import open_aio_channel
-from protos.client import offer_message, tensor_specs
+from emsfl.runtime.channel import open_aio_channel
+from emsfl.runtime.client import offer_message, tensor_specs
 from protos.emsfl.v1 import federation_pb2_grpc as pb_grpc
 from protos.wire import CLUSTER_METADATA_KEY, chunk_messages, expert_name
 from satellite_node.testing import Client, encode
@@ -98,7 +98,7 @@ async def _cluster(
     record = LoadRecord()
     rng = np.random.default_rng(int(cluster.lstrip("c")))
     md = ((CLUSTER_METADATA_KEY, cluster),)
-    async with open_aio_channel(target, None) as channel:  # the shared caps and keepalive (protos/channel.py)
+    async with open_aio_channel(target, None) as channel:  # the shared caps and keepalive (emsfl/runtime/channel.py)
         stub = pb_grpc.FederationStub(channel)
         while time.time() < until:
             blob, offer = _update(parts, experts, rng)

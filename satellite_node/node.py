@@ -1,7 +1,8 @@
 """The satellite node's behaviour, free of gRPC and MQTT: every RPC is a method here.
 
 The server (server.py) turns protos into these calls and `Refusal`s into status codes; the link
-state comes in through the `Links` protocol (a `protos.linkview.LinkView` in production, a stub in tests).
+state comes in through the `LinkState` protocol (emsfl/runtime/linkstate.py: a `LinkView` in production, a fake in
+tests).
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import save as st_save
 
-from protos.events import EventLog
-from protos.timefmt import to_iso
+from emsfl.runtime.events import EventLog
+from emsfl.runtime.linkstate import LinkState
+from emsfl.runtime.timefmt import to_iso
 from protos.wire import CHUNK_SIZE, ExpertKey, sha256_hex, split_chunks
-from satellite_node.admission import Links, Pacer
+from satellite_node.admission import Pacer
 from satellite_node.assignment import AFFINITY_KINDS, owners, solve_assignment
 from satellite_node.context import NodeContext
 from satellite_node.manifest import Manifest, load_base_tensors
@@ -61,7 +63,7 @@ class SatelliteNode:
         manifest: Manifest,
         base_dir: str,
         config: NodeConfig,
-        links: Links,
+        links: LinkState,
         events: EventLog | None = None,
         metrics: Metrics | None = None,
     ) -> None:

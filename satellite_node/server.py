@@ -10,10 +10,10 @@ from typing import Any, NoReturn
 
 import grpc
 
-from protos.channel import add_port, new_server
+from emsfl.runtime.channel import add_port, new_server
+from emsfl.runtime.tls import TlsFiles
 from protos.emsfl.v1 import federation_pb2 as pb
 from protos.emsfl.v1 import federation_pb2_grpc as pb_grpc
-from protos.tls import TlsFiles
 from protos.wire import CLUSTER_METADATA_KEY, sha256_hex
 from satellite_node.chunkwire import decode_chunk
 from satellite_node.node import SatelliteNode

@@ -8,8 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from protos.timefmt import to_iso
-from satellite_node.admission import Links
+from emsfl.runtime.linkstate import LinkState
+from emsfl.runtime.timefmt import to_iso
 from satellite_node.store import Store
 from satellite_node.strategy import STRATEGIES, Strategy, make_strategy
 from satellite_node.validate import (
@@ -30,7 +30,7 @@ def global_state(store: Store, base: Mapping[str, np.ndarray], at_unix: float | 
 
 
 def status_dict(
-    store: Store, strategy: Strategy | None, clusters: Iterable[str], links: Links | None = None
+    store: Store, strategy: Strategy | None, clusters: Iterable[str], links: LinkState | None = None
 ) -> dict[str, Any]:
     """Clusters, assignment and expert versions as plain data (GetStatus and `emsfl satellite status`); `strategy`
     None: a state directory whose strategy this version does not know."""

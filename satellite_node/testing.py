@@ -21,12 +21,13 @@ import numpy as np
 from safetensors.numpy import save as st_save
 from safetensors.numpy import save_file
 
+from emsfl.runtime.bus import Bus
+from emsfl.runtime.client import FederationClient
+from emsfl.runtime.clock import EmulatedClock
+from emsfl.runtime.linkstate import LinkState, wall_rate_bytes_of
+from emsfl.runtime.timefmt import to_iso
+from emsfl.runtime.tls import TlsFiles
 from protos import topics
-from protos.bus import Bus
-from protos.client import FederationClient
-from protos.clock import EmulatedClock
-from protos.timefmt import to_iso
-from protos.tls import TlsFiles
 from protos.wire import expert_name
 from satellite_node.manifest import file_sha256
 
@@ -133,7 +134,7 @@ class OrbitStub:
         self.bus.stop()
 
 
-class FakeLinks:
+class FakeLinks(LinkState):
     """Link state without MQTT: every cluster's link is up unless listed in `down`; a fixed emulated time;
     `rate_bps` and `scale` give the link budget (None: unpaced)."""
 
@@ -152,8 +153,15 @@ class FakeLinks:
     def emulated_now(self) -> datetime | None:
         return self.now
 
+    def wait_up(self, cluster: str, timeout_s: float) -> bool:
+        return self.is_up(cluster)  # nothing changes it but the test itself
+
+    def link(self, cluster: str) -> dict[str, Any] | None:
+        state = "down" if cluster in self.down else "up"
+        return {"cluster": cluster, "state": state, "until": None, "rate_bps": self.rate_bps}
+
     def wall_rate_bytes(self, cluster: str) -> float | None:
-        return None if self.rate_bps is None else self.rate_bps * self.scale / 8.0
+        return wall_rate_bytes_of(self.link(cluster), self.scale)
 
 
 def code_of(call: Callable[[], object]) -> grpc.StatusCode | None:
@@ -176,7 +184,7 @@ def _unless_unavailable(call: Callable[[], Any]) -> bool:
 
 
 class Client(FederationClient):
-    """The Federation client (protos/client.py) of one cluster, as tests use it: plaintext with identity in
+    """The Federation client (emsfl/runtime/client.py) of one cluster, as tests use it: plaintext with identity in
     metadata, or mutual TLS with `tls` (identity from the certificate; `cluster` then only goes into metadata,
     which a TLS server must ignore)."""
 

@@ -6,7 +6,7 @@ import statistics
 from collections.abc import Sequence
 from typing import Any
 
-from protos.timefmt import parse_iso
+from emsfl.runtime.timefmt import parse_iso
 
 
 def spread_of(values: Sequence[float | None]) -> dict[str, Any]:

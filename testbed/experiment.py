@@ -27,7 +27,7 @@ from matplotlib.figure import Figure
 
 from emsfl.config import ConfigError, load_topology
 from emsfl.datadir import repo_relative
-from protos.timefmt import parse_iso
+from emsfl.runtime.timefmt import parse_iso
 from testbed import comparemd, plots
 from testbed.compare import claims, compare, spread_of
 from testbed.lab import LabOptions, run_lab
@@ -140,7 +140,7 @@ def run_central(topology_path: Path, base_dir: Path, steps: int, out: Path) -> d
         [
             sys.executable,
             "-m",
-            "ground_node.central",
+            "ground_node.learning.central",
             "--topology",
             str(topology_path),
             "--base",

@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from emsfl.config import ConfigError, cluster_ids, field, load_topology, parse_host_port, positive, section
+from emsfl.runtime.bus import Bus
+from emsfl.runtime.linkview import LinkView
 from protos import topics
-from protos.bus import Bus
-from protos.linkview import LinkView
 from testbed.broker import BrokerProcess, free_port
 from testbed.procs import RoleProcess
 
@@ -134,7 +134,7 @@ def run_lab(opts: LabOptions) -> LabRun:
     run_dir.mkdir(parents=True, exist_ok=False)
     _progress(f"[lab] run {run_id}: {len(clusters)} clusters, strategy {topology.get('strategy', 'emsfl')}")
 
-    from ground_node.base import ensure_base  # torch is only needed here, for the warm-up
+    from ground_node.model.base import ensure_base  # torch is only needed here, for the warm-up
 
     _progress("[lab] preparing the base model (cached after the first run)")
     base_dir = ensure_base(topology, opts.cache_dir)
@@ -346,7 +346,7 @@ def _devices(topology: dict[str, Any], cluster: str) -> int:
 
 
 def _supervise(lab: LabRun, links: LinkView, clusters: list[str], procs: list[RoleProcess], duration_s: float) -> None:
-    from protos.events import read_events
+    from emsfl.runtime.events import read_events
     from testbed.report import count_events
 
     end = lab.started_wall + duration_s

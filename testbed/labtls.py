@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from emsfl import pki
-from protos.tls import TlsFiles
+from emsfl.runtime.tls import TlsFiles
 from testbed.broker import MosquittoTls
 
 LOOPBACK = ["127.0.0.1", "localhost"]

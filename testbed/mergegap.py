@@ -30,15 +30,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from ground_node.base import ensure_base, load_base
-from ground_node.data import label_choices, max_new_tokens, test_examples, tokenizer_for, train_examples
-from ground_node.evaluate import exact_match, model_with_tensors
-from ground_node.profile import coverage_from_probs, profile_affinity
+from ground_node.learning.data import label_choices, max_new_tokens, test_examples, tokenizer_for, train_examples
+from ground_node.learning.evaluate import exact_match, model_with_tensors
+from ground_node.learning.profile import coverage_from_probs, profile_affinity
+from ground_node.learning.synthetic import Example, encode_train
+from ground_node.learning.tokenizer import Tokenizer
+from ground_node.learning.train import Trainer
+from ground_node.model.base import ensure_base, load_base
 from ground_node.records import Assignment
 from ground_node.settings import TrainingSettings, load_settings
-from ground_node.synthetic import Example, encode_train
-from ground_node.tokenizer import Tokenizer
-from ground_node.train import Trainer
 from satellite_node.assignment import solve_assignment
 
 

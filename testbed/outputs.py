@@ -6,8 +6,8 @@ import json
 from datetime import datetime, timedelta
 from typing import Any
 
-from protos.events import read_events
-from protos.timefmt import parse_iso, to_iso
+from emsfl.runtime.events import read_events
+from emsfl.runtime.timefmt import parse_iso, to_iso
 from testbed import plots
 from testbed.lab import LabRun
 from testbed.report import (
@@ -37,7 +37,7 @@ def _owners(assignment: dict[str, Any] | None, clusters: list[str], layers: int,
 
 
 def write_outputs(lab: LabRun) -> dict[str, Any]:
-    from ground_node.evaluate import accuracy
+    from ground_node.learning.evaluate import accuracy
     from satellite_node.export import commits as read_commits
     from satellite_node.export import global_tensors
 

@@ -12,7 +12,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from protos.timefmt import parse_iso
+from emsfl.runtime.timefmt import parse_iso
 
 
 def merge_events(*streams: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -161,7 +161,7 @@ def serve_fake_satellite(servicer: Any, max_workers: int = 4) -> tuple[Any, str]
     the satellite's Federation service; (the started server, its target HOST:PORT)."""
     import grpc
 
-    from protos.channel import SERVER_KEEPALIVE_OPTIONS
+    from emsfl.runtime.channel import SERVER_KEEPALIVE_OPTIONS
     from protos.emsfl.v1 import federation_pb2_grpc as pb_grpc
 
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=SERVER_KEEPALIVE_OPTIONS)

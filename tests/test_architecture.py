@@ -15,8 +15,8 @@ MAX_LINES = 600
 # Known debts (docs/ARCHITECTURE.md §11): these lists may only shrink. A fixed entry must be removed here.
 KNOWN_CYCLES: set[frozenset[str]] = set()
 KNOWN_LONG_MODULES = {
-    "ground_node/gateway.py",
-    "ground_node/family.py",
+    "ground_node/cluster/gateway.py",
+    "ground_node/model/family.py",
 }
 
 
@@ -118,6 +118,59 @@ def test_roles_never_import_one_another() -> None:
             continue
         foreign = {m for m in imported if m.split(".")[0] in ROLES and m.split(".")[0] != role}
         assert not foreign, f"{name} imports another role: {sorted(foreign)}"
+
+
+def test_protos_holds_only_contracts() -> None:
+    """protos/ is the proto and its stubs, the MQTT schemas and topics, the chunk wire format; runtime helpers
+    (bus, clock, link view, events, window, gRPC client) live in emsfl/runtime/ (ARCHITECTURE §2)."""
+    contracts = {"protos", "protos.payloads", "protos.topics", "protos.wire", "protos.generate"}
+    stubs = {"protos.emsfl", "protos.emsfl.v1"}
+    found = {name for name in _modules() if name.startswith("protos")}
+    assert found <= contracts | stubs, f"not a contract, move it to emsfl/runtime/: {sorted(found - contracts - stubs)}"
+
+
+def test_shared_runtime_imports_no_role() -> None:
+    """emsfl/runtime/ is shared by every role: it may use protos/ and emsfl/, never a role or the testbed."""
+    assert (ROOT / "emsfl" / "runtime" / "__init__.py").read_text(encoding="utf-8") == "", "keep the import cheap"
+    for name, imported in _graph().items():
+        if name.startswith("emsfl.runtime"):
+            foreign = {m for m in imported if m.split(".")[0] in (*ROLES, "testbed")}
+            assert not foreign, f"{name} imports a role: {sorted(foreign)}"
+
+
+def test_every_link_implements_the_link_protocol() -> None:
+    """The link is one typed protocol (emsfl/runtime/linkstate.py): the real view and every test fake subclass
+    `LinkState` explicitly and define all its methods, so nobody probes a link with getattr."""
+    protocol = ast.parse((ROOT / "emsfl" / "runtime" / "linkstate.py").read_text(encoding="utf-8"))
+    members = {
+        f.name
+        for c in ast.walk(protocol)
+        if isinstance(c, ast.ClassDef) and c.name == "LinkState"
+        for f in c.body
+        if isinstance(f, ast.FunctionDef)
+    }
+    assert {"is_up", "emulated_now", "link"} <= members
+    links = 0
+    for package in (*PACKAGES, "tests", "benchmarks"):
+        for path in (ROOT / package).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if not isinstance(node, ast.ClassDef) or node.name == "LinkState":
+                    continue
+                methods = {f.name for f in node.body if isinstance(f, ast.FunctionDef)}
+                if "is_up" not in methods:
+                    continue
+                links += 1
+                where = f"{path.relative_to(ROOT)}:{node.name}"
+                bases = {b.id if isinstance(b, ast.Name) else getattr(b, "attr", "") for b in node.bases}
+                assert "LinkState" in bases, f"{where} has is_up but does not subclass LinkState"
+                assert members <= methods, f"{where} lacks LinkState methods {sorted(members - methods)}"
+    assert links >= 2  # the real view and at least one fake
+    for name, path in _modules().items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "getattr":
+                target = node.args[0]
+                label = target.id if isinstance(target, ast.Name) else getattr(target, "attr", "")
+                assert label not in {"link", "links", "view", "pacer"}, f"{name} probes a link with getattr"
 
 
 def test_no_hand_written_module_over_600_lines() -> None:

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
+from emsfl.runtime.clock import EmulatedClock
 from protos import payloads
-from protos.clock import EmulatedClock
 from protos.payloads import PayloadError
 from tests import helpers
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from emsfl.config import ConfigError, parse_host_port
 from emsfl.errors import OneLineParser
-from protos.tls import add_tls_flags, from_env, from_flags
+from emsfl.runtime.tls import add_tls_flags, from_env, from_flags
 
 PROG = "emsfl dashboard"
 DEFAULT_LISTEN = "127.0.0.1:8765"

@@ -19,8 +19,8 @@ from typing import Any
 
 from aiohttp import web
 
+from emsfl.runtime.tls import TlsFiles
 from protos import payloads
-from protos.tls import TlsFiles
 from testbed.dashboard.sources import MqttSource, RunFiles, SatelliteState
 from testbed.dashboard.state import DashboardState, Delta, sse_frame
 

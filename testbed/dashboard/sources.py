@@ -17,8 +17,8 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from emsfl.runtime.tls import TlsFiles
 from protos import payloads, topics
-from protos.tls import TlsFiles
 
 log = logging.getLogger(__name__)
 

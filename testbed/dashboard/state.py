@@ -167,7 +167,7 @@ class DashboardState:
 
     # -- files ------------------------------------------------------------------------------------------
     def on_event(self, row: dict[str, Any]) -> list[Delta]:
-        """One line of a role's events.jsonl (protos/events.py shape)."""
+        """One line of a role's events.jsonl (emsfl/runtime/events.py shape)."""
         name = row.get("event")
         if not isinstance(name, str):
             return []

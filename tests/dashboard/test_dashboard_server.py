@@ -18,8 +18,8 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
+from emsfl.runtime.events import read_events
 from protos import payloads, topics
-from protos.events import read_events
 from testbed.broker import BrokerProcess, free_port, wait_for_port
 from testbed.lab import DEFAULT_TOPOLOGY
 from testbed.procs import RoleProcess

@@ -28,8 +28,8 @@ import yaml
 from deploy_helpers import DEPLOY, REPO, require, tool
 
 from emsfl import pki
-from protos.events import read_events
-from protos.tls import TlsFiles
+from emsfl.runtime.events import read_events
+from emsfl.runtime.tls import TlsFiles
 from satellite_node.testing import Client, OrbitStub, wait_until
 from testbed.broker import BrokerProcess, MosquittoTls, free_port, wait_for_port
 from tests.helpers import stop_processes
@@ -150,7 +150,7 @@ def test_site_provisions_satellite_and_ground_with_mutual_tls(target: Target) ->
     topology_path = work / "topology.yaml"
     _tiny_topology(topology_path)
     base = work / "base"
-    from ground_node.base import build_base
+    from ground_node.model.base import build_base
 
     build_base(yaml.safe_load(topology_path.read_text(encoding="utf-8")), base)
     wheel = _wheel(work / "dist")

@@ -54,7 +54,7 @@ def topology() -> dict[str, Any]:
 
 @pytest.fixture(scope="session")
 def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from ground_node.base import ensure_base
+    from ground_node.model.base import ensure_base
 
     torch.set_num_threads(1)
     return ensure_base(copy.deepcopy(TINY), tmp_path_factory.mktemp("cache"))

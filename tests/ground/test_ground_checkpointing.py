@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from emsfl.config import ConfigError
-from ground_node.family import get_adapter
+from ground_node.learning.synthetic import Example, encode_train
+from ground_node.learning.tokenizer import CharTokenizer
+from ground_node.learning.train import Trainer
+from ground_node.model.family import get_adapter
 from ground_node.records import Assignment
 from ground_node.settings import ModelSettings, TrainingSettings, load_settings
-from ground_node.synthetic import Example, encode_train
-from ground_node.tokenizer import CharTokenizer
-from ground_node.train import Trainer
 
 HELD = Assignment(1, {0: (0, 2), 1: (1,)})
 TINY = ModelSettings("olmoe", None, 2, 4, 2, 32, 48, 2)

@@ -15,7 +15,7 @@ import torch
 
 from emsfl.config import ConfigError
 from ground_node.errors import GroundError
-from ground_node.family import route_held
+from ground_node.model.family import route_held
 from ground_node.settings import load_settings
 from tests.ground.tiny_hf import make_dense_llama, write_text
 
@@ -66,8 +66,8 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 @needs_clinc
 def test_clusters_by_domain_get_exactly_their_domains_intents(tiny: dict[str, Any]) -> None:
-    from ground_node.base import ensure_converted
-    from ground_node.data import test_examples, train_examples
+    from ground_node.learning.data import test_examples, train_examples
+    from ground_node.model.base import ensure_converted
 
     s = load_settings(tiny)
     ensure_converted(s)  # the tokenizer is the checkpoint's
@@ -83,11 +83,11 @@ def test_clusters_by_domain_get_exactly_their_domains_intents(tiny: dict[str, An
 
 @needs_clinc
 def test_upcycled_base_trains_and_answers_only_intents(tiny: dict[str, Any], tmp_path: Path) -> None:
-    from ground_node.base import ensure_base, load_base
-    from ground_node.data import label_choices, max_new_tokens, test_examples, tokenizer_for, train_examples
-    from ground_node.evaluate import greedy_answers
+    from ground_node.learning.data import label_choices, max_new_tokens, test_examples, tokenizer_for, train_examples
+    from ground_node.learning.evaluate import greedy_answers
+    from ground_node.learning.train import Trainer
+    from ground_node.model.base import ensure_base, load_base
     from ground_node.records import Assignment
-    from ground_node.train import Trainer
 
     base_dir = ensure_base(copy.deepcopy(tiny), tmp_path / "cache")
     assert (base_dir / "tokenizer.json").exists()  # the base directory carries the checkpoint's tokenizer
@@ -128,7 +128,7 @@ def test_bad_settings_name_the_field(patch: dict[str, Any], match: str) -> None:
 
 @needs_clinc
 def test_unknown_domain_is_named(tiny: dict[str, Any]) -> None:
-    from ground_node.data import train_examples
+    from ground_node.learning.data import train_examples
 
     topology = copy.deepcopy(tiny)
     topology["clusters"][1]["domains"] = ["astrology"]
@@ -156,11 +156,11 @@ def test_masked_softmax_renormalises_over_held_experts() -> None:
 
 
 def test_trainer_applies_the_configured_router_softmax(topology: dict[str, Any], base_dir: Path) -> None:
-    from ground_node.base import load_base
-    from ground_node.data import train_examples
-    from ground_node.family import HeldRouterMixin
+    from ground_node.learning.data import train_examples
+    from ground_node.learning.train import Trainer
+    from ground_node.model.base import load_base
+    from ground_node.model.family import HeldRouterMixin
     from ground_node.records import Assignment
-    from ground_node.train import Trainer
 
     for mode in ("held", "all"):
         topology["training"]["router_softmax"] = mode

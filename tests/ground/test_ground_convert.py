@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from ground_node.convert import convert, smollm2_dir
-from ground_node.convert_options import ConvertOptions
 from ground_node.errors import GroundError
+from ground_node.model.convert import convert, smollm2_dir
+from ground_node.model.convert_options import ConvertOptions
 from tests.ground.tiny_hf import make_dense_llama, write_text
 
 
@@ -87,7 +87,7 @@ def test_real_smollm2_gguf_upcycles_exactly(tmp_path: Path) -> None:
     except GroundError as exc:
         pytest.skip(f"real base unavailable: {exc}")
     pytest.importorskip("gguf", reason="transformers reads GGUF files only with the `gguf` package installed")
-    from ground_node.convert import convert_model
+    from ground_node.model.convert import convert_model
 
     torch.set_num_threads(2)
     start = time.monotonic()

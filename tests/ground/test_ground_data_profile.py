@@ -7,17 +7,17 @@ import numpy as np
 import pytest
 
 from emsfl.config import ConfigError
-from ground_node.base import new_model
-from ground_node.profile import coverage_from_probs, profile_affinity
-from ground_node.records import Assignment
-from ground_node.settings import load_settings
-from ground_node.synthetic import (
+from ground_node.learning.profile import coverage_from_probs, profile_affinity
+from ground_node.learning.synthetic import (
     cluster_test,
     cluster_train,
     encode_train,
     global_test,
 )
-from ground_node.tokenizer import CharTokenizer
+from ground_node.learning.tokenizer import CharTokenizer
+from ground_node.model.base import new_model
+from ground_node.records import Assignment
+from ground_node.settings import load_settings
 
 
 def test_synthetic_is_deterministic_and_correct(topology: dict[str, Any]) -> None:

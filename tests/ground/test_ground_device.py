@@ -16,13 +16,13 @@ import torch
 import yaml
 
 from emsfl.config import ConfigError, load_topology
-from ground_node.base import load_base
-from ground_node.central import centralised
 from ground_node.cli import main
+from ground_node.learning.central import centralised
+from ground_node.learning.synthetic import cluster_train
+from ground_node.learning.train import Trainer, peak_gpu_memory_mb
+from ground_node.model.base import load_base
 from ground_node.records import Assignment
 from ground_node.settings import load_settings, resolve_device
-from ground_node.synthetic import cluster_train
-from ground_node.train import Trainer, peak_gpu_memory_mb
 
 
 def _cuda(monkeypatch: pytest.MonkeyPatch, available: bool) -> None:

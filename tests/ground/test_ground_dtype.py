@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from emsfl.config import ConfigError
-from ground_node.base import load_base
-from ground_node.data import tokenizer_for, train_examples
+from ground_node.learning.data import tokenizer_for, train_examples
+from ground_node.learning.train import Trainer, resolve_dtype
+from ground_node.model.base import load_base
 from ground_node.records import Assignment
 from ground_node.settings import load_settings
-from ground_node.train import Trainer, resolve_dtype
 
 
 def test_bf16_training_on_cpu(topology: dict[str, Any], base_dir: Path) -> None:

@@ -8,12 +8,12 @@ from typing import Any
 import pytest
 import torch
 
-from ground_node.base import load_base
-from ground_node.export import check_onnx, export_model
+from ground_node.learning.synthetic import cluster_train
+from ground_node.learning.train import Trainer
+from ground_node.model.base import load_base
+from ground_node.model.export import check_onnx, export_model
 from ground_node.records import Assignment
 from ground_node.settings import load_settings
-from ground_node.synthetic import cluster_train
-from ground_node.train import Trainer
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")

@@ -12,12 +12,12 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ground_node.errors import GroundError
-from ground_node.family import FamilyAdapter, get_adapter
+from ground_node.learning.train import wrap_lora
+from ground_node.model.family import FamilyAdapter, get_adapter
+from ground_node.model.split import apply_split
+from ground_node.model.submodel import load_split, split_model
 from ground_node.records import Assignment
 from ground_node.settings import ModelSettings
-from ground_node.split import apply_split
-from ground_node.submodel import load_split, split_model
-from ground_node.train import wrap_lora
 
 FAMILIES = ["olmoe", "mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss"]
 VOCAB = 64
@@ -137,9 +137,9 @@ def test_split_forward_equals_full_where_topk_held(family: str, tmp_path: Path) 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
 def test_split_with_an_empty_layer_trains(family: str) -> None:
+    from ground_node.learning.synthetic import Example
+    from ground_node.learning.train import Trainer
     from ground_node.settings import TrainingSettings
-    from ground_node.synthetic import Example
-    from ground_node.train import Trainer
 
     model, adapter = _model(family)
     training = TrainingSettings("lora", "mask", 2, 4.0, 0.01, 4, 5, 5, 8)

@@ -7,11 +7,11 @@ from typing import Any
 import pytest
 import torch
 
-from ground_node.base import load_base, new_model
 from ground_node.errors import GroundError
-from ground_node.family import get_adapter, lora_a_slice, lora_b_slice
+from ground_node.learning.train import wrap_lora
+from ground_node.model.base import load_base, new_model
+from ground_node.model.family import get_adapter, lora_a_slice, lora_b_slice
 from ground_node.settings import load_settings
-from ground_node.train import wrap_lora
 
 
 def test_manifest_names_round_trip_exact(topology: dict[str, Any]) -> None:

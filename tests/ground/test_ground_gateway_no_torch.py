@@ -1,4 +1,5 @@
-"""The gateway (a LAN aggregator on a small board) and the federation room import no torch (ARCHITECTURE §2)."""
+"""The gateway (a LAN aggregator on a small board) and every module of the federation and cluster rooms import no
+torch at module level (ARCHITECTURE §2)."""
 
 from __future__ import annotations
 
@@ -19,8 +20,12 @@ def test_gateway_help_and_federation_modules_import_no_torch() -> None:
         "    except SystemExit as exc:\n"
         "        assert exc.code == 0, exc.code\n"
         "assert '--listen' in out.getvalue()\n"
-        "import ground_node.gateway, ground_node.uplink, ground_node.outbox, ground_node.priority\n"
-        "import ground_node.handover, ground_node.records\n"
+        "import importlib, pkgutil, ground_node.cluster, ground_node.federation, ground_node.records\n"
+        "rooms = (ground_node.cluster, ground_node.federation)\n"
+        "names = [f'{r.__name__}.{m.name}' for r in rooms for m in pkgutil.iter_modules(r.__path__)]\n"
+        "assert len(names) >= 8, names\n"
+        "for name in names:\n"
+        "    importlib.import_module(name)\n"
         "bad = [m for m in ('torch', 'transformers', 'peft') if m in sys.modules]\n"
         "assert not bad, bad\n"
     )

@@ -1,4 +1,4 @@
-"""Ground channels notice a hard cut by keepalive (protos/channel.py): a call in flight when every packet
+"""Ground channels notice a hard cut by keepalive (emsfl/runtime/channel.py): a call in flight when every packet
 stops (no FIN, no RST: a TCP proxy that stops forwarding but keeps both sockets open) fails with UNAVAILABLE long
 before its deadline, instead of hanging until DEADLINE_EXCEEDED."""
 
@@ -12,7 +12,7 @@ from typing import Any
 import grpc
 import pytest
 
-from protos.channel import CLIENT_KEEPALIVE_OPTIONS, SERVER_KEEPALIVE_OPTIONS, open_channel
+from emsfl.runtime.channel import CLIENT_KEEPALIVE_OPTIONS, SERVER_KEEPALIVE_OPTIONS, open_channel
 from protos.emsfl.v1 import federation_pb2 as pb
 from protos.emsfl.v1 import federation_pb2_grpc as pb_grpc
 from satellite_node.testing import CutProxy

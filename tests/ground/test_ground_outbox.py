@@ -7,7 +7,7 @@ import pytest
 from safetensors.numpy import load
 
 from ground_node.errors import GroundError
-from ground_node.outbox import Outbox
+from ground_node.federation.outbox import Outbox
 from protos.wire import sha256_hex
 
 

@@ -10,13 +10,14 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import load as st_load
 
-from ground_node.outbox import Outbox
-from ground_node.priority import plan_upload, record_acked
+from emsfl.runtime.linkstate import LinkState, wall_rate_bytes_of
+from emsfl.runtime.timefmt import to_iso
+from ground_node.federation.outbox import Outbox
+from ground_node.federation.priority import plan_upload, record_acked
+from ground_node.federation.uplink import Uplink
 from ground_node.records import Affinity
-from ground_node.uplink import Uplink
 from protos.emsfl.v1 import federation_pb2 as pb
 from protos.emsfl.v1 import federation_pb2_grpc as pb_grpc
-from protos.timefmt import to_iso
 from protos.wire import expert_name, parse_expert_name
 from tests.helpers import serve_fake_satellite, wait_for
 
@@ -95,7 +96,7 @@ class _Satellite(pb_grpc.FederationServicer):  # type: ignore[misc]
             )
 
 
-class _ShortContact:
+class _ShortContact(LinkState):
     """Up, with a link payload whose `until` leaves room for about `room` bytes at `rate_bps`."""
 
     def __init__(self, room: int) -> None:
@@ -114,6 +115,12 @@ class _ShortContact:
 
     def link(self, cluster: str) -> dict[str, Any]:
         return {"state": "up", "until": to_iso(self.until), "rate_bps": self.rate_bps}
+
+    def down_reason(self, cluster: str) -> str:
+        return ""
+
+    def wall_rate_bytes(self, cluster: str) -> float | None:
+        return wall_rate_bytes_of(self.link(cluster), 1.0)
 
 
 def test_uplink_splits_an_update_a_short_contact_cannot_carry(tmp_path: Path) -> None:
@@ -137,7 +144,7 @@ def test_uplink_splits_an_update_a_short_contact_cannot_carry(tmp_path: Path) ->
 
 def test_rebase_acked_after_a_reassignment(tmp_path: Path) -> None:
     """Lost experts are forgotten; gained ones count as holding their handed-over parts (what the satellite has)."""
-    from ground_node.priority import load_acked, rebase_acked
+    from ground_node.federation.priority import load_acked, rebase_acked
 
     box = Outbox(tmp_path)
     old = _update({0: 1.0, 1: 1.0, 2: 1.0})

@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from ground_node import carryover, handover
-from ground_node.data import tokenizer_for, train_examples
+from ground_node.federation import handover
+from ground_node.learning import carryover
+from ground_node.learning.data import tokenizer_for, train_examples
+from ground_node.learning.train import Trainer, checkpoint_assignment, load_expert_state
+from ground_node.model.submodel import load_base_split
 from ground_node.records import Assignment
 from ground_node.settings import load_settings
-from ground_node.submodel import load_base_split
-from ground_node.train import Trainer, checkpoint_assignment, load_expert_state
 from protos.wire import expert_name
 
 OLD = Assignment(1, {0: (0, 1), 1: (2, 3)})

@@ -6,13 +6,13 @@ import pytest
 import torch
 
 from emsfl.config import ConfigError
-from ground_node.base import new_model
 from ground_node.errors import GroundError
+from ground_node.learning.synthetic import cluster_train, encode_train
+from ground_node.learning.tokenizer import PAD, CharTokenizer
+from ground_node.model.base import new_model
+from ground_node.model.split import apply_split, remove_split
 from ground_node.records import Assignment
 from ground_node.settings import load_settings
-from ground_node.split import apply_split, remove_split
-from ground_node.synthetic import cluster_train, encode_train
-from ground_node.tokenizer import PAD, CharTokenizer
 
 
 def _routes(model: Any, adapter: Any, ids: torch.Tensor) -> list[Any]:

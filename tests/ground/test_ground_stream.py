@@ -13,15 +13,15 @@ from safetensors.torch import save_file
 from test_ground_families import FAMILIES, _model  # the tiny models of every family (pytest puts this dir on the path)
 from torch import nn
 
-from ground_node.base import load_base
-from ground_node.data import tokenizer_for, train_examples
 from ground_node.errors import GroundError
-from ground_node.profile import profile_affinity, profile_base, router_probs, stream_router_probs
+from ground_node.learning.data import tokenizer_for, train_examples
+from ground_node.learning.profile import profile_affinity, profile_base, router_probs, stream_router_probs
+from ground_node.learning.synthetic import Example
+from ground_node.learning.tokenizer import CharTokenizer
+from ground_node.model.base import load_base
+from ground_node.model.stream import decoder_layers, meta_skeleton, run_layers
+from ground_node.model.tensorfile import TensorFile
 from ground_node.settings import load_settings
-from ground_node.stream import decoder_layers, meta_skeleton, run_layers
-from ground_node.synthetic import Example
-from ground_node.tensorfile import TensorFile
-from ground_node.tokenizer import CharTokenizer
 
 EXAMPLES = [Example("copy", f"C:{'abcdefg'[: i % 7 + 1]}=", "ab" * (i % 3 + 1)) for i in range(40)]
 

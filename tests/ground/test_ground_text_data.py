@@ -12,11 +12,11 @@ import torch
 
 from emsfl.config import ConfigError
 from emsfl.datadir import data_root
-from ground_node.data import partition, read_split, tokenizer_for, train_examples
-from ground_node.data import test_examples as held_out
 from ground_node.errors import GroundError
+from ground_node.learning.data import partition, read_split, tokenizer_for, train_examples
+from ground_node.learning.data import test_examples as held_out
+from ground_node.learning.tokenizer import ByteTokenizer
 from ground_node.settings import load_settings
-from ground_node.tokenizer import ByteTokenizer
 
 BANKING = data_root() / "banking77"  # $EMSFL_DATA_DIR, else ../shared/data next to the repository
 LABELS = ["card_arrival", "top_up", "refund", "pin"]
@@ -109,10 +109,10 @@ def test_empty_malformed_and_missing_datasets(topology: dict[str, Any], tmp_path
 
 @pytest.mark.skipif(not (BANKING / "train.csv").exists(), reason=f"{BANKING} is absent (shared data set)")
 def test_banking77_trains_and_evaluates_end_to_end(topology: dict[str, Any], tmp_path: Path) -> None:
-    from ground_node.base import ensure_base, load_base
-    from ground_node.evaluate import accuracy
+    from ground_node.learning.evaluate import accuracy
+    from ground_node.learning.train import Trainer
+    from ground_node.model.base import ensure_base, load_base
     from ground_node.records import Assignment
-    from ground_node.train import Trainer
 
     topo = copy.deepcopy(topology)
     topo["data"] = {"task": "banking77", "alpha": 0.5, "train_per_cluster": 300, "max_chars": 48, "test_examples": 24}
@@ -133,9 +133,9 @@ def test_banking77_trains_and_evaluates_end_to_end(topology: dict[str, Any], tmp
 
 def test_constrained_decoding_answers_only_labels(topology: dict[str, Any], tmp_path: Path) -> None:
     """An untrained byte model spells non-labels when free; under the label trie every answer is a label."""
-    from ground_node.base import new_model
-    from ground_node.data import label_choices
-    from ground_node.evaluate import greedy_answers, label_trie
+    from ground_node.learning.data import label_choices
+    from ground_node.learning.evaluate import greedy_answers, label_trie
+    from ground_node.model.base import new_model
 
     _csv(tmp_path / "train.csv")
     _csv(tmp_path / "test.csv", 20)
@@ -162,10 +162,10 @@ def test_constrained_decoding_answers_only_labels(topology: dict[str, Any], tmp_
 def test_cached_greedy_decoding_equals_recomputing_the_prefix(topology: dict[str, Any], tmp_path: Path) -> None:
     """Decoding with the KV cache must answer exactly what recomputing the whole prefix each step answers
     (constrained to the labels, so that an untrained model's answers differ from example to example)."""
-    from ground_node.base import new_model
-    from ground_node.evaluate import greedy_answers, label_trie
-    from ground_node.synthetic import encode_prompts
-    from ground_node.tokenizer import EOS
+    from ground_node.learning.evaluate import greedy_answers, label_trie
+    from ground_node.learning.synthetic import encode_prompts
+    from ground_node.learning.tokenizer import EOS
+    from ground_node.model.base import new_model
 
     _csv(tmp_path / "train.csv")
     _csv(tmp_path / "test.csv", 20)

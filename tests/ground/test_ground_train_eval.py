@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from ground_node.base import MANIFEST, ensure_base, load_base, read_manifest
 from ground_node.errors import GroundError
-from ground_node.evaluate import accuracy, apply_tensors
+from ground_node.learning.evaluate import accuracy, apply_tensors
+from ground_node.learning.synthetic import cluster_train
+from ground_node.learning.train import Trainer
+from ground_node.model.base import MANIFEST, ensure_base, load_base, read_manifest
 from ground_node.records import Assignment
 from ground_node.settings import load_settings
-from ground_node.synthetic import cluster_train
-from ground_node.train import Trainer
 from protos.wire import sha256_hex
 
 HELD = Assignment(3, {0: (1, 2), 1: (0,)})

@@ -10,12 +10,13 @@ import grpc
 import numpy as np
 import pytest
 
+from emsfl.runtime.events import read_events
+from emsfl.runtime.linkstate import LinkState
 from ground_node.agent import AgentOptions, GroundAgent
-from ground_node.outbox import Outbox
+from ground_node.federation.outbox import Outbox
 from ground_node.records import Affinity
 from protos.emsfl.v1 import federation_pb2 as pb
 from protos.emsfl.v1 import federation_pb2_grpc as pb_grpc
-from protos.events import read_events
 from protos.wire import CLUSTER_METADATA_KEY, sha256_hex
 from tests.helpers import serve_fake_satellite, wait_for
 
@@ -91,7 +92,9 @@ class FakeSatellite(pb_grpc.FederationServicer):  # type: ignore[misc]
             yield pb.PushProgress(reply=pb.PushReply(missing=missing))
 
 
-class FakeLink:
+class FakeLink(LinkState):
+    """Up or down as the test says; no link payload and no clock, so no contact budget or per-contact quota."""
+
     def __init__(self) -> None:
         self.up = True
 
@@ -101,6 +104,18 @@ class FakeLink:
     def wait_up(self, cluster: str, timeout_s: float) -> bool:
         time.sleep(min(timeout_s, 0.05))
         return self.up
+
+    def down_reason(self, cluster: str) -> str:
+        return f"link of cluster {cluster!r} is down (test)"
+
+    def emulated_now(self) -> None:
+        return None
+
+    def link(self, cluster: str) -> None:
+        return None
+
+    def wall_rate_bytes(self, cluster: str) -> None:
+        return None
 
 
 @pytest.fixture
@@ -112,7 +127,7 @@ def satellite() -> Iterator[tuple[FakeSatellite, str]]:
 
 
 def test_cut_upload_resumes_with_only_missing_chunks(satellite: tuple[FakeSatellite, str], tmp_path: Path) -> None:
-    from ground_node.uplink import Uplink
+    from ground_node.federation.uplink import Uplink
 
     fake, target = satellite
     box = Outbox(tmp_path)
@@ -136,7 +151,7 @@ def test_cut_upload_resumes_with_only_missing_chunks(satellite: tuple[FakeSatell
 
 
 def test_down_link_refusals_never_crash(satellite: tuple[FakeSatellite, str], tmp_path: Path) -> None:
-    from ground_node.uplink import Uplink
+    from ground_node.federation.uplink import Uplink
 
     fake, target = satellite
     fake.link_up = False
@@ -174,8 +189,8 @@ def test_agent_trains_stages_uploads_and_reports(
 
 def test_updates_of_an_older_assignment_never_go_up(satellite: tuple[FakeSatellite, str], tmp_path: Path) -> None:
     """After a re-assignment the uplink drops what was staged (or cut mid-upload) under the old version."""
+    from ground_node.federation.uplink import Uplink
     from ground_node.records import Assignment
-    from ground_node.uplink import Uplink
 
     fake, target = satellite
     box = Outbox(tmp_path)

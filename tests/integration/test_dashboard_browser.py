@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 import yaml
 
-from protos.events import read_events
-from protos.timefmt import parse_iso
+from emsfl.runtime.events import read_events
+from emsfl.runtime.timefmt import parse_iso
 from testbed.broker import BrokerProcess, free_port, wait_for_port
 from testbed.dashboard import probe
 from testbed.lab import DEFAULT_TOPOLOGY, LabOptions, LabRun, run_lab, stop_dashboard

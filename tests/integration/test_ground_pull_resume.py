@@ -13,7 +13,7 @@ import grpc
 import numpy as np
 import pytest
 
-from ground_node.handover import ResumablePull
+from ground_node.federation.handover import ResumablePull
 from protos.wire import CHUNK_SIZE, expert_name
 from satellite_node.testing import (
     Client,

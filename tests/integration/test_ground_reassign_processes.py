@@ -22,7 +22,7 @@ import pytest
 import torch
 import yaml
 
-from protos.events import read_events
+from emsfl.runtime.events import read_events
 from satellite_node.testing import Client, OrbitStub, SatelliteProcess, encode, expert_update, wait_until
 from testbed.broker import BrokerProcess, free_port
 from tests.helpers import agent_topology, ground_agent, stop_processes, tiny_model
@@ -69,7 +69,7 @@ def _of(workdir: Path, kind: str, since: int = 0) -> list[dict[str, Any]]:
 @pytest.fixture
 def lab(broker: BrokerProcess, tmp_path: Path) -> Iterator[tuple[SatelliteProcess, Path, str]]:
     """The satellite process on the tiny base, both links up; whatever happens, nothing outlives the test."""
-    from ground_node.base import ensure_base
+    from ground_node.model.base import ensure_base
 
     topology = dict(TOPOLOGY, broker={"host": broker.host, "port": broker.port})
     base = ensure_base(topology, tmp_path / "cache")
@@ -90,8 +90,8 @@ def lab(broker: BrokerProcess, tmp_path: Path) -> Iterator[tuple[SatelliteProces
 def test_reassignment_hands_over_and_the_agent_switches(
     lab: tuple[SatelliteProcess, Path, str], broker: BrokerProcess, tmp_path: Path
 ) -> None:
-    from ground_node.handover import tensors_digest
-    from ground_node.train import optimizer_digest
+    from ground_node.federation.handover import tensors_digest
+    from ground_node.learning.train import optimizer_digest
     from satellite_node.export import commits, global_tensors
 
     sat, base, topo_text = lab
@@ -175,7 +175,7 @@ def test_reassignment_of_a_gateway_cluster_reaches_its_devices(
     them; then a `kill -9` of the gateway. Regressions: devices kept training the old assignment while the gateway
     refused their uploads for ever; the gateway ignored `training.uploads_per_contact` (one upload per contact, here
     one in the whole test); a restarted gateway counted its rounds from 0, so no round of its devices ever closed."""
-    from ground_node.handover import tensors_digest
+    from ground_node.federation.handover import tensors_digest
     from satellite_node.export import commits
 
     sat, base, topo_text = lab

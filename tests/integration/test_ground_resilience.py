@@ -20,8 +20,8 @@ import torch
 import yaml
 from safetensors.numpy import load as st_load
 
+from emsfl.runtime.events import read_events
 from protos import topics
-from protos.events import read_events
 from satellite_node.testing import Client, OrbitStub, SatelliteProcess, wait_until
 from testbed.broker import BrokerProcess, free_port
 from tests.helpers import agent_topology, ground_agent, stop_processes, tiny_model
@@ -72,8 +72,8 @@ def _link_up(orbit: OrbitStub, cluster: str) -> None:
 
 
 def test_kill_9_during_training_and_during_upload(broker: BrokerProcess, tmp_path: Path) -> None:
-    from ground_node.base import ensure_base
-    from ground_node.train import optimizer_digest
+    from ground_node.learning.train import optimizer_digest
+    from ground_node.model.base import ensure_base
     from satellite_node.export import commits
 
     topology = dict(TOPOLOGY, broker={"host": broker.host, "port": broker.port})

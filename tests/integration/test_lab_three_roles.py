@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import load as load_safetensors
 
+from emsfl.runtime.client import FederationClient
+from emsfl.runtime.events import read_events
+from emsfl.runtime.timefmt import parse_iso
 from protos import wire
-from protos.client import FederationClient
-from protos.events import read_events
-from protos.timefmt import parse_iso
 from testbed.broker import BrokerProcess, free_port
 from testbed.lab import DEFAULT_TOPOLOGY, LabRun, run_lab
 from testbed.report import in_contact, windows_by_cluster

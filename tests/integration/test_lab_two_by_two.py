@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from protos.events import read_events
+from emsfl.runtime.events import read_events
 from testbed.broker import BrokerProcess
 from testbed.lab import LabRun, run_lab
 from tests.helpers import QUICK_TWO_BY_TWO, lab_options, topology_with, write_topology

@@ -26,9 +26,9 @@ import yaml
 from paho.mqtt.enums import CallbackAPIVersion
 
 from emsfl import pki
+from emsfl.runtime.bus import Bus
+from emsfl.runtime.tls import TlsFiles
 from protos import topics
-from protos.bus import Bus
-from protos.tls import TlsFiles
 from satellite_node.testing import Client, code_of, encode, expert_update, wait_until
 from testbed.broker import free_port
 from testbed.lab import LabRun, run_lab

@@ -13,6 +13,8 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
+from emsfl.runtime.bus import Bus
+from emsfl.runtime.clock import EmulatedClock
 from orbit_service.cli import main
 from orbit_service.commands import REPLY_TOPIC, CommandListener
 from orbit_service.contacts import Window
@@ -20,8 +22,6 @@ from orbit_service.link import LinkModel
 from orbit_service.plan import Plan
 from orbit_service.publisher import OrbitPublisher
 from protos import topics
-from protos.bus import Bus
-from protos.clock import EmulatedClock
 from testbed.broker import BrokerProcess
 
 START = datetime(2026, 3, 20, 6, 0, tzinfo=timezone.utc)

@@ -17,6 +17,8 @@ from sgp4.exporter import export_omm
 from skyfield.api import EarthSatellite
 
 from emsfl.config import ConfigError
+from emsfl.runtime.clock import EmulatedClock
+from emsfl.runtime.timefmt import parse_iso
 from orbit_service.commands import CommandError, check_command
 from orbit_service.constellation import WalkerSpec, parse_omm_text, satellites_from_topology, walker_satellites
 from orbit_service.contacts import Contact, Handover, Window
@@ -28,8 +30,6 @@ from orbit_service.selection import select_windows
 from orbit_service.sites import GroundSite, site_from_mapping
 from orbit_service.timescale import timescale
 from protos import payloads
-from protos.clock import EmulatedClock
-from protos.timefmt import parse_iso
 
 START = datetime(2026, 3, 20, 6, 0, tzinfo=timezone.utc)
 ISS_1 = "1 25544U 98067A   08264.51782528 -.00002182  00000-0 -11606-4 0  2927"

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from emsfl.config import load_topology
+from emsfl.runtime.timefmt import parse_iso
 from orbit_service.cli import default_run_hours, main
 from orbit_service.plan import (
     contacts_csv,
@@ -20,7 +21,6 @@ from orbit_service.plan import (
     plan_dict,
     plan_from_topology,
 )
-from protos.timefmt import parse_iso
 
 LOCAL = Path(__file__).resolve().parents[2] / "testbed" / "topologies" / "local.yaml"
 START = datetime(2026, 3, 20, 6, 0, tzinfo=timezone.utc)

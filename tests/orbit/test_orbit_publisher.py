@@ -21,9 +21,9 @@ import pytest
 import yaml
 from paho.mqtt.enums import CallbackAPIVersion
 
+from emsfl.runtime.clock import EmulatedClock
+from emsfl.runtime.timefmt import parse_iso
 from protos import payloads, topics
-from protos.clock import EmulatedClock
-from protos.timefmt import parse_iso
 from testbed.broker import BrokerProcess
 
 REPO = Path(__file__).resolve().parents[2]

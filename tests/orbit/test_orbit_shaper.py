@@ -18,13 +18,13 @@ from pathlib import Path
 
 import pytest
 
+from emsfl.runtime.bus import Bus
+from emsfl.runtime.clock import EmulatedClock
 from orbit_service.link import LinkModel
 from orbit_service.plan import Plan
 from orbit_service.publisher import OrbitPublisher
 from orbit_service.shaper import netem_args
 from protos import topics
-from protos.bus import Bus
-from protos.clock import EmulatedClock
 from testbed.broker import BrokerProcess
 
 REPO = Path(__file__).resolve().parents[2]

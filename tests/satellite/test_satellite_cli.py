@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from emsfl.runtime.linkstate import LinkState
 from satellite_node.cli import main
 from satellite_node.manifest import load_manifest
 from satellite_node.node import NodeConfig, SatelliteNode
@@ -93,14 +94,23 @@ def test_bad_base(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_status(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    class Up:
+    class Up(LinkState):
         def is_up(self, cluster: str) -> bool:
+            return True
+
+        def wait_up(self, cluster: str, timeout_s: float) -> bool:
             return True
 
         def down_reason(self, cluster: str) -> str:
             return ""
 
         def emulated_now(self) -> None:
+            return None
+
+        def link(self, cluster: str) -> None:
+            return None
+
+        def wall_rate_bytes(self, cluster: str) -> None:
             return None
 
     base = write_tiny_base(tmp_path / "base")

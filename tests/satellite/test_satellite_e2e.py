@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load as st_load
 
-from protos.events import read_events
+from emsfl.runtime.events import read_events
 from satellite_node import export
 from satellite_node.testing import Client, OrbitStub, code_of, encode, expert_update, write_tiny_base
 from testbed.broker import BrokerProcess, free_port, wait_for_port

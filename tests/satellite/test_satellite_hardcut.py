@@ -12,8 +12,8 @@ import grpc
 import numpy as np
 import pytest
 
+from emsfl.runtime.window import push_windowed
 from protos.emsfl.v1 import federation_pb2 as pb
-from protos.window import push_windowed
 from protos.wire import chunk_messages
 from satellite_node.testing import (
     Client,

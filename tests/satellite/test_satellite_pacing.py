@@ -9,14 +9,18 @@ from pathlib import Path
 
 import numpy as np
 
+from emsfl.runtime.bus import Bus
+from emsfl.runtime.linkstate import wall_rate_bytes_of
+from emsfl.runtime.linkview import LinkView
 from protos.wire import chunk_hashes, sha256_hex, split_chunks
-from satellite_node.admission import Pacer, wall_rate_bytes
+from satellite_node.admission import Pacer
 from satellite_node.manifest import load_manifest
 from satellite_node.node import NodeConfig, SatelliteNode
 from satellite_node.store import Store
-from satellite_node.testing import FakeLinks, encode, expert_update, write_tiny_base
+from satellite_node.testing import FakeLinks, OrbitStub, encode, expert_update, wait_until, write_tiny_base
 from satellite_node.uploads import ChunkIn, Offer
 from satellite_node.validate import specs_of
+from testbed.broker import BrokerProcess
 
 
 def test_paced_upload_costs_link_time(tmp_path: Path) -> None:
@@ -48,17 +52,28 @@ def test_paced_upload_costs_link_time(tmp_path: Path) -> None:
     store.close()
 
 
-def test_rate_from_link_payload_and_clock() -> None:
-    class Clock:
-        scale = 240.0
+def test_rate_from_link_payload_and_clock(broker: BrokerProcess) -> None:
+    """The real LinkView over a real broker: the link payload's rate_bps x the clock's scale / 8."""
+    orbit = OrbitStub(broker.host, broker.port, scale=240.0).start()
+    bus = Bus(broker.host, broker.port, role="satellite", node_id="pacing")
+    view = LinkView(bus, clusters=["c0", "c1"])
+    bus.start()
+    try:
+        orbit.set_link("c0", True, rate_bps=1e6)
+        orbit.set_link("c1", True)  # no rate announced
+        wait_until("clock and both links", lambda: view.clock and view.link("c0") and view.link("c1"), 60.0)
+        assert view.wall_rate_bytes("c0") == 1e6 * 240 / 8
+        assert view.wall_rate_bytes("c1") is None  # no rate announced: unpaced
+        assert view.wall_rate_bytes("c2") is None  # no link state at all
+        pacer = Pacer(view, enabled=False)
+        assert pacer.pace("c0", 10**9) == 0.0
+    finally:
+        bus.stop()
+        orbit.stop()
 
-    class View:
-        clock = Clock()
 
-        def link(self, cluster: str) -> dict[str, object] | None:
-            return {"state": "up", "rate_bps": 1e6} if cluster == "c0" else {"state": "up", "rate_bps": None}
-
-    assert wall_rate_bytes(View(), "c0") == 1e6 * 240 / 8
-    assert wall_rate_bytes(View(), "c1") is None  # no rate announced: unpaced
-    pacer = Pacer(View(), enabled=False)
-    assert pacer.pace("c0", 10**9) == 0.0
+def test_rate_of_a_link_payload() -> None:
+    assert wall_rate_bytes_of({"state": "up", "rate_bps": 1e6}, 240.0) == 1e6 * 240 / 8
+    assert wall_rate_bytes_of({"state": "up", "rate_bps": None}, 240.0) is None  # no rate announced: unpaced
+    assert wall_rate_bytes_of({"state": "up", "rate_bps": 1e6}, None) is None  # no clock yet
+    assert wall_rate_bytes_of(None, 240.0) is None

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from emsfl import pki
+from emsfl.runtime.tls import TlsFiles
 from protos.emsfl.v1 import federation_pb2 as pb
 from protos.emsfl.v1 import federation_pb2_grpc as pb_grpc
-from protos.tls import TlsFiles
 from satellite_node.cli import main
 from satellite_node.manifest import load_manifest
 from satellite_node.node import NodeConfig, SatelliteNode

@@ -1,0 +1,49 @@
+"""EMS-FL's client side (ARCHITECTURE §4.1-4.5): report the affinity once, follow the assignment, and send the owned
+experts of the newest staged update, the most-changed first when the contact cannot carry them all."""
+
+from __future__ import annotations
+
+import logging
+
+from ground_node.federation.client_strategy import ClientStrategy, UplinkPort
+from ground_node.federation.outbox import StagedUpdate
+from ground_node.federation.priority import contact_budget_bytes, plan_upload, record_acked
+from ground_node.records import Affinity, Assignment
+
+log = logging.getLogger(__name__)
+
+
+class EmsflClient(ClientStrategy):
+    name = "emsfl"
+
+    def __init__(self, affinity: Affinity) -> None:
+        self.affinity = affinity
+        self.affinity_sent = False
+
+    def run_pass(self, uplink: UplinkPort) -> bool:
+        if not self.affinity_sent:
+            a = self.affinity
+            uplink.client.report_affinity(a.gate, a.freq, a.num_tokens)
+            self.affinity_sent = True
+        reply = uplink.client.assignment()
+        if reply.ready:
+            new = Assignment.from_pairs(reply.version, [(la.layer, list(la.experts)) for la in reply.layers])
+            if uplink.assignment is None or new != uplink.assignment:
+                uplink.adopt(new)
+        update = uplink.next_update()
+        return False if update is None else uplink.upload(update)
+
+    def prepare(self, uplink: UplinkPort, update: StagedUpdate) -> StagedUpdate | None:
+        """Stale updates are dropped; a short contact sends experts by priority (ground_node/federation/priority.py)."""
+        if uplink.assignment is not None and update.assignment_version < uplink.assignment.version:
+            log.info("uplink: dropping update %s of assignment %d", update.content_hash[:12], update.assignment_version)
+            uplink.outbox.drop_inflight(update.content_hash)
+            uplink.reject(update.content_hash)
+            return None
+        return plan_upload(uplink.outbox, update, contact_budget_bytes(uplink.link, uplink.cluster))
+
+    def acked(self, uplink: UplinkPort, update: StagedUpdate) -> None:
+        try:
+            record_acked(uplink.outbox, update.read())
+        except OSError as exc:
+            log.warning("uplink: cannot record the acknowledged experts: %s", exc)

@@ -1,0 +1,83 @@
+"""The training side of the baselines FedAvg and FedAsync (docs/STRATEGIES.md): the whole model, from the newest
+global model the uplink pulled (`ground_node/federation/baseline.py`); FedAvg idles between its rounds."""
+
+from __future__ import annotations
+
+import threading
+from functools import partial
+from typing import Any
+
+import numpy as np
+import torch
+
+from ground_node.federation.baseline import BaselineState, PulledModel
+from ground_node.learning.data import tokenizer_for
+from ground_node.learning.train import Trainer
+from ground_node.records import full_assignment
+from ground_node.usage import Usage
+from protos.wire import parse_expert_name
+
+
+def load_global(trainer: Any, model: PulledModel) -> int:
+    """Put a pulled global model's expert parts into the trainer's model; returns how many experts changed."""
+    by_expert: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+    for name, value in model.tensors.items():
+        parsed = parse_expert_name(name)
+        if parsed is None:
+            continue
+        key, part = parsed
+        by_expert.setdefault((key.layer, key.expert), {})[part] = torch.from_numpy(np.array(value, np.float32))
+    t = trainer.training
+    for (layer, expert), parts in sorted(by_expert.items()):
+        if t.tune == "lora":
+            trainer.adapter.insert_lora(trainer.model, layer, expert, t.lora_rank, parts)
+        else:
+            with torch.no_grad():
+                trainer.adapter.insert_expert(trainer.model, layer, expert, parts)
+    return len(by_expert)
+
+
+def train_baseline(agent: Any, base: Any, data: Any, state: BaselineState, stop: threading.Event) -> None:
+    """The training side: whole model, from the newest global model; FedAvg idles between its rounds."""
+    s = agent.settings
+    usage: Usage = agent.usage
+    num_layers, num_experts, _ = base.adapter.dims(base.model)
+    assignment = full_assignment(num_layers, num_experts)
+    agent.coverage = 1.0
+    trainer = Trainer(base.model, base.adapter, s.training, assignment, data, s.seed, tok=tokenizer_for(s.data))
+    current = 0 if state.join_version == 0 else None  # version the local model trains from (None: none yet)
+    if current == 0:
+        state.loaded(0)
+    agent.events.emit("baseline", strategy=state.strategy, join_version=state.join_version)
+    t = s.training
+    while not stop.is_set():
+        pulled = state.take_pulled()
+        if pulled is not None and (current is None or pulled.version > current):
+            usage.idle_stop()
+            changed = load_global(trainer, pulled)
+            current = pulled.version
+            state.loaded(current)
+            agent.events.emit("model_loaded", version=current, experts=changed)
+        waiting = current is None or (state.strategy == "fedavg" and current in state.uploaded_rounds)
+        if waiting:
+            usage.idle_start()
+            usage.idle_tick()
+            state.wait(0.5)
+            continue
+        usage.idle_stop()
+        assert current is not None
+        if agent.budget_spent(trainer.step):
+            agent.finish_budget(trainer.step, partial(_stage, agent, trainer, current), stop)
+            break
+        loss = usage.timed(trainer.train_step)
+        agent.steps = trainer.step
+        if trainer.step % agent.opt.train_event_every == 0:
+            agent.events.emit("train", step=trainer.step, loss=round(loss, 5), version=current)
+        if trainer.step % t.stage_every_steps == 0:
+            _stage(agent, trainer, current)
+    usage.idle_stop()
+
+
+def _stage(agent: Any, trainer: Any, version: int) -> None:
+    update = agent.outbox.stage(trainer.expert_state(), version, trainer.step)
+    agent.events.emit("staged", step=trainer.step, content_hash=update.content_hash, base_version=version)

@@ -1,0 +1,96 @@
+"""The centralised reference (`emsfl lab experiment`): all clusters' data in one process, the whole model.
+
+Same base, same data partition (the union of every cluster's training examples), same tuning (LoRA on every
+expert, or full slices), same learning rate and batch size as the federated runs, and a given budget of
+optimiser steps (the experiment passes the federated runs' total). Writes one JSON report.
+
+    python -m ground_node.learning.central --topology T.yaml --base BASE_DIR --steps N --out report.json
+
+Run by hand, it is also the accuracy ceiling of a base and task: `--threads 0` uses every core, `--test-examples`
+evaluates on more of the test set than the topology's sample (CLINC150: all 4,500 in-scope queries), `--lr`
+overrides `training.lr`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from emsfl.config import ConfigError, load_topology
+from emsfl.durable import atomic_write_json
+from ground_node.errors import GroundError
+from ground_node.learning.data import label_choices, max_new_tokens, test_examples, tokenizer_for, train_examples
+from ground_node.learning.evaluate import exact_match
+from ground_node.learning.train import Trainer, peak_gpu_memory_mb
+from ground_node.model.base import load_base
+from ground_node.records import full_assignment
+from ground_node.settings import load_settings
+from ground_node.usage import peak_rss_mb
+
+
+def centralised(topology: dict[str, Any], base_dir: Path, steps: int) -> dict[str, Any]:
+    s = load_settings(topology)
+    tok = tokenizer_for(s.data)
+    base = load_base(base_dir)
+    pooled = [ex for c in s.clusters for ex in train_examples(s, c)]
+    num_layers, num_experts, _ = base.adapter.dims(base.model)
+    trainer = Trainer(
+        base.model, base.adapter, s.training, full_assignment(num_layers, num_experts), pooled, s.seed, tok
+    )
+    start = time.monotonic()
+    losses = [trainer.train_step() for _ in range(steps)]
+    train_seconds = time.monotonic() - start
+    model = trainer.model
+    max_new = max_new_tokens(s)
+    choices = label_choices(s)
+    per_cluster = {c: exact_match(model, test_examples(s, c), max_new, tok, choices) for c in s.clusters}
+    return {
+        "strategy": "centralised",
+        "steps": steps,
+        "examples": len(pooled),
+        "accuracy_final": exact_match(model, test_examples(s, None), max_new, tok, choices),
+        "per_cluster_accuracy": per_cluster,
+        "loss_last": float(sum(losses[-10:]) / max(1, len(losses[-10:]))) if losses else None,
+        "train_seconds": round(train_seconds, 3),
+        "step_time_s": round(train_seconds / steps, 4) if steps else None,
+        "training_device": trainer.device_type,
+        "peak_rss_mb": peak_rss_mb(),
+        "peak_gpu_memory_mb": peak_gpu_memory_mb(),  # None unless training ran on CUDA
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ground_node.learning.central", description=__doc__)
+    parser.add_argument("--topology", required=True)
+    parser.add_argument("--base", required=True)
+    parser.add_argument("--steps", type=int, required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default, every core)")
+    parser.add_argument("--test-examples", type=int, help="size of the test sample (default: data.test_examples)")
+    parser.add_argument("--lr", type=float, help="learning rate (default: training.lr)")
+    args = parser.parse_args(argv)
+    if args.threads > 0:  # one thread in the lab: the reference shares the cores with nothing, like a device
+        torch.set_num_threads(args.threads)
+    try:
+        topology = load_topology(args.topology)
+        if args.test_examples is not None:
+            topology.setdefault("data", {})["test_examples"] = args.test_examples
+        if args.lr is not None:
+            topology.setdefault("training", {})["lr"] = args.lr
+        report = centralised(topology, Path(args.base), max(0, args.steps))
+    except (ConfigError, GroundError, OSError) as exc:
+        print(f"ground_node.learning.central: {exc}", file=sys.stderr)
+        return 2
+    atomic_write_json(Path(args.out), report)
+    print(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

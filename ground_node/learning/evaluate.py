@@ -1,0 +1,202 @@
+"""Exact-match accuracy of base + uploaded expert parts (docs/INTERFACES.md `accuracy`)."""
+
+from __future__ import annotations
+
+import inspect
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.numpy import load_file
+from torch import nn
+
+from ground_node.errors import GroundError
+from ground_node.learning.data import label_choices, max_new_tokens, test_examples, tokenizer_for
+from ground_node.learning.synthetic import Example, encode_prompts
+from ground_node.learning.tokenizer import CharTokenizer, Tokenizer
+from ground_node.model.base import BASE_TENSORS, Base, load_base
+from ground_node.model.family import FamilyAdapter
+from ground_node.settings import load_settings, resolve_device
+from protos.wire import parse_expert_name
+
+
+def apply_tensors(
+    model: nn.Module,
+    adapter: FamilyAdapter,
+    manifest: Mapping[str, Any],
+    tensors: Mapping[str, np.ndarray],
+    base_tensors: Mapping[str, np.ndarray] | None = None,
+) -> int:
+    """Apply uploaded tensors to the base model in place; returns how many expert parts changed it.
+
+    Full expert parts replace their slice; LoRA parts add (alpha / r) * B_e @ A_e to the expert's slice;
+    shared tensors that differ from the base are loaded; tensors equal to the base are ignored.
+    """
+    scaling_alpha = float(manifest.get("lora_alpha", 16.0))
+    lora: dict[tuple[int, int, str], dict[str, np.ndarray]] = defaultdict(dict)
+    applied = 0
+    shared: dict[str, torch.Tensor] = {}
+    for name, value in tensors.items():
+        if base_tensors is not None and name in base_tensors and np.array_equal(base_tensors[name], value):
+            continue
+        parsed = parse_expert_name(name)
+        if parsed is None:
+            if not name.startswith("shared/"):
+                raise GroundError(f"{name}: not a manifest name")
+            shared[name[len("shared/") :]] = torch.from_numpy(np.array(value, dtype=np.float32))
+            continue
+        key, part = parsed
+        if part in adapter.expert_parts:
+            adapter.insert_expert(model, key.layer, key.expert, {part: torch.from_numpy(np.array(value, np.float32))})
+            applied += 1
+            continue
+        base_part, _, factor = part.partition(".")
+        if base_part not in adapter.expert_parts or factor not in ("lora_A", "lora_B"):
+            raise GroundError(f"{name}: unknown expert part {part!r}")
+        lora[(key.layer, key.expert, base_part)][factor] = np.array(value, dtype=np.float32)  # writable for torch
+    if shared:
+        missing = set(shared) - set(dict(model.named_parameters()))
+        if missing:
+            raise GroundError(f"unknown shared tensors: {sorted(missing)[:3]}")
+        model.load_state_dict(shared, strict=False)
+    for (layer, expert, part), factors in sorted(lora.items()):
+        if set(factors) != {"lora_A", "lora_B"}:
+            raise GroundError(f"expert/{layer}/{expert}/{part}: LoRA needs both lora_A and lora_B")
+        a = torch.from_numpy(factors["lora_A"])
+        b = torch.from_numpy(factors["lora_B"])
+        rank = a.shape[0]
+        if b.shape[1] != rank:
+            raise GroundError(f"expert/{layer}/{expert}/{part}: lora_A rank {rank} != lora_B rank {b.shape[1]}")
+        adapter.check_expert(model, layer, expert)
+        param = adapter.fused_param(model, layer, part)
+        delta = adapter.lora_delta(a, b, scaling_alpha / rank)
+        if tuple(delta.shape) != tuple(param.shape[1:]):
+            raise GroundError(f"expert/{layer}/{expert}/{part}: LoRA shape does not match the expert slice")
+        with torch.no_grad():
+            param[adapter.local_index(model, layer, expert)] += delta.to(param.device, param.dtype)
+        applied += 1
+    return applied
+
+
+Trie = dict[int, "Trie"]
+
+
+def label_trie(tok: Tokenizer, choices: Sequence[str]) -> Trie:
+    """Token trie of the label strings, each ending in EOS: the only continuations constrained decoding allows."""
+    root: Trie = {}
+    for label in choices:
+        node = root
+        for tid in [*tok.encode(label), tok.eos_id]:
+            node = node.setdefault(tid, {})
+    return root
+
+
+def _allowed_mask(nodes: Sequence[Trie | None], vocab: int) -> torch.Tensor:
+    """Rows whose label is complete (None) allow everything; their later tokens are never read."""
+    mask = torch.zeros(len(nodes), vocab, dtype=torch.bool)
+    for row, node in enumerate(nodes):
+        if node is None:
+            mask[row] = True
+        else:
+            mask[row, list(node)] = True
+    return mask
+
+
+def cache_keyword(model: nn.Module) -> str:
+    """The KV cache's name in `forward` and its output: `cache` from transformers 5.24 (which deprecates
+    `past_key_values`), `past_key_values` before (where an unknown `cache=` is silently ignored: wrong logits)."""
+    unwrap: Any = getattr(model, "get_base_model", None)  # a PEFT model: the HF model inside
+    inner: Any = unwrap() if unwrap is not None else model
+    return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
+
+
+@torch.no_grad()
+def greedy_answers(
+    model: nn.Module, tok: Tokenizer, examples: Sequence[Example], max_new: int, choices: Sequence[str] | None = None
+) -> list[str]:
+    """Greedy decoding, batched over prompts of equal length (no padding, so no position or mask issues).
+
+    With `choices`, every step is restricted to tokens that continue some label (a trie), so the answer is always
+    one of them: the model still generates the label token by token, it just cannot spell a non-label.
+    """
+    trie = label_trie(tok, choices) if choices else None
+    eos = tok.eos_id
+    cache_kw = cache_keyword(model)
+    device = next(model.parameters()).device  # prompts go where the model is (training.device)
+    groups: dict[int, list[int]] = defaultdict(list)
+    for i, ex in enumerate(examples):
+        groups[len(tok.encode_prompt(ex.prompt))].append(i)  # token count, as the tokenizer starts the prompt
+    answers = [""] * len(examples)
+    model.eval()
+    for idxs in groups.values():
+        for start in range(0, len(idxs), 256):
+            chunk = idxs[start : start + 256]
+            ids = encode_prompts(tok, [examples[i] for i in chunk]).to(device)
+            nodes: list[Trie | None] = [trie] * len(chunk)
+            done = torch.zeros(len(chunk), dtype=torch.bool, device=device)
+            out: list[torch.Tensor] = []
+            past: Any = None  # the KV cache: each step feeds only the new token (no padding, so positions follow)
+            for _ in range(max_new):
+                step = model(input_ids=ids, use_cache=True, **{cache_kw: past})
+                past, logits = step.get(cache_kw), step.logits[:, -1]
+                if trie is not None:
+                    allowed = _allowed_mask(nodes, logits.shape[-1]).to(device)
+                    logits = logits.masked_fill(~allowed, float("-inf"))
+                nxt = logits.argmax(dim=-1)
+                out.append(nxt)
+                if trie is not None:
+                    nodes = [None if n is None or t == eos else n[t] for n, t in zip(nodes, nxt.tolist(), strict=True)]
+                done |= nxt == eos
+                if bool(done.all()):
+                    break
+                ids = nxt[:, None]
+            gen = torch.stack(out, dim=1).tolist()
+            for row, i in enumerate(chunk):
+                answers[i] = tok.decode(gen[row]) if eos in gen[row] else "\x00"  # no EOS: never an exact match
+    return answers
+
+
+def exact_match(
+    model: nn.Module,
+    examples: Sequence[Example],
+    max_new: int,
+    tok: Tokenizer | None = None,
+    choices: Sequence[str] | None = None,
+) -> float:
+    if not examples:
+        raise GroundError("cannot evaluate an empty test set")
+    tok = tok if tok is not None else CharTokenizer()
+    answers = greedy_answers(model, tok, examples, max_new, choices)
+    return float(np.mean([a == ex.answer for a, ex in zip(answers, examples, strict=True)]))
+
+
+def per_domain(model: nn.Module, examples: Sequence[Example], max_new: int) -> dict[str, float]:
+    tok = CharTokenizer()
+    answers = greedy_answers(model, tok, examples, max_new)
+    hits: dict[str, list[bool]] = defaultdict(list)
+    for a, ex in zip(answers, examples, strict=True):
+        hits[ex.domain].append(a == ex.answer)
+    return {d: float(np.mean(v)) for d, v in sorted(hits.items())}
+
+
+def model_with_tensors(base_dir: Path, tensors: Mapping[str, np.ndarray] | None) -> Base:
+    base = load_base(base_dir)
+    if tensors:
+        base_tensors = load_file(str(Path(base_dir) / BASE_TENSORS))
+        apply_tensors(base.model, base.adapter, base.manifest, tensors, base_tensors)
+    return base
+
+
+def accuracy(
+    base_dir: Path, tensors: dict[str, np.ndarray] | None, topology: dict[str, Any], cluster: str | None
+) -> float:
+    """Exact-match accuracy of base + `tensors` on the global test set (`cluster=None`) or a cluster's test mix."""
+    settings = load_settings(topology)
+    base = model_with_tensors(Path(base_dir), tensors)  # applied on the CPU, then moved whole
+    base.model.to(resolve_device(settings.training.device))
+    examples = test_examples(settings, cluster)
+    max_new = max_new_tokens(settings)
+    return exact_match(base.model, examples, max_new, tokenizer_for(settings.data), label_choices(settings))
