@@ -159,6 +159,54 @@ def greedy_answers(
     return answers
 
 
+@torch.no_grad()
+def greedy_hits(
+    model: nn.Module, tok: Tokenizer, examples: Sequence[Example], choices: Sequence[str] | None = None
+) -> list[bool]:
+    """Whether greedy decoding (constrained to `choices` if given) would answer each example exactly, in one
+    teacher-forced forward per batch instead of a decoding loop.
+
+    Greedy decoding emits the gold answer iff, at every answer position given the gold prefix, the (allowed) argmax
+    is the gold token; so this is the same metric as `greedy_answers(...) == answer`, up to float rounding between
+    a cached and an uncached forward. Ties go to the lowest token id, as `argmax` does. Without `choices` a
+    non-canonical spelling of the answer (other tokens, same text) counts as a miss here but as a hit when decoded.
+    """
+    trie = label_trie(tok, choices) if choices else None
+    device = next(model.parameters()).device
+    rows = [(tok.encode_prompt(ex.prompt), [*tok.encode(ex.answer), tok.eos_id]) for ex in examples]
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]) + len(rows[i][1]))
+    hits = [False] * len(rows)
+    model.eval()
+    for start in range(0, len(order), EVAL_BATCH):
+        chunk = order[start : start + EVAL_BATCH]
+        width = max(len(rows[i][0]) + len(rows[i][1]) for i in chunk)
+        ids = torch.full((len(chunk), width), tok.pad_id, dtype=torch.long)
+        for row, i in enumerate(chunk):  # right padding: causal attention never lets a real token see it
+            seq = rows[i][0] + rows[i][1]
+            ids[row, : len(seq)] = torch.tensor(seq)
+        logits = model(input_ids=ids.to(device)).logits.float().cpu()
+        for row, i in enumerate(chunk):
+            prompt, answer = rows[i]
+            steps = logits[row, len(prompt) - 1 : len(prompt) - 1 + len(answer)]
+            hits[i] = _forced_hit(steps, answer, trie)
+    return hits
+
+
+EVAL_BATCH = 32  # teacher-forced rows per forward: logits are rows x width x vocab floats (49,152 for SmolLM2)
+
+
+def _forced_hit(steps: torch.Tensor, answer: Sequence[int], trie: Trie | None) -> bool:
+    if trie is None:
+        return bool((steps.argmax(dim=-1) == torch.tensor(answer)).all())
+    node = trie
+    for logits, gold in zip(steps, answer, strict=True):
+        allowed = sorted(node)  # argmax over the allowed ids picks the lowest id on ties, as the masked argmax does
+        if allowed[int(logits[allowed].argmax())] != gold:
+            return False
+        node = node[gold]
+    return True
+
+
 def exact_match(
     model: nn.Module,
     examples: Sequence[Example],
@@ -166,10 +214,17 @@ def exact_match(
     tok: Tokenizer | None = None,
     choices: Sequence[str] | None = None,
 ) -> float:
+    """Exact-match accuracy of greedy decoding: teacher-forced under `choices` (`greedy_hits`, the same metric in
+    one forward), decoded token by token without them (where a non-canonical spelling may still match)."""
     if not examples:
         raise GroundError("cannot evaluate an empty test set")
     tok = tok if tok is not None else CharTokenizer()
-    answers = greedy_answers(model, tok, examples, max_new, choices)
+    if choices:
+        hits = greedy_hits(model, tok, examples, choices)
+        return float(
+            np.mean([h and len(tok.encode(ex.answer)) < max_new for h, ex in zip(hits, examples, strict=True)])
+        )
+    answers = greedy_answers(model, tok, examples, max_new)
     return float(np.mean([a == ex.answer for a, ex in zip(answers, examples, strict=True)]))
 
 

@@ -191,3 +191,33 @@ def test_cached_greedy_decoding_equals_recomputing_the_prefix(topology: dict[str
             expected.append(tok.decode(gen))
     assert len(set(expected)) > 1
     assert greedy_answers(model, tok, tests, 16, LABELS) == expected
+
+
+def test_teacher_forced_hits_equal_constrained_greedy_decoding(topology: dict[str, Any], tmp_path: Path) -> None:
+    """`greedy_hits` (one teacher-forced forward) must say exactly which examples greedy decoding answers right.
+    Gold answers are set to what greedy decoding says for half the examples, so both outcomes occur."""
+    import dataclasses
+
+    from ground_node.learning.evaluate import exact_match, greedy_answers, greedy_hits
+    from ground_node.model.base import new_model
+
+    _csv(tmp_path / "train.csv")
+    _csv(tmp_path / "test.csv", 20)
+    s = load_settings(_topology(topology, path=str(tmp_path)))
+    tok = tokenizer_for(s.data)
+    torch.manual_seed(1)
+    model, _ = new_model(s)
+    with torch.no_grad():
+        for param in model.parameters():  # sharper random logits, so answers depend on the prompt
+            param.mul_(4.0)
+    choices = LABELS
+    tests = held_out(s, None)
+    greedy = greedy_answers(model, tok, tests, 16, choices)
+    gold = [
+        dataclasses.replace(ex, answer=g) if i % 2 and g != "\x00" else ex
+        for i, (ex, g) in enumerate(zip(tests, greedy, strict=True))
+    ]
+    expected = [g == ex.answer for g, ex in zip(greedy_answers(model, tok, gold, 16, choices), gold, strict=True)]
+    assert any(expected) and not all(expected)
+    assert greedy_hits(model, tok, gold, choices) == expected
+    assert exact_match(model, gold, 16, tok, choices) == sum(expected) / len(expected)
