@@ -60,7 +60,9 @@ class DataSettings:
     decoding: str = "constrained"  # constrained: greedy over the label set's trie; free: unconstrained greedy
     # `data.tokenizer: checkpoint`: the HF tokenizer of `model.checkpoint` (its path here); None: byte-level
     tokenizer_path: str | None = None
-    prompt: str = "plain"  # plain: text + "=" after BOS; chat: the tokenizer's chat template (user turn)
+    # plain: text + "=" after BOS; query: "Query: <text>\nIntent:" after BOS (short, for pretrained bases); chat: the
+    # tokenizer's chat template (user turn; about 20 more tokens per example, so a slower step on a real base)
+    prompt: str = "plain"
     instruction: str = ""  # chat: the system turn before the query
     # clusters by domain (`clusters[].domains`): each cluster gets every label of its domains (`domains.json`)
     cluster_domains: dict[str, tuple[str, ...]] | None = None
@@ -217,7 +219,7 @@ def _text_data(d: Mapping[str, Any], task: str, topology: Mapping[str, Any]) -> 
         tokenizer_path = (topology.get("model") or {}).get("checkpoint")
         if not tokenizer_path:
             raise ConfigError("data.tokenizer: 'checkpoint' needs model.checkpoint (a directory with tokenizer.json)")
-    prompt = _one_of(d, "prompt", w, ("plain", "chat"))
+    prompt = _one_of(d, "prompt", w, ("plain", "query", "chat"))
     if prompt == "chat" and tokenizer_path is None:
         raise ConfigError("data.prompt: 'chat' needs data.tokenizer: checkpoint (a tokenizer with a chat template)")
     cluster_domains = _cluster_domains(topology)

@@ -69,7 +69,10 @@ def _example(text: str, label: str, data: DataSettings, where: str) -> Example:
     if not text or not label:
         raise GroundError(f"{where}: empty text or label")
     raw = text.encode("utf-8")[: data.max_chars].decode("utf-8", errors="ignore")
-    return Example(label, raw if data.prompt == "chat" else f"{raw}=", label)  # chat: the query is the user turn
+    return Example(label, PROMPTS[data.prompt].format(raw), label)
+
+
+PROMPTS = {"plain": "{}=", "query": "Query: {}\nIntent:", "chat": "{}"}  # chat: the text is the user turn
 
 
 def read_csv(path: Path, data: DataSettings) -> list[Example]:
