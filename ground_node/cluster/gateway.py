@@ -46,7 +46,6 @@ from emsfl.runtime.linkstate import LinkState
 from emsfl.runtime.tls import TlsFiles
 from ground_node.federation import handover
 from ground_node.federation.outbox import Outbox, StagedUpdate
-from ground_node.federation.priority import rebase_acked
 from ground_node.federation.uplink import Uplink, UplinkHooks
 from ground_node.records import Affinity, Assignment
 from ground_node.usage import peak_rss_mb
@@ -246,7 +245,7 @@ class Gateway:
         up, puller = self.uplink, self._handover_pull
         tensors = handover.fetch_gained(up.stub, up.metadata, gained, parts, timeout, puller, pulled.append)
         if old is not None:  # upload priorities are measured against what the satellite holds now
-            rebase_acked(self.outbox, set(new.pairs()), tensors)
+            self.outbox.rebase_acked(set(new.pairs()), tensors)
         with self._lock:
             version = {**handover.only_experts(self.average or {}, set(new.pairs())), **tensors}
             self.current = new
