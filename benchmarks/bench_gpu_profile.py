@@ -59,7 +59,7 @@ def measure(mode: str, topology: Path, steps: int, warm: int, device: str = "cud
 
     from ground_node.learning.data import max_positions, tokenizer_for, train_examples
     from ground_node.learning.train import Trainer
-    from ground_node.model.family import get_adapter
+    from ground_node.model.families import get_adapter
 
     s = _settings(topology)
     tok = tokenizer_for(s.data)

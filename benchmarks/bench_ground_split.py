@@ -60,7 +60,7 @@ def prepare(out: Path, layers: int) -> dict[str, Any]:
     from safetensors.torch import save_file
 
     from ground_node.learning.tokenizer import CharTokenizer
-    from ground_node.model.family import get_adapter
+    from ground_node.model.families import get_adapter
 
     adapter = get_adapter("olmoe")
     model = adapter.build(_settings(layers), CharTokenizer().vocab_size, 64, seed=0)
@@ -82,7 +82,7 @@ def measure(mode: str, path: Path, layers: int, steps: int, checkpointing: bool)
 
     from ground_node.learning.tokenizer import CharTokenizer
     from ground_node.learning.train import Trainer
-    from ground_node.model.family import get_adapter
+    from ground_node.model.families import get_adapter
     from ground_node.model.submodel import load_split
     from ground_node.settings import TrainingSettings
 
@@ -187,7 +187,7 @@ def profile(mode: str, path: Path, layers: int) -> dict[str, Any]:
 
     from ground_node.learning.profile import router_probs, stream_router_probs
     from ground_node.learning.tokenizer import CharTokenizer
-    from ground_node.model.family import get_adapter
+    from ground_node.model.families import get_adapter
     from ground_node.model.submodel import load_split
 
     torch.set_num_threads(2)

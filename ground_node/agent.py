@@ -29,7 +29,6 @@ from emsfl.runtime.tls import TlsFiles
 from ground_node.federation import handover
 from ground_node.federation.handover import Switch
 from ground_node.federation.outbox import Outbox, StagedUpdate
-from ground_node.federation.priority import rebase_acked
 from ground_node.federation.uplink import Uplink, UplinkHooks
 from ground_node.learning import carryover
 from ground_node.learning.data import tokenizer_for, train_examples
@@ -205,7 +204,7 @@ class GroundAgent:
         if tensors:
             self.usage.add_pull()
         if held is not None:  # upload priorities are measured against what the satellite holds now
-            rebase_acked(self.outbox, set(new.pairs()), tensors)
+            self.outbox.rebase_acked(set(new.pairs()), tensors)
         with self._lock:
             # a switch still waiting keeps the parts it pulled for experts `new` holds too (an applied one is
             # already in the trainer, where they have trained since)

@@ -2,7 +2,7 @@
 
 `LinkView` (emsfl/runtime/linkview.py) implements it from the MQTT topics; tests implement it with fakes that
 subclass it explicitly. Callers use only these methods: the satellite's link gate and pacer, the ground uplink and
-its contact budget (ground_node priority planning). Kept apart from the view so that importing it pulls no MQTT.
+its contact budget. Kept apart from the view so that importing it pulls no MQTT.
 """
 
 from __future__ import annotations

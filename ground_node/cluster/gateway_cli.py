@@ -41,7 +41,8 @@ def run_gateway(args: argparse.Namespace, topology: dict[str, Any], tls: TlsFile
     certificate (`emsfl pki issue --role gateway`); its MQTT session uses it too."""
     from emsfl.runtime.bus import Bus
     from emsfl.runtime.linkview import LinkView
-    from ground_node.cluster.gateway import Gateway, serve
+    from ground_node.cluster.gateway import Gateway
+    from ground_node.cluster.gateway_server import serve
     from ground_node.settings import load_settings
 
     settings = load_settings(topology)

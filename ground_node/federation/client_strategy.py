@@ -42,6 +42,10 @@ class UplinkPort(Protocol):
         """Take a new assignment (after fetching what it hands over)."""
         ...
 
+    def contact_budget_bytes(self) -> float | None:
+        """Bytes the rest of the current contact can carry (None: unknown)."""
+        ...
+
     def contact_id(self) -> str | None:
         """The current contact (the link's `since`), None when the link view does not say."""
         ...

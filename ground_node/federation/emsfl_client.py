@@ -7,7 +7,6 @@ import logging
 
 from ground_node.federation.client_strategy import ClientStrategy, UplinkPort
 from ground_node.federation.outbox import StagedUpdate
-from ground_node.federation.priority import contact_budget_bytes, plan_upload, record_acked
 from ground_node.records import Affinity, Assignment
 
 log = logging.getLogger(__name__)
@@ -34,16 +33,16 @@ class EmsflClient(ClientStrategy):
         return False if update is None else uplink.upload(update)
 
     def prepare(self, uplink: UplinkPort, update: StagedUpdate) -> StagedUpdate | None:
-        """Stale updates are dropped; a short contact sends experts by priority (ground_node/federation/priority.py)."""
+        """Stale updates are dropped; a short contact sends experts by priority (`Outbox.plan`)."""
         if uplink.assignment is not None and update.assignment_version < uplink.assignment.version:
             log.info("uplink: dropping update %s of assignment %d", update.content_hash[:12], update.assignment_version)
             uplink.outbox.drop_inflight(update.content_hash)
             uplink.reject(update.content_hash)
             return None
-        return plan_upload(uplink.outbox, update, contact_budget_bytes(uplink.link, uplink.cluster))
+        return uplink.outbox.plan(update, uplink.contact_budget_bytes())
 
     def acked(self, uplink: UplinkPort, update: StagedUpdate) -> None:
         try:
-            record_acked(uplink.outbox, update.read())
+            uplink.outbox.record_acked(update.read())
         except OSError as exc:
             log.warning("uplink: cannot record the acknowledged experts: %s", exc)

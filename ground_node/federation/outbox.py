@@ -1,14 +1,24 @@
-"""Staged updates on disk (ARCHITECTURE §4.4, §5.5): the newest expert state, ready to go up at the next contact.
+"""The staging interface between training and the uplink (ARCHITECTURE §3 step 6, §4.4, §5.5, §11).
 
-Layout: `<dir>/<content_hash>.safetensors` blobs and `<dir>/state.json`
-({"newest": {hash, file, size, assignment_version, step}, "acked": [hash...], "bytes_uplinked"}).
-Only the newest staged update matters: staging a new one deletes older unacknowledged blobs.
+The trainer's side calls `stage` (the newest expert state, ready to go up at the next contact); the uplink's side
+asks `pending` for what is due, `plan` for what of it to send now, and reports `mark_acked`/`record_acked`.
+
+Upload planning: when a contact cannot carry the whole newest update, its experts go up in priority order, the
+largest change since their last acknowledged state first, as separate smaller updates (the satellite accepts any
+subset of a cluster's experts under `emsfl`); the rest follows at the next pass.
+
+Layout: `<dir>/<content_hash>.safetensors` blobs, `<dir>/state.json`
+({"newest": {hash, file, size, assignment_version, step}, "acked": [hash...], "bytes_uplinked"}) and
+`<dir>/acked_experts.safetensors`, the last acknowledged parts of every expert, so that after a partial upload only
+the experts still different from what the satellite holds are sent, and priorities are measured against what the
+satellite has. Only the newest staged update matters: staging a new one deletes older unacknowledged blobs.
 Every write is atomic (temporary file, fsync, rename), so the outbox survives a reboot.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -16,13 +26,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors.numpy import save
+from safetensors.numpy import load as st_load
+from safetensors.numpy import load_file, save
 
 from emsfl.durable import atomic_write_bytes, atomic_write_json
 from ground_node.errors import GroundError
 from protos.wire import parse_expert_name, sha256_hex
 
+log = logging.getLogger(__name__)
+
 STATE = "state.json"
+ACKED = "acked_experts.safetensors"
+HEADER_ALLOWANCE = 4096  # safetensors header bytes per update (names, shapes)
 
 
 @dataclass(frozen=True)
@@ -190,3 +205,97 @@ class Outbox:
     def bytes_uplinked(self) -> int:
         with self._lock:
             return int(self._state.get("bytes_sent", self._state["bytes_uplinked"]))
+
+    # ---- upload planning: the acknowledged experts and the priority order ------------------------------------
+
+    def acked_tensors(self) -> dict[str, np.ndarray]:
+        """The last acknowledged parts of every expert (empty before the first acknowledgement)."""
+        path = self.dir / ACKED
+        if not path.exists():
+            return {}
+        try:
+            return dict(load_file(str(path)))
+        except Exception as exc:  # a torn file only costs priority precision
+            log.warning("ignoring unreadable %s: %s", path, exc)
+            return {}
+
+    def record_acked(self, blob: bytes) -> None:
+        """Merge an acknowledged update's tensors into the acknowledged experts."""
+        acked = self.acked_tensors()
+        acked.update(st_load(blob))
+        atomic_write_bytes(self.dir / ACKED, save({n: np.ascontiguousarray(acked[n]) for n in sorted(acked)}))
+
+    def rebase_acked(self, held: set[tuple[int, int]], handed_over: Mapping[str, np.ndarray]) -> None:
+        """After a re-assignment: forget the experts no longer held (another cluster updates them now) and take the
+        handed-over parts as what the satellite holds of the gained ones. Call it from the uplink's thread (the one
+        that records acknowledgements), so the two never race."""
+        handed = set(_experts(handed_over))
+        kept = {
+            n: a
+            for n, a in self.acked_tensors().items()
+            if (parsed := parse_expert_name(n)) is not None
+            and (key := (parsed[0].layer, parsed[0].expert)) in held
+            and key not in handed
+        }
+        merged = {**kept, **handed_over}
+        atomic_write_bytes(self.dir / ACKED, save({n: np.ascontiguousarray(merged[n]) for n in sorted(merged)}))
+
+    def plan(self, update: StagedUpdate, budget_bytes: float | None) -> StagedUpdate | None:
+        """What to send of `update` now: itself, a priority-ordered part of its experts (staged as the in-flight
+        update), or None when the satellite already holds every expert of it (then it is marked acknowledged).
+        `budget_bytes`: what the rest of the contact can carry (None: unknown, send it all)."""
+        newest = self.newest()
+        if newest is None or newest.content_hash != update.content_hash:
+            return update  # an in-flight part: resume it as it is
+        acked = self.acked_tensors()
+        if not acked and (budget_bytes is None or update.size <= budget_bytes):
+            return update  # nothing sent in parts so far and it fits: the whole update, as staged
+        tensors = dict(st_load(update.read()))
+        experts = _experts(tensors)
+        remaining = {
+            k: names
+            for k, names in experts.items()
+            if any(n not in acked or not np.array_equal(acked[n], tensors[n]) for n in names)
+        }
+        if not remaining:
+            self.mark_acked(update.content_hash, 0)  # every expert of it is on the satellite already
+            return None
+        if len(remaining) == len(experts) and (budget_bytes is None or update.size <= budget_bytes):
+            return update
+        size = {k: sum(tensors[n].nbytes for n in names) for k, names in remaining.items()}
+        order = sorted(remaining, key=lambda k: (-change(tensors, acked, remaining[k]), k))
+        chosen: list[tuple[int, int]] = []
+        used = HEADER_ALLOWANCE
+        for k in order:
+            if chosen and budget_bytes is not None and used + size[k] > budget_bytes:
+                break
+            chosen.append(k)
+            used += size[k]
+        part = {n: tensors[n] for k in chosen for n in remaining[k]}
+        log.info(
+            "contact budget %s B: sending %d of %d remaining experts first (largest change first)",
+            None if budget_bytes is None else int(budget_bytes),
+            len(chosen),
+            len(remaining),
+        )
+        return self.stage_part(part, update.assignment_version, update.step)
+
+
+def _experts(tensors: Mapping[str, np.ndarray]) -> dict[tuple[int, int], list[str]]:
+    out: dict[tuple[int, int], list[str]] = {}
+    for name in sorted(tensors):
+        parsed = parse_expert_name(name)
+        if parsed is not None:
+            out.setdefault((parsed[0].layer, parsed[0].expert), []).append(name)
+    return out
+
+
+def change(tensors: Mapping[str, np.ndarray], acked: Mapping[str, np.ndarray], names: list[str]) -> float:
+    """L2 norm of an expert's change since its last acknowledged state (its whole norm if never acknowledged)."""
+    total = 0.0
+    for n in names:
+        new = tensors[n].astype(np.float64)
+        old = acked.get(n)
+        diff = new if old is None or old.shape != new.shape else new - old.astype(np.float64)
+        total += float(np.sum(diff * diff))
+    return float(total**0.5)

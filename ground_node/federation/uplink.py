@@ -19,6 +19,7 @@ import grpc
 
 from emsfl.runtime.client import FederationClient, offer_message
 from emsfl.runtime.linkstate import LinkState
+from emsfl.runtime.timefmt import parse_iso
 from emsfl.runtime.tls import TlsFiles
 from ground_node.federation.client_strategy import ClientStrategy
 from ground_node.federation.emsfl_client import EmsflClient
@@ -28,6 +29,8 @@ from protos.emsfl.v1 import federation_pb2 as pb
 from protos.wire import CHUNK_SIZE, chunk_hashes, parse_expert_name, sha256_hex
 
 log = logging.getLogger(__name__)
+
+BUDGET_MARGIN = 0.9  # share of the rest of a contact an upload may plan for
 
 
 @dataclass(frozen=True)
@@ -157,6 +160,19 @@ class Uplink(threading.Thread):
     def contact_id(self) -> str | None:
         payload = self.link.link(self.cluster)
         return str(payload["since"]) if payload is not None and payload.get("since") else None
+
+    def contact_budget_bytes(self) -> float | None:
+        """Bytes the rest of the current contact can carry: (until - now) x rate_bps / 8 x a margin; None when the
+        link view does not say (then the whole update goes, and a cut resumes at the next pass)."""
+        payload = self.link.link(self.cluster)
+        now = self.link.emulated_now()
+        if not payload or now is None or payload.get("state") != "up":
+            return None
+        until, rate = payload.get("until"), payload.get("rate_bps")
+        if not until or not rate:
+            return None
+        seconds = (parse_iso(until) - now).total_seconds()
+        return float(max(0.0, seconds) * float(rate) / 8.0 * BUDGET_MARGIN)
 
     def contact_quota_spent(self) -> bool:
         """True when this contact already carried `max_uploads_per_contact` committed uploads."""

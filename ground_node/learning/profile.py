@@ -143,7 +143,7 @@ def profile_base(base_dir: Path, examples: Sequence[Example], tok: Tokenizer, sa
     from transformers import AutoConfig
 
     from ground_node.model.base import BASE_TENSORS, read_manifest
-    from ground_node.model.family import get_adapter
+    from ground_node.model.families import get_adapter
 
     adapter = get_adapter(str(read_manifest(base_dir).get("family")))
     config = AutoConfig.from_pretrained(str(base_dir))

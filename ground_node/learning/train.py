@@ -21,8 +21,8 @@ from emsfl.durable import fsync_dir
 from ground_node.errors import GroundError
 from ground_node.learning.synthetic import Example, encode_train
 from ground_node.learning.tokenizer import CharTokenizer, Tokenizer
-from ground_node.model.family import FamilyAdapter, set_router_softmax
-from ground_node.model.split import apply_split
+from ground_node.model.family import FamilyAdapter
+from ground_node.model.split import apply_split, set_router_softmax
 from ground_node.records import Assignment
 from ground_node.settings import TrainingSettings, resolve_device
 from protos.wire import expert_name

@@ -27,7 +27,8 @@ from ground_node.errors import GroundError
 from ground_node.learning.data import max_positions, tokenizer_for, warmup_pool
 from ground_node.learning.synthetic import encode_train
 from ground_node.learning.tokenizer import HFTokenizer
-from ground_node.model.family import FamilyAdapter, get_adapter
+from ground_node.model.families import get_adapter
+from ground_node.model.family import FamilyAdapter
 from ground_node.settings import Settings, cache_key, load_settings, resolve_device
 from protos.wire import sha256_hex
 

@@ -3,7 +3,8 @@ and cut per-expert slices out of fused expert tensors and PEFT LoRA factors.
 
 The `FamilyAdapter` interface is family-agnostic; `HFMoEAdapter` implements it for transformers 5 MoE classes
 with fused 3-D expert tensors: OLMoE, Mixtral, Qwen2-MoE (its shared expert is a shared weight), Qwen3-MoE and
-GPT-OSS (transposed, gate/up interleaved, with biases). More families plug in through `register_family`.
+GPT-OSS (transposed, gate/up interleaved, with biases); those five and the registry are in `families.py`, the
+routing restricted to held experts in `routing.py`. More families plug in through `families.register_family`.
 
 Expert ids are always global (as in the manifest). A physically split sub-model (`ground_node.model.submodel`) holds
 only some experts per layer; its routers carry `held_index` (local -> global), and every slice accessor here maps
@@ -23,6 +24,7 @@ import torch
 from torch import nn
 
 from ground_node.errors import GroundError
+from ground_node.model.routing import HeldRouterMixin, held_router_class
 from ground_node.settings import ModelSettings
 from protos.wire import expert_name, parse_expert_name, shared_name
 
@@ -269,116 +271,6 @@ class FamilyAdapter(ABC):
         return shapes
 
 
-# ---- routing restricted to held experts ---------------------------------------------------------
-
-
-ROUTER_SOFTMAX = ("held", "all")
-
-
-def route_held(
-    logits: torch.Tensor,
-    held: torch.Tensor,
-    top_k: int,
-    scoring: str,
-    norm_topk: bool,
-    n_held: int | None = None,
-    softmax_over: str = "all",
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(masked logits, top-k weights, global top-k indices) with unheld experts never selected.
-
-    `scoring="softmax"` (OLMoE, Mixtral, Qwen-MoE) with `softmax_over="all"`: weights are the full model's softmax
-    probabilities of the chosen experts (optionally renormalised over the top-k), so a token whose top-k experts
-    are all held is computed exactly as in the full model. `softmax_over="held"` (ARCHITECTURE §4.3): the unheld
-    experts' logits are masked before the softmax, so the held experts' weights sum to one as in a model that
-    has only them (the same as `all` wherever the top-k weights are renormalised, e.g. Mixtral).
-    `scoring="topk_softmax"` (GPT-OSS): softmax over the top-k logits (the same under both).
-    With fewer than k held experts, fewer are chosen; with none, no expert is chosen (zero-width top-k).
-    """
-    if softmax_over not in ROUTER_SOFTMAX:
-        raise GroundError(f"training.router_softmax: expected one of {list(ROUTER_SOFTMAX)}, got {softmax_over!r}")
-    if n_held is None:
-        n_held = int(held.sum())
-    k = min(top_k, n_held)
-    masked = logits.masked_fill(~held, float("-inf"))
-    if k == 0:
-        idx = torch.zeros((logits.shape[0], 0), dtype=torch.long, device=logits.device)
-        return masked, torch.zeros((logits.shape[0], 0), dtype=logits.dtype, device=logits.device), idx
-    top_logit, top_index = torch.topk(masked, k, dim=-1)
-    if scoring == "topk_softmax":
-        weights = nn.functional.softmax(top_logit, dim=1, dtype=top_logit.dtype)
-        return masked, weights, top_index
-    probs = nn.functional.softmax(masked if softmax_over == "held" else logits, dtype=torch.float, dim=-1)
-    top_value = probs.gather(-1, top_index)
-    if norm_topk:
-        top_value = top_value / top_value.sum(dim=-1, keepdim=True)
-    return masked, top_value.to(logits.dtype), top_index
-
-
-class HeldRouterMixin:
-    """Forward of a router restricted to held experts; mixed into the family's router class.
-
-    Buffers: `held_mask` [E] (global), `held_index` [n] (local -> global), `to_local` [E] (global -> local).
-    In a physical split (`physical=True`) the router's own `weight` (and `bias`) hold only the held experts'
-    rows; the other rows stay as the frozen, non-persistent buffers `rest_weight`/`rest_bias` where the scoring
-    needs the full softmax denominator (so routing stays exact), else they are dropped.
-    """
-
-    held_mask: torch.Tensor
-    held_index: torch.Tensor
-    to_local: torch.Tensor
-    physical: bool
-    scoring: str
-    norm_topk: bool
-    k_route: int
-    n_held: int
-    softmax_over: str  # training.router_softmax (held | all); absent: all
-
-    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        module: Any = self
-        weight: torch.Tensor = module.weight
-        hidden_states = hidden_states.reshape(-1, weight.shape[1])
-        bias = module._parameters.get("bias")
-        held_logits = nn.functional.linear(hidden_states, weight, bias)
-        if not self.physical:
-            logits = held_logits
-        else:
-            num_experts = self.held_mask.shape[0]
-            logits = held_logits.new_full((held_logits.shape[0], num_experts), float("-inf"))
-            logits[:, self.held_index] = held_logits
-            rest = module._buffers.get("rest_weight")
-            if rest is not None:
-                rest_logits = nn.functional.linear(hidden_states, rest, module._buffers.get("rest_bias"))
-                logits[:, module._buffers["rest_index"]] = rest_logits
-        softmax_over = getattr(self, "softmax_over", "all")
-        masked, weights, index = route_held(
-            logits, self.held_mask, self.k_route, self.scoring, self.norm_topk, self.n_held, softmax_over
-        )
-        if self.physical:
-            index = self.to_local[index]
-        return masked, weights, index
-
-
-_HELD_CLASSES: dict[type, type] = {}
-
-
-def set_router_softmax(model: nn.Module, adapter: FamilyAdapter, softmax_over: str) -> None:
-    """`training.router_softmax` on every restricted router of a model (a router that routes to every expert,
-    e.g. under `split=frozen`, is not restricted and ignores it)."""
-    if softmax_over not in ROUTER_SOFTMAX:
-        raise GroundError(f"training.router_softmax: expected one of {list(ROUTER_SOFTMAX)}, got {softmax_over!r}")
-    num_layers, _, _ = adapter.dims(model)
-    for layer in range(num_layers):
-        router: Any = adapter.router(model, layer)
-        if isinstance(router, HeldRouterMixin):
-            router.softmax_over = softmax_over
-
-
-def held_router_class(base: type) -> type:
-    if base not in _HELD_CLASSES:
-        _HELD_CLASSES[base] = type(f"Held{base.__name__}", (HeldRouterMixin, base), {})
-    return _HELD_CLASSES[base]
-
-
 # ---- transformers 5 MoE families ----------------------------------------------------------------
 
 
@@ -541,112 +433,3 @@ class HFMoEAdapter(FamilyAdapter):
         if part not in self.expert_parts:
             raise GroundError(f"unknown expert part {part!r} for family {self.name}")
         return f"model.layers.{layer}.mlp.experts.{part}"
-
-
-class OlmoeAdapter(HFMoEAdapter):
-    name = model_type = "olmoe"
-    config_class, model_class = "OlmoeConfig", "OlmoeForCausalLM"
-
-
-class MixtralAdapter(HFMoEAdapter):
-    name = model_type = "mixtral"
-    config_class, model_class = "MixtralConfig", "MixtralForCausalLM"
-    experts_key = "num_local_experts"
-
-    def norm_topk(self, model: nn.Module) -> bool:
-        return True  # Mixtral always renormalises the top-k probabilities
-
-    def config_kwargs(self, model: ModelSettings) -> dict[str, Any]:
-        return {"router_jitter_noise": 0.0, "sliding_window": None}
-
-
-class Qwen2MoeAdapter(HFMoEAdapter):
-    """Qwen2-MoE: `mlp.shared_expert.*` and `mlp.shared_expert_gate` are shared (non-expert) weights."""
-
-    name = model_type = "qwen2_moe"
-    config_class, model_class = "Qwen2MoeConfig", "Qwen2MoeForCausalLM"
-
-    def config_kwargs(self, model: ModelSettings) -> dict[str, Any]:
-        return {
-            "moe_intermediate_size": model.intermediate_size,
-            "shared_expert_intermediate_size": model.intermediate_size,
-            "decoder_sparse_step": 1,
-            "mlp_only_layers": [],
-            "use_sliding_window": False,
-        }
-
-    def check_config(self, config: Mapping[str, Any], path: Path, model: ModelSettings, vocab_size: int) -> None:
-        config = {**config, "intermediate_size": config.get("moe_intermediate_size")}
-        super().check_config(config, path, model, vocab_size)
-        if config.get("mlp_only_layers") or int(config.get("decoder_sparse_step", 1)) != 1:
-            raise GroundError(f"model.checkpoint: {path} has dense layers; every layer must be MoE")
-
-
-class Qwen3MoeAdapter(Qwen2MoeAdapter):
-    name = model_type = "qwen3_moe"
-    config_class, model_class = "Qwen3MoeConfig", "Qwen3MoeForCausalLM"
-
-    def config_kwargs(self, model: ModelSettings) -> dict[str, Any]:
-        return {
-            "moe_intermediate_size": model.intermediate_size,
-            "decoder_sparse_step": 1,
-            "mlp_only_layers": [],
-            "norm_topk_prob": True,
-            "head_dim": model.hidden_size // model.num_attention_heads,
-        }
-
-
-class GptOssAdapter(HFMoEAdapter):
-    """GPT-OSS: experts stored transposed ([E, in, out]), gate/up interleaved in the last dim, with biases.
-
-    Slices are per expert over the leading dim, so the interleaving is kept inside each slice. LoRA goes on the
-    two weight tensors; the biases are expert parts (trained with `tune=full`, frozen with LoRA).
-    """
-
-    name = model_type = "gpt_oss"
-    config_class, model_class = "GptOssConfig", "GptOssForCausalLM"
-    expert_parts = ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias")
-    lora_targets = ("gate_up_proj", "down_proj")
-    router_attr = "router"
-    scoring = "topk_softmax"
-    experts_key = "num_local_experts"
-    transposed = True
-
-    def config_kwargs(self, model: ModelSettings) -> dict[str, Any]:
-        return {
-            "head_dim": model.hidden_size // model.num_attention_heads,
-            "sliding_window": 128,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 150000.0},
-        }
-
-
-_MASKED_CACHE: list[type[nn.Module]] = []
-
-
-def _MASKED_ROUTER() -> type[nn.Module]:
-    """The OLMoE router restricted to held experts (kept for callers of the old helper)."""
-    if not _MASKED_CACHE:
-        from transformers.models.olmoe.modeling_olmoe import OlmoeTopKRouter
-
-        _MASKED_CACHE.append(held_router_class(OlmoeTopKRouter))
-    return _MASKED_CACHE[0]
-
-
-_FAMILIES: dict[str, FamilyAdapter] = {
-    a.name: a for a in (OlmoeAdapter(), MixtralAdapter(), Qwen2MoeAdapter(), Qwen3MoeAdapter(), GptOssAdapter())
-}
-
-
-def register_family(adapter: FamilyAdapter) -> None:
-    _FAMILIES[adapter.name] = adapter
-
-
-def get_adapter(family: str) -> FamilyAdapter:
-    try:
-        return _FAMILIES[family]
-    except KeyError:
-        raise GroundError(f"model.family: unknown family {family!r} (known: {sorted(_FAMILIES)})") from None
-
-
-def family_names() -> list[str]:
-    return sorted(_FAMILIES)

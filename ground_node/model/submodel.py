@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from ground_node.errors import GroundError
-from ground_node.model.family import FamilyAdapter, HFMoEAdapter, held_router_class
+from ground_node.model.family import FamilyAdapter, HFMoEAdapter
+from ground_node.model.routing import held_router_class
 from ground_node.model.tensorfile import TensorFile
 from ground_node.records import Assignment
 from protos.wire import expert_name, shared_name
@@ -234,7 +235,7 @@ def load_base_split(base_dir: Path, assignment: Assignment | None) -> tuple[nn.M
     from transformers import AutoConfig
 
     from ground_node.model.base import BASE_TENSORS, read_manifest
-    from ground_node.model.family import get_adapter
+    from ground_node.model.families import get_adapter
 
     manifest = read_manifest(base_dir)
     adapter = get_adapter(str(manifest.get("family")))

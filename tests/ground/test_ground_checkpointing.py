@@ -14,7 +14,7 @@ from emsfl.config import ConfigError
 from ground_node.learning.synthetic import Example, encode_train
 from ground_node.learning.tokenizer import CharTokenizer
 from ground_node.learning.train import Trainer
-from ground_node.model.family import get_adapter
+from ground_node.model.families import get_adapter
 from ground_node.records import Assignment
 from ground_node.settings import ModelSettings, TrainingSettings, load_settings
 

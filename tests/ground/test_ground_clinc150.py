@@ -15,7 +15,7 @@ import torch
 
 from emsfl.config import ConfigError
 from ground_node.errors import GroundError
-from ground_node.model.family import route_held
+from ground_node.model.routing import route_held
 from ground_node.settings import load_settings
 from tests.ground.tiny_hf import make_dense_llama, write_text
 
@@ -159,7 +159,7 @@ def test_trainer_applies_the_configured_router_softmax(topology: dict[str, Any],
     from ground_node.learning.data import train_examples
     from ground_node.learning.train import Trainer
     from ground_node.model.base import load_base
-    from ground_node.model.family import HeldRouterMixin
+    from ground_node.model.routing import HeldRouterMixin
     from ground_node.records import Assignment
 
     for mode in ("held", "all"):

@@ -13,7 +13,8 @@ from torch import nn
 
 from ground_node.errors import GroundError
 from ground_node.learning.train import wrap_lora
-from ground_node.model.family import FamilyAdapter, get_adapter
+from ground_node.model.families import get_adapter
+from ground_node.model.family import FamilyAdapter
 from ground_node.model.split import apply_split
 from ground_node.model.submodel import load_split, split_model
 from ground_node.records import Assignment

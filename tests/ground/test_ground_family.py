@@ -10,7 +10,8 @@ import torch
 from ground_node.errors import GroundError
 from ground_node.learning.train import wrap_lora
 from ground_node.model.base import load_base, new_model
-from ground_node.model.family import get_adapter, lora_a_slice, lora_b_slice
+from ground_node.model.families import get_adapter
+from ground_node.model.family import lora_a_slice, lora_b_slice
 from ground_node.settings import load_settings
 
 

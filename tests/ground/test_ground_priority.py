@@ -13,7 +13,6 @@ from safetensors.numpy import load as st_load
 from emsfl.runtime.linkstate import LinkState, wall_rate_bytes_of
 from emsfl.runtime.timefmt import to_iso
 from ground_node.federation.outbox import Outbox
-from ground_node.federation.priority import plan_upload, record_acked
 from ground_node.federation.uplink import Uplink
 from ground_node.records import Affinity
 from protos.emsfl.v1 import federation_pb2 as pb
@@ -40,25 +39,25 @@ def test_plan_sends_largest_change_first_then_the_rest(tmp_path: Path) -> None:
     box = Outbox(tmp_path)
     old = _update({0: 1.0, 1: 1.0, 2: 1.0, 3: 1.0})
     first = box.stage(old, 1, 10)
-    record_acked(box, first.read())
+    box.record_acked(first.read())
     box.mark_acked(first.content_hash, first.size)
     new = {n: v.copy() for n, v in old.items()}
     for e, delta in ((0, 0.1), (1, 5.0), (2, 0.0), (3, 2.0)):  # expert 2 is unchanged
         new[expert_name(0, e, "down_proj")] += delta
     newest = box.stage(new, 1, 20)
     budget = 2 * SIZE * 4 + 8192  # room for two experts
-    part = plan_upload(box, newest, budget)
+    part = box.plan(newest, budget)
     assert part is not None and part.content_hash != newest.content_hash
     assert _experts(part.read()) == [1, 3]  # largest change first
     assert box.pending() == part  # in flight until acknowledged
-    record_acked(box, part.read())
+    box.record_acked(part.read())
     box.mark_acked(part.content_hash, part.size)
     assert box.pending() == newest
-    rest = plan_upload(box, newest, None)  # next pass: the rest, without the unchanged expert 2
+    rest = box.plan(newest, None)  # next pass: the rest, without the unchanged expert 2
     assert rest is not None and _experts(rest.read()) == [0]
-    record_acked(box, rest.read())
+    box.record_acked(rest.read())
     box.mark_acked(rest.content_hash, rest.size)
-    assert plan_upload(box, newest, None) is None and box.pending() is None  # all of it is on the satellite
+    assert box.plan(newest, None) is None and box.pending() is None  # all of it is on the satellite
 
 
 class _Satellite(pb_grpc.FederationServicer):  # type: ignore[misc]
@@ -144,18 +143,16 @@ def test_uplink_splits_an_update_a_short_contact_cannot_carry(tmp_path: Path) ->
 
 def test_rebase_acked_after_a_reassignment(tmp_path: Path) -> None:
     """Lost experts are forgotten; gained ones count as holding their handed-over parts (what the satellite has)."""
-    from ground_node.federation.priority import load_acked, rebase_acked
-
     box = Outbox(tmp_path)
     old = _update({0: 1.0, 1: 1.0, 2: 1.0})
-    record_acked(box, box.stage(old, 1, 5).read())
+    box.record_acked(box.stage(old, 1, 5).read())
     handed = _update({3: 2.0}, seed=4)
-    rebase_acked(box, {(0, 1), (0, 3), (0, 4)}, handed)
-    acked = load_acked(box)
+    box.rebase_acked({(0, 1), (0, 3), (0, 4)}, handed)
+    acked = box.acked_tensors()
     assert sorted(acked) == [expert_name(0, 1, "down_proj"), expert_name(0, 3, "down_proj")]
     assert np.array_equal(acked[expert_name(0, 1, "down_proj")], old[expert_name(0, 1, "down_proj")])
     assert np.array_equal(acked[expert_name(0, 3, "down_proj")], handed[expert_name(0, 3, "down_proj")])
     # a trained gained expert differs from its handed-over parts: it goes up; an untouched kept one does not
     newest = {**{k: v for k, v in old.items() if "/1/" in k}, **_update({3: 2.0}, seed=5)}
-    part = plan_upload(box, box.stage(newest, 2, 10), budget=1.0)
+    part = box.plan(box.stage(newest, 2, 10), budget_bytes=1.0)
     assert part is not None and _experts(part.read()) == [3]
