@@ -25,6 +25,12 @@ def global_tensors(state_dir: str | Path, base_dir: str | Path, at: datetime | N
         return global_state(store, load_base_tensors(base_dir), at_unix)
 
 
+def global_version_time(state_dir: str | Path, version: int) -> float | None:
+    """When global version `version` was made (unix seconds, emulated), None if it never was."""
+    with Store(state_dir, create=False) as store:
+        return store.global_version_time(version)
+
+
 def commits(state_dir: str | Path) -> list[dict[str, Any]]:
     """Every committed upload in commit order: {cluster, content_hash, t (emulated ISO), bytes, experts}.
 

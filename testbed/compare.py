@@ -56,6 +56,8 @@ def strategy_metrics(summaries: list[dict[str, Any]], targets: dict[int, float])
         "time_to_target_s": spread_of([time_to_target_s(s, targets[seed_of(s)]) for s in summaries]),
         "final_accuracy": spread_of([s["accuracy_final"] for s in summaries]),
         "final_accuracy_cluster_mean": spread_of([mean_cluster_accuracy(s) for s in summaries]),
+        # the mean over clusters of what each board answers with the model it holds (testbed/served.py)
+        "served_accuracy": spread_of([s.get("served_accuracy") for s in summaries]),
         "uplink_bytes": spread_of([float(s["bytes_uplinked"]) for s in summaries]),
         "uplink_bytes_per_upload": spread_of(per_upload),
         "downlink_bytes": spread_of([_per_cluster_sum(s, "bytes_downlinked") for s in summaries]),
@@ -92,6 +94,7 @@ def claims(comparison: dict[str, Any], num_clusters: int) -> dict[str, Any]:
     speedup = _ratio(t_f["mean"], t_e["mean"]) if not t_f["missing"] and not t_e["missing"] else None
     uplink_ratio = _ratio(e["uplink_bytes"]["mean"], f["uplink_bytes"]["mean"])
     acc_e, acc_f = e["final_accuracy"]["mean"], f["final_accuracy"]["mean"]
+    served_e, served_f = (m.get("served_accuracy", {}).get("mean") for m in (e, f))
     return {
         "time_to_target_speedup_vs_fedavg": speedup,
         "fedavg_reached_target_runs": len(t_f["values"]),
@@ -99,6 +102,7 @@ def claims(comparison: dict[str, Any], num_clusters: int) -> dict[str, Any]:
         "reaches_target_2x_sooner": speedup >= 2.0 if speedup is not None else _only_one_reached(t_e, t_f),
         "final_accuracy_minus_fedavg": None if acc_e is None or acc_f is None else acc_e - acc_f,
         "final_accuracy_not_below_fedavg": None if acc_e is None or acc_f is None else acc_e >= acc_f,
+        "served_accuracy_minus_fedavg": None if served_e is None or served_f is None else served_e - served_f,
         "uplink_ratio_vs_fedavg": uplink_ratio,
         "uplink_at_most_1_over_C": None if uplink_ratio is None else uplink_ratio <= 1.0 / num_clusters,
         # context for the total: EMS-FL sends a cluster's experts per upload, FedAvg the whole model's tuned parts

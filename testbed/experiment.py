@@ -381,7 +381,8 @@ def _plot(
         central=(float(acc["mean"]), float(acc["std"] or 0.0)) if acc.get("mean") is not None else None,
     )
     bars = (
-        ("per_cluster_accuracy", "accuracy", 1.0, "accuracy", "Per-cluster accuracy"),
+        ("per_cluster_accuracy", "accuracy", 1.0, "accuracy", "Per-cluster accuracy of the global model"),
+        ("served_accuracy", "served_accuracy", 1.0, "accuracy", "Per-cluster accuracy of the model each board serves"),
         ("uplink_bytes", "bytes", 1e6, "uplink (MB)", "Uplink bytes per cluster"),
         ("peak_memory", "peak_rss_mb", 1.0, "peak RSS (MB)", "Device peak memory"),
         ("idle_waiting", "idle_seconds", 3600.0, "hours", "Time idle waiting for a model"),

@@ -6,6 +6,8 @@ import json
 from datetime import datetime, timedelta
 from typing import Any
 
+import numpy as np
+
 from emsfl.runtime.events import read_events
 from emsfl.runtime.timefmt import parse_iso, to_iso
 from testbed import plots
@@ -18,6 +20,7 @@ from testbed.report import (
     write_json,
     write_jsonl,
 )
+from testbed.served import served_model
 
 
 def _eval_times(start: datetime, end: datetime, points: int) -> list[datetime]:
@@ -37,7 +40,7 @@ def _owners(assignment: dict[str, Any] | None, clusters: list[str], layers: int,
 
 
 def write_outputs(lab: LabRun) -> dict[str, Any]:
-    from ground_node.learning.evaluate import accuracy
+    from ground_node.learning.evaluate import accuracy, served_accuracy
     from satellite_node.export import commits as read_commits
     from satellite_node.export import global_tensors
 
@@ -79,11 +82,17 @@ def write_outputs(lab: LabRun) -> dict[str, Any]:
     for cluster, workdir in lab.ground_dirs.items():
         path = workdir / "report.json"
         reports[cluster] = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    strategy = str(topology.get("strategy", "emsfl"))
     per_cluster: dict[str, dict[str, Any]] = {}
     for cluster in clusters:
         mine = [c for c in commits if c["cluster"] == cluster]
+        tensors, held, served = served_model(strategy, lab.ground_dirs[cluster], lab.state_dir, lab.base_dir)
         per_cluster[cluster] = {
             "accuracy": accuracy(lab.base_dir, final_tensors, topology, cluster),
+            # what the cluster's board answers with the model it holds (EMS-FL: its sub-model; baselines: the
+            # newest global model it loaded), on the same test mix as `accuracy`
+            "served_accuracy": served_accuracy(lab.base_dir, tensors, topology, cluster, held),
+            "served_model": served,
             "accuracy_initial": accuracy(lab.base_dir, None, topology, cluster),
             "coverage": reports[cluster].get("coverage"),
             "bytes": sum(int(c["bytes"]) for c in mine),
@@ -105,7 +114,7 @@ def write_outputs(lab: LabRun) -> dict[str, Any]:
     manifest = json.loads((lab.base_dir / "manifest.json").read_text(encoding="utf-8"))
     summary: dict[str, Any] = {
         "run_id": lab.run_dir.name,
-        "strategy": topology.get("strategy", "emsfl"),
+        "strategy": strategy,
         "clusters": clusters,
         "emulated_start": to_iso(start),
         "emulated_seconds": emulated_seconds,
@@ -119,6 +128,7 @@ def write_outputs(lab: LabRun) -> dict[str, Any]:
         "accuracy_initial": accuracy_initial,
         "accuracy_final": accuracy_final,
         "accuracy_curve": [{"t": to_iso(t), "accuracy": a} for t, a in curve],
+        "served_accuracy": round(float(np.mean([per_cluster[c]["served_accuracy"] for c in clusters])), 4),
         "per_cluster": per_cluster,
         "assignment": assignments[-1] if assignments else None,
         "config": topology,

@@ -33,6 +33,7 @@ def _summary(strategy: str, seed: int, slope: float) -> dict[str, Any]:
     per_cluster = {
         c: {
             "accuracy": 0.1 * (i + 1) + 0.01 * seed,
+            "served_accuracy": 0.2 * (i + 1) + 0.01 * seed,
             "bytes": 1e6 * (i + 1),
             "peak_rss_mb": 400.0 + seed,
             "idle_seconds": 60.0 * i,
@@ -70,7 +71,14 @@ def test_accuracy_figure_has_a_band_per_strategy_and_the_centralised_line(tmp_pa
     runs = _runs(seeds=3)
     central = {"final_accuracy": {"mean": 0.6, "std": 0.05, "values": [0.55, 0.6, 0.65], "missing": 0}}
     figures = _plot(tmp_path, runs, "", 0.4, "10Mbps", central)
-    for name in ("accuracy_vs_time", "per_cluster_accuracy", "uplink_bytes", "peak_memory", "idle_waiting"):
+    for name in (
+        "accuracy_vs_time",
+        "per_cluster_accuracy",
+        "served_accuracy",
+        "uplink_bytes",
+        "peak_memory",
+        "idle_waiting",
+    ):
         assert (tmp_path / f"{name}.pdf").read_bytes()[:5] == b"%PDF-"
         dpi = Image.open(tmp_path / f"{name}.png").info["dpi"]
         assert round(dpi[0]) == 300 and round(dpi[1]) == 300
@@ -100,6 +108,8 @@ def test_accuracy_figure_has_a_band_per_strategy_and_the_centralised_line(tmp_pa
     assert not any(text.startswith(("emsfl", "fedavg")) for text in legend)
     bars = figures["per_cluster_accuracy"].axes[0]
     assert _legend(bars) == ["EMS-FL", "FedAvg", "FedAsync"]
+    served = figures["served_accuracy"].axes[0]  # per cluster, the mean over seeds 0-2 of 0.2 (i + 1) + 0.01 seed
+    assert sorted({round(p.get_height(), 4) for p in served.patches}) == [0.21, 0.41, 0.61]
 
 
 def test_one_seed_draws_no_band_and_says_n_1(tmp_path: Path) -> None:

@@ -19,7 +19,9 @@ from ground_node.learning.synthetic import Example, encode_prompts
 from ground_node.learning.tokenizer import CharTokenizer, Tokenizer
 from ground_node.model.base import BASE_TENSORS, Base, load_base
 from ground_node.model.family import FamilyAdapter
-from ground_node.settings import load_settings, resolve_device
+from ground_node.model.split import apply_split, set_router_softmax
+from ground_node.records import Assignment
+from ground_node.settings import Settings, load_settings, resolve_device
 from protos.wire import parse_expert_name
 
 
@@ -255,3 +257,29 @@ def accuracy(
     examples = test_examples(settings, cluster)
     max_new = max_new_tokens(settings)
     return exact_match(base.model, examples, max_new, tokenizer_for(settings.data), label_choices(settings))
+
+
+def served_model(
+    base_dir: Path, tensors: dict[str, np.ndarray] | None, settings: Settings, held: Assignment | None
+) -> nn.Module:
+    """The model a board holds: base + `tensors`, routed only to the `held` experts under `training.split: mask`
+    (EMS-FL's sub-model, routed as it trained), or to every expert (`held` None: a pulled global model)."""
+    base = model_with_tensors(Path(base_dir), tensors)
+    if held is not None and settings.training.split == "mask":
+        apply_split(base.model, base.adapter, held, "mask")
+        set_router_softmax(base.model, base.adapter, settings.training.router_softmax)
+    return base.model.to(resolve_device(settings.training.device))
+
+
+def served_accuracy(
+    base_dir: Path,
+    tensors: dict[str, np.ndarray] | None,
+    topology: dict[str, Any],
+    cluster: str,
+    held: Assignment | None,
+) -> float:
+    """What a board of `cluster` answers on its cluster's test mix with the model it holds (`served_model`)."""
+    settings = load_settings(topology)
+    model = served_model(base_dir, tensors, settings, held)
+    examples = test_examples(settings, cluster)
+    return exact_match(model, examples, max_new_tokens(settings), tokenizer_for(settings.data), label_choices(settings))

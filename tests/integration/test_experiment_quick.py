@@ -56,7 +56,14 @@ def test_comparison_files(comparison: tuple[Path, dict[str, Any]]) -> None:
     markdown = (exp_dir / "comparison.md").read_text(encoding="utf-8")
     assert markdown.count("| EMS-FL |") == 1 and "1 seed (0)" in markdown and "± " not in markdown
     # every figure as PDF and as a 300 dpi PNG (what is drawn: tests/test_figures.py)
-    figures = ("accuracy_vs_time", "per_cluster_accuracy", "uplink_bytes", "peak_memory", "idle_waiting")
+    figures = (
+        "accuracy_vs_time",
+        "per_cluster_accuracy",
+        "served_accuracy",
+        "uplink_bytes",
+        "peak_memory",
+        "idle_waiting",
+    )
     for name in (*figures, "assignment_heatmap"):
         assert (exp_dir / f"{name}.pdf").read_bytes()[:5] == b"%PDF-", name
         assert round(Image.open(exp_dir / f"{name}.png").info["dpi"][0]) == 300, name
@@ -67,6 +74,8 @@ def test_comparison_files(comparison: tuple[Path, dict[str, Any]]) -> None:
     assert on_disk["contact_plan"]["mode"] in ("replay", "deterministic")
     assert on_disk["contact_plan"]["identical_across_runs"] is True
     assert len(on_disk["runs"]) == 3
+    for name, metric in next(iter(on_disk["by_rate"].values()))["strategies"].items():
+        assert metric["served_accuracy"]["missing"] == 0 and 0.0 <= metric["served_accuracy"]["mean"] <= 1.0, name
 
 
 def test_structure(comparison: tuple[Path, dict[str, Any]]) -> None:

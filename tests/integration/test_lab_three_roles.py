@@ -149,6 +149,12 @@ def test_run_outputs(lab_run: tuple[LabRun, StatusProbe]) -> None:
         "config",
     ):
         assert key in on_disk
+    served = {c: row["served_accuracy"] for c, row in on_disk["per_cluster"].items()}
+    assert all(0.0 <= a <= 1.0 for a in served.values())
+    assert on_disk["served_accuracy"] == round(sum(served.values()) / len(served), 4)
+    for c, row in on_disk["per_cluster"].items():  # EMS-FL: a cluster that uploaded serves its own staged experts
+        if row["uploads_committed"]:
+            assert row["served_model"]["model"] == "own experts, newest staged update", c
     for png in ("contact_timeline.png", "accuracy.png", "bytes_per_cluster.png", "assignment_heatmap.png"):
         assert (lab.run_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert read_events(lab.run_dir / "events.jsonl")
