@@ -180,7 +180,17 @@ def test_committed_topology_gives_every_domain_to_one_cluster() -> None:
     given = [d for names in (s.data.cluster_domains or {}).values() for d in names]
     assert len(given) == len(set(given)) == 10
     assert s.model.family == "mixtral" and s.model.convert == {"source": "smollm2", "router_init": "kmeans"}
-    assert s.data.prompt == "chat" and s.training.router_softmax == "held"
+    assert s.data.prompt == "query" and s.training.router_softmax == "held"
+    gpu = load_settings(load_topology(str(root / "testbed" / "topologies" / "gpu-clinc150.yaml")))
+    assert gpu.data.prompt == "chat"
+
+
+def test_query_prompt_wraps_the_text(tmp_path: Path) -> None:
+    """`data.prompt: query` asks "Query: <text>\nIntent:" (a pretrained base's natural continuation point)."""
+    from ground_node.learning.data import PROMPTS
+
+    assert PROMPTS["query"].format("book a flight") == "Query: book a flight\nIntent:"
+    assert PROMPTS["plain"].format("x") == "x=" and PROMPTS["chat"].format("x") == "x"
 
 
 @needs_clinc
