@@ -1,4 +1,4 @@
-"""The model each cluster's board serves at the end of a run (ARCHITECTURE §9, `served_accuracy`).
+"""The model each cluster's board serves at the end of a run (ARCHITECTURE §8, `served_accuracy`).
 
 EMS-FL: the cluster's sub-model, i.e. the base with its own experts at their newest version (the newest update it
 staged, which is at least as new as the newest the satellite committed) and its routing restricted to them, as it
