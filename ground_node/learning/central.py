@@ -26,7 +26,7 @@ from emsfl.config import ConfigError, load_topology
 from emsfl.durable import atomic_write_json
 from ground_node.errors import GroundError
 from ground_node.learning.data import label_choices, max_new_tokens, test_examples, tokenizer_for, train_examples
-from ground_node.learning.evaluate import exact_match
+from ground_node.learning.evaluate import ExactMatch, model_with_tensors
 from ground_node.learning.train import Trainer, peak_gpu_memory_mb
 from ground_node.model.base import load_base
 from ground_node.records import full_assignment
@@ -46,16 +46,18 @@ def centralised(topology: dict[str, Any], base_dir: Path, steps: int) -> dict[st
     start = time.monotonic()
     losses = [trainer.train_step() for _ in range(steps)]
     train_seconds = time.monotonic() - start
-    model = trainer.model
-    max_new = max_new_tokens(s)
-    choices = label_choices(s)
-    per_cluster = {c: exact_match(model, test_examples(s, c), max_new, tok, choices) for c in s.clusters}
+    # the adapters merged into the expert weights, as the lab evaluates a global model (no per-forward LoRA cost)
+    model = model_with_tensors(base_dir, trainer.expert_state()).model.to(trainer.device_type)
+    score = ExactMatch(model, tok, max_new_tokens(s), label_choices(s))
+    tests = test_examples(s, None)
     return {
         "strategy": "centralised",
         "steps": steps,
+        "lr": s.training.lr,
         "examples": len(pooled),
-        "accuracy_final": exact_match(model, test_examples(s, None), max_new, tok, choices),
-        "per_cluster_accuracy": per_cluster,
+        "test_examples": len(tests),
+        "accuracy_final": score(tests),
+        "per_cluster_accuracy": {c: score(test_examples(s, c)) for c in s.clusters},
         "loss_last": float(sum(losses[-10:]) / max(1, len(losses[-10:]))) if losses else None,
         "train_seconds": round(train_seconds, 3),
         "step_time_s": round(train_seconds / steps, 4) if steps else None,

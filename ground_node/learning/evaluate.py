@@ -218,16 +218,32 @@ def exact_match(
 ) -> float:
     """Exact-match accuracy of greedy decoding: teacher-forced under `choices` (`greedy_hits`, the same metric in
     one forward), decoded token by token without them (where a non-canonical spelling may still match)."""
-    if not examples:
-        raise GroundError("cannot evaluate an empty test set")
-    tok = tok if tok is not None else CharTokenizer()
-    if choices:
-        hits = greedy_hits(model, tok, examples, choices)
-        return float(
-            np.mean([h and len(tok.encode(ex.answer)) < max_new for h, ex in zip(hits, examples, strict=True)])
+    return ExactMatch(model, tok if tok is not None else CharTokenizer(), max_new, choices)(examples)
+
+
+class ExactMatch:
+    """`exact_match` of one model over several test sets that overlap (the global sample and the clusters' mixes),
+    scoring each distinct example once."""
+
+    def __init__(self, model: nn.Module, tok: Tokenizer, max_new: int, choices: Sequence[str] | None) -> None:
+        self.model, self.tok, self.max_new, self.choices = model, tok, max_new, choices
+        self._hits: dict[tuple[str, str], bool] = {}
+
+    def __call__(self, examples: Sequence[Example]) -> float:
+        if not examples:
+            raise GroundError("cannot evaluate an empty test set")
+        todo = list(
+            {(ex.prompt, ex.answer): ex for ex in examples if (ex.prompt, ex.answer) not in self._hits}.values()
         )
-    answers = greedy_answers(model, tok, examples, max_new)
-    return float(np.mean([a == ex.answer for a, ex in zip(answers, examples, strict=True)]))
+        if todo:
+            if self.choices:
+                hits = greedy_hits(self.model, self.tok, todo, self.choices)
+                hits = [h and len(self.tok.encode(ex.answer)) < self.max_new for h, ex in zip(hits, todo, strict=True)]
+            else:
+                answers = greedy_answers(self.model, self.tok, todo, self.max_new)
+                hits = [a == ex.answer for a, ex in zip(answers, todo, strict=True)]
+            self._hits.update({(ex.prompt, ex.answer): h for ex, h in zip(todo, hits, strict=True)})
+        return float(np.mean([self._hits[(ex.prompt, ex.answer)] for ex in examples]))
 
 
 def per_domain(model: nn.Module, examples: Sequence[Example], max_new: int) -> dict[str, float]:

@@ -72,3 +72,13 @@ def test_served_model_picks_the_newest_staged_update_or_the_loaded_global(tmp_pa
     events = [{"event": "model_loaded", "version": v} for v in (2, 5, 3)]
     (workdir / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events), encoding="utf-8")
     assert served.loaded_global_version(workdir) == 5
+
+
+def test_centralised_reference_scores_the_merged_model(topology: dict[str, Any], base_dir: Path) -> None:
+    """The reference trains every expert on the pooled data, then scores the adapters merged into the weights."""
+    from ground_node.learning.central import centralised
+
+    report = centralised(topology, base_dir, steps=3)
+    assert report["steps"] == 3 and report["examples"] == 3 * 200 and report["test_examples"] > 0
+    assert 0.0 <= report["accuracy_final"] <= 1.0 and set(report["per_cluster_accuracy"]) == {"c0", "c1", "c2"}
+    assert report["loss_last"] is not None and report["step_time_s"] > 0

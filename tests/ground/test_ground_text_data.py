@@ -198,7 +198,7 @@ def test_teacher_forced_hits_equal_constrained_greedy_decoding(topology: dict[st
     Gold answers are set to what greedy decoding says for half the examples, so both outcomes occur."""
     import dataclasses
 
-    from ground_node.learning.evaluate import exact_match, greedy_answers, greedy_hits
+    from ground_node.learning.evaluate import ExactMatch, exact_match, greedy_answers, greedy_hits
     from ground_node.model.base import new_model
 
     _csv(tmp_path / "train.csv")
@@ -221,3 +221,7 @@ def test_teacher_forced_hits_equal_constrained_greedy_decoding(topology: dict[st
     assert any(expected) and not all(expected)
     assert greedy_hits(model, tok, gold, choices) == expected
     assert exact_match(model, gold, 16, tok, choices) == sum(expected) / len(expected)
+    shared = ExactMatch(model, tok, 16, choices)  # overlapping sets: each example scored once, same figures
+    assert [shared(gold[:5]), shared(gold), shared(gold[3:])] == [
+        exact_match(model, part, 16, tok, choices) for part in (gold[:5], gold, gold[3:])
+    ]
