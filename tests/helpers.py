@@ -14,6 +14,8 @@ from typing import IO, TYPE_CHECKING, Any
 
 import yaml
 
+from emsfl.runtime.linkstate import LinkState
+
 if TYPE_CHECKING:
     import paho.mqtt.client as mqtt
 
@@ -222,3 +224,29 @@ def mqtt_connect(
         client.loop_stop()
         return TimeoutError("no CONNACK")
     return result["reason"]
+
+
+class FixedLink(LinkState):
+    """Up or down as the test says; no link payload and no clock, so no contact budget or per-contact quota."""
+
+    def __init__(self, up: bool = True) -> None:
+        self.up = up
+
+    def is_up(self, cluster: str) -> bool:
+        return self.up
+
+    def wait_up(self, cluster: str, timeout_s: float) -> bool:
+        time.sleep(min(timeout_s, 0.05))  # a poll's pause, up or not, as a real wait would take
+        return self.up
+
+    def down_reason(self, cluster: str) -> str:
+        return f"link of cluster {cluster!r} is down (test)"
+
+    def emulated_now(self) -> None:
+        return None
+
+    def link(self, cluster: str) -> None:
+        return None
+
+    def wall_rate_bytes(self, cluster: str) -> None:
+        return None

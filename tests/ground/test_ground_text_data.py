@@ -159,24 +159,31 @@ def test_constrained_decoding_answers_only_labels(topology: dict[str, Any], tmp_
     assert not set(free) <= set(LABELS)  # an untrained model does not spell labels by itself
 
 
+def _sharp_model(topology: dict[str, Any], tmp_path: Path) -> tuple[Any, Any, torch.nn.Module]:
+    """Settings, tokenizer and an untrained model whose random logits are sharpened (weights x 4), so that its
+    constrained answers depend on the prompt."""
+    from ground_node.model.base import new_model
+
+    _csv(tmp_path / "train.csv")
+    _csv(tmp_path / "test.csv", 20)
+    s = load_settings(_topology(topology, path=str(tmp_path)))
+    torch.manual_seed(1)
+    model, _ = new_model(s)
+    model.eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.mul_(4.0)
+    return s, tokenizer_for(s.data), model
+
+
 def test_cached_greedy_decoding_equals_recomputing_the_prefix(topology: dict[str, Any], tmp_path: Path) -> None:
     """Decoding with the KV cache must answer exactly what recomputing the whole prefix each step answers
     (constrained to the labels, so that an untrained model's answers differ from example to example)."""
     from ground_node.learning.evaluate import greedy_answers, label_trie
     from ground_node.learning.synthetic import encode_prompts
     from ground_node.learning.tokenizer import EOS
-    from ground_node.model.base import new_model
 
-    _csv(tmp_path / "train.csv")
-    _csv(tmp_path / "test.csv", 20)
-    s = load_settings(_topology(topology, path=str(tmp_path)))
-    tok = tokenizer_for(s.data)
-    torch.manual_seed(1)
-    model, _ = new_model(s)
-    model.eval()
-    with torch.no_grad():
-        for param in model.parameters():  # sharper random logits, so answers depend on the prompt
-            param.mul_(4.0)
+    s, tok, model = _sharp_model(topology, tmp_path)
     tests = held_out(s, None)
     expected = []
     with torch.no_grad():
@@ -199,17 +206,8 @@ def test_teacher_forced_hits_equal_constrained_greedy_decoding(topology: dict[st
     import dataclasses
 
     from ground_node.learning.evaluate import ExactMatch, exact_match, greedy_answers, greedy_hits
-    from ground_node.model.base import new_model
 
-    _csv(tmp_path / "train.csv")
-    _csv(tmp_path / "test.csv", 20)
-    s = load_settings(_topology(topology, path=str(tmp_path)))
-    tok = tokenizer_for(s.data)
-    torch.manual_seed(1)
-    model, _ = new_model(s)
-    with torch.no_grad():
-        for param in model.parameters():  # sharper random logits, so answers depend on the prompt
-            param.mul_(4.0)
+    s, tok, model = _sharp_model(topology, tmp_path)
     choices = LABELS
     tests = held_out(s, None)
     greedy = greedy_answers(model, tok, tests, 16, choices)

@@ -11,14 +11,13 @@ import numpy as np
 import pytest
 
 from emsfl.runtime.events import read_events
-from emsfl.runtime.linkstate import LinkState
 from ground_node.agent import AgentOptions, GroundAgent
 from ground_node.federation.outbox import Outbox
 from ground_node.records import Affinity
 from protos.emsfl.v1 import federation_pb2 as pb
 from protos.emsfl.v1 import federation_pb2_grpc as pb_grpc
 from protos.wire import CLUSTER_METADATA_KEY, sha256_hex
-from tests.helpers import serve_fake_satellite, wait_for
+from tests.helpers import FixedLink, serve_fake_satellite, wait_for
 
 
 class FakeSatellite(pb_grpc.FederationServicer):  # type: ignore[misc]
@@ -92,32 +91,6 @@ class FakeSatellite(pb_grpc.FederationServicer):  # type: ignore[misc]
             yield pb.PushProgress(reply=pb.PushReply(missing=missing))
 
 
-class FakeLink(LinkState):
-    """Up or down as the test says; no link payload and no clock, so no contact budget or per-contact quota."""
-
-    def __init__(self) -> None:
-        self.up = True
-
-    def is_up(self, cluster: str) -> bool:
-        return self.up
-
-    def wait_up(self, cluster: str, timeout_s: float) -> bool:
-        time.sleep(min(timeout_s, 0.05))
-        return self.up
-
-    def down_reason(self, cluster: str) -> str:
-        return f"link of cluster {cluster!r} is down (test)"
-
-    def emulated_now(self) -> None:
-        return None
-
-    def link(self, cluster: str) -> None:
-        return None
-
-    def wall_rate_bytes(self, cluster: str) -> None:
-        return None
-
-
 @pytest.fixture
 def satellite() -> Iterator[tuple[FakeSatellite, str]]:
     fake = FakeSatellite()
@@ -134,7 +107,7 @@ def test_cut_upload_resumes_with_only_missing_chunks(satellite: tuple[FakeSatell
     big = np.random.default_rng(0).random((3 * 1024 * 1024 // 4 + 100,), dtype=np.float32)  # ~3 MiB: 4 chunks
     update = box.stage({"expert/0/0/gate_up_proj": big}, 1, 10)
     aff = Affinity(np.full((2, 4), 0.25, np.float32), np.full((2, 4), 0.25, np.float32), 100)
-    link = FakeLink()
+    link = FixedLink()
     up = Uplink(target, "c0", link, box, 2, 200, aff, poll_s=0.05)
     fake.cut_after_chunks = 2
     up.start()
@@ -156,7 +129,7 @@ def test_down_link_refusals_never_crash(satellite: tuple[FakeSatellite, str], tm
     fake, target = satellite
     fake.link_up = False
     aff = Affinity(np.zeros((2, 4), np.float32), np.zeros((2, 4), np.float32), 1)
-    up = Uplink(target, "c1", FakeLink(), Outbox(tmp_path), 2, 10, aff, poll_s=0.02)
+    up = Uplink(target, "c1", FixedLink(), Outbox(tmp_path), 2, 10, aff, poll_s=0.02)
     up.start()
     time.sleep(0.5)
     assert up.is_alive() and up.refusals >= 2 and not up.joined
@@ -170,7 +143,7 @@ def test_agent_trains_stages_uploads_and_reports(
 ) -> None:
     fake, target = satellite
     opts = AgentOptions(topology, "c0", tmp_path / "w", base_dir, target)
-    agent = GroundAgent(opts, FakeLink())
+    agent = GroundAgent(opts, FixedLink())
     stop = threading.Event()
     result: dict[str, Any] = {}
     thread = threading.Thread(target=lambda: result.update(agent.run(stop)))
@@ -197,7 +170,7 @@ def test_updates_of_an_older_assignment_never_go_up(satellite: tuple[FakeSatelli
     stale = box.stage({"expert/0/0/gate_up_proj": np.ones(4, np.float32)}, 1, 10)
     assert box.mark_inflight(stale)  # as if a pass had started to push it
     aff = Affinity(np.zeros((2, 4), np.float32), np.zeros((2, 4), np.float32), 1)
-    up = Uplink(target, "c0", FakeLink(), box, 2, 10, aff)
+    up = Uplink(target, "c0", FixedLink(), box, 2, 10, aff)
     up.assignment = Assignment(2, {0: (1,)})
     assert up.upload(stale) is False
     assert not [n for n, _ in fake.calls if n in ("OfferUpdate", "PushChunksWindowed")]

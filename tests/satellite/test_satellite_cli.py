@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from emsfl.runtime.linkstate import LinkState
 from satellite_node.cli import main
 from satellite_node.manifest import load_manifest
 from satellite_node.node import NodeConfig, SatelliteNode
 from satellite_node.store import Store
 from satellite_node.testing import write_tiny_base
+from tests.helpers import FixedLink
 
 REPO = Path(__file__).resolve().parents[2]
 GOOD = "strategy: emsfl\nclusters:\n  - {id: c0, capacity_experts: 2}\n  - {id: c1, capacity_experts: 2}\n"
@@ -94,30 +94,11 @@ def test_bad_base(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_status(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    class Up(LinkState):
-        def is_up(self, cluster: str) -> bool:
-            return True
-
-        def wait_up(self, cluster: str, timeout_s: float) -> bool:
-            return True
-
-        def down_reason(self, cluster: str) -> str:
-            return ""
-
-        def emulated_now(self) -> None:
-            return None
-
-        def link(self, cluster: str) -> None:
-            return None
-
-        def wall_rate_bytes(self, cluster: str) -> None:
-            return None
-
     base = write_tiny_base(tmp_path / "base")
     with Store(tmp_path / "state") as store:
         store.set_meta("strategy", "emsfl")
         store.set_meta("clusters", ["c0", "c1"])
-        node = SatelliteNode(store, load_manifest(base), str(base), NodeConfig({"c0": 2, "c1": 2}), Up())
+        node = SatelliteNode(store, load_manifest(base), str(base), NodeConfig({"c0": 2, "c1": 2}), FixedLink())
         node.join("c0", "d", 2, 1)
         node.join("c1", "d", 2, 1)
         node.report_affinity("c0", 1, 2, 4, np.linspace(0, 1, 8), [])
