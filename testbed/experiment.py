@@ -63,6 +63,18 @@ QUICK_DURATION_S = 45.0
 SLOW_RATE_FACTOR = 1000.0  # the second rate of the sweep: the tiny model's update then takes what a real MoE's would
 
 
+def base_description(topology: dict[str, Any]) -> str:
+    """The base model in words, for the comparison and the README's Results."""
+    m = topology.get("model", {})
+    shape = f"{m.get('num_layers')} layers, {m.get('num_experts')} experts, top-{m.get('top_k')}"
+    convert = m.get("convert")
+    if convert:
+        return f"{m.get('family')} upcycled from {convert.get('source')} ({shape}; pretrained)"
+    if m.get("checkpoint"):
+        return f"{m.get('family')} from {m['checkpoint']} ({shape})"
+    return f"tiny {m.get('family', 'olmoe')} of width {m.get('hidden_size')} ({shape}; random, warmed up locally)"
+
+
 def plan_runs(opts: ExperimentOptions, topology: dict[str, Any]) -> list[tuple[float, str, int, float]]:
     """(rate_bps, strategy, seed, lr) of every run, after --quick has trimmed the grid."""
     unknown = [s for s in opts.strategies if s not in STRATEGIES]
@@ -297,6 +309,7 @@ def run_experiment(opts: ExperimentOptions) -> dict[str, Any]:
         "experiment_id": experiment_id,
         "task": topology.get("data", {}).get("task", "synthetic"),
         "topology": repo_relative(opts.topology_path),  # no path of this machine in a committed result
+        "base": base_description(topology),
         "seeds": sorted({seed for _, _, seed, _ in grid}),
         "rates_bps": sorted(summaries),
         "link_rate_bps": grid[0][0],
