@@ -161,6 +161,9 @@ def greedy_answers(
     return answers
 
 
+EVAL_BATCH = 32  # teacher-forced rows per forward: logits are rows x width x vocab floats (49,152 for SmolLM2)
+
+
 @torch.no_grad()
 def greedy_hits(
     model: nn.Module, tok: Tokenizer, examples: Sequence[Example], choices: Sequence[str] | None = None
@@ -192,9 +195,6 @@ def greedy_hits(
             steps = logits[row, len(prompt) - 1 : len(prompt) - 1 + len(answer)]
             hits[i] = _forced_hit(steps, answer, trie)
     return hits
-
-
-EVAL_BATCH = 32  # teacher-forced rows per forward: logits are rows x width x vocab floats (49,152 for SmolLM2)
 
 
 def _forced_hit(steps: torch.Tensor, answer: Sequence[int], trie: Trie | None) -> bool:
