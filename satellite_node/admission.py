@@ -1,5 +1,5 @@
-"""Admission of a call (ARCHITECTURE §5.2, §5.4): the pacing of transfers to the link budget in emulated time; the
-link state a call is gated on is the `LinkState` protocol (emsfl/runtime/linkstate.py)."""
+"""Admission of a call (ARCHITECTURE §5.2, §5.4): the link gate, and the pacing of transfers to the link budget in
+emulated time; the link state is the `LinkState` protocol (emsfl/runtime/linkstate.py)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,13 @@ import threading
 import time
 
 from emsfl.runtime.linkstate import LinkState
+from satellite_node.validate import Refusal, RefusalCode
+
+
+def gate(links: LinkState, cluster: str) -> None:
+    """Refuse (UNAVAILABLE) unless `cluster`'s link is up: nothing moves over a link that is down."""
+    if not links.is_up(cluster):
+        raise Refusal(RefusalCode.UNAVAILABLE, links.down_reason(cluster), "link_down")
 
 
 class Pacer:

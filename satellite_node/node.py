@@ -1,18 +1,18 @@
-"""The satellite node's behaviour, free of gRPC and MQTT: every RPC is a method here.
+"""The satellite node, free of gRPC and MQTT: a thin facade over admission (identity, the link gate, pacing;
+`admission.py`), the federation's bookkeeping (joins, affinities, the assignment, pulls, status) and the upload
+service (`uploads.py`), built with the strategy the topology names (the node itself never names one).
 
-The server (server.py) turns protos into these calls and `Refusal`s into status codes; the link
-state comes in through the `LinkState` protocol (emsfl/runtime/linkstate.py: a `LinkView` in production, a fake in
-tests).
+The server (server.py) turns protos into these calls, and an upload into `Uploads.offer`/`Uploads.push` once
+`admit` let the call in; `Refusal`s become status codes there. The link state comes in through the `LinkState`
+protocol (emsfl/runtime/linkstate.py: a `LinkView` in production, a fake in tests).
 """
 
 from __future__ import annotations
 
-import re
 import threading
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
 import numpy as np
@@ -22,28 +22,23 @@ from emsfl.runtime.events import EventLog
 from emsfl.runtime.linkstate import LinkState
 from emsfl.runtime.timefmt import to_iso
 from protos.wire import CHUNK_SIZE, ExpertKey, sha256_hex, split_chunks
-from satellite_node.admission import Pacer
+from satellite_node.admission import Pacer, gate
 from satellite_node.assignment import AFFINITY_KINDS, owners, solve_assignment
 from satellite_node.context import NodeContext
 from satellite_node.manifest import Manifest, load_base_tensors
 from satellite_node.metrics import Metrics
 from satellite_node.status import global_state, status_dict
-from satellite_node.store import AffinityRow, ClusterRow, ExpertVersionRow, RoundUpload, Store, UploadRow
-from satellite_node.strategy import AcceptedUpdate, Effect, Strategy, make_strategy
-from satellite_node.uploads import ChunkIn, ChunkSink, Offer, PullBlob, PushResult
-from satellite_node.validate import (
-    Refusal,
-    RefusalCode,
-    check_ownership,
-    check_specs,
-    invalid,
-    parse_safetensors,
-    specs_of,
-    validate_update,
-)
+from satellite_node.store import AffinityRow, ClusterRow, ExpertVersionRow, Store
+from satellite_node.strategy import Effect, Strategy, make_strategy
+from satellite_node.uploads import Uploads
+from satellite_node.validate import Refusal, RefusalCode, invalid
 
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
-MAX_CHUNK_SIZE = 16 << 20
+
+@dataclass(frozen=True)
+class PullBlob:
+    content_hash: str
+    size: int
+    chunks: list[memoryview]
 
 
 @dataclass(frozen=True)
@@ -83,8 +78,19 @@ class SatelliteNode:
         self._lock = threading.RLock()
         self._base: dict[str, np.ndarray] | None = None
         self._pull_cache: tuple[tuple[Any, ...], PullBlob] | None = None
-        self._streams: dict[str, ChunkSink] = {}  # content hash -> the PushChunks stream writing it
-        self._streams_lock = threading.Lock()
+        self.uploads = Uploads(
+            store,
+            manifest,
+            self.strategy,
+            self._ctx,
+            links,
+            self.pacer,
+            self._lock,
+            config.max_update_bytes,
+            self.metrics,
+            self._emit,
+            self._changed,
+        )
         self._maybe_solve()
 
     def _maybe_solve(self) -> None:
@@ -109,11 +115,12 @@ class SatelliteNode:
             self.store.record_derived(
                 effect.versions, effect.global_version, effect.cause, to_iso(now), now.timestamp(), time.time()
             )
-            self._pull_cache = None
-        self._after_versions(effect)
+            self._changed(effect)
         self._emit("round_closed", version=effect.global_version, cause=effect.cause, at="deadline")
 
-    def _after_versions(self, effect: Effect) -> None:
+    def _changed(self, effect: Effect) -> None:
+        """New versions were recorded (a commit or a round deadline)."""
+        self._pull_cache = None
         for v in effect.versions:
             self.metrics.expert_version(v.key.layer, v.key.expert, v.version)
         if effect.global_version is not None:
@@ -122,12 +129,6 @@ class SatelliteNode:
     def _emit(self, event: str, **fields: Any) -> None:
         if self.events is not None:
             self.events.emit(event, **fields)
-
-    def _now(self) -> datetime:
-        now = self.links.emulated_now()
-        if now is None:  # the gate already refuses without a clock; this guards the commit path
-            raise Refusal(RefusalCode.UNAVAILABLE, "no emulated clock received yet")
-        return now
 
     # identity and the link gate
 
@@ -142,8 +143,7 @@ class SatelliteNode:
         return cluster
 
     def gate(self, cluster: str) -> None:
-        if not self.links.is_up(cluster):
-            raise Refusal(RefusalCode.UNAVAILABLE, self.links.down_reason(cluster), "link_down")
+        gate(self.links, cluster)
 
     def refused(self, cluster: str | None, refusal: Refusal) -> None:
         self.metrics.refused(refusal)
@@ -288,259 +288,6 @@ class SatelliteNode:
             if owner == cluster:
                 layers[layer].append(expert)
         return True, version, layers
-
-    # uploads
-
-    def _check_offer_shape(self, offer: Offer) -> None:
-        if not _HEX64.match(offer.content_hash):
-            raise invalid(f"content_hash {offer.content_hash!r}: not a lowercase hex SHA-256")
-        if not 0 < offer.size_bytes <= self.config.max_update_bytes:
-            raise invalid(f"size_bytes {offer.size_bytes}: must be in 1..{self.config.max_update_bytes}")
-        if not 0 < offer.chunk_size <= MAX_CHUNK_SIZE:
-            raise invalid(f"chunk_size {offer.chunk_size}: must be in 1..{MAX_CHUNK_SIZE}")
-        expected = -(-offer.size_bytes // offer.chunk_size)
-        if len(offer.chunk_hashes) != expected:
-            raise invalid(
-                f"chunk_hashes: {len(offer.chunk_hashes)} given, {expected} chunks of {offer.chunk_size} bytes expected"
-            )
-        for i, h in enumerate(offer.chunk_hashes):
-            if not _HEX64.match(h):
-                raise invalid(f"chunk_hashes[{i}]: not a lowercase hex SHA-256")
-
-    def _check_whole_model(self, experts: tuple[ExpertKey, ...]) -> None:
-        if self.strategy.whole_model and len(experts) != self.manifest.num_layers * self.manifest.num_experts:
-            raise invalid(
-                f"strategy {self.strategy.name} trains the whole model: an update carries all"
-                f" {self.manifest.num_layers * self.manifest.num_experts} experts, this one {len(experts)}"
-            )
-
-    def offer(self, cluster: str, offer: Offer) -> tuple[bool, list[int]]:
-        """(committed, missing chunk indices). Validates specs and ownership before recording anything."""
-        self._check_offer_shape(offer)
-        if self.store.commit_cluster(offer.content_hash) == cluster:
-            return True, []
-        experts = check_specs(self.manifest, offer.tensors)
-        self._check_whole_model(experts)
-        self._take_over(offer.content_hash, cluster)  # a re-offer after a hard cut: keep what the old stream wrote
-        with self._lock:
-            self.strategy.check_base(self._ctx, cluster, offer.base_version)
-            check_ownership(
-                experts,
-                cluster,
-                self.store.owners(),
-                offer.assignment_version,
-                self.store.assignment_version(),
-                self.strategy.requires_ownership,
-            )
-            row = UploadRow(
-                offer.content_hash,
-                cluster,
-                offer.size_bytes,
-                offer.chunk_size,
-                offer.chunk_hashes,
-                tuple((s.name, s.dtype, tuple(s.shape)) for s in offer.tensors),
-                offer.assignment_version,
-                offer.local_step,
-                offer.base_version,
-            )
-            self.store.put_upload(row, time.time())
-            missing = sorted(set(range(len(row.chunk_hashes))) - self.store.received_chunks(row.content_hash))
-            if missing:
-                return False, missing
-            # Everything already arrived (e.g. the process died between the last chunk and the commit).
-            return self._commit(cluster, row).committed, []
-
-    # A PushChunks stream fsyncs and records what it wrote at least every this many bytes (and at its end).
-    FLUSH_BYTES = 64 << 20
-
-    def push(self, cluster: str, chunks: Iterable[ChunkIn]) -> PushResult:
-        """Store the verified chunks of one offered update; commit when all are present.
-
-        Chunks are written at their offsets and recorded only after an fsync, so the reply never names a chunk as
-        received that a crash could lose. A stream that starts an upload from chunk 0 in order is verified by its
-        running content hash alone (one SHA-256 pass instead of two): when it carries every chunk the content hash
-        proves every chunk, and a stream cut short has what it wrote verified chunk by chunk before it is recorded.
-        Other streams verify each chunk as it comes and record every FLUSH_BYTES.
-        """
-        upload: UploadRow | None = None
-        received: set[int] = set()
-        sink: ChunkSink | None = None
-        unflushed = 0
-        ended = False
-        try:
-            for chunk in chunks:
-                self.gate(cluster)  # nothing moves over a link that went down; what arrived stays
-                if upload is None:
-                    if self.store.commit_cluster(chunk.content_hash) == cluster:
-                        return PushResult(True, [], self.store.versions_of_commit(chunk.content_hash))
-                    upload = self.store.get_upload(chunk.content_hash)
-                    if upload is None:
-                        raise Refusal(
-                            RefusalCode.FAILED_PRECONDITION, f"update {chunk.content_hash[:16]}: offer it first"
-                        )
-                    if upload.cluster != cluster:
-                        raise Refusal(
-                            RefusalCode.PERMISSION_DENIED,
-                            f"update {chunk.content_hash[:16]} was offered by another cluster",
-                        )
-                    self._take_over(upload.content_hash, cluster)  # first: what an older stream wrote counts
-                    received = self.store.received_chunks(upload.content_hash)
-                elif chunk.content_hash != upload.content_hash:
-                    raise invalid("one PushChunks stream carries chunks of one update only")
-                if sink is not None and sink.deferred and chunk.index != sink.next_index:
-                    sink.verify_now()  # out of order: verify what was deferred, then chunk by chunk
-                    if sink.bad_chunks:
-                        raise invalid(f"chunks {sink.bad_chunks[:5]} of {upload.content_hash[:16]}: SHA-256 mismatch")
-                # a fresh upload streamed from chunk 0 defers data verification to its running content hash
-                defer = sink.deferred if sink is not None else (not received and chunk.index == 0)
-                self._check_chunk(upload, chunk, verify_data=not defer)
-                self.pacer.pace(cluster, len(chunk.data))
-                if chunk.index in received:
-                    self.metrics.chunks_resent.labels(cluster).inc()
-                    continue
-                if sink is None:  # created only now: a refused first chunk leaves no file behind
-                    sink = self._start_stream(upload, defer)
-                sink.add(chunk.index, chunk.data)
-                received.add(chunk.index)
-                self.metrics.chunk_received(cluster, len(chunk.data))
-                unflushed += len(chunk.data)
-                if unflushed >= self.FLUSH_BYTES and not sink.deferred:
-                    sink.flush()
-                    unflushed = 0
-            ended = True
-        finally:
-            if sink is not None:
-                # fsync and record what arrived, also before a refusal or a cut; a deferred stream that ends
-                # complete is proved by its content hash, one cut short is verified chunk by chunk
-                complete = ended and upload is not None and sink.next_index == len(upload.chunk_hashes)
-                try:
-                    sink.close(complete)
-                finally:
-                    with self._streams_lock:
-                        if self._streams.get(sink.upload.content_hash) is sink:
-                            del self._streams[sink.upload.content_hash]
-        if upload is None:
-            raise invalid("PushChunks carried no chunk")
-        digest = None
-        if sink is not None and sink.superseded:
-            raise Refusal(RefusalCode.ABORTED, "a newer stream or offer of this update took over from this one")
-        if sink is not None and sink.was_deferred:
-            if sink.bad_content:
-                raise invalid(f"update {upload.content_hash[:16]}: the chunks do not hash to the offered content_hash")
-            if sink.bad_chunks:
-                raise invalid(f"chunks {sink.bad_chunks[:5]} of {upload.content_hash[:16]}: SHA-256 mismatch")
-            digest = sink.digest
-            received = self.store.received_chunks(upload.content_hash)
-        missing = sorted(set(range(len(upload.chunk_hashes))) - received)
-        if missing:
-            return PushResult(False, missing)
-        return self._commit(cluster, upload, digest)
-
-    def _start_stream(self, upload: UploadRow, deferred: bool) -> ChunkSink:
-        """A sink for a new PushChunks stream of `upload`; it supersedes any stream of the same update."""
-        sink = ChunkSink(self.store, upload, deferred=deferred)
-        with self._streams_lock:
-            racing = self._streams.get(upload.content_hash)
-            self._streams[upload.content_hash] = sink
-        if racing is not None:  # another stream started in between: the newest one wins
-            racing.supersede()
-        return sink
-
-    def _take_over(self, content_hash: str, cluster: str) -> None:
-        """Supersede the stream still writing this update, if any (its handler may not have seen a hard cut yet):
-        it stops writing, and what it wrote is verified and recorded now."""
-        with self._streams_lock:
-            old = self._streams.get(content_hash)
-            if old is None or old.upload.cluster != cluster:
-                return
-            del self._streams[content_hash]
-        old.supersede()
-
-    def _check_chunk(self, upload: UploadRow, chunk: ChunkIn, verify_data: bool = True) -> None:
-        n = len(upload.chunk_hashes)
-        where = f"chunk {chunk.index} of {upload.content_hash[:16]}"
-        if not 0 <= chunk.index < n:
-            raise invalid(f"{where}: index out of range 0..{n - 1}")
-        if (chunk.total_chunks and chunk.total_chunks != n) or (chunk.total_size and chunk.total_size != upload.size):
-            raise invalid(f"{where}: total_chunks/total_size disagree with the offer")
-        want_len = upload.chunk_size if chunk.index < n - 1 else upload.size - upload.chunk_size * (n - 1)
-        if len(chunk.data) != want_len:
-            raise invalid(f"{where}: {len(chunk.data)} bytes, expected {want_len}")
-        if chunk.sha256 != upload.chunk_hashes[chunk.index]:
-            raise invalid(f"{where}: SHA-256 mismatch")
-        if verify_data and sha256_hex(chunk.data) != chunk.sha256:
-            raise invalid(f"{where}: SHA-256 mismatch")
-
-    def _commit(self, cluster: str, upload: UploadRow, digest: str | None = None) -> PushResult:
-        with self._lock:
-            h = upload.content_hash
-            if self.store.is_committed(h):
-                return PushResult(True, [], self.store.versions_of_commit(h))
-            # The link may have gone down during the push: keep the chunks, commit at the next pass.
-            self.gate(cluster)
-            now = self._now()
-            try:
-                return self._validate_and_commit(cluster, upload, digest, now)
-            except Refusal as refusal:
-                if refusal.code != RefusalCode.UNAVAILABLE:
-                    # The content itself is refused: it can never commit, so its chunks go and the upload is back
-                    # to "offered, nothing received" (as before the push). A cut link keeps them for the next pass.
-                    self.store.reset_upload(h)
-                raise
-
-    def _validate_and_commit(self, cluster: str, upload: UploadRow, digest: str | None, now: datetime) -> PushResult:
-        h = upload.content_hash
-        # called by _commit, under self._lock
-        blob = self.store.map_partial(upload)
-        if (digest or sha256_hex(blob)) != h:
-            raise invalid(f"update {h[:16]}: the assembled chunks do not hash to the offered content_hash")
-        tensors = parse_safetensors(blob, f"update {h[:16]}")
-        declared = sorted((n, d, tuple(s)) for n, d, s in upload.tensors)
-        actual = sorted((s.name, s.dtype, s.shape) for s in specs_of(tensors))
-        if declared != actual:
-            raise invalid(f"update {h[:16]}: its tensors differ from the offered tensor list")
-        experts = validate_update(
-            self.manifest,
-            tensors,
-            cluster,
-            self.store.owners(),
-            upload.assignment_version,
-            self.store.assignment_version(),
-            self.strategy.requires_ownership,
-        )
-        self._check_whole_model(experts)
-        update = AcceptedUpdate(cluster, h, tensors, experts, upload.base_version, now.timestamp())
-        effect = self.strategy.apply(self._ctx, update)  # may refuse (a FedAvg round closed meanwhile)
-        self.store.adopt_partial(upload)
-        entry = effect.round_entry
-        self.store.record_commit(
-            h,
-            cluster,
-            upload.size,
-            effect.versions,
-            to_iso(now),
-            now.timestamp(),
-            time.time(),
-            RoundUpload(entry.round, cluster, h, entry.weight) if entry is not None else None,
-            effect.global_version,
-            effect.cause or f"commit:{h[:16]}",
-        )
-        rows = self.store.versions_of_commit(h)
-        self._pull_cache = None
-        self.metrics.committed(cluster, upload.size, effect.staleness)
-        self._after_versions(effect)
-        self._emit(
-            "upload_committed",
-            cluster=cluster,
-            content_hash=h,
-            bytes=upload.size,
-            experts=[[v.layer, v.expert, v.version] for v in rows],
-            **({"global_version": effect.global_version} if effect.global_version is not None else {}),
-            **({"round": entry.round} if entry is not None else {}),
-        )
-        if effect.global_version is not None and entry is not None:
-            self._emit("round_closed", version=effect.global_version, cause=effect.cause, at="upload")
-        return PushResult(True, [], rows)
 
     # pulls and status
 

@@ -1,4 +1,8 @@
-"""gRPC adapter: the `Federation` service (protos/emsfl/v1/federation.proto) around `SatelliteNode`."""
+"""gRPC adapter: the `Federation` service (protos/emsfl/v1/federation.proto) around `SatelliteNode`.
+
+Every call is admitted by the node (identity, link gate); an upload then goes to the node's upload service
+(`uploads.py`: `OfferUpdate` -> `Uploads.offer`, `PushChunks*` -> `Uploads.push`). Refusals become gRPC status codes
+here and nowhere else."""
 
 from __future__ import annotations
 
@@ -62,6 +66,7 @@ def _version_proto(v: ExpertVersionRow) -> pb.ExpertVersion:
 class FederationServicer(pb_grpc.FederationServicer):
     def __init__(self, node: SatelliteNode, tls: bool = False) -> None:
         self.node = node
+        self.uploads = node.uploads
         self.tls = tls
 
     def _caller(self, context: grpc.ServicerContext) -> str | None:
@@ -165,7 +170,7 @@ class FederationServicer(pb_grpc.FederationServicer):
                 local_step=request.local_step,
                 base_version=request.base_version,
             )
-            committed, missing = self.node.offer(cluster, offer)
+            committed, missing = self.uploads.offer(cluster, offer)
         except Refusal as refusal:
             self._refuse(context, cluster, refusal)
         return pb.OfferReply(committed=committed, missing=missing)
@@ -175,7 +180,7 @@ class FederationServicer(pb_grpc.FederationServicer):
         try:
             cluster = self.node.admit(cluster)
             chunks = (_chunk_in(c) for c in request_iterator)
-            result = self.node.push(cluster, chunks)
+            result = self.uploads.push(cluster, chunks)
         except Refusal as refusal:
             self._refuse(context, cluster, refusal)
         return _push_reply(result)
@@ -183,7 +188,7 @@ class FederationServicer(pb_grpc.FederationServicer):
     def PushChunksWindowed(
         self, request_iterator: Iterator[ChunkIn | pb.Chunk], context: grpc.ServicerContext
     ) -> Iterator[pb.PushProgress]:
-        """PushChunks that answers each chunk as soon as `node.push` has taken it in, which is when it asks for the
+        """PushChunks that answers each chunk as soon as `Uploads.push` has taken it in, which is when it asks for the
         next one; the push runs on its own thread so that this handler can stream the answers meanwhile."""
         cluster = self._caller(context)
         taken: queue.SimpleQueue[int | None] = queue.SimpleQueue()
@@ -196,7 +201,7 @@ class FederationServicer(pb_grpc.FederationServicer):
 
         def push() -> PushResult:
             try:
-                return self.node.push(self.node.admit(cluster), chunks())
+                return self.uploads.push(self.node.admit(cluster), chunks())
             finally:
                 taken.put(None)
 

@@ -73,11 +73,11 @@ def env(tmp_path: Path) -> Iterator[tuple[SatelliteNode, FakeLinks, Path]]:
     assign(node)
     # some state to disturb: one committed update and one half-received upload of c0
     committed, blob = offer_of(expert_update(base, MINE, seed=1))
-    node.offer("c0", committed)
-    assert node.push("c0", chunks_of(blob)).committed
+    node.uploads.offer("c0", committed)
+    assert node.uploads.push("c0", chunks_of(blob)).committed
     half, blob2 = offer_of(expert_update(base, MINE, seed=2))
-    node.offer("c0", half)
-    node.push("c0", chunks_of(blob2, [0, 1]))
+    node.uploads.offer("c0", half)
+    node.uploads.push("c0", chunks_of(blob2, [0, 1]))
     yield node, links, base
     node.store.close()
 
@@ -91,7 +91,7 @@ def _offer(mutate: Callable[[dict[str, np.ndarray], Path], dict[str, np.ndarray]
     def prepare(env: Env) -> Callable[[], object]:
         node, _, base = env
         offer, _ = offer_of(mutate(expert_update(base, MINE, seed=5), base), version)
-        return lambda: node.offer("c0", offer)
+        return lambda: node.uploads.offer("c0", offer)
 
     return prepare
 
@@ -100,7 +100,7 @@ def _raw_offer(change: Callable[[Offer], Offer]) -> Case:
     def prepare(env: Env) -> Callable[[], object]:
         node, _, base = env
         offer, _ = offer_of(expert_update(base, MINE, seed=5))
-        return lambda: node.offer("c0", change(offer))
+        return lambda: node.uploads.offer("c0", change(offer))
 
     return prepare
 
@@ -117,8 +117,8 @@ def _commit_of(
         if blob_of is not None:
             blob = blob_of(blob, base)
         offer, _ = offer_of(tensors, blob=blob)
-        node.offer("c0", offer)
-        return lambda: node.push("c0", chunks_of(blob))
+        node.uploads.offer("c0", offer)
+        return lambda: node.uploads.push("c0", chunks_of(blob))
 
     return prepare
 
@@ -130,7 +130,7 @@ def _chunk(change: Callable[[ChunkIn, bytes], ChunkIn]) -> Case:
         node, _, base = env
         blob = encode(expert_update(base, MINE, seed=2))
         good = chunks_of(blob, [2])[0]
-        return lambda: node.push("c0", [change(good, blob)])
+        return lambda: node.uploads.push("c0", [change(good, blob)])
 
     return prepare
 
@@ -142,14 +142,14 @@ def _corrupt_stream(cut: bool) -> Case:
     def prepare(env: Env) -> Callable[[], object]:
         node, _, base = env
         offer, blob = offer_of(expert_update(base, MINE, seed=11))
-        node.offer("c0", offer)
+        node.uploads.offer("c0", offer)
         chunks = chunks_of(blob)
         bad = replace(chunks[3], data=bytes([chunks[3].data[0] ^ 1]) + chunks[3].data[1:])
         stream = [*chunks[:3], bad] if cut else [*chunks[:3], bad, *chunks[4:]]
         if cut:  # the three good chunks are kept: snapshot after a clean push of them
-            node.push("c0", chunks[:3])
+            node.uploads.push("c0", chunks[:3])
             stream = [bad]
-        return lambda: node.push("c0", stream)
+        return lambda: node.uploads.push("c0", stream)
 
     return prepare
 
@@ -160,8 +160,8 @@ def _fresh_chunk(change: Callable[[ChunkIn], ChunkIn]) -> Case:
     def prepare(env: Env) -> Callable[[], object]:
         node, _, base = env
         offer, blob = offer_of(expert_update(base, MINE, seed=13))
-        node.offer("c0", offer)
-        return lambda: node.push("c0", [change(chunks_of(blob, [0])[0])])
+        node.uploads.offer("c0", offer)
+        return lambda: node.uploads.push("c0", [change(chunks_of(blob, [0])[0])])
 
     return prepare
 
@@ -236,12 +236,12 @@ CASES: list[tuple[str, Case, RefusalCode]] = [
         ),
         INVALID,
     ),
-    ("empty push stream", lambda env: lambda: env[0].push("c0", []), INVALID),
+    ("empty push stream", lambda env: lambda: env[0].uploads.push("c0", []), INVALID),
     ("unknown cluster", lambda env: lambda: env[0].admit("c9"), DENIED),
     ("no identity", lambda env: lambda: env[0].admit(None), RefusalCode.UNAUTHENTICATED),
     (
         "another cluster's upload",
-        lambda env: (lambda c: lambda: env[0].push("c1", [c]))(
+        lambda env: (lambda c: lambda: env[0].uploads.push("c1", [c]))(
             chunks_of(encode(expert_update(env[2], MINE, seed=2)), [2])[0]
         ),
         DENIED,
@@ -320,9 +320,9 @@ def test_random_sequences_lose_nothing_acknowledged(ops: list[tuple[str, str, in
             offer, blob = offer_of(tensors)
             try:
                 node.admit(cluster)
-                done, missing = node.offer(cluster, offer)
+                done, missing = node.uploads.offer(cluster, offer)
                 if not done:
-                    result = node.push(cluster, chunks_of(blob, missing[:chunk_count]))
+                    result = node.uploads.push(cluster, chunks_of(blob, missing[:chunk_count]))
                     done = result.committed
             except Refusal as refusal:
                 if kind == "foreign":
@@ -351,30 +351,30 @@ def test_random_sequences_lose_nothing_acknowledged(ops: list[tuple[str, str, in
 def test_deferred_stream_cut_short_keeps_only_good_chunks(env: Env) -> None:
     node, _, base = env
     offer, blob = offer_of(expert_update(base, MINE, seed=12))
-    node.offer("c0", offer)
+    node.uploads.offer("c0", offer)
     chunks = chunks_of(blob)
     bad = replace(chunks[3], data=bytes([chunks[3].data[0] ^ 1]) + chunks[3].data[1:])
     with pytest.raises(Refusal) as info:
-        node.push("c0", [*chunks[:3], bad])  # from chunk 0 in order, then it stops: verified chunk by chunk
+        node.uploads.push("c0", [*chunks[:3], bad])  # from chunk 0 in order, then it stops: verified chunk by chunk
     assert info.value.code == INVALID
     assert node.store.received_chunks(offer.content_hash) == {0, 1, 2}
     node.store.check_integrity()
-    assert node.push("c0", chunks[3:]).committed  # the resume sends only the rest
+    assert node.uploads.push("c0", chunks[3:]).committed  # the resume sends only the rest
     node.store.check_integrity()
 
 
 def test_deferred_stream_going_out_of_order_verifies_what_it_deferred(env: Env) -> None:
     node, _, base = env
     offer, blob = offer_of(expert_update(base, MINE, seed=14))
-    node.offer("c0", offer)
+    node.uploads.offer("c0", offer)
     chunks = chunks_of(blob)
     bad = replace(chunks[1], data=bytes([chunks[1].data[0] ^ 1]) + chunks[1].data[1:])
     with pytest.raises(Refusal) as info:
-        node.push("c0", [chunks[0], bad, chunks[4]])  # in order, then a jump: 0 and 1 are checked at the jump
+        node.uploads.push("c0", [chunks[0], bad, chunks[4]])  # in order, then a jump: 0 and 1 are checked at the jump
     assert info.value.code == INVALID
     assert node.store.received_chunks(offer.content_hash) == {0}
     node.store.check_integrity()
-    result = node.push("c0", [chunks[3], chunks[2]])  # out of order from the start: verified one by one
+    result = node.uploads.push("c0", [chunks[3], chunks[2]])  # out of order from the start: verified one by one
     assert not result.committed and result.missing == [1, *range(4, len(chunks))]
-    assert node.push("c0", [chunks[i] for i in result.missing]).committed
+    assert node.uploads.push("c0", [chunks[i] for i in result.missing]).committed
     node.store.check_integrity()

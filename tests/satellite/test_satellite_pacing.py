@@ -35,10 +35,10 @@ def test_paced_upload_costs_link_time(tmp_path: Path) -> None:
     blob = encode(tensors)
     h = sha256_hex(blob)
     chunk = 4096
-    node.offer("c0", Offer(h, len(blob), chunk, tuple(chunk_hashes(blob, chunk)), tuple(specs_of(tensors)), 1))
+    node.uploads.offer("c0", Offer(h, len(blob), chunk, tuple(chunk_hashes(blob, chunk)), tuple(specs_of(tensors)), 1))
     chunks = [ChunkIn(h, i, bytes(c), sha256_hex(c)) for i, c in enumerate(split_chunks(blob, chunk))]
     started = time.monotonic()
-    assert node.push("c0", chunks).committed
+    assert node.uploads.push("c0", chunks).committed
     elapsed = time.monotonic() - started
     expected = len(blob) * 8 / (links.rate_bps * links.scale)  # type: ignore[operator]
     assert expected > 0.2  # the update is large enough for the bound to mean something

@@ -158,8 +158,8 @@ def test_keep_versions_and_collection(tmp_path: Path) -> None:
         node.report_affinity(c, 1, 2, 4, np.ones(8) if c == "c0" else np.zeros(8), [])
     for seed in range(1, 5):
         offer, blob = offer_of(expert_update(base, [(0, 0)], seed=seed))
-        node.offer("c0", offer)
-        assert node.push("c0", chunks_of(blob)).committed
+        node.uploads.offer("c0", offer)
+        assert node.uploads.push("c0", chunks_of(blob)).committed
     rows = store._rows("SELECT version FROM expert_versions WHERE layer=0 AND expert=0 ORDER BY version")
     assert [r[0] for r in rows] == [3, 4]
     store.settle()  # pruned blobs are deleted off the commit path
@@ -168,8 +168,8 @@ def test_keep_versions_and_collection(tmp_path: Path) -> None:
     store.check_integrity()
     # an abandoned half upload is collected after its time to live; a crash leftover at the next open
     offer, blob = offer_of(expert_update(base, [(0, 0)], seed=9))
-    node.offer("c0", offer)
-    node.push("c0", chunks_of(blob)[:1])
+    node.uploads.offer("c0", offer)
+    node.uploads.push("c0", chunks_of(blob)[:1])
     assert store.drop_stale_uploads(older_than_wall=0.0) == []
     assert store.drop_stale_uploads(older_than_wall=1e12) == [offer.content_hash]
     (store.blobs / ("ab" * 32 + ".safetensors")).write_bytes(b"orphan")

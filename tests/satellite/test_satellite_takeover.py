@@ -87,19 +87,19 @@ def test_reoffer_takes_over_a_hanging_stream(node: tuple[SatelliteNode, Path], r
     offer, blob, chunks = _upload(base, seed=3)
     n = len(chunks)
     assert n >= 8
-    assert sat.offer("c0", offer) == (False, list(range(n)))
+    assert sat.uploads.offer("c0", offer) == (False, list(range(n)))
     first = 0
     if resumed:  # a stream that does not start at chunk 0 verifies chunk by chunk (not deferred)
-        assert not sat.push("c0", chunks[:2]).committed
+        assert not sat.uploads.push("c0", chunks[:2]).committed
         first = 2
     zombie = HangingStream(chunks[first:], stop_at=3)
-    thread, errors = _run(sat.push, "c0", zombie)
+    thread, errors = _run(sat.uploads.push, "c0", zombie)
     assert zombie.hanging.wait(10)
     # the client saw the cut and offers again: the zombie's chunks are verified and kept, only the rest is missing
-    committed, missing = sat.offer("c0", offer)
+    committed, missing = sat.uploads.offer("c0", offer)
     assert not committed
     assert missing == list(range(first + 3, n))
-    assert sat.push("c0", [chunks[i] for i in missing]).committed
+    assert sat.uploads.push("c0", [chunks[i] for i in missing]).committed
     zombie.release()
     thread.join(10)
     assert len(errors) == 1 and isinstance(errors[0], StreamCut)
@@ -111,13 +111,13 @@ def test_reoffer_takes_over_a_hanging_stream(node: tuple[SatelliteNode, Path], r
 def test_new_stream_takes_over_and_the_old_one_cannot_write(node: tuple[SatelliteNode, Path]) -> None:
     sat, base = node
     offer, blob, chunks = _upload(base, seed=4)
-    sat.offer("c0", offer)
+    sat.uploads.offer("c0", offer)
     # the old connection comes back after the new stream took over: what it still sends is refused, not written
     tampered = [ChunkIn(c.content_hash, c.index, bytes(len(c.data)), c.sha256) for c in chunks]
     zombie = HangingStream(chunks[:4] + tampered[4:], stop_at=4, more=True)
-    thread, errors = _run(sat.push, "c0", zombie)
+    thread, errors = _run(sat.uploads.push, "c0", zombie)
     assert zombie.hanging.wait(10)
-    result = sat.push("c0", chunks[4:])  # a new stream, without a re-offer
+    result = sat.uploads.push("c0", chunks[4:])  # a new stream, without a re-offer
     assert result.committed
     zombie.release()
     thread.join(10)
@@ -130,8 +130,8 @@ def test_new_stream_takes_over_and_the_old_one_cannot_write(node: tuple[Satellit
 def test_chunks_of_a_committed_upload_are_not_recorded(node: tuple[SatelliteNode, Path]) -> None:
     sat, base = node
     offer, _, chunks = _upload(base, seed=5)
-    sat.offer("c0", offer)
-    assert sat.push("c0", chunks).committed
+    sat.uploads.offer("c0", offer)
+    assert sat.uploads.push("c0", chunks).committed
     sat.store._record_chunks(offer.content_hash, [0, 1])  # a late writer of the committed update
     assert sat.store.received_chunks(offer.content_hash) == set()
     sat.store.check_integrity()

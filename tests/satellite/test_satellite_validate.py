@@ -48,7 +48,7 @@ def offer_of(tensors: dict[str, np.ndarray], version: int = 1) -> tuple[Offer, b
 def push_all(node: SatelliteNode, cluster: str, blob: bytes) -> object:
     h = sha256_hex(blob)
     chunks = [ChunkIn(h, i, bytes(c), sha256_hex(c)) for i, c in enumerate(split_chunks(blob, CHUNK))]
-    return node.push(cluster, chunks)
+    return node.uploads.push(cluster, chunks)
 
 
 def dump(state: Path) -> list[str]:
@@ -104,7 +104,7 @@ def test_offer_refusals(
     offer, _ = offer_of(tensors, version)
     before, before_files = dump(node.store.dir), files(node.store.dir)
     with pytest.raises(Refusal) as info:
-        node.offer("c0", offer)
+        node.uploads.offer("c0", offer)
     assert info.value.code == code, info.value.message
     assert dump(node.store.dir) == before and files(node.store.dir) == before_files
     # the pure check agrees with what the offer path said
@@ -119,7 +119,7 @@ def test_non_finite_refused_at_commit(setup: tuple[SatelliteNode, FakeLinks, Pat
     tensors = expert_update(base, [(0, 0)])
     tensors["expert/0/0/down_proj.lora_B"][1, 1] = bad
     offer, blob = offer_of(tensors)
-    node.offer("c0", offer)  # the tensor list itself is fine
+    node.uploads.offer("c0", offer)  # the tensor list itself is fine
     versions = node.store.newest_versions()
     with pytest.raises(Refusal) as info:
         push_all(node, "c0", blob)
@@ -136,7 +136,7 @@ def test_lying_blob_refused(setup: tuple[SatelliteNode, FakeLinks, Path]) -> Non
     offer, _ = offer_of(honest)
     smuggled = encode({**honest, **expert_update(base, [(0, 3)])})
     lying = Offer(sha256_hex(smuggled), len(smuggled), CHUNK, tuple(chunk_hashes(smuggled, CHUNK)), offer.tensors, 1)
-    node.offer("c0", lying)
+    node.uploads.offer("c0", lying)
     with pytest.raises(Refusal) as info:
         push_all(node, "c0", smuggled)
     assert info.value.code == RefusalCode.INVALID_ARGUMENT
@@ -146,7 +146,7 @@ def test_lying_blob_refused(setup: tuple[SatelliteNode, FakeLinks, Path]) -> Non
 def test_bad_chunks(setup: tuple[SatelliteNode, FakeLinks, Path]) -> None:
     node, _, base = setup
     offer, blob = offer_of(expert_update(base, [(0, 0)]))
-    node.offer("c0", offer)
+    node.uploads.offer("c0", offer)
     h = offer.content_hash
     data = blob[:CHUNK]
     for chunk in (
@@ -155,14 +155,14 @@ def test_bad_chunks(setup: tuple[SatelliteNode, FakeLinks, Path]) -> None:
         ChunkIn(h, 1, data, sha256_hex(data)),  # content of another chunk
     ):
         with pytest.raises(Refusal) as info:
-            node.push("c0", [chunk])
+            node.uploads.push("c0", [chunk])
         assert info.value.code == RefusalCode.INVALID_ARGUMENT
     assert node.store.received_chunks(h) == set()
     with pytest.raises(Refusal) as info:
-        node.push("c1", [ChunkIn(h, 0, data, sha256_hex(data))])
+        node.uploads.push("c1", [ChunkIn(h, 0, data, sha256_hex(data))])
     assert info.value.code == RefusalCode.PERMISSION_DENIED
     with pytest.raises(Refusal) as info:
-        node.push("c0", [ChunkIn("ab" * 32, 0, data, sha256_hex(data))])
+        node.uploads.push("c0", [ChunkIn("ab" * 32, 0, data, sha256_hex(data))])
     assert info.value.code == RefusalCode.FAILED_PRECONDITION
 
 
@@ -177,7 +177,7 @@ def test_gate_and_identity(setup: tuple[SatelliteNode, FakeLinks, Path]) -> None
     assert node.admit("c0") == "c0"
     # the link drops after the last chunk arrived but before the commit: chunks stay, nothing commits
     offer, blob = offer_of(expert_update(base, [(0, 0)]))
-    node.offer("c0", offer)
+    node.uploads.offer("c0", offer)
     h = offer.content_hash
     chunks = [ChunkIn(h, i, bytes(c), sha256_hex(c)) for i, c in enumerate(split_chunks(blob, CHUNK))]
 
@@ -186,12 +186,12 @@ def test_gate_and_identity(setup: tuple[SatelliteNode, FakeLinks, Path]) -> None
         links.down.add("c0")
 
     with pytest.raises(Refusal) as info:
-        node.push("c0", cut_after_last())
+        node.uploads.push("c0", cut_after_last())
     assert info.value.code == RefusalCode.UNAVAILABLE
     assert node.store.commits() == []
     assert node.store.received_chunks(h) == set(range(len(chunks)))
     links.down.clear()
-    assert node.offer("c0", offer) == (True, [])  # all chunks were kept: the re-offer commits
+    assert node.uploads.offer("c0", offer) == (True, [])  # all chunks were kept: the re-offer commits
     assert [c["content_hash"] for c in node.store.commits()] == [h]
 
 
