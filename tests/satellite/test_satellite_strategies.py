@@ -43,7 +43,9 @@ def upload(node: SatelliteNode, cluster: str, tensors: dict[str, np.ndarray], ba
     offer = Offer(h, len(blob), CHUNK, tuple(chunk_hashes(blob, CHUNK)), tuple(specs_of(tensors)), 0, 0, base_version)
     committed, _ = node.uploads.offer(cluster, offer)
     assert not committed
-    return node.uploads.push(cluster, [ChunkIn(h, i, bytes(c), sha256_hex(c)) for i, c in enumerate(split_chunks(blob, CHUNK))])
+    return node.uploads.push(
+        cluster, [ChunkIn(h, i, bytes(c), sha256_hex(c)) for i, c in enumerate(split_chunks(blob, CHUNK))]
+    )
 
 
 def code(call: Any) -> RefusalCode:
