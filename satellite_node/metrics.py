@@ -9,6 +9,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from satellite_node.strategy import Effect
 from satellite_node.validate import Refusal
 
 
@@ -58,6 +59,13 @@ class Metrics:
 
     def expert_version(self, layer: int, expert: int, version: int) -> None:
         self.expert_versions.labels(str(layer), str(expert)).set(version)
+
+    def versions_made(self, effect: Effect) -> None:
+        """The new versions of a commit or a round deadline."""
+        for v in effect.versions:
+            self.expert_version(v.key.layer, v.key.expert, v.version)
+        if effect.global_version is not None:
+            self.global_version.set(effect.global_version)
 
     def refresh_store(self, store: Any) -> None:
         """Gauges that come from the store (called periodically by `satellite run`)."""

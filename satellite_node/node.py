@@ -29,7 +29,7 @@ from satellite_node.manifest import Manifest, load_base_tensors
 from satellite_node.metrics import Metrics
 from satellite_node.status import global_state, status_dict
 from satellite_node.store import AffinityRow, ClusterRow, ExpertVersionRow, Store
-from satellite_node.strategy import Effect, Strategy, make_strategy
+from satellite_node.strategy import Strategy, make_strategy
 from satellite_node.uploads import Uploads
 from satellite_node.validate import Refusal, RefusalCode, invalid
 
@@ -89,7 +89,6 @@ class SatelliteNode:
             config.max_update_bytes,
             self.metrics,
             self._emit,
-            self._changed,
         )
         self._maybe_solve()
 
@@ -115,16 +114,9 @@ class SatelliteNode:
             self.store.record_derived(
                 effect.versions, effect.global_version, effect.cause, to_iso(now), now.timestamp(), time.time()
             )
-            self._changed(effect)
+            self._pull_cache = None
+        self.metrics.versions_made(effect)
         self._emit("round_closed", version=effect.global_version, cause=effect.cause, at="deadline")
-
-    def _changed(self, effect: Effect) -> None:
-        """New versions were recorded (a commit or a round deadline)."""
-        self._pull_cache = None
-        for v in effect.versions:
-            self.metrics.expert_version(v.key.layer, v.key.expert, v.version)
-        if effect.global_version is not None:
-            self.metrics.global_version.set(effect.global_version)
 
     def _emit(self, event: str, **fields: Any) -> None:
         if self.events is not None:
@@ -299,7 +291,7 @@ class SatelliteNode:
     def pull(self, names: Iterable[str], chunk_size: int = CHUNK_SIZE) -> PullBlob:
         """The requested global tensors as one deterministic safetensors blob, split into chunks."""
         wanted = tuple(sorted(set(names)))
-        key = (wanted, self.store.generation(), chunk_size)
+        key = (wanted, self.store.generation(), self.uploads.commits, chunk_size)
         cached = self._pull_cache
         if cached is not None and cached[0] == key:
             return cached[1]

@@ -27,7 +27,7 @@ from satellite_node.context import NodeContext
 from satellite_node.manifest import Manifest
 from satellite_node.metrics import Metrics
 from satellite_node.store import ExpertVersionRow, RoundUpload, Store, UploadRow
-from satellite_node.strategy import AcceptedUpdate, Effect, Strategy
+from satellite_node.strategy import AcceptedUpdate, Strategy
 from satellite_node.validate import (
     Refusal,
     RefusalCode,
@@ -212,7 +212,7 @@ class Uploads:
     """The upload service of one node: `offer` and `push` (called by `server.py` once a call is admitted).
 
     It shares the node's lock, which serialises every state change (joins, assignment, offers, commits); chunk
-    writes run outside it. `changed` tells the node that a commit made new versions (metrics, the pull cache)."""
+    writes run outside it. `commits` counts the commits it made (the node's pull cache is keyed on it)."""
 
     def __init__(
         self,
@@ -226,7 +226,6 @@ class Uploads:
         max_update_bytes: int,
         metrics: Metrics,
         emit: Callable[..., None],
-        changed: Callable[[Effect], None],
     ) -> None:
         self.store = store
         self.manifest = manifest
@@ -238,7 +237,7 @@ class Uploads:
         self.max_update_bytes = max_update_bytes
         self.metrics = metrics
         self.emit = emit
-        self.changed = changed
+        self.commits = 0
         self._streams: dict[str, ChunkSink] = {}  # content hash -> the PushChunks stream writing it
         self._streams_lock = threading.Lock()
 
@@ -484,7 +483,8 @@ class Uploads:
         )
         rows = self.store.versions_of_commit(h)
         self.metrics.committed(cluster, upload.size, effect.staleness)
-        self.changed(effect)
+        self.commits += 1
+        self.metrics.versions_made(effect)
         self.emit(
             "upload_committed",
             cluster=cluster,
