@@ -19,6 +19,7 @@ from torch import nn
 
 from emsfl.durable import fsync_dir
 from ground_node.errors import GroundError
+from ground_node.learning.expert_lora import use_factored_lora
 from ground_node.learning.synthetic import Example, encode_train
 from ground_node.learning.tokenizer import CharTokenizer, Tokenizer
 from ground_node.model.family import FamilyAdapter
@@ -32,8 +33,13 @@ log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
 
 
-def wrap_lora(model: nn.Module, adapter: FamilyAdapter, rank: int, alpha: float, seed: int) -> nn.Module:
-    """PEFT LoRA on the fused expert tensors (`target_parameters`); everything else frozen."""
+def wrap_lora(
+    model: nn.Module, adapter: FamilyAdapter, rank: int, alpha: float, seed: int, factored: bool = True
+) -> nn.Module:
+    """PEFT LoRA on the fused expert tensors (`target_parameters`); everything else frozen.
+
+    `factored` (the default) computes the adapters from their factors (`expert_lora.py`); False keeps PEFT's
+    forward, which folds them into a full copy of each expert tensor (the reference the tests compare with)."""
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
@@ -58,6 +64,8 @@ def wrap_lora(model: nn.Module, adapter: FamilyAdapter, rank: int, alpha: float,
         # PEFT 0.21 reads transformers' deprecated `is_gradient_checkpointing` alias: not ours to fix, only noise
         warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
         wrapped: nn.Module = get_peft_model(model, config)
+    if factored:
+        use_factored_lora(wrapped, adapter)
     return wrapped
 
 
