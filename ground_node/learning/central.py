@@ -8,7 +8,7 @@ optimiser steps (the experiment passes the federated runs' total). Writes one JS
 
 Run by hand, it is also the accuracy ceiling of a base and task: `--threads 0` uses every core, `--test-examples`
 evaluates on more of the test set than the topology's sample (CLINC150: all 4,500 in-scope queries), `--lr`
-overrides `training.lr`.
+overrides `training.lr`, `--no-checkpointing` trades memory for speed.
 """
 
 from __future__ import annotations
@@ -76,6 +76,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default, every core)")
     parser.add_argument("--test-examples", type=int, help="size of the test sample (default: data.test_examples)")
     parser.add_argument("--lr", type=float, help="learning rate (default: training.lr)")
+    parser.add_argument(
+        "--no-checkpointing",
+        action="store_true",
+        help="train without gradient checkpointing (faster, more memory) whatever the topology says",
+    )
     args = parser.parse_args(argv)
     if args.threads > 0:  # one thread in the lab: the reference shares the cores with nothing, like a device
         torch.set_num_threads(args.threads)
@@ -85,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
             topology.setdefault("data", {})["test_examples"] = args.test_examples
         if args.lr is not None:
             topology.setdefault("training", {})["lr"] = args.lr
+        if args.no_checkpointing:
+            topology.setdefault("training", {})["gradient_checkpointing"] = False
         report = centralised(topology, Path(args.base), max(0, args.steps))
     except (ConfigError, GroundError, OSError) as exc:
         print(f"ground_node.learning.central: {exc}", file=sys.stderr)

@@ -19,6 +19,7 @@ from torch import nn
 
 from emsfl.durable import fsync_dir
 from ground_node.errors import GroundError
+from ground_node.learning.expert_lora import use_factored_lora
 from ground_node.learning.synthetic import Example, encode_train
 from ground_node.learning.tokenizer import CharTokenizer, Tokenizer
 from ground_node.model.family import FamilyAdapter
@@ -32,8 +33,13 @@ log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
 
 
-def wrap_lora(model: nn.Module, adapter: FamilyAdapter, rank: int, alpha: float, seed: int) -> nn.Module:
-    """PEFT LoRA on the fused expert tensors (`target_parameters`); everything else frozen."""
+def wrap_lora(
+    model: nn.Module, adapter: FamilyAdapter, rank: int, alpha: float, seed: int, factored: bool = True
+) -> nn.Module:
+    """PEFT LoRA on the fused expert tensors (`target_parameters`); everything else frozen.
+
+    `factored` (the default) computes the adapters from their factors (`expert_lora.py`); False keeps PEFT's
+    forward, which folds them into a full copy of each expert tensor (the reference the tests compare with)."""
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
@@ -58,15 +64,16 @@ def wrap_lora(model: nn.Module, adapter: FamilyAdapter, rank: int, alpha: float,
         # PEFT 0.21 reads transformers' deprecated `is_gradient_checkpointing` alias: not ours to fix, only noise
         warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
         wrapped: nn.Module = get_peft_model(model, config)
+    if factored:
+        use_factored_lora(wrapped, adapter)
     return wrapped
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:
     """Recompute every decoder layer in backward (non-reentrant `torch.utils.checkpoint`), below any PEFT wrapper.
 
-    Without it autograd keeps, per layer, the activations and, with PEFT `target_parameters` LoRA, the
-    materialised W + dW of each fused expert tensor (PEFT folds the factors into a full-size copy per forward).
-    Non-reentrant checkpointing works with parameters that take gradients inside the layer (LoRA factors, full
+    Without it autograd keeps every layer's activations (and, where PEFT's own forward runs, GPT-OSS, the
+    full-size W + dW copy of each fused expert tensor). Non-reentrant checkpointing works with parameters that take gradients inside the layer (LoRA factors, full
     expert slices) and needs no grad-requiring input; RNG state is replayed, so the step is the same."""
     unwrap: Any = getattr(model, "get_base_model", None)  # a PEFT model: the HF model inside
     base: Any = unwrap() if unwrap is not None else model

@@ -183,6 +183,8 @@ def test_committed_topology_gives_every_domain_to_one_cluster() -> None:
     assert s.data.prompt == "query" and s.training.router_softmax == "held"
     gpu = load_settings(load_topology(str(root / "testbed" / "topologies" / "gpu-clinc150.yaml")))
     assert gpu.data.prompt == "chat"
+    bank = load_settings(load_topology(str(root / "testbed" / "topologies" / "banking77-smollm2.yaml")))
+    assert bank.model == s.model and bank.data.task == "banking77" and bank.data.alpha == 0.3  # same base, label skew
 
 
 def test_query_prompt_wraps_the_text(tmp_path: Path) -> None:
