@@ -28,7 +28,7 @@ from emsfl.runtime.linkstate import LinkState
 from emsfl.runtime.tls import TlsFiles
 from ground_node.federation import handover
 from ground_node.federation.handover import Switch
-from ground_node.federation.outbox import Outbox, StagedUpdate
+from ground_node.federation.outbox import Outbox
 from ground_node.federation.uplink import Uplink, UplinkHooks
 from ground_node.learning import carryover
 from ground_node.learning.data import tokenizer_for, train_examples
@@ -100,12 +100,6 @@ class GroundAgent:
             self.uplink.strategy = BaselineClient(self.baseline, reply.manifest, self.usage)
             self.events.emit("joined", strategy=reply.strategy, global_version=int(reply.global_version))
 
-    def _on_ack(self, update: StagedUpdate) -> None:
-        self.events.emit("upload_acked", content_hash=update.content_hash, bytes=update.size)
-
-    def _on_push(self, content_hash: str, chunks: list[int], total: int) -> None:
-        self.events.emit("pushing", content_hash=content_hash, chunks=chunks, total_chunks=total)
-
     def _saved_assignment(self) -> Assignment | None:
         path = self.workdir / ASSIGNMENT
         if not path.exists():
@@ -147,12 +141,11 @@ class GroundAgent:
             UplinkHooks(
                 on_join=self._on_join,
                 before_assignment=self._prepare_switch,
-                on_push=self._on_push,
-                on_ack=self._on_ack,
             ),
             max_uploads_per_contact=s.training.uploads_per_contact or None,
             send_window_chunks=s.training.send_window_chunks,
             tls=self.opt.tls,
+            events=self.events,
         )
         self.uplink.start()
         try:

@@ -88,7 +88,7 @@ class SatelliteNode:
             self._lock,
             config.max_update_bytes,
             self.metrics,
-            self._emit,
+            events,
         )
         self._maybe_solve()
 

@@ -13,12 +13,13 @@ import re
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from emsfl.runtime.events import EventLog
 from emsfl.runtime.linkstate import LinkState
 from emsfl.runtime.timefmt import to_iso
 from protos.wire import ExpertKey, sha256_hex
@@ -225,7 +226,7 @@ class Uploads:
         lock: threading.RLock,
         max_update_bytes: int,
         metrics: Metrics,
-        emit: Callable[..., None],
+        events: EventLog | None,
     ) -> None:
         self.store = store
         self.manifest = manifest
@@ -236,7 +237,7 @@ class Uploads:
         self._lock = lock
         self.max_update_bytes = max_update_bytes
         self.metrics = metrics
-        self.emit = emit
+        self.events = events
         self.commits = 0
         self._streams: dict[str, ChunkSink] = {}  # content hash -> the PushChunks stream writing it
         self._streams_lock = threading.Lock()
@@ -263,6 +264,10 @@ class Uploads:
                 f"strategy {self.strategy.name} trains the whole model: an update carries all"
                 f" {self.manifest.num_layers * self.manifest.num_experts} experts, this one {len(experts)}"
             )
+
+    def emit(self, event: str, **fields: Any) -> None:
+        if self.events is not None:
+            self.events.emit(event, **fields)
 
     def _now(self) -> datetime:
         now = self.links.emulated_now()

@@ -258,6 +258,27 @@ class FederationClient:
             timeout=self._timeout(timeout_s),
         )
 
+    def push_missing(
+        self,
+        blob: bytes,
+        offer: pb.UpdateOffer,
+        missing: Sequence[int],
+        window: int | None = None,
+        timeout_s: float | None = None,
+        on_chunk: Callable[[int], None] | None = None,
+    ) -> pb.PushReply:
+        """Push the chunks of offered `blob` the server said it lacks (windowed when `window`)."""
+        args = (blob, missing, offer.chunk_size)
+        kwargs: dict[str, Any] = {
+            "hashes": list(offer.chunk_hashes),
+            "content_hash": offer.content_hash,
+            "timeout_s": timeout_s,
+            "on_chunk": on_chunk,
+        }
+        if window is None:
+            return self.push(*args, **kwargs)
+        return self.push_windowed(*args, window=window, **kwargs)
+
     def upload(
         self,
         blob: bytes,
@@ -265,26 +286,12 @@ class FederationClient:
         window: int | None = None,
         timeout_s: float | None = None,
         push_timeout_s: float | None = None,
-        on_missing: Callable[[list[int]], None] | None = None,
-        on_chunk: Callable[[int], None] | None = None,
     ) -> pb.PushReply:
         """Offer, then push only what the server lacks (windowed when `window`); the reply says if it committed."""
         reply = self.send_offer(offer, timeout_s)
         if reply.committed:
             return pb.PushReply(committed=True)
-        missing = sorted(set(reply.missing))
-        if on_missing is not None:
-            on_missing(missing)
-        args = (blob, missing, offer.chunk_size)
-        kwargs: dict[str, Any] = {
-            "hashes": list(offer.chunk_hashes),
-            "content_hash": offer.content_hash,
-            "timeout_s": push_timeout_s,
-            "on_chunk": on_chunk,
-        }
-        if window is None:
-            return self.push(*args, **kwargs)
-        return self.push_windowed(*args, window=window, **kwargs)
+        return self.push_missing(blob, offer, sorted(set(reply.missing)), window, push_timeout_s)
 
     def pull_tensors(
         self, names: list[str], timeout_s: float | None = None, puller: ResumablePull | None = None

@@ -45,7 +45,7 @@ from emsfl.runtime.events import EventLog
 from emsfl.runtime.linkstate import LinkState
 from emsfl.runtime.tls import TlsFiles
 from ground_node.federation import handover
-from ground_node.federation.outbox import Outbox, StagedUpdate
+from ground_node.federation.outbox import Outbox
 from ground_node.federation.uplink import Uplink, UplinkHooks
 from ground_node.records import Affinity, Assignment
 from ground_node.usage import peak_rss_mb
@@ -216,17 +216,14 @@ class Gateway:
                 UplinkHooks(
                     before_assignment=self._prepare_assignment,
                     on_assignment=lambda a: self.events.emit("assigned", version=a.version),
-                    on_ack=self._on_ack,
                 ),
                 send_window_chunks=self.send_window_chunks,
                 max_uploads_per_contact=self.uploads_per_contact or None,
                 tls=self.tls,
+                events=self.events,
             )
         self.events.emit("profiled", num_tokens=affinity.num_tokens, devices=len(reports))
         self.uplink.start()
-
-    def _on_ack(self, update: StagedUpdate) -> None:
-        self.events.emit("upload_acked", content_hash=update.content_hash, bytes=update.size)
 
     def _prepare_assignment(self, new: Assignment) -> None:
         """Uplink thread, link up: pull the newest parts of the experts `new` gains; with the kept experts'

@@ -99,6 +99,7 @@ class BaselineClient(ClientStrategy):
             for part in manifest.expert_parts
         ]
         self._puller = ResumablePull()  # a pull cut by the link resumes at the next pass
+        self._status: Any = None  # the GetStatus reply of the current pass
 
     def base_version(self, update: StagedUpdate) -> int:
         """Baseline updates are staged with their base version in the outbox's version field."""
@@ -108,35 +109,38 @@ class BaselineClient(ClientStrategy):
         st = self.state
         status = uplink.client.status()
         version = int(status.global_version)
+        self._status = status
         with st.cond:
             st.server_version = max(st.server_version, version)
             st.contact = uplink.contact_id()
-        if version > st.have_version and version > 0 and not self._pull(uplink, version):
-            return True  # the global model moved during the pull (or it was cut): go on at once
-        update = uplink.next_update()
-        if update is None:
-            return False
+        # True: the global model moved during the pull (or it was cut): go on at once
+        return version > st.have_version and version > 0 and not self._pull(uplink, version)
+
+    def prepare(self, uplink: UplinkPort, update: StagedUpdate, budget_bytes: float | None) -> StagedUpdate | None:
+        """The whole model goes up (no planning); FedAvg sends a round's update once, in a later contact than the
+        one its model arrived in."""
+        st, status = self.state, self._status
         base = self.base_version(update)
-        if st.strategy == "fedavg":
-            if base < version:  # trained for a round that closed meanwhile: its upload would be refused
+        if st.strategy == "fedavg" and status is not None:
+            if base < int(status.global_version):  # trained for a round that closed meanwhile: it would be refused
                 uplink.reject(update.content_hash)
-                return False
+                return None
             if base in st.uploaded_rounds or uplink.cluster in status.round_uploaded:
                 st.committed(base)
-                return False
+                return None
             if st.contact is not None and st.loaded_contact.get(base, "") == st.contact:
-                return False  # loaded in this very contact: train through the gap, upload at the next one
-        try:
-            progressed = uplink.upload(update)
-        except grpc.RpcError as exc:
-            if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:  # stale: pull at the next pass, drop this one
-                log.info("uplink: %s refused as stale: %s", update.content_hash[:12], exc.details())
-                uplink.reject(update.content_hash)
-                return False
-            raise
-        if update.content_hash in uplink.outbox.acked():
-            st.committed(base)
-        return progressed
+                return None  # loaded in this very contact: train through the gap, upload at the next one
+        return update
+
+    def refused(self, uplink: UplinkPort, update: StagedUpdate, exc: grpc.RpcError) -> bool:
+        if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:  # stale: pull at the next pass, drop this one
+            log.info("uplink: %s refused as stale: %s", update.content_hash[:12], exc.details())
+            uplink.reject(update.content_hash)
+            return True
+        return False
+
+    def acked(self, uplink: UplinkPort, update: StagedUpdate) -> None:
+        self.state.committed(self.base_version(update))
 
     def _pull(self, uplink: UplinkPort, version: int) -> bool:
         """Pull the trainable expert parts of global version `version`, resuming a cut pull; True when loaded."""

@@ -2,13 +2,16 @@
 
 The uplink owns the connection, the outbox and the contact bookkeeping; a `ClientStrategy` decides what a pass does
 (EMS-FL: affinity and assignment, experts by priority; FedAvg/FedAsync: pull the global model, upload the whole
-model against a base version). Strategies see the uplink only through `UplinkPort`, so neither imports the other.
+model against a base version). Strategies see the uplink only through `UplinkPort`, so neither imports the other;
+the uplink uploads the newest staged update itself after the strategy's pass, so a strategy never drives it.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from typing import Protocol
+
+import grpc
 
 from emsfl.runtime.client import FederationClient
 from emsfl.runtime.linkstate import LinkState
@@ -26,24 +29,12 @@ class UplinkPort(Protocol):
     call_timeout_s: float
     assignment: Assignment | None
 
-    def next_update(self) -> StagedUpdate | None:
-        """The newest staged update still to send, unless it was refused or this contact's quota is spent."""
-        ...
-
     def reject(self, content_hash: str) -> None:
         """Never offer this update again (the next staged one may pass)."""
         ...
 
-    def upload(self, update: StagedUpdate) -> bool:
-        """Offer and push `update`; True when it progressed without committing (go on at once)."""
-        ...
-
     def adopt(self, assignment: Assignment) -> None:
         """Take a new assignment (after fetching what it hands over)."""
-        ...
-
-    def contact_budget_bytes(self) -> float | None:
-        """Bytes the rest of the current contact can carry (None: unknown)."""
         ...
 
     def contact_id(self) -> str | None:
@@ -56,15 +47,21 @@ class ClientStrategy(ABC):
 
     @abstractmethod
     def run_pass(self, uplink: UplinkPort) -> bool:
-        """One pass while the link is up, after the join; True when an upload progressed."""
+        """A pass's own calls while the link is up, after the join, before the uplink uploads the newest staged
+        update; True when the pass made progress of its own and the upload waits for the next pass."""
 
-    def prepare(self, uplink: UplinkPort, update: StagedUpdate) -> StagedUpdate | None:
-        """The update to send in place of `update` (None: send nothing now)."""
+    def prepare(self, uplink: UplinkPort, update: StagedUpdate, budget_bytes: float | None) -> StagedUpdate | None:
+        """The update to send in place of `update` (None: send nothing now); `budget_bytes`: what the rest of the
+        contact can carry (None: unknown)."""
         return update
 
     def base_version(self, update: StagedUpdate) -> int:
         """`UpdateOffer.base_version`: the global version the update was trained from (0: not versioned)."""
         return 0
+
+    def refused(self, uplink: UplinkPort, update: StagedUpdate, exc: grpc.RpcError) -> bool:
+        """The satellite refused `update`; True when the strategy handled it (the pass ends quietly)."""
+        return False
 
     def acked(self, uplink: UplinkPort, update: StagedUpdate) -> None:
         """Called once the satellite committed `update`."""

@@ -29,17 +29,11 @@ class EmsflClient(ClientStrategy):
             new = Assignment.from_pairs(reply.version, [(la.layer, list(la.experts)) for la in reply.layers])
             if uplink.assignment is None or new != uplink.assignment:
                 uplink.adopt(new)
-        update = uplink.next_update()
-        return False if update is None else uplink.upload(update)
+        return False
 
-    def prepare(self, uplink: UplinkPort, update: StagedUpdate) -> StagedUpdate | None:
-        """Stale updates are dropped; a short contact sends experts by priority (`Outbox.plan`)."""
-        if uplink.assignment is not None and update.assignment_version < uplink.assignment.version:
-            log.info("uplink: dropping update %s of assignment %d", update.content_hash[:12], update.assignment_version)
-            uplink.outbox.drop_inflight(update.content_hash)
-            uplink.reject(update.content_hash)
-            return None
-        return uplink.outbox.plan(update, uplink.contact_budget_bytes())
+    def prepare(self, uplink: UplinkPort, update: StagedUpdate, budget_bytes: float | None) -> StagedUpdate | None:
+        """A short contact sends experts by priority (`Outbox.plan`); the uplink already dropped a stale update."""
+        return uplink.outbox.plan(update, budget_bytes)
 
     def acked(self, uplink: UplinkPort, update: StagedUpdate) -> None:
         try:

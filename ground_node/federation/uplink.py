@@ -1,8 +1,8 @@
 """The uplink (ARCHITECTURE §3 steps 2-6): a thread that talks to the satellite node whenever the link is up.
 
 Per pass: Join (once), then what the client strategy does (`client_strategy.py`; EMS-FL: ReportAffinity once,
-GetAssignment, then OfferUpdate with the newest unacknowledged staged update and PushChunksWindowed of only the
-missing chunks).
+GetAssignment), which names the update to send; the uplink uploads it: OfferUpdate with the newest unacknowledged
+staged update and PushChunksWindowed of only the missing chunks.
 UNAVAILABLE (the link went down) is expected: the pass ends and the next one resumes the cut upload
 (re-offering the same content hash makes the server answer with only what it still lacks).
 """
@@ -18,6 +18,7 @@ from typing import Any
 import grpc
 
 from emsfl.runtime.client import FederationClient, offer_message
+from emsfl.runtime.events import EventLog
 from emsfl.runtime.linkstate import LinkState
 from emsfl.runtime.timefmt import parse_iso
 from emsfl.runtime.tls import TlsFiles
@@ -35,15 +36,14 @@ BUDGET_MARGIN = 0.9  # share of the rest of a contact an upload may plan for
 
 @dataclass(frozen=True)
 class UplinkHooks:
-    """What the uplink tells its owner (a single node or a gateway); each is called in the uplink's thread."""
+    """What the uplink tells its owner (a single node or a gateway); each is called in the uplink's thread. The
+    upload itself is reported as events (`pushing`, `upload_acked`), not to the owner."""
 
     on_join: Callable[[Any], None] | None = None  # the satellite's JoinReply
     # before a new assignment is adopted, to fetch what it hands over; if it raises, the assignment is not adopted
     # and the next pass tries again
     before_assignment: Callable[[Assignment], None] | None = None
     on_assignment: Callable[[Assignment], None] | None = None
-    on_push: Callable[[str, list[int], int], None] | None = None  # (content hash, chunks about to go, total chunks)
-    on_ack: Callable[[StagedUpdate], None] | None = None
 
 
 class Uplink(threading.Thread):
@@ -62,6 +62,7 @@ class Uplink(threading.Thread):
         call_timeout_s: float = 20.0,
         send_window_chunks: int = 1,
         tls: TlsFiles | None = None,
+        events: EventLog | None = None,
     ) -> None:
         super().__init__(name=f"uplink-{cluster}", daemon=True)
         self.cluster = cluster
@@ -70,6 +71,7 @@ class Uplink(threading.Thread):
         self.capacity = capacity
         self.num_examples = num_examples
         self.hooks = hooks or UplinkHooks()
+        self.events = events
         self.poll_s = poll_s
         self.call_timeout_s = call_timeout_s
         # chunks sent ahead of the satellite's answers: a hard cut resends at most this many (emsfl/runtime/window.py)
@@ -81,7 +83,6 @@ class Uplink(threading.Thread):
         self.joined = False
         self.assignment: Assignment | None = None
         self.uploads_acked = 0
-        self.bytes_pushed = 0
         self.refusals = 0
         self._rejected: set[str] = set()
         self._halt = threading.Event()
@@ -92,6 +93,10 @@ class Uplink(threading.Thread):
         # link stays up, which would multiply the uplink bytes); None: no limit. Contacts are told apart by `since`.
         self.max_uploads_per_contact = max_uploads_per_contact
         self._acks_in_contact: dict[str, int] = {}
+
+    @property
+    def bytes_pushed(self) -> int:
+        return self.client.bytes_sent
 
     def stop(self, timeout_s: float = 5.0) -> None:
         self._halt.set()
@@ -135,7 +140,17 @@ class Uplink(threading.Thread):
             self.joined = True
             if self.hooks.on_join is not None:
                 self.hooks.on_join(joined)
-        return self.strategy.run_pass(self)
+        if self.strategy.run_pass(self):
+            return True  # the pass made progress of its own (a pull): the upload waits for the next one
+        update = self.next_update()
+        if update is None:
+            return False
+        try:
+            return self.upload(update)
+        except grpc.RpcError as exc:
+            if self.strategy.refused(self, update, exc):
+                return False
+            raise
 
     def adopt(self, assignment: Assignment) -> None:
         if self.hooks.before_assignment is not None:
@@ -181,7 +196,14 @@ class Uplink(threading.Thread):
         return limit is not None and contact is not None and self._acks_in_contact.get(contact, 0) >= limit
 
     def upload(self, update: StagedUpdate) -> bool:
-        prepared = self.strategy.prepare(self, update)
+        """Offer `update` (or what the strategy makes of it) and push the chunks the satellite lacks; True when it
+        progressed without committing (the next pass follows at once)."""
+        if self.assignment is not None and update.assignment_version < self.assignment.version:
+            log.info("uplink: dropping update %s of assignment %d", update.content_hash[:12], update.assignment_version)
+            self.outbox.drop_inflight(update.content_hash)
+            self.reject(update.content_hash)
+            return False
+        prepared = self.strategy.prepare(self, update, self.contact_budget_bytes())
         if prepared is None:
             return False
         update = prepared
@@ -204,23 +226,24 @@ class Uplink(threading.Thread):
             content_hash=update.content_hash,
         )
 
-        def on_missing(missing: list[int]) -> None:
-            if missing and self.hooks.on_push is not None:
-                self.hooks.on_push(update.content_hash, missing, len(hashes))
-
-        def on_chunk(nbytes: int) -> None:
-            self.bytes_pushed += nbytes
-            self.outbox.add_bytes(nbytes)
-
         try:
-            pushed = self.client.upload(
-                blob,
-                offer,
-                window=self.send_window_chunks,
-                push_timeout_s=max(60.0, self.call_timeout_s),
-                on_missing=on_missing,
-                on_chunk=on_chunk,
-            )
+            reply = self.client.send_offer(offer)
+            if reply.committed:
+                pushed = pb.PushReply(committed=True)
+            else:
+                missing = sorted(set(reply.missing))
+                if missing and self.events is not None:
+                    self.events.emit(
+                        "pushing", content_hash=update.content_hash, chunks=missing, total_chunks=len(hashes)
+                    )
+                pushed = self.client.push_missing(
+                    blob,
+                    offer,
+                    missing,
+                    window=self.send_window_chunks,
+                    timeout_s=max(60.0, self.call_timeout_s),
+                    on_chunk=self.outbox.add_bytes,
+                )
         except grpc.RpcError as exc:
             self._maybe_reject(exc, update)
             raise
@@ -247,8 +270,8 @@ class Uplink(threading.Thread):
         self.strategy.acked(self, update)
         self.outbox.mark_acked(update.content_hash, update.size)
         self.uploads_acked += 1
-        if self.hooks.on_ack is not None:
-            self.hooks.on_ack(update)
+        if self.events is not None:
+            self.events.emit("upload_acked", content_hash=update.content_hash, bytes=update.size)
 
 
 def _tensor_specs(blob: bytes) -> list[pb.TensorSpec]:
