@@ -209,38 +209,27 @@ class ChunkSink:
             self.store.reset_upload(self.upload.content_hash)  # nothing of it on record: no trace either
 
 
+@dataclass(eq=False)
 class Uploads:
     """The upload service of one node: `offer` and `push` (called by `server.py` once a call is admitted).
 
     It shares the node's lock, which serialises every state change (joins, assignment, offers, commits); chunk
     writes run outside it. `commits` counts the commits it made (the node's pull cache is keyed on it)."""
 
-    def __init__(
-        self,
-        store: Store,
-        manifest: Manifest,
-        strategy: Strategy,
-        ctx: NodeContext,
-        links: LinkState,
-        pacer: Pacer,
-        lock: threading.RLock,
-        max_update_bytes: int,
-        metrics: Metrics,
-        events: EventLog | None,
-    ) -> None:
-        self.store = store
-        self.manifest = manifest
-        self.strategy = strategy
-        self.ctx = ctx
-        self.links = links
-        self.pacer = pacer
-        self._lock = lock
-        self.max_update_bytes = max_update_bytes
-        self.metrics = metrics
-        self.events = events
-        self.commits = 0
-        self._streams: dict[str, ChunkSink] = {}  # content hash -> the PushChunks stream writing it
-        self._streams_lock = threading.Lock()
+    store: Store
+    manifest: Manifest
+    strategy: Strategy
+    ctx: NodeContext
+    links: LinkState
+    pacer: Pacer
+    lock: threading.RLock
+    max_update_bytes: int
+    metrics: Metrics
+    events: EventLog | None
+    commits: int = field(default=0, init=False)
+    # content hash -> the PushChunks stream writing it
+    _streams: dict[str, ChunkSink] = field(default_factory=dict, init=False)
+    _streams_lock: threading.Lock = field(default_factory=threading.Lock, init=False)
 
     def _check_offer_shape(self, offer: Offer) -> None:
         if not _HEX64.match(offer.content_hash):
@@ -283,7 +272,7 @@ class Uploads:
         experts = check_specs(self.manifest, offer.tensors)
         self._check_whole_model(experts)
         self._take_over(offer.content_hash, cluster)  # a re-offer after a hard cut: keep what the old stream wrote
-        with self._lock:
+        with self.lock:
             self.strategy.check_base(self.ctx, cluster, offer.base_version)
             check_ownership(
                 experts,
@@ -433,7 +422,7 @@ class Uploads:
             raise invalid(f"{where}: SHA-256 mismatch")
 
     def _commit(self, cluster: str, upload: UploadRow, digest: str | None = None) -> PushResult:
-        with self._lock:
+        with self.lock:
             h = upload.content_hash
             if self.store.is_committed(h):
                 return PushResult(True, [], self.store.versions_of_commit(h))
@@ -451,7 +440,7 @@ class Uploads:
 
     def _validate_and_commit(self, cluster: str, upload: UploadRow, digest: str | None, now: datetime) -> PushResult:
         h = upload.content_hash
-        # called by _commit, under self._lock
+        # called by _commit, under self.lock
         blob = self.store.map_partial(upload)
         if (digest or sha256_hex(blob)) != h:
             raise invalid(f"update {h[:16]}: the assembled chunks do not hash to the offered content_hash")
