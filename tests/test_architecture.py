@@ -12,7 +12,7 @@ PACKAGES = ("emsfl", "ground_node", "satellite_node", "orbit_service", "protos",
 ROLES = ("ground_node", "satellite_node", "orbit_service")
 MAX_LINES = 600
 
-# Known debts (docs/ARCHITECTURE.md §11): these lists may only shrink. A fixed entry must be removed here.
+# Known debts (docs/ARCHITECTURE.md §2): these lists may only shrink. A fixed entry must be removed here.
 KNOWN_CYCLES: set[frozenset[str]] = set()
 KNOWN_LONG_MODULES: set[str] = set()
 
