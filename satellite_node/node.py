@@ -29,7 +29,7 @@ from satellite_node.manifest import Manifest, load_base_tensors
 from satellite_node.metrics import Metrics
 from satellite_node.status import global_state, status_dict
 from satellite_node.store import AffinityRow, ClusterRow, ExpertVersionRow, Store
-from satellite_node.strategy import Strategy, make_strategy
+from satellite_node.strategy import DEFAULT_STRATEGY, Strategy, make_strategy
 from satellite_node.uploads import Uploads
 from satellite_node.validate import Refusal, RefusalCode, invalid
 
@@ -44,7 +44,7 @@ class PullBlob:
 @dataclass(frozen=True)
 class NodeConfig:
     clusters: Mapping[str, int | None]  # topology cluster id -> its configured capacity_experts (None: not given)
-    strategy: str = "emsfl"
+    strategy: str = DEFAULT_STRATEGY
     affinity: str = "gate"
     max_update_bytes: int = 4 << 30
     strategy_options: Mapping[str, Any] = field(default_factory=dict)  # satellite.<strategy> of the topology

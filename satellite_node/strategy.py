@@ -271,6 +271,8 @@ class FedAsyncStrategy(Strategy):
         return Effect(versions=versions, global_version=current + 1, cause=f"mix:{staleness}", staleness=staleness)
 
 
+DEFAULT_STRATEGY = "emsfl"  # when the topology names none
+
 STRATEGIES: dict[str, type[Strategy]] = {
     "emsfl": EmsflStrategy,
     "fedavg": FedAvgStrategy,

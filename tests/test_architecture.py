@@ -193,9 +193,25 @@ def test_design_references_point_into_the_repository() -> None:
     assert not offenders, f"references to a design file outside the repository (use ARCHITECTURE §): {offenders}"
 
 
+def test_satellite_node_never_names_a_strategy() -> None:
+    """The node facade, the upload service, admission and the adapter reach a strategy only through the `Strategy`
+    interface the topology's name selects (`make_strategy`): no strategy's name, no concrete strategy class."""
+    from satellite_node.strategy import STRATEGIES
+
+    names = set(STRATEGIES)
+    classes = {cls.__name__ for cls in STRATEGIES.values()}
+    for module in ("node", "uploads", "admission", "context", "server"):
+        tree = ast.parse((ROOT / "satellite_node" / f"{module}.py").read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                assert node.value not in names, f"satellite_node/{module}.py names strategy {node.value!r}"
+            label = node.id if isinstance(node, ast.Name) else node.attr if isinstance(node, ast.Attribute) else ""
+            assert label not in classes, f"satellite_node/{module}.py names {label}"
+
+
 def test_satellite_core_is_free_of_grpc() -> None:
     """Refusals are plain kinds; only the adapter (`server.py`) maps them to gRPC status codes."""
-    core = ("node", "strategy", "validate", "assignment", "manifest", "store")
+    core = ("node", "uploads", "admission", "context", "strategy", "validate", "assignment", "manifest", "store")
     for name, path in _modules().items():
         if name.startswith("satellite_node.") and name.split(".")[1] in core:
             tree = ast.parse(path.read_text(encoding="utf-8"))
