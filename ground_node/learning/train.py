@@ -73,8 +73,9 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
     """Recompute every decoder layer in backward (non-reentrant `torch.utils.checkpoint`), below any PEFT wrapper.
 
     Without it autograd keeps every layer's activations (and, where PEFT's own forward runs, GPT-OSS, the
-    full-size W + dW copy of each fused expert tensor). Non-reentrant checkpointing works with parameters that take gradients inside the layer (LoRA factors, full
-    expert slices) and needs no grad-requiring input; RNG state is replayed, so the step is the same."""
+    full-size W + dW copy of each fused expert tensor). Non-reentrant checkpointing works with parameters that
+    take gradients inside the layer (LoRA factors, full expert slices) and needs no grad-requiring input; RNG
+    state is replayed, so the step is the same."""
     unwrap: Any = getattr(model, "get_base_model", None)  # a PEFT model: the HF model inside
     base: Any = unwrap() if unwrap is not None else model
     kwargs = {"use_reentrant": False}
