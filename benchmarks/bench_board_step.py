@@ -31,8 +31,6 @@ OUT = ROOT / "benchmarks" / "results" / "board_step.json"
 
 def board(topology_path: str, role: str, steps: int) -> dict[str, Any]:
     """One board's figures, in this process (called in a fresh subprocess per role)."""
-    import resource
-
     import torch
 
     from emsfl.config import load_topology
@@ -42,6 +40,7 @@ def board(topology_path: str, role: str, steps: int) -> dict[str, Any]:
     from ground_node.model.submodel import load_base_split
     from ground_node.records import Assignment, full_assignment
     from ground_node.settings import load_settings
+    from ground_node.usage import peak_rss_mb
 
     torch.set_num_threads(1)
     topology = load_topology(topology_path)
@@ -71,7 +70,7 @@ def board(topology_path: str, role: str, steps: int) -> dict[str, Any]:
         "first_step_s": round(times[0], 2),
         "step_time_s": round(sum(later) / len(later), 2),
         "steps": steps,
-        "peak_rss_MB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_rss_MB": peak_rss_mb(),
     }
 
 

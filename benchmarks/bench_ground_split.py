@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -178,7 +177,9 @@ def _examples() -> list[Any]:
 
 
 def _rss_mb() -> float:
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    from ground_node.usage import peak_rss_mb
+
+    return peak_rss_mb()
 
 
 def profile(mode: str, path: Path, layers: int) -> dict[str, Any]:

@@ -18,7 +18,18 @@ Clock = Callable[[], datetime | None]
 
 
 def peak_rss_mb() -> float:
-    """This process's peak resident memory in MB (every role's report.json)."""
+    """This process's peak resident memory in MB (every role's report.json).
+
+    Linux: `VmHWM`, the high-water mark of this process's own address space. `ru_maxrss` survives exec, so a
+    process spawned by a large one (the lab holding a model, `vfork` sharing its memory until exec) reported the
+    spawner's peak as its own: every board of a real-base run read 8.5 GB. `ru_maxrss` only where /proc is not."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024.0, 1)
+    except OSError:
+        pass
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1)
 
 
