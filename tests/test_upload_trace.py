@@ -55,7 +55,8 @@ def own_file(frame: FrameType) -> str | None:
     if not path.is_absolute() or ROOT not in path.parents:
         return None
     rel = path.relative_to(ROOT).as_posix()
-    if rel.startswith("tests/") or "_pb2" in rel:
+    # `make test` puts the virtual environment inside the checkout: installed packages are not the project's
+    if rel.startswith(("tests/", ".")) or "_pb2" in rel or "site-packages/" in rel:
         return None
     return FAKES.get(rel, rel)
 
