@@ -1,3 +1,4 @@
 from emsfl.cli import main
 
-raise SystemExit(main())
+if __name__ == "__main__":  # not when a spawned worker imports it as `__mp_main__` (testbed.outputs)
+    raise SystemExit(main())

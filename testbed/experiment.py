@@ -31,7 +31,7 @@ from emsfl.runtime.timefmt import parse_iso
 from testbed import comparemd, plots
 from testbed.compare import claims, compare, spread_of
 from testbed.lab import LabOptions, run_lab
-from testbed.outputs import write_outputs
+from testbed.outputs import write_outputs_apart
 from testbed.report import write_json
 from testbed.style import FIGURE_FORMATS
 
@@ -252,7 +252,7 @@ def run_experiment(opts: ExperimentOptions) -> dict[str, Any]:
         )
         if lab.interrupted:
             raise KeyboardInterrupt
-        summary = write_outputs(lab)
+        summary = write_outputs_apart(lab)
         if replay and replay_plan is None and lab.plan_path.exists():
             replay_plan, plan_source = exp_dir / "contact_plan.json", run_id
             replay_plan.write_bytes(lab.plan_path.read_bytes())

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import tempfile
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -37,6 +41,51 @@ def _owners(assignment: dict[str, Any] | None, clusters: list[str], layers: int,
                 for expert in held:
                     owners[layer][expert] = clusters.index(cluster)
     return owners
+
+
+def write_outputs_apart(lab: LabRun) -> dict[str, Any]:
+    """`write_outputs` in a fresh process (`python -m testbed.outputs`), returning the summary it wrote.
+
+    Evaluation loads the base model a dozen times and glibc keeps what it frees (8.7 GB on the SmolLM2 base), so an
+    experiment that evaluated in its own process started each next run's four boards beside that memory."""
+    spec = {
+        "run_dir": str(lab.run_dir),
+        "topology": lab.topology,
+        "base_dir": str(lab.base_dir),
+        "state_dir": str(lab.state_dir),
+        "plan_path": str(lab.plan_path),
+        "orbit_events_path": str(lab.orbit_events_path),
+        "ground_dirs": {c: str(d) for c, d in lab.ground_dirs.items()},
+        "started_wall": lab.started_wall,
+        "stopped_wall": lab.stopped_wall,
+        "interrupted": lab.interrupted,
+        "tls": lab.tls,
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "lab.json"
+        path.write_text(json.dumps(spec, default=str), encoding="utf-8")
+        done = subprocess.run([sys.executable, "-m", "testbed.outputs", str(path)], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"evaluating {lab.run_dir.name} failed ({done.returncode}): {done.stderr[-2000:]}")
+    summary: dict[str, Any] = json.loads((lab.run_dir / "summary.json").read_text(encoding="utf-8"))
+    return summary
+
+
+def _lab_from_spec(path: Path) -> LabRun:
+    spec = json.loads(path.read_text(encoding="utf-8"))
+    return LabRun(
+        run_dir=Path(spec["run_dir"]),
+        topology=spec["topology"],
+        base_dir=Path(spec["base_dir"]),
+        state_dir=Path(spec["state_dir"]),
+        plan_path=Path(spec["plan_path"]),
+        orbit_events_path=Path(spec["orbit_events_path"]),
+        ground_dirs={c: Path(d) for c, d in spec["ground_dirs"].items()},
+        started_wall=float(spec["started_wall"]),
+        stopped_wall=float(spec["stopped_wall"]),
+        interrupted=bool(spec["interrupted"]),
+        tls=bool(spec["tls"]),
+    )
 
 
 def write_outputs(lab: LabRun) -> dict[str, Any]:
@@ -143,3 +192,7 @@ def write_outputs(lab: LabRun) -> dict[str, Any]:
     owners = _owners(summary["assignment"], clusters, int(manifest["num_layers"]), int(manifest["num_experts"]))
     plots.assignment_heatmap(out / "assignment_heatmap.png", owners, clusters)
     return summary
+
+
+if __name__ == "__main__":
+    write_outputs(_lab_from_spec(Path(sys.argv[1])))

@@ -14,7 +14,6 @@ from typing import Protocol
 import grpc
 
 from emsfl.runtime.client import FederationClient
-from emsfl.runtime.linkstate import LinkState
 from ground_node.federation.outbox import Outbox, StagedUpdate
 from ground_node.records import Assignment
 
@@ -25,7 +24,6 @@ class UplinkPort(Protocol):
     cluster: str
     client: FederationClient
     outbox: Outbox
-    link: LinkState
     call_timeout_s: float
     assignment: Assignment | None
 

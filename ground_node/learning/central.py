@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from emsfl.config import ConfigError, load_topology
 from emsfl.durable import atomic_write_json
@@ -44,7 +45,12 @@ def centralised(topology: dict[str, Any], base_dir: Path, steps: int) -> dict[st
         base.model, base.adapter, s.training, full_assignment(num_layers, num_experts), pooled, s.seed, tok
     )
     start = time.monotonic()
-    losses = [trainer.train_step() for _ in range(steps)]
+    losses = []
+    with tqdm(total=steps, desc="centralised", unit="step", mininterval=30) as bar:  # runs last an hour on 2 cores
+        for _ in range(steps):
+            losses.append(trainer.train_step())
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
+            bar.update()
     train_seconds = time.monotonic() - start
     # the adapters merged into the expert weights, as the lab evaluates a global model (no per-forward LoRA cost)
     model = model_with_tensors(base_dir, trainer.expert_state()).model.to(trainer.device_type)
