@@ -1,4 +1,4 @@
 from emsfl.cli import main
 
-if __name__ == "__main__":  # not when a spawned worker imports it as `__mp_main__` (testbed.outputs)
+if __name__ == "__main__":  # not when imported (multiprocessing spawn re-imports `__main__`)
     raise SystemExit(main())
