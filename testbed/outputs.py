@@ -17,7 +17,7 @@ from emsfl.runtime.timefmt import parse_iso, to_iso
 from testbed import plots
 from testbed.lab import LabRun
 from testbed.report import (
-    count_events,
+    link_ups_until,
     merge_events,
     uploads_outside_contact,
     windows_by_cluster,
@@ -106,6 +106,7 @@ def write_outputs(lab: LabRun) -> dict[str, Any]:
     start = parse_iso(plan["start_utc"]) if "start_utc" in plan else parse_iso(topology["clock"]["start_utc"])
     emulated_seconds = max(0.0, (lab.stopped_wall - lab.started_wall) * scale) if lab.started_wall else 0.0
     end = start + timedelta(seconds=emulated_seconds)
+    link_ups = link_ups_until(orbit_events, end)
 
     # Accuracy of the global model (base + newest committed experts) against emulated time.
     commit_times = sorted(parse_iso(c["t"]) for c in commits if c.get("t"))
@@ -154,9 +155,7 @@ def write_outputs(lab: LabRun) -> dict[str, Any]:
             "train_seconds": reports[cluster].get("train_seconds"),
             "idle_seconds": reports[cluster].get("idle_seconds"),
             "devices": reports[cluster].get("devices"),  # multi-device clusters: per-device figures (gateway report)
-            "link_up_events": sum(
-                1 for e in orbit_events if e.get("event") == "link_up" and e.get("cluster") == cluster
-            ),
+            "link_up_events": sum(1 for e in link_ups if e.get("cluster") == cluster),
         }
 
     assignments = [e for e in satellite_events if e.get("event") == "assignment"]
@@ -170,7 +169,7 @@ def write_outputs(lab: LabRun) -> dict[str, Any]:
         "wall_seconds": lab.stopped_wall - lab.started_wall if lab.started_wall else 0.0,
         "interrupted": lab.interrupted,
         "tls": lab.tls,  # mutual TLS on every gRPC hop and TLS on every MQTT session (`emsfl lab up --tls`)
-        "link_up_events": count_events(orbit_events, "link_up"),
+        "link_up_events": len(link_ups),
         "uploads_committed": len(commits),
         "uploads_outside_contact": uploads_outside_contact(commits, windows),
         "bytes_uplinked": sum(int(c["bytes"]) for c in commits),

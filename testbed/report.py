@@ -46,6 +46,12 @@ def count_events(events: Iterable[dict[str, Any]], name: str) -> int:
     return sum(1 for e in events if e.get("event") == name)
 
 
+def link_ups_until(orbit_events: Iterable[dict[str, Any]], end: datetime) -> list[dict[str, Any]]:
+    """The link-ups of a run that ended at emulated `end`. The orbit service keeps toggling links while the lab stops
+    the other roles (seconds of wall time, hours emulated): those link-ups are no part of the run."""
+    return [e for e in orbit_events if e.get("event") == "link_up" and parse_iso(e["t"]) <= end]
+
+
 def write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
 
