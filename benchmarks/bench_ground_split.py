@@ -37,6 +37,8 @@ from typing import Any
 
 from _common import write_result
 
+from ground_node.usage import peak_rss_mb
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULT = ROOT / "benchmarks" / "results" / "split_memory.json"
 NUM_EXPERTS, HELD = 16, 4
@@ -100,7 +102,7 @@ def measure(mode: str, path: Path, layers: int, steps: int, checkpointing: bool)
         assignment = _assignment(layers, NUM_EXPERTS)
         model = load_split(adapter, config, path, None)
         split = "frozen"
-    rss_loaded = _rss_mb()
+    rss_loaded = peak_rss_mb()
     training = TrainingSettings(
         "lora", split, 8, 16.0, 1e-3, 8, 10**9, 10**9, 8, gradient_checkpointing=checkpointing, device="cpu"
     )
@@ -111,7 +113,7 @@ def measure(mode: str, path: Path, layers: int, steps: int, checkpointing: bool)
     step_s = (time.perf_counter() - start) / steps
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in trainer.model.parameters())
-    peak = _rss_mb()
+    peak = peak_rss_mb()
     return {
         "mode": mode,
         "gradient_checkpointing": checkpointing,
@@ -176,12 +178,6 @@ def _examples() -> list[Any]:
     return [Example("copy", f"C:{letters[i % 16 :] + letters[: i % 16]}=", letters) for i in range(64)]
 
 
-def _rss_mb() -> float:
-    from ground_node.usage import peak_rss_mb
-
-    return peak_rss_mb()
-
-
 def profile(mode: str, path: Path, layers: int) -> dict[str, Any]:
     """Router probabilities of the examples, streamed layer by layer (`profile`) or from the whole model."""
     import torch
@@ -195,9 +191,9 @@ def profile(mode: str, path: Path, layers: int) -> dict[str, Any]:
     adapter = get_adapter("olmoe")
     tok = CharTokenizer()
     config = adapter.make_config(_settings(layers), tok.vocab_size, 64)  # type: ignore[attr-defined]
-    rss_start = _rss_mb()  # the interpreter, torch and ground_node
+    rss_start = peak_rss_mb()  # the interpreter, torch and ground_node
     _warm_runtime(adapter, tok)
-    rss_warm = _rss_mb()  # + transformers' model code and the kernels a forward touches: what every mode pays
+    rss_warm = peak_rss_mb()  # + transformers' model code and the kernels a forward touches: what every mode pays
     start = time.perf_counter()
     if mode == "profile":
         probs = stream_router_probs(adapter, config, path, _examples(), tok)
@@ -205,7 +201,7 @@ def profile(mode: str, path: Path, layers: int) -> dict[str, Any]:
         probs = router_probs(load_split(adapter, config, path, None), adapter, _examples(), tok)
     seconds = time.perf_counter() - start
     torch.save(torch.stack(probs), path.parent / f"{mode}.pt")
-    peak = _rss_mb()
+    peak = peak_rss_mb()
     return {
         "mode": mode,
         "peak_rss_MB": peak,
