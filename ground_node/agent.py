@@ -272,7 +272,8 @@ class GroundAgent:
             trainer = self.trainer
             assert trainer is not None
             if self.budget_spent(trainer.step):
-                self.finish_budget(trainer.step, partial(self._stage, trainer), stop)
+                self.finish_budget(trainer.step, partial(self._stage, trainer))
+                stop.wait()  # train no more while the uplink delivers the final state
                 break
             if bar is None and self.opt.progress:
                 from tqdm import tqdm
@@ -303,13 +304,12 @@ class GroundAgent:
         budget = self.settings.step_budgets.get(self.cluster)
         return budget is not None and step >= budget
 
-    def finish_budget(self, step: int, stage: Callable[[], None], stop: threading.Event) -> None:
-        """The step budget is spent: stage the final state (unless this step was staged), then train no more
-        while the uplink delivers it."""
+    def finish_budget(self, step: int, stage: Callable[[], None]) -> None:
+        """The step budget is spent: stage the final state (unless this step was staged); the caller trains no
+        more."""
         if step % self.settings.training.stage_every_steps:
             stage()
         self.events.emit("budget_spent", step=step)
-        stop.wait()
 
     def _stage(self, trainer: Trainer) -> None:
         if self._switch_pending():

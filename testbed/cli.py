@@ -59,6 +59,11 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--broker", help="HOST:PORT of a running MQTT broker (default: the embedded one per run)")
     exp.add_argument("--runs-dir", type=Path, default=Path("runs"))
     exp.add_argument("--experiment-id")
+    exp.add_argument(
+        "--resume",
+        action="store_true",
+        help="with --experiment-id: reuse its finished runs, run only what is missing (failed runs, central row)",
+    )
     exp.add_argument("--cache-dir", type=Path, default=Path(".cache/emsfl"))
     gap = sub.add_parser(
         "merge-gap",
@@ -108,6 +113,7 @@ def _experiment(args: argparse.Namespace) -> int:
         central=not args.no_central,
         equal_steps=not args.free_steps,
         target_fraction=args.target_fraction,
+        resume=args.resume,
     )
     result = run_experiment(opts)
     for name, metrics in result["strategies"].items():

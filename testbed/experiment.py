@@ -6,6 +6,8 @@ first run's plan; otherwise each run recomputes it from the same constellation, 
 comparison records which, and checks that every run saw the same windows. Strategies differ only in how
 they train and what they send. Transfers are paced by the link model, so every byte costs emulated time.
 A centralised reference (all data in one process, the federated runs' budget of steps) is run per seed.
+`resume` reuses every run of an earlier experiment of the same id whose summary was written (with the same
+topology), and runs only what is missing: a run that failed, more seeds, or the centralised row.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ class ExperimentOptions:
     # runs first): FedAvg idles between rounds, so without this it trains far fewer steps in the same time
     equal_steps: bool = True
     target_fraction: float = 0.95
+    resume: bool = False  # reuse the finished runs of `experiment_id`
 
 
 DEFAULT_DURATION_S = 75.0  # wall seconds per run: 18 runs + references fit in 45 minutes on 2 cores
@@ -146,6 +149,40 @@ def plan_fingerprint(plan_path: Path) -> str | None:
     return hashlib.sha256(json.dumps(windows).encode()).hexdigest()
 
 
+def _run_one(
+    opts: ExperimentOptions, path: Path, run_id: str, duration: float, replay_plan: Path | None, exp_dir: Path
+) -> tuple[dict[str, Any], Path, Path]:
+    """One lab run, evaluated in its own process: its summary, contact plan and base directory."""
+    lab = run_lab(
+        LabOptions(
+            topology_path=path,
+            broker=opts.broker,
+            duration_wall_s=duration,
+            runs_dir=exp_dir,
+            run_id=run_id,
+            cache_dir=opts.cache_dir,
+            replay_plan=replay_plan,
+        )
+    )
+    if lab.interrupted:
+        raise KeyboardInterrupt
+    return write_outputs_apart(lab), lab.plan_path, lab.base_dir
+
+
+def _earlier_runs(exp_dir: Path) -> dict[str, float | None]:
+    """The wall seconds of each run an earlier try of this experiment recorded (none if it never finished)."""
+    path = exp_dir / "comparison.json"
+    if not path.exists():
+        return {}
+    return {str(r["run_id"]): r.get("wall_seconds") for r in load_comparison(exp_dir).get("runs", [])}
+
+
+def _base_of(topology_path: Path, cache_dir: Path) -> Path:
+    from ground_node.model.base import ensure_base  # torch only here, as in the lab
+
+    return ensure_base(load_topology(topology_path), cache_dir)
+
+
 def run_central(topology_path: Path, base_dir: Path, steps: int, out: Path) -> dict[str, Any]:
     """The centralised reference in its own process (its own peak memory, like a device)."""
     proc = subprocess.run(
@@ -210,7 +247,10 @@ def run_experiment(opts: ExperimentOptions) -> dict[str, Any]:
     grid = plan_runs(opts, topology)
     experiment_id = opts.experiment_id or "exp-" + datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     exp_dir = opts.runs_dir / experiment_id
-    (exp_dir / "topologies").mkdir(parents=True, exist_ok=False)
+    if opts.resume and not (opts.experiment_id and exp_dir.is_dir()):
+        raise ConfigError(f"--resume: no experiment {experiment_id!r} under {opts.runs_dir} to resume")
+    (exp_dir / "topologies").mkdir(parents=True, exist_ok=opts.resume)
+    earlier = _earlier_runs(exp_dir) if opts.resume else {}
     lab_cfg = topology.get("lab", {}) or {}
     duration = opts.duration_wall_s or (
         QUICK_DURATION_S if opts.quick else float(lab_cfg.get("experiment_duration_wall_s", DEFAULT_DURATION_S))
@@ -226,7 +266,6 @@ def run_experiment(opts: ExperimentOptions) -> dict[str, Any]:
     budgets: dict[tuple[float, int, float], dict[str, int]] = {}  # FedAvg's steps per cluster, by (rate, seed, lr)
     for index, (rate, strategy, seed, lr) in enumerate(grid, start=1):
         run_id = f"{_rate_label(rate)}-{strategy}-seed{seed}" + (f"-lr{lr:g}" if several_lrs else "")
-        print(f"[experiment] run {index}/{len(grid)}: {run_id}", flush=True)
         variant = copy.deepcopy(topology)
         variant["strategy"] = strategy
         variant["seed"] = seed
@@ -237,26 +276,30 @@ def run_experiment(opts: ExperimentOptions) -> dict[str, Any]:
             for cluster in variant["clusters"]:
                 cluster["max_training_steps"] = budget[cluster["id"]]
         path = exp_dir / "topologies" / f"{run_id}.yaml"
-        path.write_text(yaml.safe_dump(variant, sort_keys=False), encoding="utf-8")
-        started = time.monotonic()
-        lab = run_lab(
-            LabOptions(
-                topology_path=path,
-                broker=opts.broker,
-                duration_wall_s=duration,
-                runs_dir=exp_dir,
-                run_id=run_id,
-                cache_dir=opts.cache_dir,
-                replay_plan=replay_plan,
-            )
-        )
-        if lab.interrupted:
-            raise KeyboardInterrupt
-        summary = write_outputs_apart(lab)
-        if replay and replay_plan is None and lab.plan_path.exists():
-            replay_plan, plan_source = exp_dir / "contact_plan.json", run_id
-            replay_plan.write_bytes(lab.plan_path.read_bytes())
-        bases.setdefault(seed, (path, lab.base_dir))
+        text = yaml.safe_dump(variant, sort_keys=False)
+        finished = exp_dir / run_id / "summary.json"
+        if opts.resume and finished.exists():
+            if path.read_text(encoding="utf-8") != text:
+                raise ConfigError(f"--resume: {run_id} was run with another topology than {path} now gives")
+            print(f"[experiment] run {index}/{len(grid)}: {run_id} (reused)", flush=True)
+            summary = json.loads(finished.read_text(encoding="utf-8"))
+            plan_path = exp_dir / run_id / "orbit" / "plan.json"
+            if replay and replay_plan is None and (exp_dir / "contact_plan.json").exists():
+                replay_plan, plan_source = exp_dir / "contact_plan.json", run_id
+            bases.setdefault(seed, (path, _base_of(path, opts.cache_dir)))
+            wall_seconds = earlier.get(run_id)
+        else:
+            print(f"[experiment] run {index}/{len(grid)}: {run_id}", flush=True)
+            if (exp_dir / run_id).exists():  # an earlier try that never finished: kept aside, not reused
+                (exp_dir / run_id).rename(exp_dir / f"{run_id}.incomplete-{int(time.time())}")
+            path.write_text(text, encoding="utf-8")
+            started = time.monotonic()
+            summary, plan_path, base_dir = _run_one(opts, path, run_id, duration, replay_plan, exp_dir)
+            if replay and replay_plan is None and plan_path.exists():
+                replay_plan, plan_source = exp_dir / "contact_plan.json", run_id
+                replay_plan.write_bytes(plan_path.read_bytes())
+            bases.setdefault(seed, (path, base_dir))
+            wall_seconds = round(time.monotonic() - started, 1)
         if strategy == "fedavg":
             budgets[(rate, seed, lr)] = {
                 c: int(v.get("training_steps") or 0) for c, v in summary["per_cluster"].items()
@@ -269,8 +312,8 @@ def run_experiment(opts: ExperimentOptions) -> dict[str, Any]:
                 "strategy": strategy,
                 "seed": seed,
                 "lr": lr,
-                "wall_seconds": round(time.monotonic() - started, 1),
-                "plan_sha256": plan_fingerprint(lab.plan_path),
+                "wall_seconds": wall_seconds,
+                "plan_sha256": plan_fingerprint(plan_path),
                 "max_training_steps": budget,
             }
         )

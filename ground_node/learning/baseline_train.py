@@ -54,10 +54,7 @@ def train_baseline(agent: Any, base: Any, data: Any, state: BaselineState, stop:
         pulled = state.take_pulled()
         if pulled is not None and (current is None or pulled.version > current):
             usage.idle_stop()
-            changed = load_global(trainer, pulled)
-            current = pulled.version
-            state.loaded(current)
-            agent.events.emit("model_loaded", version=current, experts=changed)
+            current = _load(agent, trainer, state, pulled)
         waiting = current is None or (state.strategy == "fedavg" and current in state.uploaded_rounds)
         if waiting:
             usage.idle_start()
@@ -67,7 +64,8 @@ def train_baseline(agent: Any, base: Any, data: Any, state: BaselineState, stop:
         usage.idle_stop()
         assert current is not None
         if agent.budget_spent(trainer.step):
-            agent.finish_budget(trainer.step, partial(_stage, agent, trainer, current), stop)
+            agent.finish_budget(trainer.step, partial(_stage, agent, trainer, current))
+            _serve_pulled(agent, trainer, state, current, stop)
             break
         loss = usage.timed(trainer.train_step)
         agent.steps = trainer.step
@@ -76,6 +74,24 @@ def train_baseline(agent: Any, base: Any, data: Any, state: BaselineState, stop:
         if trainer.step % t.stage_every_steps == 0:
             _stage(agent, trainer, current)
     usage.idle_stop()
+
+
+def _load(agent: Any, trainer: Any, state: BaselineState, pulled: PulledModel) -> int:
+    changed = load_global(trainer, pulled)
+    state.loaded(pulled.version)
+    agent.events.emit("model_loaded", version=pulled.version, experts=changed)
+    return pulled.version
+
+
+def _serve_pulled(agent: Any, trainer: Any, state: BaselineState, current: int | None, stop: threading.Event) -> None:
+    """After the step budget: train no more, but load each newer global model the uplink pulls, as a deployed
+    board answers with the newest model it has (the served accuracy reads `model_loaded`). Before this, a FedAsync
+    board that pulled only after its last step kept serving what it trained from (the base, for one cluster)."""
+    while not stop.is_set():
+        pulled = state.take_pulled()
+        if pulled is not None and (current is None or pulled.version > current):
+            current = _load(agent, trainer, state, pulled)
+        state.wait(0.5)
 
 
 def _stage(agent: Any, trainer: Any, version: int) -> None:

@@ -8,7 +8,8 @@ optimiser steps (the experiment passes the federated runs' total). Writes one JS
 
 Run by hand, it is also the accuracy ceiling of a base and task: `--threads 0` uses every core, `--test-examples`
 evaluates on more of the test set than the topology's sample (CLINC150: all 4,500 in-scope queries), `--lr`
-overrides `training.lr`, `--no-checkpointing` trades memory for speed.
+overrides `training.lr`, `--lr-decay` lowers it linearly to zero over the steps (the federated runs keep it
+constant: a board never knows when its training ends), `--no-checkpointing` trades memory for speed.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from ground_node.settings import load_settings
 from ground_node.usage import peak_rss_mb
 
 
-def centralised(topology: dict[str, Any], base_dir: Path, steps: int) -> dict[str, Any]:
+def centralised(topology: dict[str, Any], base_dir: Path, steps: int, lr_decay: bool = False) -> dict[str, Any]:
     s = load_settings(topology)
     tok = tokenizer_for(s.data)
     base = load_base(base_dir)
@@ -47,7 +48,10 @@ def centralised(topology: dict[str, Any], base_dir: Path, steps: int) -> dict[st
     start = time.monotonic()
     losses = []
     with tqdm(total=steps, desc="centralised", unit="step", mininterval=30) as bar:  # runs last an hour on 2 cores
-        for _ in range(steps):
+        for step in range(steps):
+            if lr_decay:
+                for group in trainer.optimizer.param_groups:
+                    group["lr"] = s.training.lr * (1 - step / steps)
             losses.append(trainer.train_step())
             bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
             bar.update()
@@ -60,6 +64,7 @@ def centralised(topology: dict[str, Any], base_dir: Path, steps: int) -> dict[st
         "strategy": "centralised",
         "steps": steps,
         "lr": s.training.lr,
+        "lr_schedule": "linear decay to 0" if lr_decay else "constant",
         "examples": len(pooled),
         "test_examples": len(tests),
         "accuracy_final": score(tests),
@@ -82,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default, every core)")
     parser.add_argument("--test-examples", type=int, help="size of the test sample (default: data.test_examples)")
     parser.add_argument("--lr", type=float, help="learning rate (default: training.lr)")
+    parser.add_argument("--lr-decay", action="store_true", help="lower the learning rate linearly to 0 over the steps")
     parser.add_argument(
         "--no-checkpointing",
         action="store_true",
@@ -98,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             topology.setdefault("training", {})["lr"] = args.lr
         if args.no_checkpointing:
             topology.setdefault("training", {})["gradient_checkpointing"] = False
-        report = centralised(topology, Path(args.base), max(0, args.steps))
+        report = centralised(topology, Path(args.base), max(0, args.steps), args.lr_decay)
     except (ConfigError, GroundError, OSError) as exc:
         print(f"ground_node.learning.central: {exc}", file=sys.stderr)
         return 2

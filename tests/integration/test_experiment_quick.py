@@ -120,3 +120,27 @@ def test_every_strategy_trains_at_most_fedavgs_steps(comparison: tuple[Path, dic
     for strategy in ("emsfl", "fedasync"):
         assert runs[strategy]["max_training_steps"] == fedavg, strategy
         assert all(n <= fedavg[c] for c, n in steps(strategy).items()), (strategy, steps(strategy), fedavg)
+
+
+def test_resume_reuses_every_finished_run(
+    comparison: tuple[Path, dict[str, Any]], module_broker: BrokerProcess
+) -> None:
+    """`--resume` on a finished experiment runs no lab again and recomputes the same comparison; one whose
+    topology changed since is refused by name, with nothing rewritten. (Last in this module: it rewrites
+    comparison.json, which the tests above have read.)"""
+    exp_dir, result = comparison
+    argv = [sys.executable, "-m", "emsfl", "lab", "experiment", "--quick", "--broker", module_broker.address]
+    argv += ["--runs-dir", str(exp_dir.parent), "--experiment-id", "quick"]
+    argv += ["--cache-dir", str(exp_dir.parent.parent / "cache")]
+    before = {p: p.stat().st_mtime_ns for p in exp_dir.rglob("*") if p.is_file()}
+
+    changed = subprocess.run([*argv, "--resume", "--lrs", "0.5"], capture_output=True, text=True, timeout=300)
+    assert changed.returncode == 2 and "another topology" in changed.stderr and "-fedavg-seed0" in changed.stderr
+    assert {p: p.stat().st_mtime_ns for p in exp_dir.rglob("*") if p.is_file()} == before
+
+    again = subprocess.run([*argv, "--resume", "--no-central"], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("(reused)") == len(STRATEGIES) and "[lab]" not in again.stdout + again.stderr
+    resumed = json.loads((exp_dir / "comparison.json").read_text(encoding="utf-8"))
+    assert resumed["strategies"] == result["strategies"] and resumed["runs"] == result["runs"]
+    assert resumed["centralised"] is None
