@@ -53,7 +53,7 @@ SERVER_KEEPALIVE_OPTIONS: list[tuple[str, int]] = [
     ("grpc.http2.ping_timeout_ms", 20_000),
     ("grpc.keepalive_timeout_ms", 20_000),
     ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.min_recv_ping_interval_without_data_ms", 500),
+    ("grpc.http2.min_ping_interval_without_data_ms", 500),  # the name gRPC core reads (no "recv")
 ]
 
 

@@ -50,7 +50,7 @@ def test_client_options_ping_often_and_unanswered_pings_end_the_call() -> None:
     assert options["grpc.keepalive_permit_without_calls"] == 1 and options["grpc.http2.max_pings_without_data"] == 0
     assert options["grpc.keepalive_time_ms"] + options["grpc.http2.ping_timeout_ms"] <= 10_000
     # the server permits pings at least as often as the client sends them (else GOAWAY too_many_pings)
-    permitted_ms = dict(SERVER_KEEPALIVE_OPTIONS)["grpc.http2.min_recv_ping_interval_without_data_ms"]
+    permitted_ms = dict(SERVER_KEEPALIVE_OPTIONS)["grpc.http2.min_ping_interval_without_data_ms"]
     assert permitted_ms <= options["grpc.keepalive_time_ms"]
 
 
@@ -70,3 +70,21 @@ def test_hard_cut_fails_the_call_with_unavailable(satellite: tuple[SlowSatellite
         servicer.release.set()
         channel.close()
         proxy.close()
+
+
+def test_idle_client_pings_are_permitted_no_goaway_too_many_pings(satellite: tuple[SlowSatellite, int]) -> None:
+    """Regression test: the server option was spelled `grpc.http2.min_recv_ping_interval_without_data_ms`, a name
+    gRPC core does not know, so servers kept the default (one ping per 5 min without data) and answered an idle
+    client's 2 s pings with GOAWAY too_many_pings; the CLINC150 comparison's ground logs show it, with calls then
+    cut (CANCELLED, DEADLINE_EXCEEDED). A dropped connection shows as the channel leaving READY."""
+    servicer, port = satellite
+    servicer.release.set()  # GetStatus answers at once
+    channel = open_channel(f"127.0.0.1:{port}", None)
+    states: list[grpc.ChannelConnectivity] = []
+    try:
+        pb_grpc.FederationStub(channel).GetStatus(pb.StatusRequest(), timeout=10)
+        channel.subscribe(states.append, try_to_connect=False)
+        threading.Event().wait(15)  # idle: about 7 client pings, 3 past the default policy's strikes
+        assert states and set(states) == {grpc.ChannelConnectivity.READY}, states
+    finally:
+        channel.close()
