@@ -279,7 +279,7 @@ def run_experiment(opts: ExperimentOptions) -> dict[str, Any]:
         text = yaml.safe_dump(variant, sort_keys=False)
         finished = exp_dir / run_id / "summary.json"
         if opts.resume and finished.exists():
-            if path.read_text(encoding="utf-8") != text:
+            if not path.exists() or path.read_text(encoding="utf-8") != text:
                 raise ConfigError(f"--resume: {run_id} was run with another topology than {path} now gives")
             print(f"[experiment] run {index}/{len(grid)}: {run_id} (reused)", flush=True)
             summary = json.loads(finished.read_text(encoding="utf-8"))

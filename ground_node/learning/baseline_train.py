@@ -51,10 +51,7 @@ def train_baseline(agent: Any, base: Any, data: Any, state: BaselineState, stop:
     agent.events.emit("baseline", strategy=state.strategy, join_version=state.join_version)
     t = s.training
     while not stop.is_set():
-        pulled = state.take_pulled()
-        if pulled is not None and (current is None or pulled.version > current):
-            usage.idle_stop()
-            current = _load(agent, trainer, state, pulled)
+        current = _load_newer(agent, trainer, state, current)
         waiting = current is None or (state.strategy == "fedavg" and current in state.uploaded_rounds)
         if waiting:
             usage.idle_start()
@@ -76,7 +73,12 @@ def train_baseline(agent: Any, base: Any, data: Any, state: BaselineState, stop:
     usage.idle_stop()
 
 
-def _load(agent: Any, trainer: Any, state: BaselineState, pulled: PulledModel) -> int:
+def _load_newer(agent: Any, trainer: Any, state: BaselineState, current: int | None) -> int | None:
+    """Load the newest pulled global model if it is newer than `current`; returns the version now loaded."""
+    pulled = state.take_pulled()
+    if pulled is None or (current is not None and pulled.version <= current):
+        return current
+    agent.usage.idle_stop()
     changed = load_global(trainer, pulled)
     state.loaded(pulled.version)
     agent.events.emit("model_loaded", version=pulled.version, experts=changed)
@@ -88,9 +90,7 @@ def _serve_pulled(agent: Any, trainer: Any, state: BaselineState, current: int |
     board answers with the newest model it has (the served accuracy reads `model_loaded`). Before this, a FedAsync
     board that pulled only after its last step kept serving what it trained from (the base, for one cluster)."""
     while not stop.is_set():
-        pulled = state.take_pulled()
-        if pulled is not None and (current is None or pulled.version > current):
-            current = _load(agent, trainer, state, pulled)
+        current = _load_newer(agent, trainer, state, current)
         state.wait(0.5)
 
 
