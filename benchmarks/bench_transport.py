@@ -49,8 +49,8 @@ from _common import write_result
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from emsfl.runtime.channel import MESSAGE_OPTIONS, open_channel  # noqa: E402
+from emsfl.runtime.client import push_windowed  # noqa: E402
 from emsfl.runtime.tls import TlsFiles  # noqa: E402
-from emsfl.runtime.window import push_windowed  # noqa: E402
 
 RESULT = ROOT / "benchmarks" / "results" / "transport.json"
 EXPERTS = 16  # one layer; each expert carries two parts of (mib / 32) MiB each

@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import threading
 import time
+from datetime import datetime
 
 from emsfl.runtime.linkstate import LinkState
 from satellite_node.validate import Refusal, RefusalCode
 
 
-def gate(links: LinkState, cluster: str) -> None:
-    """Refuse (UNAVAILABLE) unless `cluster`'s link is up: nothing moves over a link that is down."""
-    if not links.is_up(cluster):
+def gate(links: LinkState, cluster: str) -> datetime | None:
+    """Refuse (UNAVAILABLE) unless `cluster`'s link is up: nothing moves over a link that is down. Returns the
+    emulated instant the call was admitted at (None where the link state has no clock)."""
+    up, now = links.up_now(cluster)
+    if not up:
         raise Refusal(RefusalCode.UNAVAILABLE, links.down_reason(cluster), "link_down")
+    return now
 
 
 class Pacer:

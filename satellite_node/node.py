@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import numpy as np
@@ -126,16 +127,17 @@ class SatelliteNode:
 
     def admit(self, cluster: str | None) -> str:
         """The caller's cluster if it may be served now, else a Refusal (no state change)."""
+        return self.admit_at(cluster)[0]
+
+    def admit_at(self, cluster: str | None) -> tuple[str, datetime | None]:
+        """`admit`, and the emulated instant the link gate admitted the call at."""
         if not cluster:
             raise Refusal(RefusalCode.UNAUTHENTICATED, "no cluster identity on the call")
         if cluster not in self.config.clusters:
             raise Refusal(RefusalCode.PERMISSION_DENIED, f"cluster {cluster!r} is not in the topology")
-        self.gate(cluster)
+        now = gate(self.links, cluster)
         self.tick()
-        return cluster
-
-    def gate(self, cluster: str) -> None:
-        gate(self.links, cluster)
+        return cluster, now
 
     def refused(self, cluster: str | None, refusal: Refusal) -> None:
         self.metrics.refused(refusal)
@@ -312,8 +314,9 @@ class SatelliteNode:
         self._pull_cache = (key, result)
         return result
 
-    def status(self) -> dict[str, Any]:
-        return status_dict(self.store, self.strategy, self.config.clusters, self.links)
+    def status(self, at: datetime | None = None) -> dict[str, Any]:
+        """`at`: the emulated time the reply reports (the instant a call was admitted at); default now."""
+        return status_dict(self.store, self.strategy, self.config.clusters, self.links, at)
 
     def global_version(self) -> int:
         """What a client must pull (the strategy says what counts as a new global model)."""

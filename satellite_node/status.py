@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from datetime import datetime
 from typing import Any
 
 import numpy as np
@@ -30,7 +31,11 @@ def global_state(store: Store, base: Mapping[str, np.ndarray], at_unix: float | 
 
 
 def status_dict(
-    store: Store, strategy: Strategy | None, clusters: Iterable[str], links: LinkState | None = None
+    store: Store,
+    strategy: Strategy | None,
+    clusters: Iterable[str],
+    links: LinkState | None = None,
+    at: datetime | None = None,
 ) -> dict[str, Any]:
     """Clusters, assignment and expert versions as plain data (GetStatus and `emsfl satellite status`); `strategy`
     None: a state directory whose strategy this version does not know."""
@@ -40,7 +45,7 @@ def status_dict(
     table = store.owners(version) or {}
     stats = store.commit_stats()
     names = list(dict.fromkeys([*clusters, *joined]))
-    now = links.emulated_now() if links is not None else None
+    now = at if at is not None or links is None else links.emulated_now()
     out_clusters = []
     for c in names:
         owned = sum(1 for owner in table.values() if owner == c)

@@ -147,6 +147,9 @@ class FakeLinks(LinkState):
     def is_up(self, cluster: str) -> bool:
         return cluster not in self.down
 
+    def up_now(self, cluster: str) -> tuple[bool, datetime | None]:
+        return self.is_up(cluster), self.now
+
     def down_reason(self, cluster: str) -> str:
         return f"link of cluster {cluster!r} is down"
 

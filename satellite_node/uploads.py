@@ -61,7 +61,7 @@ class Offer:
 class ChunkIn:
     content_hash: str
     index: int
-    data: bytes | memoryview  # a view into the received message on the gRPC path (satellite_node/chunkwire.py)
+    data: bytes | memoryview  # on the gRPC path a view into the received message (server.py: decode_chunk)
     sha256: str
     total_chunks: int = 0
     total_size: int = 0

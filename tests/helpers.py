@@ -235,6 +235,9 @@ class FixedLink(LinkState):
     def is_up(self, cluster: str) -> bool:
         return self.up
 
+    def up_now(self, cluster: str) -> tuple[bool, None]:
+        return self.up, None
+
     def wait_up(self, cluster: str, timeout_s: float) -> bool:
         time.sleep(min(timeout_s, 0.05))  # a poll's pause, up or not, as a real wait would take
         return self.up

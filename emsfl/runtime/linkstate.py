@@ -17,6 +17,12 @@ class LinkState(Protocol):
         """Whether a call of `cluster` may pass now (a late `down` never lets one through after LOS)."""
         ...
 
+    def up_now(self, cluster: str) -> tuple[bool, datetime | None]:
+        """`is_up` and the emulated instant it was decided at, read together: a reply that reports the time of its
+        call carries the instant the gate admitted it at, not a later one (at x240, 10 ms of scheduling delay is
+        2.4 emulated seconds, enough to fall after LOS)."""
+        ...
+
     def wait_up(self, cluster: str, timeout_s: float) -> bool:
         """Block until the cluster's link is up or `timeout_s` passes; returns `is_up`."""
         ...

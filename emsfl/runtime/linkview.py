@@ -82,14 +82,20 @@ class LinkView(LinkState):
             return list(self._contacts.get(cluster, []))
 
     def is_up(self, cluster: str) -> bool:
-        with self._lock:
-            return self._is_up_locked(cluster)
+        return self.up_now(cluster)[0]
 
-    def _is_up_locked(self, cluster: str) -> bool:
+    def up_now(self, cluster: str) -> tuple[bool, datetime | None]:
+        with self._lock:
+            now = self._now_locked()
+            return self._is_up_locked(cluster, now), now
+
+    def _now_locked(self) -> datetime | None:
+        return None if self._clock is None else self._clock.now()
+
+    def _is_up_locked(self, cluster: str, now: datetime | None) -> bool:
         link = self._links.get(cluster)
-        if not self._orbit_online or self._clock is None or link is None or link["state"] != "up":
+        if not self._orbit_online or now is None or link is None or link["state"] != "up":
             return False
-        now = self._clock.now()
         until = link.get("until")
         if until is not None and now >= parse_iso(until):
             return False
@@ -105,7 +111,7 @@ class LinkView(LinkState):
 
         deadline = time.monotonic() + timeout_s
         with self._changed:
-            while not self._is_up_locked(cluster):
+            while not self._is_up_locked(cluster, self._now_locked()):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return False

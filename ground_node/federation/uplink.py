@@ -74,7 +74,7 @@ class Uplink(threading.Thread):
         self.events = events
         self.poll_s = poll_s
         self.call_timeout_s = call_timeout_s
-        # chunks sent ahead of the satellite's answers: a hard cut resends at most this many (emsfl/runtime/window.py)
+        # chunks sent ahead of the satellite's answers: a hard cut resends at most this many (`push_windowed`)
         self.send_window_chunks = send_window_chunks
         # keepalive (emsfl/runtime/channel.py): a hard cut ends a call in seconds, not at its deadline
         self.client = FederationClient(target, cluster, tls=tls, timeout_s=call_timeout_s)

@@ -106,6 +106,9 @@ class _ShortContact(LinkState):
     def is_up(self, cluster: str) -> bool:
         return True
 
+    def up_now(self, cluster: str) -> tuple[bool, datetime]:
+        return True, self.now
+
     def wait_up(self, cluster: str, timeout_s: float) -> bool:
         return True
 

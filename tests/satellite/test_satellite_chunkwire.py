@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from protos.emsfl.v1 import federation_pb2 as pb
-from satellite_node.chunkwire import WireError, decode_chunk
+from satellite_node.server import WireError, decode_chunk
 
 HEX = st.text(alphabet="0123456789abcdef", max_size=64)
 U32 = st.integers(min_value=0, max_value=2**32 - 1)

@@ -12,7 +12,7 @@ import grpc
 import numpy as np
 import pytest
 
-from emsfl.runtime.window import push_windowed
+from emsfl.runtime.client import push_windowed
 from protos.emsfl.v1 import federation_pb2 as pb
 from protos.wire import chunk_messages
 from satellite_node.testing import (
