@@ -64,6 +64,12 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="with --experiment-id: reuse its finished runs, run only what is missing (failed runs, central row)",
     )
+    exp.add_argument(
+        "--record",
+        type=Path,
+        help="also copy the experiment's record (each run's summary, topology and contact plan, the centralised "
+        "reports: what --resume needs) to this directory, to commit or carry to another machine",
+    )
     exp.add_argument("--cache-dir", type=Path, default=Path(".cache/emsfl"))
     gap = sub.add_parser(
         "merge-gap",
@@ -114,6 +120,7 @@ def _experiment(args: argparse.Namespace) -> int:
         equal_steps=not args.free_steps,
         target_fraction=args.target_fraction,
         resume=args.resume,
+        record=args.record,
     )
     result = run_experiment(opts)
     for name, metrics in result["strategies"].items():

@@ -7,7 +7,9 @@ comparison records which, and checks that every run saw the same windows. Strate
 they train and what they send. Transfers are paced by the link model, so every byte costs emulated time.
 A centralised reference (all data in one process, the federated runs' budget of steps) is run per seed.
 `resume` reuses every run of an earlier experiment of the same id whose summary was written (with the same
-topology), and runs only what is missing: a run that failed, more seeds, or the centralised row.
+topology), and each centralised report of the same number of steps, and runs only what is missing: a run that
+failed, more seeds, or the centralised row. `record` (testbed/record.py) copies the small files resuming needs to
+a directory that can be committed and carried to another machine.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from testbed import comparemd, plots
 from testbed.compare import claims, compare, spread_of
 from testbed.lab import LabOptions, run_lab
 from testbed.outputs import write_outputs_apart
+from testbed.record import save_record
 from testbed.report import write_json
 from testbed.style import FIGURE_FORMATS
 
@@ -59,6 +62,7 @@ class ExperimentOptions:
     equal_steps: bool = True
     target_fraction: float = 0.95
     resume: bool = False  # reuse the finished runs of `experiment_id`
+    record: Path | None = None  # also copy the experiment's record (testbed/record.py) here
 
 
 DEFAULT_DURATION_S = 75.0  # wall seconds per run: 18 runs + references fit in 45 minutes on 2 cores
@@ -340,8 +344,14 @@ def run_experiment(opts: ExperimentOptions) -> dict[str, Any]:
                 for r in runs_
                 if r["config"].get("seed") == seed
             )
+            out = exp_dir / f"centralised-seed{seed}.json"
+            earlier_report = json.loads(out.read_text(encoding="utf-8")) if opts.resume and out.exists() else None
+            if earlier_report is not None and earlier_report.get("steps") == steps:
+                print(f"[experiment] centralised reference, seed {seed}: {steps} steps (reused)", flush=True)
+                reports.append(earlier_report)
+                continue
             print(f"[experiment] centralised reference, seed {seed}: {steps} steps", flush=True)
-            reports.append(run_central(path, base_dir, steps, exp_dir / f"centralised-seed{seed}.json"))
+            reports.append(run_central(path, base_dir, steps, out))
         central = _central_metrics(reports)
         for comparison in by_rate.values():
             comparison["centralised"] = central
@@ -392,6 +402,9 @@ def run_experiment(opts: ExperimentOptions) -> dict[str, Any]:
         label = _rate_label(rate)
         _plot(exp_dir, per_strategy, suffix, by_rate[label]["target_accuracy"], label, central)
     print(f"[experiment] written to {exp_dir} in {result['wall_seconds']:.0f} s", flush=True)
+    if opts.record is not None:
+        save_record(exp_dir, opts.record)
+        print(f"[experiment] record (what --resume needs, elsewhere too) copied to {opts.record}", flush=True)
     return result
 
 

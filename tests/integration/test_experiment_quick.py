@@ -9,6 +9,7 @@ uplink bytes than FedAvg, and every run saw the same contact plan. The wall time
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ from PIL import Image
 
 from testbed.broker import BrokerProcess
 from testbed.experiment import STRATEGIES
+from testbed.record import record_files
 
 # The module fixture runs the whole quick experiment (about 5 min on a quiet 2-core machine, 11 under load).
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
@@ -126,8 +128,9 @@ def test_resume_reuses_every_finished_run(
     comparison: tuple[Path, dict[str, Any]], module_broker: BrokerProcess
 ) -> None:
     """`--resume` on a finished experiment runs no lab again and recomputes the same comparison; one whose
-    topology changed since is refused by name, with nothing rewritten. (Last in this module: it rewrites
-    comparison.json, which the tests above have read.)"""
+    topology changed since is refused by name, with nothing rewritten. Its record alone, carried to another runs
+    directory, resumes the same way. (Last in this module: it rewrites comparison.json, which the tests above have
+    read.)"""
     exp_dir, result = comparison
     argv = [sys.executable, "-m", "emsfl", "lab", "experiment", "--quick", "--broker", module_broker.address]
     argv += ["--runs-dir", str(exp_dir.parent), "--experiment-id", "quick"]
@@ -138,9 +141,23 @@ def test_resume_reuses_every_finished_run(
     assert changed.returncode == 2 and "another topology" in changed.stderr and "-fedavg-seed0" in changed.stderr
     assert {p: p.stat().st_mtime_ns for p in exp_dir.rglob("*") if p.is_file()} == before
 
-    again = subprocess.run([*argv, "--resume", "--no-central"], capture_output=True, text=True, timeout=300)
+    record = exp_dir.parent.parent / "record"
+    again = subprocess.run([*argv, "--resume", "--record", str(record)], capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stdout.count("(reused)") == len(STRATEGIES) and "[lab]" not in again.stdout + again.stderr
+    # every run and the centralised report reused, nothing trained again
+    assert again.stdout.count("(reused)") == len(STRATEGIES) + 1 and "[lab]" not in again.stdout + again.stderr
     resumed = json.loads((exp_dir / "comparison.json").read_text(encoding="utf-8"))
     assert resumed["strategies"] == result["strategies"] and resumed["runs"] == result["runs"]
-    assert resumed["centralised"] is None
+    assert resumed["centralised"] == result["centralised"]
+
+    assert sorted(p.relative_to(record) for p in record.rglob("*") if p.is_file()) == record_files(exp_dir)
+    elsewhere = exp_dir.parent.parent / "elsewhere"
+    shutil.copytree(record, elsewhere / "quick")
+    argv[argv.index("--runs-dir") + 1] = str(elsewhere)
+    moved = subprocess.run([*argv, "--resume"], capture_output=True, text=True, timeout=300)
+    assert moved.returncode == 0, moved.stderr[-3000:]
+    assert moved.stdout.count("(reused)") == len(STRATEGIES) + 1 and "[lab]" not in moved.stdout + moved.stderr
+    carried = json.loads((elsewhere / "quick" / "comparison.json").read_text(encoding="utf-8"))
+    assert carried["strategies"] == result["strategies"] and carried["runs"] == result["runs"]
+    assert carried["centralised"] == result["centralised"]
+    assert carried["contact_plan"]["identical_across_runs"] is True
