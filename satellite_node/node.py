@@ -119,9 +119,13 @@ class SatelliteNode:
         self.metrics.versions_made(effect)
         self._emit("round_closed", version=effect.global_version, cause=effect.cause, at="deadline")
 
-    def _emit(self, event: str, **fields: Any) -> None:
+    def _emit(self, event: str, t: datetime | None = None, **fields: Any) -> None:
+        """`t`: the event's emulated time (default: now)."""
         if self.events is not None:
-            self.events.emit(event, **fields)
+            if t is None:
+                self.events.emit(event, **fields)
+            else:
+                self.events.emit(event, t, **fields)
 
     # identity and the link gate
 
@@ -145,7 +149,8 @@ class SatelliteNode:
 
     # join, affinity, assignment
 
-    def join(self, cluster: str, device_id: str, capacity: int, num_examples: int) -> None:
+    def join(self, cluster: str, device_id: str, capacity: int, num_examples: int, at: datetime | None = None) -> None:
+        """`at`: the instant the call was admitted at (`admit_at`), recorded as the join's time; default now."""
         if capacity < 0:
             raise invalid(f"capacity_experts must be >= 0, got {capacity}")
         if capacity == 0:  # proto3 default: fall back to the topology's value
@@ -156,13 +161,13 @@ class SatelliteNode:
         if num_examples < 0:
             raise invalid(f"num_examples must be >= 0, got {num_examples}")
         with self._lock:
-            now = self.links.emulated_now()
+            now = at or self.links.emulated_now()
             self.store.upsert_cluster(
                 ClusterRow(cluster, device_id, capacity, num_examples),
                 None if now is None else to_iso(now),
                 time.time(),
             )
-        self._emit("joined", cluster=cluster)
+        self._emit("joined", now, cluster=cluster)
 
     def _matrix(self, name: str, values: Iterable[float]) -> np.ndarray | None:
         array = np.asarray(list(values), dtype=np.float64)
@@ -185,8 +190,10 @@ class SatelliteNode:
         num_experts: int,
         gate: Iterable[float],
         freq: Iterable[float],
+        at: datetime | None = None,
     ) -> tuple[int, int]:
-        """Store a cluster's affinity; solves assignment version 1 once every cluster has reported."""
+        """Store a cluster's affinity; solves assignment version 1 once every cluster has reported. `at`: as in
+        `join`."""
         m = self.manifest
         if (num_layers, num_experts) != (m.num_layers, m.num_experts):
             raise invalid(f"affinity is {num_layers}x{num_experts}, the model has {m.num_layers}x{m.num_experts}")
@@ -200,13 +207,13 @@ class SatelliteNode:
         with self._lock:
             if cluster not in self.store.clusters():
                 raise Refusal(RefusalCode.FAILED_PRECONDITION, "join before reporting affinity")
-            now = self.links.emulated_now()
+            now = at or self.links.emulated_now()
             self.store.put_affinity(
                 AffinityRow(cluster, num_tokens, m.num_layers, m.num_experts, gate_m, freq_m),
                 None if now is None else to_iso(now),
                 time.time(),
             )
-            self._emit("affinity", cluster=cluster)
+            self._emit("affinity", now, cluster=cluster)
             self._maybe_solve()
             reported = set(self.store.affinities()) & set(self.config.clusters)
             return len(reported), len(self.config.clusters)

@@ -79,8 +79,8 @@ class FederationServicer(pb_grpc.FederationServicer):
     def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
         cluster = self._caller(context)
         try:
-            cluster = self.node.admit(cluster)
-            self.node.join(cluster, request.device_id, request.capacity_experts, request.num_examples)
+            cluster, admitted_at = self.node.admit_at(cluster)
+            self.node.join(cluster, request.device_id, request.capacity_experts, request.num_examples, admitted_at)
         except Refusal as refusal:
             self._refuse(context, cluster, refusal)
         return pb.JoinReply(
@@ -93,9 +93,15 @@ class FederationServicer(pb_grpc.FederationServicer):
     def ReportAffinity(self, request: pb.AffinityReport, context: grpc.ServicerContext) -> pb.AffinityAck:
         cluster = self._caller(context)
         try:
-            cluster = self.node.admit(cluster)
+            cluster, admitted_at = self.node.admit_at(cluster)
             reported, expected = self.node.report_affinity(
-                cluster, request.num_tokens, request.num_layers, request.num_experts, request.gate, request.freq
+                cluster,
+                request.num_tokens,
+                request.num_layers,
+                request.num_experts,
+                request.gate,
+                request.freq,
+                admitted_at,
             )
         except Refusal as refusal:
             self._refuse(context, cluster, refusal)

@@ -254,13 +254,19 @@ class Uploads:
                 f" {self.manifest.num_layers * self.manifest.num_experts} experts, this one {len(experts)}"
             )
 
-    def emit(self, event: str, **fields: Any) -> None:
+    def emit(self, event: str, t: datetime | None = None, **fields: Any) -> None:
+        """`t`: the event's emulated time (default: now)."""
         if self.events is not None:
-            self.events.emit(event, **fields)
+            if t is None:
+                self.events.emit(event, **fields)
+            else:
+                self.events.emit(event, t, **fields)
 
-    def _now(self) -> datetime:
-        now = self.links.emulated_now()
-        if now is None:  # the gate already refuses without a clock; this guards the commit path
+    def _admitted_at(self, cluster: str) -> datetime:
+        """The link gate for the commit; the instant it admitted the commit at is the commit's time (read once, so
+        a commit admitted just before LOS is never recorded after it)."""
+        now = gate(self.links, cluster)
+        if now is None:  # a link state with a clock refuses without one; this guards the commit path
             raise Refusal(RefusalCode.UNAVAILABLE, "no emulated clock received yet")
         return now
 
@@ -427,8 +433,7 @@ class Uploads:
             if self.store.is_committed(h):
                 return PushResult(True, [], self.store.versions_of_commit(h))
             # The link may have gone down during the push: keep the chunks, commit at the next pass.
-            gate(self.links, cluster)
-            now = self._now()
+            now = self._admitted_at(cluster)
             try:
                 return self._validate_and_commit(cluster, upload, digest, now)
             except Refusal as refusal:
@@ -481,6 +486,7 @@ class Uploads:
         self.metrics.versions_made(effect)
         self.emit(
             "upload_committed",
+            now,
             cluster=cluster,
             content_hash=h,
             bytes=upload.size,
