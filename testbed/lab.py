@@ -118,7 +118,7 @@ def _wait_ready(presence: _Presence, names: set[str], procs: list[RoleProcess]) 
     while not presence.has(names):
         for proc in procs:
             if not proc.running:
-                raise RuntimeError(f"{proc.name} exited with {proc.returncode} while starting:\n{proc.log_tail()}")
+                raise RuntimeError(f"{proc.name} {proc.exit_description} while starting:\n{proc.log_tail()}")
         if time.monotonic() > deadline:
             missing = sorted(names - presence.online)
             raise RuntimeError(f"not online after {READY_TIMEOUT_S:.0f} s: {', '.join(missing)}")
@@ -296,7 +296,7 @@ def run_lab(opts: LabOptions) -> LabRun:
         for proc in [*grounds, satellite, orbit]:
             code = proc.stop()
             if code not in (None, 0):
-                log.warning("%s exited with %s; see %s", proc.name, code, proc.log_path)
+                log.warning("%s %s; see %s", proc.name, proc.exit_description, proc.log_path)
         watcher.stop()
         if embedded is not None:
             embedded.stop()
@@ -354,7 +354,7 @@ def _supervise(lab: LabRun, links: LinkView, clusters: list[str], procs: list[Ro
     while (now := time.time()) < end:
         for proc in procs:
             if not proc.running:
-                raise RuntimeError(f"{proc.name} exited with {proc.returncode}:\n{proc.log_tail()}")
+                raise RuntimeError(f"{proc.name} {proc.exit_description}:\n{proc.log_tail()}")
         if now >= next_line:
             emulated = links.emulated_now()
             up = [c for c in clusters if links.is_up(c)]

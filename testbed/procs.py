@@ -11,6 +11,21 @@ from pathlib import Path
 from testbed.orphans import die_with_parent
 
 
+def exit_description(code: int | None, killed_by_us: bool = False) -> str:
+    """A child's exit status in words: a signal by name and, for a SIGKILL the lab did not send, its usual cause."""
+    if code is None or code >= 0:
+        return f"exited with {code}"
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        return f"exited with {code}"
+    if name != "SIGKILL":
+        return f"was killed by {name} ({code})"
+    if killed_by_us:
+        return f"was killed by {name} ({code}): it did not exit within its stop timeout after SIGTERM"
+    return f"was killed by {name} ({code}), most often by the kernel's OOM killer (see `dmesg | grep -i oom`)"
+
+
 class RoleProcess:
     """One `python -m emsfl ...` child with its output in a log file."""
 
@@ -20,6 +35,7 @@ class RoleProcess:
         self.log_path = log_path
         self.env = env
         self.proc: subprocess.Popen[bytes] | None = None
+        self.killed_by_us = False  # stop() or kill() sent SIGKILL
 
     def start(self) -> RoleProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -53,15 +69,19 @@ class RoleProcess:
             try:
                 self.proc.wait(timeout_s)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+                self.kill()
         return self.proc.returncode
 
     def kill(self) -> None:
         """SIGKILL, as a power cut would."""
         if self.proc is not None and self.proc.poll() is None:
+            self.killed_by_us = True
             self.proc.kill()
             self.proc.wait()
+
+    @property
+    def exit_description(self) -> str:
+        return exit_description(self.returncode, self.killed_by_us)
 
     def log_tail(self, lines: int = 20) -> str:
         try:
