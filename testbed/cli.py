@@ -67,7 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument(
         "--record",
         type=Path,
-        help="also copy the experiment's record (each run's summary, topology and contact plan, the centralised "
+        help="also copy the experiment's record (each run's summary and topology, the contact plan, the centralised "
         "reports: what --resume needs) to this directory, to commit or carry to another machine",
     )
     exp.add_argument("--cache-dir", type=Path, default=Path(".cache/emsfl"))

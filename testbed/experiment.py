@@ -173,12 +173,12 @@ def _run_one(
     return write_outputs_apart(lab), lab.plan_path, lab.base_dir
 
 
-def _earlier_runs(exp_dir: Path) -> dict[str, float | None]:
-    """The wall seconds of each run an earlier try of this experiment recorded (none if it never finished)."""
+def _earlier_runs(exp_dir: Path) -> dict[str, dict[str, Any]]:
+    """Each run an earlier try of this experiment recorded in its comparison (none if it never finished)."""
     path = exp_dir / "comparison.json"
     if not path.exists():
         return {}
-    return {str(r["run_id"]): r.get("wall_seconds") for r in load_comparison(exp_dir).get("runs", [])}
+    return {str(r["run_id"]): r for r in load_comparison(exp_dir).get("runs", [])}
 
 
 def _base_of(topology_path: Path, cache_dir: Path) -> Path:
@@ -291,7 +291,7 @@ def run_experiment(opts: ExperimentOptions) -> dict[str, Any]:
             if replay and replay_plan is None and (exp_dir / "contact_plan.json").exists():
                 replay_plan, plan_source = exp_dir / "contact_plan.json", run_id
             bases.setdefault(seed, (path, _base_of(path, opts.cache_dir)))
-            wall_seconds = earlier.get(run_id)
+            wall_seconds = earlier.get(run_id, {}).get("wall_seconds")
         else:
             print(f"[experiment] run {index}/{len(grid)}: {run_id}", flush=True)
             if (exp_dir / run_id).exists():  # an earlier try that never finished: kept aside, not reused
@@ -317,7 +317,8 @@ def run_experiment(opts: ExperimentOptions) -> dict[str, Any]:
                 "seed": seed,
                 "lr": lr,
                 "wall_seconds": wall_seconds,
-                "plan_sha256": plan_fingerprint(plan_path),
+                # a record (testbed/record.py) keeps the fingerprint, not each run's copy of the plan
+                "plan_sha256": plan_fingerprint(plan_path) or earlier.get(run_id, {}).get("plan_sha256"),
                 "max_training_steps": budget,
             }
         )

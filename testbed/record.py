@@ -1,7 +1,8 @@
 """An experiment's record: the few small files `emsfl lab experiment --resume` needs to reuse its finished runs.
 
 A run directory holds gigabytes (outboxes, the satellite's state, every board's model); the comparison needs only
-each run's `summary.json`, the topology it ran with, the contact plan it replayed and the centralised reports. A
+each run's `summary.json`, the topology it ran with, the contact plan the runs replay (once: each run's copy is
+identified by its fingerprint in `comparison.json`) and the centralised reports. A
 record holds exactly those, so it can be committed and carried to another machine: copy it to
 `<runs-dir>/<experiment-id>` and resume there with more seeds; the finished runs are reused, not rerun.
 """
@@ -18,7 +19,6 @@ RECORD_GLOBS = (
     "centralised-seed*.json",
     "topologies/*.yaml",
     "*/summary.json",
-    "*/orbit/plan.json",
 )
 
 

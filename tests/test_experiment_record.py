@@ -10,7 +10,6 @@ import pytest
 from testbed.record import save_record
 
 RECORD = [
-    "10Mbps-emsfl-seed0/orbit/plan.json",
     "10Mbps-emsfl-seed0/summary.json",
     "centralised-seed0.json",
     "comparison.json",
@@ -19,6 +18,7 @@ RECORD = [
     "topologies/10Mbps-emsfl-seed0.yaml",
 ]
 BULK = [
+    "10Mbps-emsfl-seed0/orbit/plan.json",  # its fingerprint is in comparison.json, the plan in contact_plan.json
     "10Mbps-emsfl-seed0/satellite/state.db",
     "10Mbps-emsfl-seed0/ground/c0/outbox/blobs/ab.safetensors",
     "10Mbps-fedavg-seed0.incomplete-1700000000/summary.json",  # set aside by --resume: never reused
