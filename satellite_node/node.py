@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import save as st_save
 
-from emsfl.runtime.events import EventLog
+from emsfl.runtime.events import NOW, EventLog
 from emsfl.runtime.linkstate import LinkState
 from emsfl.runtime.timefmt import to_iso
 from protos.wire import CHUNK_SIZE, ExpertKey, sha256_hex, split_chunks
@@ -119,13 +119,10 @@ class SatelliteNode:
         self.metrics.versions_made(effect)
         self._emit("round_closed", version=effect.global_version, cause=effect.cause, at="deadline")
 
-    def _emit(self, event: str, t: datetime | None = None, **fields: Any) -> None:
-        """`t`: the event's emulated time (default: now)."""
+    def _emit(self, event: str, t: datetime | object = NOW, **fields: Any) -> None:
+        """`t`: the event's emulated time (default: the log's clock now)."""
         if self.events is not None:
-            if t is None:
-                self.events.emit(event, **fields)
-            else:
-                self.events.emit(event, t, **fields)
+            self.events.emit(event, t, **fields)
 
     # identity and the link gate
 
@@ -167,7 +164,7 @@ class SatelliteNode:
                 None if now is None else to_iso(now),
                 time.time(),
             )
-        self._emit("joined", now, cluster=cluster)
+        self._emit("joined", now or NOW, cluster=cluster)
 
     def _matrix(self, name: str, values: Iterable[float]) -> np.ndarray | None:
         array = np.asarray(list(values), dtype=np.float64)
@@ -213,7 +210,7 @@ class SatelliteNode:
                 None if now is None else to_iso(now),
                 time.time(),
             )
-            self._emit("affinity", now, cluster=cluster)
+            self._emit("affinity", now or NOW, cluster=cluster)
             self._maybe_solve()
             reported = set(self.store.affinities()) & set(self.config.clusters)
             return len(reported), len(self.config.clusters)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from emsfl.runtime.events import EventLog
+from emsfl.runtime.events import NOW, EventLog
 from emsfl.runtime.linkstate import LinkState
 from emsfl.runtime.timefmt import to_iso
 from protos.wire import ExpertKey, sha256_hex
@@ -254,13 +254,10 @@ class Uploads:
                 f" {self.manifest.num_layers * self.manifest.num_experts} experts, this one {len(experts)}"
             )
 
-    def emit(self, event: str, t: datetime | None = None, **fields: Any) -> None:
-        """`t`: the event's emulated time (default: now)."""
+    def emit(self, event: str, t: datetime | object = NOW, **fields: Any) -> None:
+        """`t`: the event's emulated time (default: the log's clock now)."""
         if self.events is not None:
-            if t is None:
-                self.events.emit(event, **fields)
-            else:
-                self.events.emit(event, t, **fields)
+            self.events.emit(event, t, **fields)
 
     def _admitted_at(self, cluster: str) -> datetime:
         """The link gate for the commit; the instant it admitted the commit at is the commit's time (read once, so

@@ -15,7 +15,7 @@ from typing import Any
 
 from emsfl.runtime.timefmt import to_iso
 
-_NOW = object()  # sentinel: take the emulated time from the log's clock
+NOW = object()  # sentinel: take the emulated time from the log's clock
 
 
 class EventLog:
@@ -30,8 +30,8 @@ class EventLog:
         self._lock = threading.Lock()
         self._handle = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed by close()
 
-    def emit(self, event: str, t: datetime | object | None = _NOW, **fields: Any) -> None:
-        moment = (self._now() if self._now is not None else None) if t is _NOW else t
+    def emit(self, event: str, t: datetime | object | None = NOW, **fields: Any) -> None:
+        moment = (self._now() if self._now is not None else None) if t is NOW else t
         record = {
             "t": to_iso(moment) if isinstance(moment, datetime) else None,
             "wall": round(time.time(), 3),
