@@ -108,6 +108,15 @@ def _tiny_topology(path: Path) -> None:
     path.write_text(yaml.safe_dump(topology, sort_keys=False), encoding="utf-8")
 
 
+def _closed_to_others(path: Path) -> Path | None:
+    """The first directory on the way to `path` that other users may not enter, None if there is none.
+    Regression: in a clone made with `mktemp -d` (mode 700) the play found no torch and tried to download it."""
+    for directory in [*reversed(path.parents), path]:
+        if not directory.stat().st_mode & stat.S_IXOTH:
+            return directory
+    return None
+
+
 def _wheel(out: Path) -> Path:
     _run(
         [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out), str(REPO)],
@@ -158,6 +167,13 @@ def test_site_provisions_satellite_and_ground_with_mutual_tls(target: Target) ->
     emsfl_home = target.home / "emsfl"
     ground_home = target.home / "emsfl-ground"  # the same login, a second testbed host
     site_packages = sysconfig.get_paths()["purelib"]
+    closed = _closed_to_others(Path(site_packages))
+    require(
+        closed is None,
+        f"{closed} is closed to other users (mode {0 if closed is None else closed.stat().st_mode & 0o777:o}): the "
+        f"throwaway SSH user must read this venv's {site_packages} (its torch), or the play downloads torch; clone "
+        "the repository where other users may enter (`mktemp -d` makes a 700 directory), or `chmod o+x` it",
+    )
     host_vars = {
         "ansible_host": "127.0.0.1",
         "ansible_port": target.port,
