@@ -86,16 +86,14 @@ def _experiment(stem: str, result: dict[str, Any]) -> list[str]:
 def _meaning(results: dict[str, dict[str, Any]]) -> list[str]:
     """What the figures say, computed from them (no sentence here is typed by hand)."""
     below, notes, sooner = [], [], []
-    spreads: dict[str, float] = {}
     for result in results.values():
         comparison = result["by_rate"][rate_label(ordered_rates(result)[0])]
         e_acc = comparison["strategies"]["emsfl"]["final_accuracy"]
         f_acc = comparison["strategies"]["fedavg"]["final_accuracy"]
         e, f = e_acc["mean"], f_acc["mean"]
         task = TASK_NAMES.get(str(result["task"]), str(result["task"]))
-        below.append((task, e, f))
-        spread = max(e_acc.get("std") or 0.0, f_acc.get("std") or 0.0)
-        spreads[task] = spread if len(e_acc.get("values") or []) > 1 else 0.0
+        seeds = len(e_acc.get("values") or [])
+        below.append((task, e, f, max(e_acc.get("std") or 0.0, f_acc.get("std") or 0.0) if seeds > 1 else 0.0))
         sooner.append(bool((comparison.get("claims_vs_fedavg") or {}).get("reaches_target_2x_sooner")))
         classes = CHANCE_CLASSES.get(str(result["task"]))
         if classes:
@@ -108,8 +106,8 @@ def _meaning(results: dict[str, dict[str, Any]]) -> list[str]:
                 f" {best:.3f})" + (f", while the centralised reference reaches {central:.3f}" if central else "") + "."
             )
     lines = []
-    if all(e < f for _, e, f in below):
-        pairs = "; ".join(f"{task} {e:.3f} against {f:.3f}" for task, e, f in below)
+    if all(e < f for _, e, f, _ in below):
+        pairs = "; ".join(f"{task} {e:.3f} against {f:.3f}" for task, e, f, _ in below)
         tail = (
             ", and in none does it reach the target at least 2× sooner: with these models and run lengths the"
             " comparison does not support EMS-FL's claims."
@@ -118,9 +116,9 @@ def _meaning(results: dict[str, dict[str, Any]]) -> list[str]:
         )
         lines.append(f"EMS-FL ends below FedAvg in final accuracy on every committed experiment ({pairs}){tail}")
     else:
-        for task, e, f in below:
+        for task, e, f, spread in below:
             # a difference smaller than the seeds' spread is not a difference the runs can tell
-            within = f" (within the spread over seeds, ± {spreads[task]:.3f})" if abs(e - f) <= spreads[task] else ""
+            within = f" (within the spread over seeds, ± {spread:.3f})" if abs(e - f) <= spread else ""
             lines.append(f"{task}: EMS-FL {e:.3f} against FedAvg {f:.3f} final accuracy{within}.")
         if not any(sooner):
             lines.append("In none does EMS-FL reach the target at least 2× sooner than FedAvg.")
