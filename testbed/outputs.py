@@ -46,8 +46,9 @@ def _owners(assignment: dict[str, Any] | None, clusters: list[str], layers: int,
 def write_outputs_apart(lab: LabRun) -> dict[str, Any]:
     """`write_outputs` in a fresh process (`python -m testbed.outputs`), returning the summary it wrote.
 
-    Evaluation loads the base model a dozen times and glibc keeps what it frees (8.7 GB on the SmolLM2 base), so an
-    experiment that evaluated in its own process started each next run's four boards beside that memory."""
+    Evaluation holds the base model and its tensors (11 GB at its peak on the SmolLM2 base) and glibc keeps what it
+    frees, so an experiment that evaluated in its own process started each next run's four boards beside that
+    memory."""
     spec = {
         "run_dir": str(lab.run_dir),
         "topology": lab.topology,
@@ -89,7 +90,7 @@ def _lab_from_spec(path: Path) -> LabRun:
 
 
 def write_outputs(lab: LabRun) -> dict[str, Any]:
-    from ground_node.learning.evaluate import accuracy, served_accuracy
+    from ground_node.learning.evaluate import BaseScorer
     from satellite_node.export import commits as read_commits
     from satellite_node.export import global_tensors
 
@@ -110,7 +111,10 @@ def write_outputs(lab: LabRun) -> dict[str, Any]:
 
     # Accuracy of the global model (base + newest committed experts) against emulated time.
     commit_times = sorted(parse_iso(c["t"]) for c in commits if c.get("t"))
-    accuracy_initial = accuracy(lab.base_dir, None, topology, None)
+    scorer = BaseScorer(lab.base_dir, topology)  # the base loaded once for every figure below
+    mixes = {key: scorer.test_set(key) for key in [None, *clusters]}  # the global test set, each cluster's mix
+    initial = scorer.score(None, mixes)
+    accuracy_initial = initial[None]
     curve: list[tuple[datetime, float]] = []
     last_seen = -1
     points = (lab.run_dir / "accuracy.jsonl").open("w", encoding="utf-8")  # each point as it comes (dashboard)
@@ -120,13 +124,17 @@ def write_outputs(lab: LabRun) -> dict[str, Any]:
             if seen == last_seen:
                 curve.append((moment, curve[-1][1]))
             else:
-                tensors = global_tensors(lab.state_dir, lab.base_dir, at=moment) if seen else None
-                curve.append((moment, accuracy(lab.base_dir, tensors, topology, None) if seen else accuracy_initial))
+                if seen:
+                    global_then = global_tensors(lab.state_dir, lab.base_dir, at=moment, base=scorer.base_tensors)
+                    curve.append((moment, scorer.score(global_then, {None: mixes[None]})[None]))
+                else:
+                    curve.append((moment, accuracy_initial))
                 last_seen = seen
             points.write(json.dumps({"t": to_iso(moment), "accuracy": curve[-1][1]}) + "\n")
             points.flush()
     accuracy_final = curve[-1][1] if curve else accuracy_initial
-    final_tensors = global_tensors(lab.state_dir, lab.base_dir) if commits else None
+    final_tensors = global_tensors(lab.state_dir, lab.base_dir, base=scorer.base_tensors) if commits else None
+    final = scorer.score(final_tensors, mixes) if commits else initial
 
     reports = {}
     for cluster, workdir in lab.ground_dirs.items():
@@ -136,14 +144,16 @@ def write_outputs(lab: LabRun) -> dict[str, Any]:
     per_cluster: dict[str, dict[str, Any]] = {}
     for cluster in clusters:
         mine = [c for c in commits if c["cluster"] == cluster]
-        tensors, held, served = served_model(strategy, lab.ground_dirs[cluster], lab.state_dir, lab.base_dir)
+        tensors, held, served = served_model(
+            strategy, lab.ground_dirs[cluster], lab.state_dir, lab.base_dir, scorer.base_tensors
+        )
         per_cluster[cluster] = {
-            "accuracy": accuracy(lab.base_dir, final_tensors, topology, cluster),
+            "accuracy": final[cluster],
             # what the cluster's board answers with the model it holds (EMS-FL: its sub-model; baselines: the
             # newest global model it loaded), on the same test mix as `accuracy`
-            "served_accuracy": served_accuracy(lab.base_dir, tensors, topology, cluster, held),
+            "served_accuracy": scorer.score(tensors, {cluster: mixes[cluster]}, held)[cluster],
             "served_model": served,
-            "accuracy_initial": accuracy(lab.base_dir, None, topology, cluster),
+            "accuracy_initial": initial[cluster],
             "coverage": reports[cluster].get("coverage"),
             "bytes": sum(int(c["bytes"]) for c in mine),
             "uploads_committed": len(mine),

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import inspect
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -19,10 +20,12 @@ from ground_node.learning.synthetic import Example, encode_prompts
 from ground_node.learning.tokenizer import CharTokenizer, Tokenizer
 from ground_node.model.base import BASE_TENSORS, Base, load_base
 from ground_node.model.family import FamilyAdapter
-from ground_node.model.split import apply_split, set_router_softmax
+from ground_node.model.split import apply_split, remove_split, set_router_softmax
 from ground_node.records import Assignment
 from ground_node.settings import Settings, load_settings, resolve_device
 from protos.wire import parse_expert_name
+
+Key = TypeVar("Key")
 
 
 def apply_tensors(
@@ -263,18 +266,6 @@ def model_with_tensors(base_dir: Path, tensors: Mapping[str, np.ndarray] | None)
     return base
 
 
-def accuracy(
-    base_dir: Path, tensors: dict[str, np.ndarray] | None, topology: dict[str, Any], cluster: str | None
-) -> float:
-    """Exact-match accuracy of base + `tensors` on the global test set (`cluster=None`) or a cluster's test mix."""
-    settings = load_settings(topology)
-    base = model_with_tensors(Path(base_dir), tensors)  # applied on the CPU, then moved whole
-    base.model.to(resolve_device(settings.training.device))
-    examples = test_examples(settings, cluster)
-    max_new = max_new_tokens(settings)
-    return exact_match(base.model, examples, max_new, tokenizer_for(settings.data), label_choices(settings))
-
-
 def served_model(
     base_dir: Path, tensors: dict[str, np.ndarray] | None, settings: Settings, held: Assignment | None
 ) -> nn.Module:
@@ -295,7 +286,106 @@ def served_accuracy(
     held: Assignment | None,
 ) -> float:
     """What a board of `cluster` answers on its cluster's test mix with the model it holds (`served_model`)."""
-    settings = load_settings(topology)
-    model = served_model(base_dir, tensors, settings, held)
-    examples = test_examples(settings, cluster)
-    return exact_match(model, examples, max_new_tokens(settings), tokenizer_for(settings.data), label_choices(settings))
+    scorer = BaseScorer(base_dir, topology)
+    return scorer.score(tensors, {cluster: scorer.test_set(cluster)}, held)[cluster]
+
+
+def accuracy(
+    base_dir: Path, tensors: dict[str, np.ndarray] | None, topology: dict[str, Any], cluster: str | None
+) -> float:
+    """Exact-match accuracy of base + `tensors` on the global test set (`cluster=None`) or a cluster's test mix."""
+    scorer = BaseScorer(base_dir, topology)
+    return scorer.score(tensors, {cluster: scorer.test_set(cluster)})[cluster]
+
+
+class BaseScorer:
+    """Exact match of base + several tensor sets, each on several test sets, with the base loaded once.
+
+    Each set is applied in place, scored and undone: the expert slices and shared parameters it changes are copied
+    first and written back after, bit for bit. Evaluating a run loaded the base once per figure before (16 times on
+    the SmolLM2 base, `benchmarks/bench_evaluation.py`). The set is applied on the CPU and the model moved whole to
+    `training.device`, as a board's model is built.
+    """
+
+    def __init__(self, base_dir: Path, topology: dict[str, Any]) -> None:
+        self.settings = load_settings(topology)
+        self.base = load_base(Path(base_dir))
+        self.base_tensors: dict[str, np.ndarray] = load_file(str(Path(base_dir) / BASE_TENSORS))
+        self.tok = tokenizer_for(self.settings.data)
+        self.max_new = max_new_tokens(self.settings)
+        self.choices = label_choices(self.settings)
+
+    def test_set(self, cluster: str | None) -> list[Example]:
+        """The global test set (`cluster=None`) or a cluster's test mix."""
+        return test_examples(self.settings, cluster)
+
+    def score(
+        self,
+        tensors: Mapping[str, np.ndarray] | None,
+        test_sets: Mapping[Key, Sequence[Example]],
+        held: Assignment | None = None,
+    ) -> dict[Key, float]:
+        """{key: accuracy} of base + `tensors` (`applied`), each distinct example scored once."""
+        with self.applied(tensors, held) as model:
+            score = ExactMatch(model, self.tok, self.max_new, self.choices)
+            return {key: score(examples) for key, examples in test_sets.items()}
+
+    @contextmanager
+    def applied(self, tensors: Mapping[str, np.ndarray] | None, held: Assignment | None = None) -> Iterator[nn.Module]:
+        """The base + `tensors`, routed only to `held` under `training.split: mask` (a board's sub-model, as
+        `served_model` builds it), on `training.device`; the base again, bit for bit, on leaving."""
+        model, adapter = self.base.model, self.base.adapter
+        changed = self._changed(tensors or {})
+        saved = self._snapshot(changed)
+        masked = held is not None and self.settings.training.split == "mask"
+        try:
+            apply_tensors(model, adapter, self.base.manifest, changed)
+            if masked:
+                assert held is not None
+                apply_split(model, adapter, held, "mask")
+                set_router_softmax(model, adapter, self.settings.training.router_softmax)
+            yield model.to(resolve_device(self.settings.training.device))
+        finally:
+            model.to("cpu")
+            if masked:
+                remove_split(model, adapter)
+            self._restore(saved)
+
+    def _changed(self, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The tensors that differ from the base (a global model carries every base tensor)."""
+        base = self.base_tensors
+        return {
+            name: value
+            for name, value in tensors.items()
+            if name not in base or not (value is base[name] or np.array_equal(base[name], value))
+        }
+
+    def _snapshot(self, tensors: Mapping[str, np.ndarray]) -> list[tuple[str, int | None, torch.Tensor]]:
+        """(parameter name, expert index or None for the whole parameter, copy) of what `apply_tensors` writes;
+        names it will refuse are left to it."""
+        model, adapter = self.base.model, self.base.adapter
+        names = {id(p): n for n, p in model.named_parameters()}
+        params = dict(model.named_parameters())
+        saved: dict[tuple[str, int | None], torch.Tensor] = {}
+        for name in tensors:
+            parsed = parse_expert_name(name)
+            if parsed is None:
+                hf = name.removeprefix("shared/")
+                if hf in params and (hf, None) not in saved:
+                    saved[(hf, None)] = params[hf].detach().clone()
+                continue
+            key, part = parsed
+            base_part = part.partition(".")[0]
+            if base_part not in adapter.expert_parts:
+                continue
+            param = adapter.fused_param(model, key.layer, base_part)
+            index = adapter.local_index(model, key.layer, key.expert)
+            if (names[id(param)], index) not in saved:
+                saved[(names[id(param)], index)] = param[index].detach().clone()
+        return [(n, i, copy) for (n, i), copy in saved.items()]
+
+    def _restore(self, saved: list[tuple[str, int | None, torch.Tensor]]) -> None:
+        params = dict(self.base.model.named_parameters())
+        with torch.no_grad():
+            for name, index, copy in saved:
+                (params[name] if index is None else params[name][index]).copy_(copy)

@@ -12,7 +12,7 @@ import torch
 from ground_node.federation.outbox import Outbox
 from ground_node.learning.data import test_examples as held_out
 from ground_node.learning.data import tokenizer_for, train_examples
-from ground_node.learning.evaluate import served_model
+from ground_node.learning.evaluate import BaseScorer, served_model
 from ground_node.learning.synthetic import encode_train
 from ground_node.learning.train import Trainer
 from ground_node.model.base import load_base
@@ -82,3 +82,29 @@ def test_centralised_reference_scores_the_merged_model(topology: dict[str, Any],
     assert report["steps"] == 3 and report["examples"] == 3 * 200 and report["test_examples"] > 0
     assert 0.0 <= report["accuracy_final"] <= 1.0 and set(report["per_cluster_accuracy"]) == {"c0", "c1", "c2"}
     assert report["loss_last"] is not None and report["step_time_s"] > 0
+
+
+def test_one_scorer_applies_set_after_set_as_fresh_loads_do(topology: dict[str, Any], base_dir: Path) -> None:
+    """`BaseScorer` loads the base once and undoes each set: with a set applied the model answers exactly as a
+    freshly loaded one with it (`served_model`, the old evaluation path); after, it is the base bit for bit
+    (weights and routers)."""
+    trainer, s = _trained(topology, base_dir)
+    state = trainer.expert_state()
+    fresh = load_base(base_dir)
+    full = fresh.adapter.extract_expert(fresh.model, 1, 3)
+    global_like = {
+        **state,
+        "expert/1/3/down_proj": full["down_proj"].numpy() + 0.5,  # a full expert part replaces its slice
+        "shared/lm_head.weight": dict(fresh.model.named_parameters())["lm_head.weight"].detach().numpy() * 1.5,
+    }
+    scorer = BaseScorer(base_dir, topology)
+    base_weights = {n: t.clone() for n, t in scorer.base.model.state_dict().items()}
+    router_types = [type(scorer.base.adapter.router(scorer.base.model, la)) for la in range(2)]
+    ids, _ = encode_train(tokenizer_for(s.data), held_out(s, "c0")[:8])
+    for tensors, held in [(state, HELD), (global_like, None), (None, None), (state, None)]:
+        with scorer.applied(tensors, held) as model:
+            assert torch.equal(_logits(model, ids), _logits(served_model(base_dir, tensors, s, held), ids))
+        after = scorer.base.model.state_dict()
+        assert all(torch.equal(after[n], w) for n, w in base_weights.items())
+        assert [type(scorer.base.adapter.router(scorer.base.model, la)) for la in range(2)] == router_types
+    assert not torch.equal(_logits(served_model(base_dir, global_like, s, None), ids), _logits(fresh.model, ids))

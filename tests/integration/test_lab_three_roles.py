@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import threading
 from datetime import datetime
+from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -129,11 +131,27 @@ def test_global_model_equals_newest_accepted_uploads(lab_run: tuple[LabRun, Stat
             np.testing.assert_array_equal(global_model[name], tensor, err_msg=f"{cluster}: {name}")
 
 
-def test_run_outputs(lab_run: tuple[LabRun, StatusProbe]) -> None:
+def test_run_outputs(lab_run: tuple[LabRun, StatusProbe], monkeypatch: pytest.MonkeyPatch) -> None:
+    import ground_node.learning.evaluate as evaluate
+    from satellite_node.export import global_tensors
     from testbed.outputs import write_outputs
 
     lab, _ = lab_run
+    loads: list[Path] = []
+    load_base = evaluate.load_base
+
+    def counted(path: Path) -> Any:
+        loads.append(path)
+        return load_base(path)
+
+    monkeypatch.setattr(evaluate, "load_base", counted)
     summary = write_outputs(lab)
+    assert loads == [lab.base_dir], "every figure of a run is scored on one loaded base"
+    monkeypatch.undo()
+    final = global_tensors(lab.state_dir, lab.base_dir)
+    for cluster, row in summary["per_cluster"].items():  # each as a freshly loaded model scores it
+        assert row["accuracy"] == evaluate.accuracy(lab.base_dir, final, lab.topology, cluster), cluster
+        assert row["accuracy_initial"] == evaluate.accuracy(lab.base_dir, None, lab.topology, cluster), cluster
     on_disk = json.loads((lab.run_dir / "summary.json").read_text(encoding="utf-8"))
     assert on_disk["uploads_committed"] == summary["uploads_committed"] > 0
     assert on_disk["link_up_events"] > 0
