@@ -92,7 +92,7 @@ def _lab_from_spec(path: Path) -> LabRun:
 def write_outputs(lab: LabRun) -> dict[str, Any]:
     from ground_node.learning.evaluate import BaseScorer
     from satellite_node.export import commits as read_commits
-    from satellite_node.export import global_tensors
+    from satellite_node.export import committed_tensors
 
     topology = lab.topology
     clusters = [c["id"] for c in topology["clusters"]]
@@ -123,17 +123,16 @@ def write_outputs(lab: LabRun) -> dict[str, Any]:
             seen = sum(1 for t in commit_times if t <= moment)
             if seen == last_seen:
                 curve.append((moment, curve[-1][1]))
+            elif seen:
+                global_then = committed_tensors(lab.state_dir, at=moment)
+                curve.append((moment, scorer.score(global_then, {None: mixes[None]})[None]))
             else:
-                if seen:
-                    global_then = global_tensors(lab.state_dir, lab.base_dir, at=moment, base=scorer.base_tensors)
-                    curve.append((moment, scorer.score(global_then, {None: mixes[None]})[None]))
-                else:
-                    curve.append((moment, accuracy_initial))
-                last_seen = seen
+                curve.append((moment, accuracy_initial))
+            last_seen = seen
             points.write(json.dumps({"t": to_iso(moment), "accuracy": curve[-1][1]}) + "\n")
             points.flush()
     accuracy_final = curve[-1][1] if curve else accuracy_initial
-    final_tensors = global_tensors(lab.state_dir, lab.base_dir, base=scorer.base_tensors) if commits else None
+    final_tensors = committed_tensors(lab.state_dir) if commits else None
     final = scorer.score(final_tensors, mixes) if commits else initial
 
     reports = {}
@@ -144,9 +143,7 @@ def write_outputs(lab: LabRun) -> dict[str, Any]:
     per_cluster: dict[str, dict[str, Any]] = {}
     for cluster in clusters:
         mine = [c for c in commits if c["cluster"] == cluster]
-        tensors, held, served = served_model(
-            strategy, lab.ground_dirs[cluster], lab.state_dir, lab.base_dir, scorer.base_tensors
-        )
+        tensors, held, served = served_model(strategy, lab.ground_dirs[cluster], lab.state_dir)
         per_cluster[cluster] = {
             "accuracy": final[cluster],
             # what the cluster's board answers with the model it holds (EMS-FL: its sub-model; baselines: the

@@ -8,7 +8,6 @@ rebuilt from the satellite's store as it stood when that version was made; versi
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -47,11 +46,10 @@ def loaded_global_version(workdir: Path) -> int:
 
 
 def served_model(
-    strategy: str, workdir: Path, state_dir: Path, base_dir: Path, base: Mapping[str, np.ndarray] | None = None
+    strategy: str, workdir: Path, state_dir: Path
 ) -> tuple[dict[str, np.ndarray] | None, Assignment | None, dict[str, Any]]:
-    """(tensors over the base, held experts or None for every expert, what was chosen) for one cluster; `base`: the
-    base tensors already in memory."""
-    from satellite_node.export import global_tensors, global_version_time
+    """(tensors over the base, held experts or None for every expert, what was chosen) for one cluster."""
+    from satellite_node.export import committed_tensors, global_version_time
 
     if strategy == "emsfl":
         staged = staged_experts(workdir)
@@ -63,5 +61,4 @@ def served_model(
     if t_unix is None:
         return None, None, {"model": "base", "global_version": 0}
     at = datetime.fromtimestamp(t_unix, tz=timezone.utc)
-    pulled = global_tensors(state_dir, base_dir, at=at, base=base)
-    return pulled, None, {"model": "pulled global", "global_version": version}
+    return committed_tensors(state_dir, at=at), None, {"model": "pulled global", "global_version": version}

@@ -15,6 +15,7 @@ constant: a board never knows when its training ends), `--no-checkpointing` trad
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 import time
@@ -56,8 +57,12 @@ def centralised(topology: dict[str, Any], base_dir: Path, steps: int, lr_decay: 
             bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
             bar.update()
     train_seconds = time.monotonic() - start
+    device, trained = trainer.device_type, trainer.expert_state()
+    train_peak_rss_mb, train_peak_gpu_mb = peak_rss_mb(), peak_gpu_memory_mb()
+    del trainer, base  # the trained model and its optimiser go before the merged one is built, not beside it
+    gc.collect()
     # the adapters merged into the expert weights, as the lab evaluates a global model (no per-forward LoRA cost)
-    model = model_with_tensors(base_dir, trainer.expert_state()).model.to(trainer.device_type)
+    model = model_with_tensors(base_dir, trained).model.to(device)
     score = ExactMatch(model, tok, max_new_tokens(s), label_choices(s))
     tests = test_examples(s, None)
     return {
@@ -72,9 +77,11 @@ def centralised(topology: dict[str, Any], base_dir: Path, steps: int, lr_decay: 
         "loss_last": float(sum(losses[-10:]) / max(1, len(losses[-10:]))) if losses else None,
         "train_seconds": round(train_seconds, 3),
         "step_time_s": round(train_seconds / steps, 4) if steps else None,
-        "training_device": trainer.device_type,
-        "peak_rss_mb": peak_rss_mb(),
+        "training_device": device,
+        "peak_rss_mb": peak_rss_mb(),  # training and evaluation
+        "train_peak_rss_mb": train_peak_rss_mb,
         "peak_gpu_memory_mb": peak_gpu_memory_mb(),  # None unless training ran on CUDA
+        "train_peak_gpu_memory_mb": train_peak_gpu_mb,
     }
 
 

@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 import torch
-from safetensors.numpy import load_file
+from safetensors import safe_open
 from torch import nn
 
 from ground_node.errors import GroundError
@@ -261,7 +261,8 @@ def per_domain(model: nn.Module, examples: Sequence[Example], max_new: int) -> d
 def model_with_tensors(base_dir: Path, tensors: Mapping[str, np.ndarray] | None) -> Base:
     base = load_base(base_dir)
     if tensors:
-        base_tensors = load_file(str(Path(base_dir) / BASE_TENSORS))
+        with safe_open(str(Path(base_dir) / BASE_TENSORS), framework="numpy") as f:  # only the names `tensors` has
+            base_tensors = {name: f.get_tensor(name) for name in set(f.keys()) & set(tensors)}
         apply_tensors(base.model, base.adapter, base.manifest, tensors, base_tensors)
     return base
 
@@ -302,15 +303,14 @@ class BaseScorer:
     """Exact match of base + several tensor sets, each on several test sets, with the base loaded once.
 
     Each set is applied in place, scored and undone: the expert slices and shared parameters it changes are copied
-    first and written back after, bit for bit. Evaluating a run loaded the base once per figure before (16 times on
-    the SmolLM2 base, `benchmarks/bench_evaluation.py`). The set is applied on the CPU and the model moved whole to
-    `training.device`, as a board's model is built.
+    first and written back after, bit for bit (a run's evaluation loaded the base once per figure before, 16 times,
+    `benchmarks/bench_evaluation.py`). The set is applied on the CPU and the model moved whole to `training.device`,
+    as a board's model is built.
     """
 
     def __init__(self, base_dir: Path, topology: dict[str, Any]) -> None:
         self.settings = load_settings(topology)
         self.base = load_base(Path(base_dir))
-        self.base_tensors: dict[str, np.ndarray] = load_file(str(Path(base_dir) / BASE_TENSORS))
         self.tok = tokenizer_for(self.settings.data)
         self.max_new = max_new_tokens(self.settings)
         self.choices = label_choices(self.settings)
@@ -352,13 +352,10 @@ class BaseScorer:
             self._restore(saved)
 
     def _changed(self, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """The tensors that differ from the base (a global model carries every base tensor)."""
-        base = self.base_tensors
-        return {
-            name: value
-            for name, value in tensors.items()
-            if name not in base or not (value is base[name] or np.array_equal(base[name], value))
-        }
+        """The tensors that differ from the base (read from the base file only where the names meet)."""
+        with safe_open(str(self.base.path / BASE_TENSORS), framework="numpy") as f:
+            same = {name for name in set(f.keys()) & set(tensors) if np.array_equal(f.get_tensor(name), tensors[name])}
+        return {name: value for name, value in tensors.items() if name not in same}
 
     def _snapshot(self, tensors: Mapping[str, np.ndarray]) -> list[tuple[str, int | None, torch.Tensor]]:
         """(parameter name, expert index or None for the whole parameter, copy) of what `apply_tensors` writes;
