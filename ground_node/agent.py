@@ -34,7 +34,7 @@ from ground_node.learning import carryover
 from ground_node.learning.data import tokenizer_for, train_examples
 from ground_node.learning.profile import Profile, coverage_from_probs, profile_base
 from ground_node.learning.train import Trainer, checkpoint_assignment, load_expert_state, peak_gpu_memory_mb
-from ground_node.model.base import load_base, read_manifest
+from ground_node.model.base import read_manifest
 from ground_node.model.submodel import load_base_split
 from ground_node.records import Assignment
 from ground_node.settings import load_settings
@@ -157,7 +157,7 @@ class GroundAgent:
             if self.baseline is not None:
                 from ground_node.learning.baseline_train import train_baseline
 
-                train_baseline(self, load_base(self.opt.base_dir), data, self.baseline, stop)
+                train_baseline(self, data, self.baseline, stop)
             elif self._assigned():
                 self._train(data, tok, stop)
         finally:

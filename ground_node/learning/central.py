@@ -31,7 +31,7 @@ from ground_node.errors import GroundError
 from ground_node.learning.data import label_choices, max_new_tokens, test_examples, tokenizer_for, train_examples
 from ground_node.learning.evaluate import ExactMatch, model_with_tensors
 from ground_node.learning.train import Trainer, peak_gpu_memory_mb
-from ground_node.model.base import load_base
+from ground_node.model.submodel import load_base_split
 from ground_node.records import full_assignment
 from ground_node.settings import load_settings
 from ground_node.usage import peak_rss_mb
@@ -40,12 +40,10 @@ from ground_node.usage import peak_rss_mb
 def centralised(topology: dict[str, Any], base_dir: Path, steps: int, lr_decay: bool = False) -> dict[str, Any]:
     s = load_settings(topology)
     tok = tokenizer_for(s.data)
-    base = load_base(base_dir)
+    model, adapter = load_base_split(base_dir, None)  # as a baseline board reads it: no file stays mapped
     pooled = [ex for c in s.clusters for ex in train_examples(s, c)]
-    num_layers, num_experts, _ = base.adapter.dims(base.model)
-    trainer = Trainer(
-        base.model, base.adapter, s.training, full_assignment(num_layers, num_experts), pooled, s.seed, tok
-    )
+    num_layers, num_experts, _ = adapter.dims(model)
+    trainer = Trainer(model, adapter, s.training, full_assignment(num_layers, num_experts), pooled, s.seed, tok)
     start = time.monotonic()
     losses = []
     with tqdm(total=steps, desc="centralised", unit="step", mininterval=30) as bar:  # runs last an hour on 2 cores
@@ -59,11 +57,11 @@ def centralised(topology: dict[str, Any], base_dir: Path, steps: int, lr_decay: 
     train_seconds = time.monotonic() - start
     device, trained = trainer.device_type, trainer.expert_state()
     train_peak_rss_mb, train_peak_gpu_mb = peak_rss_mb(), peak_gpu_memory_mb()
-    del trainer, base  # the trained model and its optimiser go before the merged one is built, not beside it
+    del trainer, model  # the trained model and its optimiser go before the merged one is built, not beside it
     gc.collect()
     # the adapters merged into the expert weights, as the lab evaluates a global model (no per-forward LoRA cost)
-    model = model_with_tensors(base_dir, trained).model.to(device)
-    score = ExactMatch(model, tok, max_new_tokens(s), label_choices(s))
+    merged = model_with_tensors(base_dir, trained).model.to(device)
+    score = ExactMatch(merged, tok, max_new_tokens(s), label_choices(s))
     tests = test_examples(s, None)
     return {
         "strategy": "centralised",

@@ -60,7 +60,7 @@ def test_fedasync_board_loads_a_model_pulled_after_its_budget(
     stop = threading.Event()
     thread = threading.Thread(
         target=train_baseline,
-        args=(agent, load_base(base_dir), train_examples(s, "c0"), state, stop),
+        args=(agent, train_examples(s, "c0"), state, stop),
         daemon=True,
     )
     thread.start()
