@@ -112,9 +112,9 @@ def write_outputs(lab: LabRun) -> dict[str, Any]:
     # Accuracy of the global model (base + newest committed experts) against emulated time.
     commit_times = sorted(parse_iso(c["t"]) for c in commits if c.get("t"))
     scorer = BaseScorer(lab.base_dir, topology)  # the base loaded once for every figure below
-    mixes = {key: scorer.test_set(key) for key in [None, *clusters]}  # the global test set, each cluster's mix
-    initial = scorer.score(None, mixes)
-    accuracy_initial = initial[None]
+    global_set = {None: scorer.test_set(None)}
+    mixes = {c: scorer.test_set(c) for c in clusters}  # each cluster's test mix, scored after the curve
+    accuracy_initial = scorer.score(None, global_set)[None]
     curve: list[tuple[datetime, float]] = []
     last_seen = -1
     points = (lab.run_dir / "accuracy.jsonl").open("w", encoding="utf-8")  # each point as it comes (dashboard)
@@ -125,7 +125,7 @@ def write_outputs(lab: LabRun) -> dict[str, Any]:
                 curve.append((moment, curve[-1][1]))
             elif seen:
                 global_then = committed_tensors(lab.state_dir, at=moment)
-                curve.append((moment, scorer.score(global_then, {None: mixes[None]})[None]))
+                curve.append((moment, scorer.score(global_then, global_set)[None]))
             else:
                 curve.append((moment, accuracy_initial))
             last_seen = seen
@@ -133,6 +133,7 @@ def write_outputs(lab: LabRun) -> dict[str, Any]:
             points.flush()
     accuracy_final = curve[-1][1] if curve else accuracy_initial
     final_tensors = committed_tensors(lab.state_dir) if commits else None
+    initial = scorer.score(None, mixes)
     final = scorer.score(final_tensors, mixes) if commits else initial
 
     reports = {}

@@ -202,6 +202,8 @@ def test_link_states_flip_in_step_with_the_published_windows(watched: Watched) -
     edges = {c: [t for w in ws for t in w] for c, ws in windows.items()}
     checked: dict[str, set[str]] = {c: set() for c in windows}
     for sample in watched.samples.samples:
+        if float(sample["wall"]) > watched.lab.stopped_wall:
+            continue  # the page holds the last states once the orbit stops; the plan goes on (a flake of the suite)
         at = t0 + timedelta(seconds=(float(sample["wall"]) - wall0) * scale)
         for cluster, row in sample["rows"].items():
             if row["state"] not in ("up", "down"):
